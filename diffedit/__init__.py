@@ -1,0 +1,23 @@
+"""DiffEdit (Couairon et al., ICLR 2023) and the Stable Diffusion parts it runs on, written from scratch in PyTorch.
+
+Public names are imported on first use, so that `import diffedit.models` stays light.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "StableDiffusion": "stable_diffusion",
+    "ModelNotFoundError": "stable_diffusion",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'diffedit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,0 +1,129 @@
+"""The CLIP text encoder that conditions Stable Diffusion (Radford et al., "Learning Transferable Visual Models From
+Natural Language Supervision", arXiv 2103.00020): a causal, pre-LayerNorm transformer over BPE tokens.
+
+SD 1.x uses OpenAI's ViT-L/14 text tower (quick_gelu), SD 2.x OpenCLIP's ViT-H/14 one (exact gelu). Attribute names
+are the transformers `CLIPTextModel` keys without the hub's `text_model.` prefix, so loading is a checked copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPTextConfig
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The sigmoid approximation of GELU that OpenAI's CLIP was trained with (Hendrycks & Gimpel, arXiv 1606.08415)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # "gelu" is the exact erf form
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding plus a learned absolute position embedding."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,); not a checkpoint buffer
+        return self.token_embedding(input_ids) + self.position_embedding(positions)
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with a causal mask: token i sees tokens 0..i only."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (p(x).reshape(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, heads, T, d)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))  # Self attention
+        return x + self.mlp(self.layer_norm2(x))  # FFN
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids (B, T) -> per-token hidden states (B, T, D), the UNet's cross-attention context.
+
+    No padding mask: like diffusers' SD pipelines, every position (including the padding after the end token)
+    attends causally to everything before it.
+    """
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer_norm.weight.device
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        """The last hidden state after `final_layer_norm`.
+
+        clip_skip=k follows diffusers' `encode_prompt`: the output of layer `num_hidden_layers - k` (k=1: the
+        penultimate layer), still passed through `final_layer_norm`. k=0 equals None; k=num_hidden_layers gives the
+        normalized embeddings.
+        """
+        n_layers = len(self.encoder.layers)
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                      or not 0 <= clip_skip <= n_layers):
+            raise ValueError(f"clip_skip must be None or an integer in [0, {n_layers}], got {clip_skip!r}")
+        if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids must be (batch, length <= {self.config.max_position_embeddings}), "
+                             f"got shape {tuple(input_ids.shape)}")
+        x = self.embeddings(input_ids)  # (B, T, D)
+        for layer in self.encoder.layers[: n_layers - (clip_skip or 0)]:
+            x = layer(x)
+        return self.final_layer_norm(x)

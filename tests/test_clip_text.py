@@ -1,0 +1,120 @@
+"""Parity of models.clip_text.CLIPTextModel with transformers 5.24's CLIPTextModel (the oracle diffusers uses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from diffedit.models.clip_text import CLIPTextModel
+from diffedit.models.config import SD15_TEXT, SD21_TEXT, CLIPTextConfig
+
+torch.set_num_threads(1)
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 37,
+        "vocab_size": 1000, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+        "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 1}
+SD1_STYLE = {**TINY, "hidden_act": "quick_gelu"}
+SD2_STYLE = {**TINY, "hidden_act": "gelu"}
+STYLES = pytest.mark.parametrize("raw", [SD1_STYLE, SD2_STYLE], ids=["sd1-quick_gelu", "sd2-gelu"])
+
+
+def _our_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's state_dict in our naming: no `text_model.` prefix, no position_ids buffer."""
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _pair(raw: dict, attn: str = "sdpa") -> tuple[transformers.CLIPTextModel, CLIPTextModel]:
+    """A reference with randomized weights (norm affines included) and ours holding a strict copy of them."""
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**raw, attn_implementation=attn)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3)
+    ours = CLIPTextModel(CLIPTextConfig.from_dict(raw)).eval()
+    ours.load_state_dict(_our_keys(ref.state_dict()), strict=True)
+    return ref, ours
+
+
+def _ids(raw: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, raw["vocab_size"], (3, raw["max_position_embeddings"]), generator=g)
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@STYLES
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_last_hidden_state_matches_transformers(raw, attn):
+    ref, ours = _pair(raw, attn)
+    ids = _ids(raw)
+    with torch.no_grad():
+        expected = ref(ids).last_hidden_state
+        got = ours(ids)
+    assert got.shape == (3, 77, 32)
+    _close(got, expected)
+
+
+@STYLES
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers_recipe(raw, clip_skip):
+    # diffusers' encode_prompt: hidden_states[-(clip_skip + 1)] of output_hidden_states=True, then final_layer_norm.
+    ref, ours = _pair(raw)
+    ids = _ids(raw)
+    with torch.no_grad():
+        hidden = ref(ids, output_hidden_states=True).hidden_states
+        assert len(hidden) == raw["num_hidden_layers"] + 1  # embeddings, then each layer's output
+        expected = ref.final_layer_norm(hidden[-(clip_skip + 1)])
+        got = ours(ids, clip_skip=clip_skip)
+    _close(got, expected)
+
+
+def test_clip_skip_extremes_follow_the_same_recipe():
+    ref, ours = _pair(SD1_STYLE)
+    ids = _ids(SD1_STYLE)
+    n = SD1_STYLE["num_hidden_layers"]
+    with torch.no_grad():
+        hidden = ref(ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(ours(ids, clip_skip=0), ours(ids))  # diffusers: hidden[-1] + final LN
+        _close(ours(ids, clip_skip=n), ref.final_layer_norm(hidden[0]))  # the normalized embeddings
+
+
+def test_shorter_sequences_and_batch_rows_are_independent():
+    ref, ours = _pair(SD2_STYLE)
+    ids = _ids(SD2_STYLE)[:, :20]
+    with torch.no_grad():
+        _close(ours(ids), ref(ids).last_hidden_state)
+        _close(ours(ids[1:2]), ours(ids)[1:2])
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 1.0, True, "1"])
+def test_rejects_out_of_range_clip_skip(bad):
+    _, ours = _pair(SD1_STYLE)
+    with pytest.raises(ValueError, match="clip_skip"):
+        ours(_ids(SD1_STYLE), clip_skip=bad)
+
+
+def test_rejects_sequences_longer_than_the_position_table():
+    _, ours = _pair(SD1_STYLE)
+    with pytest.raises(ValueError, match="input_ids"):
+        ours(torch.zeros(1, 78, dtype=torch.long))
+
+
+def test_follows_module_dtype():
+    _, ours = _pair(SD1_STYLE)
+    ours = ours.to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    assert ours(_ids(SD1_STYLE)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("raw", [SD15_TEXT, SD21_TEXT], ids=["sd15", "sd21"])
+def test_full_size_state_dict_keys_and_shapes_match_transformers(raw):
+    with torch.device("meta"):
+        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**raw))
+        ours = CLIPTextModel(CLIPTextConfig.from_dict(raw))
+    expected = {k: tuple(v.shape) for k, v in _our_keys(ref.state_dict()).items()}
+    got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert got == expected
+    assert not any("position_ids" in k for k in got)
