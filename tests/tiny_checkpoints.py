@@ -58,7 +58,8 @@ def build_components(style: str, seed: int = 0) -> dict:
     _randomize(unet, seed + 1, 0.05)
     _randomize(vae, seed + 2, 0.05)
     _randomize(text_encoder, seed + 3, 0.1)
-    tokenizer = CLIPTokenizer(str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"), pad_token=s["pad_token"])
+    tokenizer = CLIPTokenizer(str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"), pad_token=s["pad_token"],
+                              model_max_length=77)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=s["prediction_type"])

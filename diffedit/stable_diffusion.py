@@ -1,0 +1,134 @@
+"""Stable Diffusion's parts, loaded from a diffusers-layout folder or a hub repo id.
+
+A folder holds model_index.json and one sub-folder per component: unet/, vae/, text_encoder/ (config.json +
+safetensors), tokenizer/ and scheduler/ (scheduler_config.json); inverse_scheduler/ is optional (the official SD
+repos ship none, so we build the inverse DDIM from the forward scheduler's config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models.clip_text import CLIPTextModel
+from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .models.weights import WeightsError, component_weights, load_state
+from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
+
+EDIT_DEFAULTS_FILE = "diffedit.json"  # editing defaults stored with a model (the shipped one has them)
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or hub repo that cannot be found or fetched."""
+
+
+@dataclass
+class StableDiffusion:
+    """The components DiffEdit runs on. Not a module: a plain holder, so each part stays what it is."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: DDIMScheduler
+    inverse_scheduler: DDIMInverseScheduler
+    edit_defaults: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, revision: str | None = None,
+                        variant: str | None = None) -> "StableDiffusion":
+        """Load every component; weights in any stored dtype are converted to `dtype` on `device`."""
+        folder = resolve_model_folder(path_or_repo_id, revision, variant)
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(f"{folder} is not a diffusers model folder: model_index.json is missing")
+        for name in _COMPONENTS:
+            if not (folder / name).is_dir():
+                raise ModelNotFoundError(f"{folder} has no {name}/ folder")
+
+        def build(name: str, module_cls, config_cls, kind: str):
+            config = config_cls.from_file(folder / name / "config.json")
+            with torch.device("meta"):
+                module = module_cls(config)
+            state = component_weights(folder / name, kind, variant)
+            return load_state(module, state, f"{name}/", device, dtype).eval().requires_grad_(False)
+
+        scheduler_config = DDIMConfig.from_file(folder / "scheduler" / "scheduler_config.json")
+        inverse_file = folder / "inverse_scheduler" / "scheduler_config.json"
+        inverse_config = DDIMConfig.from_file(inverse_file, inverse=True) if inverse_file.is_file() else scheduler_config
+        defaults_file = folder / EDIT_DEFAULTS_FILE
+        return cls(
+            tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+            text_encoder=build("text_encoder", CLIPTextModel, CLIPTextConfig, "transformers"),
+            unet=build("unet", UNet2DConditionModel, UNetConfig, "diffusers"),
+            vae=build("vae", AutoencoderKL, VAEConfig, "diffusers"),
+            scheduler=DDIMScheduler(scheduler_config),
+            inverse_scheduler=DDIMInverseScheduler(inverse_config),
+            edit_defaults=json.loads(defaults_file.read_text()) if defaults_file.is_file() else {},
+            source=str(path_or_repo_id),
+        )
+
+
+def _allow_patterns(variant: str | None) -> list[str]:
+    """Only the files a load reads: configs, tokenizer files, safetensors weights (never pickles)."""
+    v = f".{variant}" if variant else ""
+    patterns = ["model_index.json", EDIT_DEFAULTS_FILE, "scheduler/*.json", "inverse_scheduler/*.json",
+                "tokenizer/*", "*/config.json"]
+    for name, base in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        patterns += [f"{name}/{base}{v}.safetensors", f"{name}/{base}.safetensors.index{v}.json",
+                     f"{name}/{base}*{v}.safetensors" if v else f"{name}/{base}-*.safetensors"]
+    return patterns
+
+
+def resolve_model_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                         variant: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub repo id fetched (or found in the cache) with huggingface_hub."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists():
+        raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json")
+    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model folder {text} not found (give a diffusers model folder or a hub repo id "
+                                 "such as stabilityai/stable-diffusion-2-1)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=_allow_patterns(variant)))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"model {text} is neither a local folder nor in the hub cache, and the hub cannot "
+                                 "be reached (download it once with network access, or pass a folder)") from None
+    except HfHubHTTPError as e:
+        raise ModelNotFoundError(f"model {text} could not be fetched from the hub: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model {text} could not be fetched: {str(e).splitlines()[0]}") from None
+
+
+__all__ = ["StableDiffusion", "ModelNotFoundError", "WeightsError", "ConfigError", "resolve_model_folder"]
