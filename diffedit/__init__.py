@@ -10,6 +10,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "StableDiffusion": "stable_diffusion",
     "ModelNotFoundError": "stable_diffusion",
+    "DiffEditParams": "params",
+    "StableDiffusionDiffEdit": "facade",
+    "edit": "api",
+    "edit_targets": "api",
+    "EditResult": "api",
+    "estimate_mask": "method",
+    "invert": "method",
+    "decode": "method",
 }
 
 

@@ -1,0 +1,100 @@
+"""One call: `edit(image, source, target)` runs DiffEdit with every correction on and returns an `EditResult`.
+
+`edit_targets` does several targets for one image with one inversion (the source side) and one mask per target;
+both compose `method.estimate_mask`, `method.invert` and `method.decode`, which take a loaded model and
+`DiffEditParams` for finer control.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import images as imgs
+from . import method
+from .params import DiffEditParams
+from .stable_diffusion import ModelNotFoundError, StableDiffusion
+
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "shapes-sd"  # the model that ships with the package
+
+
+@dataclass(frozen=True)
+class EditResult:
+    image: PIL.Image.Image  # the edited image, RGB, at the input's size
+    mask: PIL.Image.Image  # "L" at the input's size, white (255) where edited
+    guidance_map: np.ndarray  # (h, w) float32 in [0, 1] at latent resolution: the map thresholded at 0.5
+    latent_mask: np.ndarray  # (h, w) bool at latent resolution: the mask the decoding used
+    params: DiffEditParams  # what was run (model defaults and explicit parameters applied)
+    seed: int
+
+
+def load_model(model: StableDiffusion | str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """None: the model shipped with the package; a folder or hub repo id: loaded; a StableDiffusion: as is."""
+    if isinstance(model, StableDiffusion):
+        return model
+    if model is None:
+        if not (SHIPPED_MODEL / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the model that ships with diffedit is not installed (expected a diffusers "
+                                     f"model folder at {SHIPPED_MODEL}); pass model=<folder or hub repo id>")
+        model = SHIPPED_MODEL
+    if isinstance(model, (str, os.PathLike)):
+        return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
+    raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
+
+
+def resolve_params(model: StableDiffusion, **params) -> DiffEditParams:
+    """DiffEditParams() under the model's stored `edit_defaults`, under the explicit `params`."""
+    try:
+        base = DiffEditParams().updated(dict(model.edit_defaults))
+    except TypeError as e:
+        raise ValueError(f"the model's stored edit defaults (diffedit.json) are invalid: {e}") from None
+    return base.updated(params)
+
+
+def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,
+         seed: int | None = None, **params) -> EditResult:
+    """Edit `image` (a path, PIL image, numpy (H, W, 3) or torch (3, H, W) in [0, 1]) from the text `source`
+    (what it shows; may be "") to `target`. `params` are `DiffEditParams` fields; unknown names raise TypeError."""
+    return edit_targets(image, source, [target], model, seed, **params)[0]
+
+
+def edit_targets(image, source: str, targets: list[str], model: StableDiffusion | str | os.PathLike | None = None,
+                 seed: int | None = None, **params) -> list[EditResult]:
+    """`edit` for several targets: one inversion of the image, one mask and one decoding per target. The
+    first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+    sd = load_model(model)
+    p = resolve_params(sd, **params)
+    if isinstance(targets, str):
+        raise TypeError("targets must be a list of strings (use edit() for one target)")
+    picture = imgs.load_rgb(image)
+    size = picture.size
+    pixels = imgs.to_tensor(imgs.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
+    seed = random.randrange(2**63) if seed is None else int(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(prompt: str) -> method.TextEmbeddings:
+        return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
+
+    source_text, inversion, results = text(source), None, []
+    for target in targets:
+        target_text = text(target)
+        est = method.estimate_mask(sd, pixels, source_text, target_text, p, generator)
+        if inversion is None:  # after the first mask, so that edit() draws in diffusers' order
+            inversion = method.invert(sd, pixels, source_text, p, generator)
+        mask = est.mask[:, None].to(sd.dtype)  # (1, 1, h, w)
+        latents = method.decode(sd, inversion, mask, target_text, p, generator)
+        edited = imgs.to_output(method.to_pixels(sd, latents), "pil")[0]
+        latent_mask = est.mask[0].cpu().numpy().astype(bool)
+        results.append(EditResult(
+            image=edited if edited.size == size else edited.resize(size, resample=PIL.Image.LANCZOS),
+            mask=imgs.mask_to_pil(latent_mask[None])[0].resize(size, resample=PIL.Image.NEAREST),
+            guidance_map=est.guidance_map[0].float().cpu().numpy(),
+            latent_mask=latent_mask, params=p, seed=seed))
+    return results

@@ -1,0 +1,286 @@
+"""`StableDiffusionDiffEdit`: diffusers' `StableDiffusionDiffEditPipeline` calls on our components.
+
+A thin layer: it translates diffusers' arguments (prompts or embeddings, num_images_per_prompt, output types,
+callbacks) into `DiffEditParams` and calls the three steps of `method`. With its default parameters every
+correction is off, so `generate_mask`, `invert` and `__call__` give diffusers 0.42.1's numbers for the same weights,
+inputs and `torch.Generator` seed; `StableDiffusionDiffEdit(model, DiffEditParams())` runs the corrected method
+behind the same calls.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import images as imgs
+from . import method
+from .params import DiffEditParams
+from .stable_diffusion import StableDiffusion
+
+Prompt = str | list[str] | None
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+@dataclass
+class DiffEditInversionOutput:
+    latents: torch.Tensor  # (B, T, C, h, w), noisiest first
+    images: list[PIL.Image.Image] | np.ndarray | None  # the decoded latents when decode_latents, else None
+    timesteps: torch.Tensor | None = None  # (T,) the level of each latent (not in diffusers)
+    image_latents: torch.Tensor | None = None  # (B, C, h, w) the clean latents the inversion started from (ditto)
+
+    @property
+    def inversion(self) -> method.Inversion:
+        return method.Inversion(self.latents, self.timesteps, self.image_latents)
+
+
+@dataclass
+class DiffEditPipelineOutput:
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: None = None  # no safety checker
+
+
+def _batch_size(prompt: Prompt, embeds: torch.Tensor | None) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else embeds.shape[0]
+
+
+def _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, names=("prompt", "negative_prompt")):
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError(f"Cannot forward both `{names[0]}` and `{names[0]}_embeds`; give one of the two.")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError(f"Provide either `{names[0]}` or `{names[0]}_embeds`.")
+    if prompt is not None and not isinstance(prompt, (str, list)):
+        raise ValueError(f"`{names[0]}` has to be of type `str` or `list` but is {type(prompt)}")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError(f"Cannot forward both `{names[1]}` and `{names[1]}_embeds`; give one of the two.")
+    if prompt_embeds is not None and negative_prompt_embeds is not None \
+            and prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"`{names[0]}_embeds` and `{names[1]}_embeds` must have the same shape, got "
+                         f"{tuple(prompt_embeds.shape)} != {tuple(negative_prompt_embeds.shape)}.")
+
+
+def _check_call(strength, callback_steps, cross_attention_kwargs):
+    if strength is None or not 0 <= strength <= 1:
+        raise ValueError(f"The value of `strength` should be in [0.0, 1.0] but is {strength}")
+    if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps <= 0:
+        raise ValueError(f"`callback_steps` has to be a positive integer but is {callback_steps}")
+    if cross_attention_kwargs:
+        raise ValueError("cross_attention_kwargs (attention processors, LoRA scales) are not supported")
+
+
+def _every(callback: Callback, callback_steps: int) -> method.StepCallback | None:
+    if callback is None:
+        return None
+    return lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None
+
+
+class StableDiffusionDiffEdit:
+    """DiffEdit with diffusers' `StableDiffusionDiffEditPipeline` calls: `generate_mask`, `invert`, `__call__`."""
+
+    def __init__(self, model: StableDiffusion, params: DiffEditParams | None = None):
+        self.model = model
+        # Only the corrections (and numbers no call argument sets) are read from here; each call sets the rest.
+        self.params = params if params is not None else DiffEditParams.reference()
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
+                        params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
+        return cls(StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant), params)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.model.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt: Prompt = None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
+                      negative_clip_skip: int | None = None) -> method.TextEmbeddings:
+        """diffusers' `encode_prompt`: prompts (or given embeddings), negative prompts ("" by default) when
+        guided, each repeated `num_images_per_prompt` times in a row. diffusers applies clip_skip to the prompt
+        only; `negative_clip_skip` is that of the negative prompt."""
+        batch_size = _batch_size(prompt, prompt_embeds)
+        if prompt_embeds is None:
+            prompt_embeds = method.encode_text(self.model, [prompt] if isinstance(prompt, str) else prompt,
+                                               clip_skip=clip_skip).cond
+        uncond = None
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                if negative_prompt is None:
+                    negative_prompt = [""] * batch_size
+                elif prompt is not None and type(prompt) is not type(negative_prompt):
+                    raise TypeError(f"`negative_prompt` should be the same type as `prompt`, but got "
+                                    f"{type(negative_prompt)} != {type(prompt)}.")
+                elif isinstance(negative_prompt, str):
+                    negative_prompt = [negative_prompt] * batch_size
+                elif len(negative_prompt) != batch_size:
+                    raise ValueError(f"`negative_prompt` has batch size {len(negative_prompt)}, but `prompt` has "
+                                     f"batch size {batch_size}.")
+                negative_prompt_embeds = method.encode_text(self.model, negative_prompt,
+                                                            clip_skip=negative_clip_skip).cond
+            uncond = negative_prompt_embeds.to(device=self.device, dtype=self.model.dtype)
+        text = method.TextEmbeddings(prompt_embeds.to(device=self.device, dtype=self.model.dtype), uncond)
+        return text.repeat_interleave(num_images_per_prompt)
+
+    def _text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided: bool, clip_skip,
+              in_call: bool, num_images_per_prompt: int = 1) -> method.TextEmbeddings:
+        """The prompts of one call. diffusers honours clip_skip only in __call__ (`in_call`), and there only for
+        the prompt, not the negative prompt; honor_all_call_options applies it everywhere (D4)."""
+        fixed = self.params.honor_all_call_options
+        if clip_skip is not None and not in_call and not fixed:
+            warnings.warn("clip_skip is ignored by diffusers 0.42.1's generate_mask and invert (set "
+                          "honor_all_call_options=True to use it)", stacklevel=3)
+        skip = clip_skip if in_call or fixed else None
+        return self.encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
+                                  negative_prompt_embeds, skip, skip if fixed else None)
+
+    @torch.no_grad()
+    def generate_mask(self, image: torch.Tensor | PIL.Image.Image = None, target_prompt: Prompt = None,
+                      target_negative_prompt: Prompt = None, target_prompt_embeds: torch.Tensor | None = None,
+                      target_negative_prompt_embeds: torch.Tensor | None = None, source_prompt: Prompt = None,
+                      source_negative_prompt: Prompt = None, source_prompt_embeds: torch.Tensor | None = None,
+                      source_negative_prompt_embeds: torch.Tensor | None = None, num_maps_per_mask: int = 10,
+                      mask_encode_strength: float = 0.5, mask_thresholding_ratio: float = 3.0,
+                      num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                      generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np",
+                      cross_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                      return_guidance_map: bool = False):
+        """The edit mask (B, h, w) at latent resolution, int64 0 / 1, as a numpy array ("np"; "pil": a list of
+        "L" images, "pt": a tensor, both with honor_all_call_options). With `return_guidance_map`, also the
+        continuous map (B, h, w) in [0, 1] that was thresholded at 0.5."""
+        _check_call(mask_encode_strength, 1, cross_attention_kwargs)
+        _check_prompt(target_prompt, target_negative_prompt, target_prompt_embeds, target_negative_prompt_embeds,
+                      ("target_prompt", "target_negative_prompt"))
+        _check_prompt(source_prompt, source_negative_prompt, source_prompt_embeds, source_negative_prompt_embeds,
+                      ("source_prompt", "source_negative_prompt"))
+        fixed = self.params.honor_all_call_options
+        if output_type == "pil" and not fixed:
+            raise TypeError("Cannot handle this data type: (1, 1, 8), |u1 (diffusers 0.42.1's generate_mask fails "
+                            "with output_type='pil'; honor_all_call_options=True fixes it)")
+        params = replace(self.params, num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
+                         mask_thresholding_ratio=mask_thresholding_ratio, num_inference_steps=num_inference_steps,
+                         mask_guidance_scale=guidance_scale, clip_skip=clip_skip)
+        guided = guidance_scale > 1
+        target = self._text(target_prompt, target_negative_prompt, target_prompt_embeds,
+                            target_negative_prompt_embeds, guided, clip_skip, in_call=False)
+        source = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
+                            source_negative_prompt_embeds, guided, clip_skip, in_call=False)
+        image = imgs.to_tensor(image, self.vae_scale_factor)
+        est = method.estimate_mask(self.model, image, source, target, params, generator)
+        if output_type == "pil":
+            mask = imgs.mask_to_pil(est.mask)
+        elif output_type == "pt" and fixed:
+            mask = est.mask
+        else:
+            mask = est.mask.cpu().numpy()
+        return (mask, est.guidance_map.cpu().numpy()) if return_guidance_map else mask
+
+    @torch.no_grad()
+    def invert(self, prompt: Prompt = None, image: torch.Tensor | PIL.Image.Image = None,
+               num_inference_steps: int = 50, inpaint_strength: float = 0.8, guidance_scale: float = 7.5,
+               negative_prompt: Prompt = None, generator: torch.Generator | list[torch.Generator] | None = None,
+               prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+               decode_latents: bool = False, output_type: str = "pil", return_dict: bool = True,
+               callback: Callback = None, callback_steps: int = 1, cross_attention_kwargs: dict | None = None,
+               lambda_auto_corr: float = 20.0, lambda_kl: float = 20.0, num_reg_steps: int = 0,
+               num_auto_corr_rolls: int = 5, clip_skip: int | None = None):
+        """Inverted latents (B, T, C, h, w), noisiest first, and (with decode_latents) their B*T decoded images.
+        Beyond diffusers, the output also carries each latent's timestep and the clean image latents; pass the
+        whole output as `image_latents` to `__call__` to let the corrections use them."""
+        _check_call(inpaint_strength, callback_steps, cross_attention_kwargs)
+        _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if image is None:
+            raise ValueError("`image` input cannot be undefined.")
+        params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
+                         inversion_guidance_scale=guidance_scale, lambda_auto_corr=lambda_auto_corr,
+                         lambda_kl=lambda_kl, num_reg_steps=num_reg_steps, num_auto_corr_rolls=num_auto_corr_rolls,
+                         clip_skip=clip_skip)
+        image = imgs.to_tensor(image, self.vae_scale_factor)
+        text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
+                          clip_skip, in_call=False)
+        inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
+        images = None
+        if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
+            pixels = self.model.vae.decode(1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
+            images = imgs.to_output(pixels, "pil" if output_type == "pil" else "np")
+        if not return_dict:
+            return inv.latents, images
+        return DiffEditInversionOutput(inv.latents, images, inv.timesteps, inv.clean)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Prompt = None, mask_image=None, image_latents=None, inpaint_strength: float = 0.8,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt: Prompt = None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 return_dict: bool = True, callback: Callback = None, callback_steps: int = 1,
+                 cross_attention_kwargs: dict | None = None, clip_skip: int | None = None):
+        """Decode the inverted latents under `prompt`, keeping them outside `mask_image`. `image_latents` is
+        `invert(...).latents` (B, T, C, h, w) or (B*T, C, h, w), or the whole `invert` output. `latents` is
+        accepted and unused, as in diffusers."""
+        _check_call(inpaint_strength, callback_steps, cross_attention_kwargs)
+        _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if mask_image is None:
+            raise ValueError("`mask_image` input cannot be undefined. Use `generate_mask()` to compute it.")
+        if image_latents is None:
+            raise ValueError("`image_latents` input cannot be undefined. Use `invert()` to compute it.")
+        batch_size = _batch_size(prompt, prompt_embeds)
+        params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
+                         guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip)
+        text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
+                          clip_skip, in_call=True, num_images_per_prompt=num_images_per_prompt)
+        # Mask (B, 1, h, w); diffusers tiles it over num_images_per_prompt while prompts and latents repeat (D6)
+        mask = imgs.prepare_mask(mask_image, batch_size)
+        if self.params.pair_repeated_masks:
+            mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            mask = torch.cat([mask] * num_images_per_prompt)
+        mask = mask.to(device=self.device, dtype=self.model.dtype)
+        inversion = self._inversion(image_latents, batch_size, mask.shape[-2:], params)
+        inversion = inversion.repeat_interleave(num_images_per_prompt) if isinstance(inversion, method.Inversion) \
+            else inversion.repeat_interleave(num_images_per_prompt, dim=0)
+        x = method.decode(self.model, inversion, mask, text, params, generator, _every(callback, callback_steps))
+        if output_type == "latent":
+            images = x
+        else:
+            images = imgs.to_output(self.model.vae.decode(x / self.model.vae.scaling_factor),
+                                    output_type if output_type in ("pt", "np") else "pil")
+        return DiffEditPipelineOutput(images) if return_dict else (images, None)
+
+    def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):
+        """image_latents as (B, T, C, h, w) on the model's device, or an `Inversion` when the output of `invert`
+        (which knows its timesteps and clean latents) is given."""
+        if isinstance(image_latents, DiffEditInversionOutput):
+            image_latents = image_latents.inversion if image_latents.timesteps is not None else image_latents.latents
+        latents = image_latents.latents if isinstance(image_latents, method.Inversion) else image_latents
+        if isinstance(latents, list):
+            latents = torch.cat(latents)
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError("image_latents must be the output of invert() or its latents tensor")
+        channels = self.model.vae.config.latent_channels
+        if latents.shape[-3:] != (channels, *latent_hw):
+            raise ValueError(f"Each latent image in `image_latents` must have shape {(channels, *latent_hw)}, "
+                             f"but has shape {tuple(latents.shape[-3:])}")
+        if latents.ndim == 4:
+            steps = len(method.strength_timesteps(self.model.scheduler, params.num_inference_steps,
+                                                  params.inpaint_strength, "inpaint_strength"))
+            latents = latents.reshape(batch_size, -1 if params.slice_inverted_latents else steps, *latents.shape[1:])
+        if latents.shape[0] != batch_size:
+            raise ValueError(f"`image_latents` must have batch size {batch_size}, but has {latents.shape[0]}")
+        latents = latents.detach().to(device=self.device, dtype=self.model.dtype)
+        if isinstance(image_latents, method.Inversion):
+            return method.Inversion(latents, image_latents.timesteps,
+                                    image_latents.clean.to(device=self.device, dtype=self.model.dtype))
+        return latents

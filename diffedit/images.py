@@ -1,0 +1,158 @@
+"""Images in and out of the VAE: PIL / numpy / torch in, (B, 3, H, W) in [-1, 1] with sides a multiple of the VAE
+factor; [-1, 1] tensors out as numpy, PIL or torch. Number for number diffusers' `VaeImageProcessor` defaults
+(and the DiffEdit pipeline's `preprocess_mask`), so the compatible facade sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(B, H, W, C) or (H, W, C) floats in [0, 1] -> PIL images (one channel -> mode "L")."""
+    if images.ndim == 3:
+        images = images[None]
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(image[..., 0], mode="L") for image in images]
+    return [PIL.Image.fromarray(image) for image in images]
+
+
+def _floor_to_multiple(height: int, width: int, factor: int) -> tuple[int, int]:
+    return height - height % factor, width - width % factor
+
+
+def to_tensor(image: ImageInput, vae_scale_factor: int) -> torch.Tensor:
+    """PIL image(s), numpy (H, W, C) / (B, H, W, C) in [0, 1], or torch (C, H, W) / (B, C, H, W) in [0, 1] ->
+    (B, C, H', W') float32 in [-1, 1], H' and W' rounded down to a multiple of `vae_scale_factor` (PIL: Lanczos
+    resize; arrays: nearest). Arrays already in [-1, 1] (a negative value) are kept, with a warning, as diffusers
+    does; a torch batch with 4 channels is taken as latents and returned as is."""
+    images = image if isinstance(image, list) else [image]
+    if not images:
+        raise ValueError("no image given")
+    first = images[0]
+    if isinstance(first, PIL.Image.Image):
+        w, h = first.size
+        h, w = _floor_to_multiple(h, w, vae_scale_factor)
+        if h == 0 or w == 0:
+            raise ValueError(f"image of size {first.size} is smaller than the VAE factor {vae_scale_factor}")
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        arrays = [np.array(im.resize((w, h), resample=PIL.Image.LANCZOS)).astype(np.float32) / 255.0 for im in images]
+        batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))  # (B, 3, H, W)
+    elif isinstance(first, np.ndarray):
+        arrays = np.concatenate(images) if first.ndim == 4 else np.stack(images)
+        if arrays.ndim == 3:
+            arrays = arrays[..., None]
+        batch = _resize_nearest(torch.from_numpy(arrays.transpose(0, 3, 1, 2)), vae_scale_factor)
+    elif isinstance(first, torch.Tensor):
+        batch = torch.cat(images) if first.ndim == 4 else torch.stack(images)
+        if batch.shape[1] == 4:  # latents, not pixels
+            return batch
+        batch = _resize_nearest(batch, vae_scale_factor)
+    else:
+        raise TypeError(f"image must be a PIL image, a numpy array, a torch tensor or a list of them, "
+                        f"got {type(first).__name__}")
+    if batch.min() < 0:
+        warnings.warn("image values are below 0: taken as already in [-1, 1] (pass [0, 1] images)", FutureWarning)
+        return batch
+    return 2.0 * batch - 1.0
+
+
+def _resize_nearest(batch: torch.Tensor, factor: int) -> torch.Tensor:
+    h, w = _floor_to_multiple(batch.shape[2], batch.shape[3], factor)
+    return F.interpolate(batch, size=(h, w))
+
+
+def to_output(images: torch.Tensor, output_type: str = "pil"):
+    """(B, 3, H, W) in [-1, 1] -> "pt": the tensor in [0, 1]; "np": (B, H, W, 3) float32 in [0, 1]; "pil": list
+    of PIL images."""
+    if output_type not in ("pt", "np", "pil"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+    images = (images * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+    return array if output_type == "np" else numpy_to_pil(array)
+
+
+def mask_to_pil(mask: np.ndarray | torch.Tensor) -> list[PIL.Image.Image]:
+    """Binary masks (B, h, w) -> PIL "L" images, white (255) where 1."""
+    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return [PIL.Image.fromarray((m > 0.5).astype(np.uint8) * 255, mode="L") for m in mask]
+
+
+def prepare_mask(mask, batch_size: int = 1) -> torch.Tensor:
+    """A mask as the DiffEdit pipeline takes it -> (B, 1, h, w) with values 0 / 1 (threshold 0.5).
+
+    PIL images are read as luminance / 255; numpy arrays and tensors in [0, 1] as (h, w), (B, h, w) or
+    (B, 1, h, w); one mask is repeated over `batch_size`."""
+    if not isinstance(mask, torch.Tensor):
+        masks = mask if isinstance(mask, list) else [mask]
+        if isinstance(masks[0], PIL.Image.Image):
+            masks = [np.array(m.convert("L")).astype(np.float32) / 255.0 for m in masks]
+        if isinstance(masks[0], np.ndarray):
+            mask = torch.from_numpy(np.stack(masks) if masks[0].ndim < 3 else np.concatenate(masks))
+        elif isinstance(masks[0], torch.Tensor):
+            mask = torch.stack(masks) if masks[0].ndim < 3 else torch.cat(masks)
+        else:
+            raise TypeError(f"mask_image must be a PIL image, a numpy array, a tensor or a list of them, "
+                            f"got {type(masks[0]).__name__}")
+    if mask.ndim == 2:
+        mask = mask[None, None]  # (1, 1, h, w)
+    elif mask.ndim == 3:
+        mask = mask[None] if mask.shape[0] == 1 else mask[:, None]  # (B, 1, h, w)
+    if batch_size > 1 and mask.shape[0] == 1:
+        mask = torch.cat([mask] * batch_size)
+    elif mask.shape[0] != batch_size and batch_size > 1:
+        raise ValueError(f"mask_image with batch size {mask.shape[0]} cannot be broadcast to batch size {batch_size}")
+    if mask.shape[1] != 1:
+        raise ValueError(f"mask_image must have 1 channel, but has {mask.shape[1]} channels")
+    if mask.min() < 0 or mask.max() > 1:
+        raise ValueError("mask_image should be in the [0, 1] range")
+    return torch.where(mask < 0.5, 0, 1).to(mask.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one-call API's input and output: any size in, the same size out
+
+
+def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | Path) -> PIL.Image.Image:
+    """A path, a PIL image, a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor in
+    [0, 1] -> an RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        with PIL.Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"a tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+        image = image.detach().cpu().float().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3):
+            raise ValueError(f"an array image must be (H, W, 3), got shape {image.shape}")
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return PIL.Image.fromarray(image.repeat(3, axis=2) if image.shape[2] == 1 else image)
+    raise TypeError(f"image must be a path, a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+
+
+def working_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(width, height) rounded to the nearest multiple of `factor` (at least one factor)."""
+    return tuple(max(factor, int(round(s / factor)) * factor) for s in size)
+
+
+def fit_to_multiple(image: PIL.Image.Image, factor: int) -> PIL.Image.Image:
+    """Resize (Lanczos) so both sides are multiples of `factor`; unchanged when they already are."""
+    size = working_size(image.size, factor)
+    return image if size == image.size else image.resize(size, resample=PIL.Image.LANCZOS)

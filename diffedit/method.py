@@ -1,0 +1,363 @@
+"""DiffEdit's three steps as functions of a loaded `StableDiffusion` and `DiffEditParams`.
+
+Couairon, Verbeek, Schwenk, Cord, "DiffEdit: Diffusion-based semantic image editing with mask guidance",
+arXiv 2210.11427 (ICLR 2023), §3.2:
+
+1. `estimate_mask`: noise the image's latents, predict the noise under the query Q and the reference R, and
+   threshold the averaged |eps_Q - eps_R| into the edit region M.
+2. `invert`: DDIM-encode the image up to the encoding ratio r, keeping every intermediate latent x_t
+   (optionally with pix2pix-zero's noise regularization, `regularize_noise`).
+3. `decode`: DDIM-decode from x_r under Q, pasting the inverted latents outside M after every step.
+
+The corrections of diffusers' defects (the boolean fields of `DiffEditParams`) change these functions in place;
+with every correction off they reproduce diffusers 0.42.1 `StableDiffusionDiffEditPipeline` number for number,
+drawing the same random numbers in the same order and shapes. Nothing here keeps state between calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .params import DiffEditParams
+from .schedulers.ddim import randn
+
+Generator = torch.Generator | list[torch.Generator] | None
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text conditioning and classifier-free guidance, shared by the three steps
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """A batch of prompts as the UNet's cross-attention context, and their negative prompts for guidance."""
+
+    cond: torch.Tensor  # (B, 77, D)
+    uncond: torch.Tensor | None = None  # (B, 77, D); needed when a guidance scale is > 1
+
+    def __len__(self) -> int:
+        return self.cond.shape[0]
+
+    def repeat_interleave(self, n: int) -> TextEmbeddings:
+        """Each prompt n times in a row (diffusers' `num_images_per_prompt` order)."""
+        uncond = None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0)
+        return TextEmbeddings(self.cond.repeat_interleave(n, dim=0), uncond)
+
+
+def encode_text(model, prompts: list[str], negative_prompts: list[str] | None = None, clip_skip: int | None = None,
+                negative_clip_skip: int | None = None) -> TextEmbeddings:
+    """CLIP text states of the prompts (and of the negative prompts, when given)."""
+    def states(texts: list[str], skip: int | None) -> torch.Tensor:
+        return model.text_encoder(model.tokenizer(list(texts)).to(model.device), clip_skip=skip)
+
+    uncond = None if negative_prompts is None else states(negative_prompts, negative_clip_skip)
+    return TextEmbeddings(states(prompts, clip_skip), uncond)
+
+
+def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, eq. 6): uncond + scale (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def predict_noise(model, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, scale: float) -> torch.Tensor:
+    """The UNet's output at timestep t; guided, with one call on [uncond, cond], when scale > 1."""
+    if scale <= 1:
+        return model.unet(x, t, text.cond)
+    if text.uncond is None:
+        raise ValueError(f"guidance_scale {scale} > 1 needs negative prompt embeddings")
+    uncond, cond = model.unet(torch.cat([x, x]), t, torch.cat([text.uncond, text.cond])).chunk(2)
+    return guide(uncond, cond, scale)
+
+
+def strength_timesteps(scheduler, num_inference_steps: int, strength: float, name: str) -> torch.Tensor:
+    """The last int(N * strength) denoising timesteps, noisiest first (diffusers' `get_timesteps`)."""
+    n = min(int(num_inference_steps * strength), num_inference_steps)
+    if n == 0:
+        raise ValueError(f"{name}={strength} with num_inference_steps={num_inference_steps} runs no step "
+                         f"(int({num_inference_steps} * {strength}) = 0); use {name} >= {1 / num_inference_steps:g} "
+                         "or more steps")
+    return scheduler.timesteps(num_inference_steps)[num_inference_steps - n:]
+
+
+def encode_images(model, image: torch.Tensor, generator: Generator, repeats: int = 1, once: bool = True,
+                  rows: int | None = None) -> torch.Tensor:
+    """Latents sampled from the VAE posterior, times the scaling factor (Rombach et al. 2022, §3.1):
+    (B * repeats, C, h, w), each image's `repeats` rows together, from one draw of that shape.
+
+    `once=False` encodes each repeat separately, as diffusers' `generate_mask` does (D8); the numbers are the same.
+    `rows`, a multiple of the sampled rows, tiles the samples (diffusers' deprecated image-to-prompt broadcast).
+    A batch with the latent channel count is taken as latents and only repeated."""
+    image = image.to(device=model.device, dtype=model.dtype)
+    if image.shape[1] == model.vae.config.latent_channels:
+        latents = image.repeat_interleave(repeats, dim=0)
+    else:
+        post = model.vae.encode(image if once else image.repeat_interleave(repeats, dim=0))
+        mean, std = post.mean, post.std
+        if once:
+            mean, std = mean.repeat_interleave(repeats, dim=0), std.repeat_interleave(repeats, dim=0)
+        latents = model.vae.scaling_factor * (mean + std * randn(tuple(mean.shape), generator, mean.device, mean.dtype))
+    rows = rows or latents.shape[0]
+    if rows % latents.shape[0]:
+        raise ValueError(f"cannot repeat {latents.shape[0] // repeats} image(s) over {rows // repeats} prompts")
+    return torch.cat([latents] * (rows // latents.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 1: mask estimation
+
+
+@dataclass(frozen=True)
+class MaskEstimate:
+    mask: torch.Tensor  # (B, h, w) int64 at latent resolution, 1 = edit
+    guidance_map: torch.Tensor  # (B, h, w) in [0, 1]: the map clamped at ratio x its mean, rescaled (before 0.5)
+    difference: torch.Tensor  # (B, h, w): mean |eps_Q - eps_R| over the draws and channels, unscaled
+
+
+@torch.no_grad()
+def estimate_mask(model, image: torch.Tensor, source: TextEmbeddings, target: TextEmbeddings,
+                  params: DiffEditParams, generator: Generator = None) -> MaskEstimate:
+    """DiffEdit §3.2 step 1: the region where the reference text R (`source`) and the query Q (`target`) predict
+    different noise. image (B, 3, H, W) in [-1, 1]; one prompt pair per image."""
+    B, n, N = len(target), params.num_maps_per_mask, params.num_inference_steps
+    t = strength_timesteps(model.scheduler, N, params.mask_encode_strength, "mask_encode_strength")[0]
+    # n posterior samples per image (draw 1), noised to the mask strength (draw 2)
+    x0 = encode_images(model, image, generator, n, params.encode_image_once, rows=B * n)
+    xt = model.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)
+    # Noise predictions for both texts, one UNet call
+    eps_source, eps_target = _text_pair_noise(model, xt, t, source.repeat_interleave(n),
+                                              target.repeat_interleave(n), params)
+    # |eps_Q - eps_R| averaged over the n draws and the latent channels
+    difference = (eps_target - eps_source).abs().reshape(B, n, *eps_target.shape[1:]).mean([1, 2])  # (B, h, w)
+    return threshold_map(difference, params)
+
+
+def _text_pair_noise(model, xt, t, source: TextEmbeddings, target: TextEmbeddings, params: DiffEditParams):
+    """(eps_R, eps_Q) from one UNet call on [R-, R, Q-, Q] (guided) or [R, Q].
+
+    diffusers unpacks `encode_prompt`'s (prompt, negative) as (negative, prompt), so it guides from the prompt
+    towards the negative prompt, and without guidance it has no second element to unpack (D9, TypeError). The
+    compatible mode keeps the swapped guidance; since both negatives are usually "", the swap only rescales the
+    map by (scale - 1), which the mean-relative threshold removes."""
+    scale = params.mask_guidance_scale
+    if scale <= 1:
+        if not params.mask_without_guidance:
+            raise TypeError("expected Tensor as element 0 in argument 0, but got NoneType (diffusers 0.42.1's "
+                            "generate_mask fails when guidance_scale <= 1; mask_without_guidance=True fixes it)")
+        return model.unet(torch.cat([xt] * 2), t, torch.cat([source.cond, target.cond])).chunk(2)
+    pairs = [(text.uncond, text.cond) for text in (source, target)]
+    if not params.mask_without_guidance:
+        pairs = [(cond, uncond) for uncond, cond in pairs]
+    out = model.unet(torch.cat([xt] * 4), t, torch.cat([e for pair in pairs for e in pair]))
+    a_source, b_source, a_target, b_target = out.chunk(4)
+    return guide(a_source, b_source, scale), guide(a_target, b_target, scale)
+
+
+def threshold_map(difference: torch.Tensor, params: DiffEditParams) -> MaskEstimate:
+    """Clamp the map at `mask_thresholding_ratio` times its mean, rescale to [0, 1], binarize at 0.5.
+
+    The mean is the batch's in diffusers (D2) and each image's when `per_image_mask_scale`. A zero map (the two
+    texts give the same noise) is 0/0 = NaN in diffusers, hence a full mask (D3); `empty_mask_when_equal` makes
+    it an empty mask and warns."""
+    if params.per_image_mask_scale:
+        scale = difference.mean(dim=(1, 2), keepdim=True) * params.mask_thresholding_ratio  # (B, 1, 1)
+    else:
+        scale = difference.mean() * params.mask_thresholding_ratio
+    if params.empty_mask_when_equal and bool((scale == 0).any()):
+        warnings.warn("the source and target prompts give identical noise predictions: the mask is empty "
+                      "(nothing would be edited)", stacklevel=3)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    guidance_map = torch.minimum(difference.clamp(min=0), scale) / scale
+    mask = torch.where(guidance_map <= 0.5, 0, 1)
+    return MaskEstimate(mask, guidance_map, difference)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 2: DDIM encoding (inversion), with pix2pix-zero's optional noise regularization
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """The DDIM encoding of a batch: what `decode` pastes outside the mask, reusable for any number of targets."""
+
+    latents: torch.Tensor  # (B, T, C, h, w): x_t at each level, noisiest (x_r) first, as diffusers returns them
+    timesteps: torch.Tensor  # (T,) int64: the level t of each latent, descending (SD, r=0.8: 781, 761, ..., 1)
+    clean: torch.Tensor  # (B, C, h, w): the sampled image latents x_0 the encoding started from
+
+    def repeat_interleave(self, n: int) -> Inversion:
+        return Inversion(self.latents.repeat_interleave(n, dim=0), self.timesteps,
+                         self.clean.repeat_interleave(n, dim=0))
+
+
+@torch.no_grad()
+def invert(model, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams, generator: Generator = None,
+           callback: StepCallback | None = None) -> Inversion:
+    """DiffEdit §3.2 step 2: deterministic DDIM encoding (Song et al. 2021, eq. 13 run backwards) of the image up
+    to the encoding ratio r = `inpaint_strength`, keeping every intermediate latent. The network is conditioned
+    on `text` (the reference R) with `inversion_guidance_scale`; image (B, 3, H, W) in [-1, 1] or latents."""
+    N = params.num_inference_steps
+    n = len(strength_timesteps(model.scheduler, N, params.inpaint_strength, "inpaint_strength"))
+    steps = model.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
+    x = clean = encode_images(model, image, generator, rows=len(text))
+    guided = params.inversion_guidance_scale > 1
+    latents = []
+    for i, t in enumerate(steps):
+        eps = predict_noise(model, x, t, text, params.inversion_guidance_scale)
+        if params.num_reg_steps > 0:
+            # diffusers converts v to eps against the guided batch [x, x] (D5); the fix uses x itself
+            sample = torch.cat([x, x]) if guided and not params.portable_regularizer else x
+            eps = regularize_noise(eps, sample, model.inverse_scheduler.alphas_cumprod[t],
+                                   model.inverse_scheduler.config.prediction_type, params, generator)
+        x = model.inverse_scheduler.step(eps, t, x, N).prev_sample
+        latents.append(x)
+        if callback is not None:
+            callback(i, t, x)
+    return Inversion(torch.stack(latents[::-1], dim=1), steps.flip(0), clean)  # (B, T, C, h, w)
+
+
+def as_epsilon(model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """The noise implied by the network's output for a sample at level alpha (v: Salimans & Ho 2022, §4)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+    return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
+
+
+def auto_corr_loss(noise: torch.Tensor, generator: Generator = None, portable: bool = True) -> torch.Tensor:
+    """pix2pix-zero's pairwise auto-correlation loss (Parmar et al., arXiv 2302.03027, §3.1): for each image and
+    channel, and each level of a 2x2 average-pooling pyramid down to 8 rows, the squared mean of the map times
+    itself rolled by a random s in [0, H/2) along each axis. One `randint` per image, channel and level.
+
+    diffusers draws the rolls on the CPU whatever the generator (a CUDA generator fails, D5); `portable` draws
+    them on the generator's device and, for a list of generators, image i's rolls from generator i."""
+    loss = 0.0
+    for i in range(noise.shape[0]):
+        gen = generator[i] if portable and isinstance(generator, list) else generator
+        for j in range(noise.shape[1]):
+            x = noise[i : i + 1, j : j + 1]  # (1, 1, H, W)
+            while True:
+                shift = _randint(x.shape[2] // 2, gen, portable)
+                loss += (x * torch.roll(x, shifts=shift, dims=2)).mean() ** 2
+                loss += (x * torch.roll(x, shifts=shift, dims=3)).mean() ** 2
+                if x.shape[2] <= 8:
+                    break
+                x = F.avg_pool2d(x, kernel_size=2)
+    return loss
+
+
+def _randint(high: int, generator: Generator, portable: bool) -> int:
+    if not portable:
+        return torch.randint(high, (1,), generator=generator).item()
+    device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
+    return torch.randint(high, (1,), generator=generator, device=device).item()
+
+
+def kl_loss(noise: torch.Tensor, per_image: bool = True) -> torch.Tensor:
+    """var + mean^2 - 1 - log(var): zero iff the values have mean 0 and variance 1 (pix2pix-zero §3.1).
+    diffusers pools a batch into one set of values; `per_image` sums each image's own term."""
+    def term(x):
+        return x.var() + x.mean() ** 2 - 1 - torch.log(x.var() + 1e-7)
+
+    return sum(term(x) for x in noise) if per_image else term(noise)
+
+
+def regularize_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, prediction_type: str,
+                     params: DiffEditParams, generator: Generator = None) -> torch.Tensor:
+    """pix2pix-zero's noise regularization of an inversion step (not in the DiffEdit paper): `num_reg_steps`
+    rounds of gradient steps on the network's output that pull its implied noise towards i.i.d. N(0, I):
+    `num_auto_corr_rolls` steps of `lambda_auto_corr` x the auto-correlation loss, then one of `lambda_kl` x KL."""
+    portable = params.portable_regularizer
+
+    def gradient(loss_fn) -> torch.Tensor:
+        with torch.enable_grad():
+            out = model_output.detach().clone().requires_grad_(True)
+            return torch.autograd.grad(loss_fn(as_epsilon(out, sample, alpha, prediction_type)), out)[0]
+
+    for _ in range(params.num_reg_steps):
+        if params.lambda_auto_corr > 0:
+            for _ in range(params.num_auto_corr_rolls):
+                grad = gradient(lambda eps: auto_corr_loss(eps, generator, portable))
+                model_output = model_output - params.lambda_auto_corr * (grad / params.num_auto_corr_rolls)
+        if params.lambda_kl > 0:
+            grad = gradient(lambda eps: kl_loss(eps, per_image=portable))
+            model_output = model_output - params.lambda_kl * grad
+    return model_output.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 3: decoding with mask guidance
+
+
+@torch.no_grad()
+def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None, text: TextEmbeddings,
+           params: DiffEditParams, generator: Generator = None,
+           callback: StepCallback | None = None) -> torch.Tensor:
+    """DiffEdit §3.2 step 3: DDIM decoding from x_r conditioned on the query Q (`text`, `guidance_scale`); after
+    each step the latents outside the mask are replaced by the inverted ones, y = M y + (1 - M) x.
+    mask (B, 1, h, w) of 0 / 1, or None for plain DDIM decoding (the paper's "Encode-Decode" baseline).
+    Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
+    N = params.num_inference_steps
+    steps = strength_timesteps(model.scheduler, N, params.inpaint_strength, "inpaint_strength")
+    start, backgrounds = pasted_latents(model, inversion, steps, params)
+    x = start.clone()
+    for i, t in enumerate(steps):
+        eps = predict_noise(model, x, t, text, params.guidance_scale)
+        x = model.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
+        if mask is not None:
+            x = x * mask + backgrounds[i] * (1 - mask)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def pasted_latents(model, inversion: Inversion | torch.Tensor, steps: torch.Tensor,
+                   params: DiffEditParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The starting latent and, for each decoding step, the inverted latent pasted outside the mask.
+
+    diffusers pairs step i with the i-th inverted latent by position: the pasted background sits at the step's
+    source level (one step noisier than the edited part), the last one at t=1, never the clean latents (D1), and
+    the inversion must have exactly as many latents as the call has steps (D7). With `slice_inverted_latents`
+    each latent is found by its level (an `Inversion` knows them; a bare tensor is taken to come from this step
+    count), so any strength up to the inverted one and any step count whose levels the inversion visited work;
+    with `paste_matching_step` the background is taken at the step's target level, and the clean latents after
+    the last step (a bare tensor has none: its t=1 latent stays)."""
+    latents = inversion.latents if isinstance(inversion, Inversion) else inversion
+    clean = inversion.clean if isinstance(inversion, Inversion) else None
+    if not params.slice_inverted_latents:
+        if latents.shape[1] != len(steps):
+            raise ValueError(f"image_latents hold latent images from {latents.shape[1]} timesteps, but this call "
+                             f"runs {len(steps)} (invert and decode with the same num_inference_steps and "
+                             "inpaint_strength, or set slice_inverted_latents=True)")
+        levels = steps.tolist()
+    elif isinstance(inversion, Inversion):
+        levels = inversion.timesteps.tolist()
+    else:
+        levels = model.scheduler.timesteps(params.num_inference_steps)[-latents.shape[1]:].tolist()
+    by_level = {t: latents[:, k] for k, t in enumerate(levels)}
+
+    def at(t: int) -> torch.Tensor:
+        if t not in by_level:
+            raise ValueError(f"the inverted latents hold timesteps {levels[0]} .. {levels[-1]} ({len(levels)} "
+                             f"levels) but this call needs timestep {t}: invert with the same num_inference_steps "
+                             "(or one whose timesteps include these) and an inpaint_strength at least as large")
+        return by_level[t]
+
+    stride = model.scheduler.config.num_train_timesteps // params.num_inference_steps
+    steps = steps.tolist()
+    if not params.paste_matching_step:
+        return at(steps[0]), [at(t) for t in steps]
+    last = clean if clean is not None else at(steps[-1])
+    return at(steps[0]), [at(t - stride) if t - stride >= 0 else last for t in steps]
+
+
+@torch.no_grad()
+def to_pixels(model, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
+    return model.vae.decode(latents / model.vae.scaling_factor)

@@ -1,0 +1,108 @@
+"""DiffEdit's settings: one frozen dataclass, so an ablation is `dataclasses.replace(params, ...)`.
+
+The numbers default to those of the paper as diffusers 0.42.1's `StableDiffusionDiffEditPipeline` runs it
+(Couairon et al., "DiffEdit", arXiv 2210.11427, §3.2 and §4.1: n = 10 noise draws at 50% strength for the mask,
+encoding ratio r = 0.8, 50 DDIM steps; the clamp at 3x the mean difference is diffusers' way of rescaling the map to
+[0, 1] before the 0.5 threshold).
+
+The boolean fields are the corrections of the reference's defects D1-D9 (DESIGN.md §2). They are on here, which is
+what the one-call API and the command line run; the diffusers-compatible facade turns them all off
+(`DiffEditParams.reference()`), so it gives diffusers' numbers for the same weights, inputs and seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+# Which field corrects which defect of the reference (DESIGN.md §2).
+CORRECTIONS = {
+    "D1": "paste_matching_step",
+    "D2": "per_image_mask_scale",
+    "D3": "empty_mask_when_equal",
+    "D4": "honor_all_call_options",
+    "D5": "portable_regularizer",
+    "D6": "pair_repeated_masks",
+    "D7": "slice_inverted_latents",
+    "D8": "encode_image_once",
+    "D9": "mask_without_guidance",
+}
+
+
+@dataclass(frozen=True)
+class DiffEditParams:
+    # Step 1, mask estimation (§3.2): n noise draws at this strength, |eps_Q - eps_R| clamped at ratio x its mean.
+    num_maps_per_mask: int = 10
+    mask_encode_strength: float = 0.5
+    mask_thresholding_ratio: float = 3.0
+    mask_guidance_scale: float = 7.5
+    # Step 2, DDIM encoding up to the encoding ratio r (§3.2); the optional pix2pix-zero noise regularizer
+    # (Parmar et al., "Zero-shot Image-to-Image Translation", arXiv 2302.03027, §3.1) is not in the paper: off (0).
+    inpaint_strength: float = 0.8  # r: the fraction of the schedule that is inverted, then re-generated
+    inversion_guidance_scale: float = 7.5  # diffusers inverts with CFG on the source prompt; the paper uses 1
+    num_reg_steps: int = 0
+    lambda_auto_corr: float = 20.0
+    lambda_kl: float = 20.0
+    num_auto_corr_rolls: int = 5
+    # Step 3, decoding with mask guidance (§3.2), conditioned on the target text.
+    guidance_scale: float = 7.5
+    eta: float = 0.0  # DDIM eta; 0 draws no noise
+    # All three steps.
+    num_inference_steps: int = 50
+    clip_skip: int | None = None
+
+    # Corrections of diffusers 0.42.1 (on here, off in the compatible facade).
+    paste_matching_step: bool = True  # D1: background from the step's target level; the clean latents at the end
+    per_image_mask_scale: bool = True  # D2: the clamp scalar is each image's own, not the batch's
+    empty_mask_when_equal: bool = True  # D3: no text difference -> empty mask (and a warning), not 0/0 -> full
+    honor_all_call_options: bool = True  # D4: pil masks; clip_skip in all three calls and on the negative prompt
+    portable_regularizer: bool = True  # D5: rolls drawn on the generator's device; v-pred with CFG; per-image loss
+    pair_repeated_masks: bool = True  # D6: num_images_per_prompt repeats masks like prompts and latents
+    slice_inverted_latents: bool = True  # D7: mismatched strength / steps use the matching inverted latents
+    encode_image_once: bool = True  # D8: one VAE encode, n posterior draws (same numbers, n times cheaper)
+    mask_without_guidance: bool = True  # D9: mask_guidance_scale <= 1 works; CFG on the mask is (uncond, cond)
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"DiffEditParams.{name}: expected {what}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
+        require(is_int(self.num_reg_steps) and self.num_reg_steps >= 0, "num_reg_steps", "an int >= 0")
+        for name in ("mask_encode_strength", "inpaint_strength"):
+            require(is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
+        require(is_number(self.mask_thresholding_ratio) and self.mask_thresholding_ratio > 0,
+                "mask_thresholding_ratio", "a positive number")
+        for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale", "lambda_auto_corr",
+                     "lambda_kl", "eta"):
+            require(is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
+        require(self.clip_skip is None or (is_int(self.clip_skip) and self.clip_skip >= 0), "clip_skip",
+                "None or an int >= 0")
+        for name in CORRECTIONS.values():
+            require(isinstance(getattr(self, name), bool), name, "True or False")
+
+    @classmethod
+    def reference(cls, **overrides) -> DiffEditParams:
+        """diffusers 0.42.1's behaviour: every correction off (then `overrides` applied)."""
+        return cls(**{**{name: False for name in CORRECTIONS.values()}, **overrides})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def updated(self, overrides: dict) -> DiffEditParams:
+        """`replace` with a clear error naming every valid field when a name is unknown."""
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise TypeError(f"unknown DiffEdit parameter(s) {', '.join(unknown)}; valid names: "
+                            f"{', '.join(self.field_names())}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,96 @@
+"""`diffedit.edit`: the corrected method in one call, at any image size, with the model's stored defaults."""
+
+import json
+import shutil
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffedit import DiffEditParams, EditResult, StableDiffusion, StableDiffusionDiffEdit, edit, edit_targets
+from diffedit import api
+from diffedit.stable_diffusion import ModelNotFoundError
+
+torch.set_num_threads(1)
+
+FAST = dict(num_inference_steps=5, num_maps_per_mask=2, mask_thresholding_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def sd(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+def photo(size=(64, 64), seed=0) -> PIL.Image.Image:
+    small = np.random.RandomState(seed).rand(4, 4, 3)
+    return PIL.Image.fromarray((small * 255).astype(np.uint8)).resize(size, PIL.Image.BICUBIC)
+
+
+def test_edit_returns_image_and_mask_at_the_input_size(sd):
+    result = edit(photo((70, 50)), "a cat", "a dog", model=sd, seed=0, **FAST)
+    assert isinstance(result, EditResult)
+    assert result.image.size == result.mask.size == (70, 50)
+    assert result.image.mode == "RGB" and result.mask.mode == "L"
+    assert result.guidance_map.shape == result.latent_mask.shape == (6, 9)  # worked at 72 x 48
+    assert result.latent_mask.dtype == bool and set(np.unique(np.asarray(result.mask))) <= {0, 255}
+    assert np.array_equal(np.asarray(result.mask.resize((9, 6), PIL.Image.NEAREST)) > 0, result.latent_mask)
+    assert 0 <= result.guidance_map.min() and result.guidance_map.max() <= 1
+    assert result.params.num_inference_steps == 5 and result.params.paste_matching_step
+
+
+def test_edit_equals_the_corrected_facade_calls_with_the_same_seed(sd):
+    image = photo()
+    result = edit(image, "a cat", "a dog", model=sd, seed=7, **FAST)
+    facade, g = StableDiffusionDiffEdit(sd, DiffEditParams()), torch.Generator().manual_seed(7)
+    mask = facade.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", generator=g,
+                                num_maps_per_mask=2, mask_thresholding_ratio=2.0, num_inference_steps=5)
+    inv = facade.invert(prompt="a cat", image=image, generator=g, num_inference_steps=5)
+    out = facade(prompt="a dog", mask_image=mask, image_latents=inv, generator=g, num_inference_steps=5)
+    assert np.array_equal(mask[0].astype(bool), result.latent_mask)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(result.image))
+
+
+def test_several_targets_share_one_inversion_and_the_first_equals_edit(sd, monkeypatch):
+    image = photo(seed=1)
+    calls = []
+    invert = api.method.invert
+    monkeypatch.setattr(api.method, "invert", lambda *a, **k: calls.append(1) or invert(*a, **k))
+    results = edit_targets(image, "a cat", ["a dog", "a bird"], model=sd, seed=3, **FAST)
+    assert len(results) == 2 and len(calls) == 1
+    single = edit(image, "a cat", "a dog", model=sd, seed=3, **FAST)
+    assert np.array_equal(np.asarray(results[0].image), np.asarray(single.image))
+    with pytest.raises(TypeError, match="list"):
+        edit_targets(image, "a cat", "a dog", model=sd, seed=3, **FAST)
+
+
+def test_seed_makes_edits_reproducible(sd):
+    a = edit(photo(), "a cat", "a dog", model=sd, seed=11, **FAST)
+    b = edit(photo(), "a cat", "a dog", model=sd, seed=11, **FAST)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.seed == b.seed == 11
+
+
+def test_unknown_parameter_names_fail_listing_the_valid_ones(sd):
+    with pytest.raises(TypeError, match="encoding_ratio.*valid names:.*inpaint_strength"):
+        edit(photo(), "a cat", "a dog", model=sd, encoding_ratio=0.5)
+
+
+def test_model_defaults_apply_under_explicit_params(sd1_folder, tmp_path):
+    folder = shutil.copytree(sd1_folder, tmp_path / "with_defaults")
+    (folder / "diffedit.json").write_text(json.dumps({"num_inference_steps": 4, "num_maps_per_mask": 2,
+                                                      "guidance_scale": 3.0}))
+    result = edit(photo(), "a cat", "a dog", model=str(folder), seed=0, guidance_scale=2.0)
+    assert result.params.num_inference_steps == 4 and result.params.num_maps_per_mask == 2
+    assert result.params.guidance_scale == 2.0
+    model = StableDiffusion.from_pretrained(folder)
+    model.edit_defaults = {"no_such_field": 1}
+    with pytest.raises(ValueError, match="diffedit.json"):
+        api.resolve_params(model)
+
+
+def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(api, "SHIPPED_MODEL", tmp_path / "shapes-sd")
+    with pytest.raises(ModelNotFoundError, match="ships with diffedit"):
+        edit(photo(), "a cat", "a dog")
+    with pytest.raises(TypeError, match="model must be"):
+        api.load_model(3)

@@ -1,0 +1,415 @@
+"""`StableDiffusionDiffEdit` gives diffusers 0.42.1's numbers, and each corrected defect D1-D9 is shown against
+the reference's behaviour (diffusers run on the same tiny checkpoint folders)."""
+
+import inspect
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffedit import DiffEditParams, StableDiffusionDiffEdit
+
+torch.set_num_threads(1)
+
+STEPS = 10  # inversion / decoding steps where the parity point does not need 50 (mask: always the default 50)
+MASK_TOL = 0.99  # fraction of mask pixels that must agree
+LATENT_TOL = 1e-3  # relative (Frobenius) error of latents
+IMAGE_TOL = 5e-3  # max abs error of decoded images in [0, 1]
+
+
+def reference_pipeline(folder):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    pipe = StableDiffusionDiffEditPipeline.from_pretrained(
+        folder, scheduler=scheduler, inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config),
+        safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pipes(request):
+    """(reference pipeline, our compatible facade, our corrected facade) on the same folder."""
+    folder = request.getfixturevalue(f"{request.param}_folder")
+    ours = StableDiffusionDiffEdit.from_pretrained(folder)
+    return reference_pipeline(folder), ours, StableDiffusionDiffEdit(ours.model, DiffEditParams())
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_folder):
+    ours = StableDiffusionDiffEdit.from_pretrained(sd1_folder)
+    return reference_pipeline(sd1_folder), ours, StableDiffusionDiffEdit(ours.model, DiffEditParams())
+
+
+@pytest.fixture(scope="module")
+def sd2(sd2_folder):
+    ours = StableDiffusionDiffEdit.from_pretrained(sd2_folder)
+    return reference_pipeline(sd2_folder), ours, StableDiffusionDiffEdit(ours.model, DiffEditParams())
+
+
+def picture(seed: int, size=(64, 64)) -> PIL.Image.Image:
+    """A smooth random picture (blurred blobs), so the tiny VAE sees structure rather than pixel noise."""
+    rng = np.random.RandomState(seed)
+    small = rng.rand(4, 4, 3)
+    return PIL.Image.fromarray((small * 255).astype(np.uint8)).resize(size, PIL.Image.BICUBIC)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(ours, ref) -> float:
+    ours, ref = torch.as_tensor(np.asarray(ours)).double(), torch.as_tensor(np.asarray(ref)).double()
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def max_abs(ours, ref) -> float:
+    return float(np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with diffusers (every correction off)
+
+
+def test_masks_match_reference_for_several_thresholding_ratios(pipes):
+    ref, ours, _ = pipes
+    image = picture(0)
+    agree, coverages = [], []
+    for ratio in (1.5, 2.0, 2.5, 3.0):
+        for negatives in ((None, None), ("blurry", "a drawing")):  # distinct negatives expose the swapped CFG
+            kw = dict(image=image, source_prompt="a cat", target_prompt="a dog", mask_thresholding_ratio=ratio,
+                      source_negative_prompt=negatives[0], target_negative_prompt=negatives[1])
+            expected = ref.generate_mask(**kw, generator=gen(1))
+            got = ours.generate_mask(**kw, generator=gen(1))
+            assert got.dtype == expected.dtype == np.int64 and got.shape == expected.shape == (1, 8, 8)
+            agree.append((got == expected).mean())
+            coverages.append(expected.mean())
+    assert np.mean(agree) >= MASK_TOL
+    assert any(0.2 <= c <= 0.8 for c in coverages) and min(coverages) < max(coverages)
+
+
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_inversion_matches_reference_with_and_without_guidance(pipes, guidance_scale):
+    ref, ours, _ = pipes
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS, guidance_scale=guidance_scale,
+              decode_latents=True, output_type="np")
+    expected, got = ref.invert(**kw, generator=gen(2)), ours.invert(**kw, generator=gen(2))
+    assert got.latents.shape == expected.latents.shape == (1, 8, 4, 8, 8)
+    assert rel(got.latents, expected.latents) < LATENT_TOL
+    assert got.images.shape == expected.images.shape == (8, 64, 64, 3)
+    assert max_abs(got.images, expected.images) < IMAGE_TOL
+
+
+def test_inversion_matches_reference_with_pix2pix_zero_regularization(pipes):
+    """On SD2 (v-prediction, CFG) this includes diffusers' doubled-batch epsilon (D5's quirk for one image)."""
+    ref, ours, _ = pipes
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS, num_reg_steps=2, num_auto_corr_rolls=2)
+    expected, got = ref.invert(**kw, generator=gen(3)), ours.invert(**kw, generator=gen(3))
+    plain = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=STEPS, generator=gen(3))
+    assert rel(got.latents, expected.latents) < LATENT_TOL
+    assert rel(plain.latents, expected.latents) > 10 * LATENT_TOL  # the regularizer did something
+
+
+@pytest.mark.parametrize("guidance_scale,eta,steps", [(7.5, 0.0, STEPS), (1.0, 0.0, STEPS), (7.5, 0.7, STEPS),
+                                                      (7.5, 0.0, 50)])
+def test_edit_matches_reference_end_to_end(pipes, guidance_scale, eta, steps):
+    ref, ours, _ = pipes
+    image = picture(4)
+
+    def run(pipe):
+        g = gen(5)
+        mask = pipe.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog",
+                                  mask_thresholding_ratio=2.0, generator=g)
+        inv = pipe.invert(prompt="a cat", image=image, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=g)
+        out = pipe(prompt="a dog", mask_image=mask, image_latents=inv.latents, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, eta=eta, generator=g, output_type="np")
+        return mask, inv.latents, out.images
+
+    (m_ref, l_ref, i_ref), (m, l, i) = run(ref), run(ours)
+    assert (m == m_ref).mean() >= MASK_TOL and 0 < m_ref.mean() < 1
+    assert rel(l, l_ref) < LATENT_TOL
+    assert i.shape == i_ref.shape == (1, 64, 64, 3)
+    assert max_abs(i, i_ref) < IMAGE_TOL
+
+
+def test_batch_of_two_images_with_two_prompt_pairs_matches_reference(pipes):
+    ref, ours, _ = pipes
+    images = [picture(6), picture(7)]
+    sources, targets = ["a cat", "a bowl of fruit"], ["a dog", "a bowl of pears"]
+
+    def run(pipe):
+        g = gen(8)
+        mask = pipe.generate_mask(image=images, source_prompt=sources, target_prompt=targets,
+                                  mask_thresholding_ratio=2.0, num_maps_per_mask=3, generator=g)
+        inv = pipe.invert(prompt=sources, image=images, num_inference_steps=STEPS, generator=g)
+        out = pipe(prompt=targets, mask_image=mask, image_latents=inv.latents, num_inference_steps=STEPS,
+                   generator=g, output_type="np")
+        return mask, inv.latents, out.images
+
+    (m_ref, l_ref, i_ref), (m, l, i) = run(ref), run(ours)
+    assert m.shape == (2, 8, 8) and (m == m_ref).mean() >= MASK_TOL
+    assert l.shape == (2, 8, 4, 8, 8) and rel(l, l_ref) < LATENT_TOL
+    assert i.shape == (2, 64, 64, 3) and max_abs(i, i_ref) < IMAGE_TOL
+
+
+def test_output_types_and_callbacks_follow_reference(sd1):
+    ref, ours, _ = sd1
+    image = picture(0)
+    inv = ref.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen())
+    mask = ref.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", generator=gen())
+    kw = dict(prompt="a dog", mask_image=mask, image_latents=inv.latents, num_inference_steps=STEPS)
+    calls = {"ref": [], "ours": []}
+    for name, pipe in (("ref", ref), ("ours", ours)):
+        pipe(**kw, callback=lambda i, t, x, name=name: calls[name].append((i, int(t))), callback_steps=3)
+    assert calls["ours"] == calls["ref"] and len(calls["ref"]) == 3
+    pil, pt = ours(**kw, output_type="pil").images, ours(**kw, output_type="pt").images
+    assert isinstance(pil[0], PIL.Image.Image) and pil[0].size == (64, 64)
+    assert pt.shape == (1, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
+    np.testing.assert_allclose(np.asarray(pil[0]), np.asarray(ref(**kw, output_type="pil").images[0]), atol=2)
+    latents, nsfw = ours(**kw, output_type="latent", return_dict=False)
+    assert latents.shape == (1, 4, 8, 8) and nsfw is None
+    assert len(ours.invert(prompt="a cat", image=image, num_inference_steps=STEPS, decode_latents=True).images) == 8
+
+
+def test_call_with_clip_skip_and_a_pil_mask_matches_reference(sd1):
+    """diffusers' __call__ skips CLIP layers for the prompt only, not the negative prompt: so do we, by default.
+    (Its own clip_skip path reads `text_encoder.text_model`, which transformers 5 no longer has, so the reference
+    is fed the embeddings.)"""
+    ref, ours, _ = sd1
+    encoder, tokenizer = ours.model.text_encoder, ours.model.tokenizer
+    inv = ref.invert(prompt="a cat", image=picture(0), num_inference_steps=STEPS, generator=gen())
+    mask = PIL.Image.fromarray((np.random.RandomState(0).rand(8, 8) > 0.5).astype(np.uint8) * 255, "L")
+    kw = dict(mask_image=mask, image_latents=inv.latents, num_inference_steps=STEPS, output_type="latent")
+    with pytest.raises(AttributeError, match="text_model"):
+        ref(prompt="a dog", clip_skip=1, **kw)
+    expected = ref(prompt_embeds=encoder(tokenizer(["a dog"]), clip_skip=1),
+                   negative_prompt_embeds=encoder(tokenizer(["blurry"])), **kw).images
+    got = ours(prompt="a dog", negative_prompt="blurry", clip_skip=1, **kw).images
+    assert rel(got, expected) < LATENT_TOL
+    assert rel(ours(prompt="a dog", negative_prompt="blurry", **kw).images, expected) > 10 * LATENT_TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# D1-D9: the reference's behaviour, and ours with the correction on
+
+
+def test_d1_background_comes_from_the_matching_step_and_the_clean_latents_at_the_end(sd1):
+    """With an all-zero mask every step is pure pasting: diffusers pastes the latent of the step's source level
+    (one step noisier) and ends on the t=1 latent; the fix pastes the target level and ends on x_0."""
+    ref, _, fixed = sd1
+    image, zeros = picture(0), np.zeros((1, 8, 8), dtype=np.int64)
+    inv = fixed.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen())
+    T = inv.latents.shape[1]
+    seen = {"ref": [], "ours": []}
+    kw = dict(prompt="a dog", mask_image=zeros, num_inference_steps=STEPS, output_type="latent")
+    ref(**kw, image_latents=inv.latents, callback=lambda i, t, x: seen["ref"].append(x.clone()))
+    out = fixed(**kw, image_latents=inv, callback=lambda i, t, x: seen["ours"].append(x.clone()))
+    for i in range(T):
+        assert torch.equal(seen["ref"][i], inv.latents[:, i])  # the level it started the step from
+    for i in range(T - 1):
+        assert torch.equal(seen["ours"][i], inv.latents[:, i + 1])  # the level the step reached
+    assert torch.equal(out.images, inv.image_latents)  # x_0 at the end; the reference ends at t=1
+    assert not torch.equal(seen["ref"][-1], inv.image_latents)
+
+
+def test_d2_mask_threshold_is_per_image(sd1):
+    """diffusers computes the clamp scalar over the batch, so an image's mask depends on its batch mates."""
+    ref, ours, fixed = sd1
+    images = [picture(0), PIL.Image.new("RGB", (64, 64), (128, 128, 128))]
+    n = 3
+
+    def mask(pipe, imgs, sources, targets):
+        gens = [gen(k) for k in range(len(imgs) * n)]  # one generator per row: row k draws the same alone
+        return pipe.generate_mask(image=imgs, source_prompt=sources, target_prompt=targets, num_maps_per_mask=n,
+                                  mask_thresholding_ratio=2.0, generator=gens)
+
+    pair = (["a cat", "a gray wall"], ["a dog", "a gray square in a cat"])
+    alone = (["a cat"], ["a dog"])
+    ref_batch, ref_alone = mask(ref, images, *pair), mask(ref, images[:1], *alone)
+    assert (ref_batch[0] != ref_alone[0]).any()
+    assert (mask(ours, images, *pair) == ref_batch).all()
+    fixed_batch, fixed_alone = mask(fixed, images, *pair), mask(fixed, images[:1], *alone)
+    assert (fixed_batch[0] == fixed_alone[0]).all()
+
+
+def test_d3_identical_prompts_give_an_empty_mask(sd1):
+    ref, ours, fixed = sd1
+    kw = dict(image=picture(0), source_prompt="a cat", target_prompt="a cat", num_maps_per_mask=2)
+    assert ref.generate_mask(**kw, generator=gen()).min() == 1  # 0/0 = NaN, and NaN <= 0.5 is False
+    assert ours.generate_mask(**kw, generator=gen()).min() == 1
+    with pytest.warns(UserWarning, match="identical noise predictions"):
+        mask, guidance_map = fixed.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+    assert mask.max() == 0 and np.all(guidance_map == 0)
+
+
+def test_d4_pil_masks_and_clip_skip_in_every_call(sd1):
+    ref, ours, fixed = sd1
+    text_encoder, tokenizer = fixed.model.text_encoder, fixed.model.tokenizer
+    kw = dict(image=picture(0), source_prompt="a cat", target_prompt="a dog", num_maps_per_mask=2)
+    with pytest.raises(TypeError):
+        ref.generate_mask(**kw, output_type="pil")
+    with pytest.raises(TypeError):
+        ours.generate_mask(**kw, output_type="pil")
+    pil = fixed.generate_mask(**kw, output_type="pil", generator=gen())
+    array = fixed.generate_mask(**kw, generator=gen())
+    assert pil[0].mode == "L" and np.array_equal(np.asarray(pil[0]), array[0].astype(np.uint8) * 255)
+    out = fixed(prompt="a dog", mask_image=pil, num_inference_steps=STEPS, output_type="latent",
+                image_latents=fixed.invert(prompt="a cat", image=picture(0), num_inference_steps=STEPS).latents)
+    assert out.images.shape == (1, 4, 8, 8)
+    # diffusers' generate_mask and invert have no clip_skip; ours equals feeding diffusers skipped embeddings
+    assert "clip_skip" not in inspect.signature(ref.invert).parameters
+    assert "clip_skip" not in inspect.signature(ref.generate_mask).parameters
+
+    def skipped(text):
+        return text_encoder(tokenizer([text]), clip_skip=1)
+
+    inv_kw = dict(image=picture(0), num_inference_steps=STEPS)
+    expected = ref.invert(prompt_embeds=skipped("a cat"), negative_prompt_embeds=skipped(""), **inv_kw,
+                          generator=gen())
+    got = fixed.invert(prompt="a cat", clip_skip=1, **inv_kw, generator=gen())
+    assert rel(got.latents, expected.latents) < LATENT_TOL
+    with pytest.warns(UserWarning, match="clip_skip is ignored"):
+        compatible = ours.invert(prompt="a cat", clip_skip=1, **inv_kw, generator=gen())
+    assert rel(compatible.latents, ref.invert(prompt="a cat", **inv_kw, generator=gen()).latents) < LATENT_TOL
+
+
+def test_d5_regularization_with_v_prediction_batches_and_any_device(sd2, monkeypatch):
+    ref, ours, fixed = sd2
+    images, prompts = [picture(0), picture(1)], ["a cat", "a bowl"]
+    kw = dict(num_inference_steps=4, num_reg_steps=1, num_auto_corr_rolls=2)
+    with pytest.raises(RuntimeError, match="must match"):  # eps of a doubled batch against a single one
+        ref.invert(prompt=prompts, image=images, generator=gen(), **kw)
+    with pytest.raises(RuntimeError, match="must match"):
+        ours.invert(prompt=prompts, image=images, generator=gen(), **kw)
+    # Fixed: a batch (one generator per image) equals each image alone
+    batch = fixed.invert(prompt=prompts, image=images, generator=[gen(0), gen(1)], **kw).latents
+    for i in range(2):
+        alone = fixed.invert(prompt=prompts[i], image=images[i], generator=gen(i), **kw).latents
+        assert rel(batch[i], alone[0]) < 1e-5
+    # The rolls are drawn on the generator's device (diffusers: always the CPU, so a CUDA generator fails)
+    devices = []
+    randint = torch.randint
+
+    def spy(*args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return randint(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", spy)
+    ref.invert(prompt="a cat", image=images[0], generator=gen(), **kw)
+    assert devices and set(devices) == {None}
+    devices.clear()
+    fixed.invert(prompt="a cat", image=images[0], generator=gen(), **kw)
+    assert devices and set(devices) == {torch.device("cpu")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_d5_regularization_accepts_a_cuda_generator(sd1_folder):
+    pipe = reference_pipeline(sd1_folder).to("cuda")
+    fixed = StableDiffusionDiffEdit.from_pretrained(sd1_folder, device="cuda", params=DiffEditParams())
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=4, num_reg_steps=1, num_auto_corr_rolls=2)
+    with pytest.raises(RuntimeError):
+        pipe.invert(**kw, generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.isfinite(fixed.invert(**kw, generator=torch.Generator("cuda").manual_seed(0)).latents).all()
+
+
+def test_d6_repeated_images_keep_their_own_masks(sd1):
+    """Two prompts, two images each: diffusers tiles the masks (m0, m1, m0, m1) under repeated latents and prompts
+    (p0, p0, p1, p1), so the two images of one prompt get different masks; with eta=0 they must be equal."""
+    ref, ours, fixed = sd1
+    images, sources, targets = [picture(0), picture(1)], ["a cat", "a bowl"], ["a dog", "a plate"]
+    masks = np.stack([np.zeros((8, 8), np.int64), np.ones((8, 8), np.int64)])
+    kw = dict(prompt=targets, mask_image=masks, num_inference_steps=STEPS, num_images_per_prompt=2,
+              output_type="latent")
+    inv = ref.invert(prompt=sources, image=images, num_inference_steps=STEPS, generator=gen())
+    expected = ref(**kw, image_latents=inv.latents).images
+    assert not torch.equal(expected[0], expected[1])
+    assert rel(ours(**kw, image_latents=inv.latents).images, expected) < LATENT_TOL
+    got = fixed(**kw, image_latents=inv.latents).images
+    assert torch.equal(got[0], got[1]) and torch.equal(got[2], got[3]) and not torch.equal(got[0], got[2])
+
+
+def test_d7_mismatched_strength_or_steps_use_the_matching_inverted_latents(sd1):
+    ref, ours, _ = sd1
+    only_d7 = StableDiffusionDiffEdit(ours.model, DiffEditParams.reference(slice_inverted_latents=True))
+    image, mask = picture(0), np.ones((1, 8, 8), np.int64)
+    inv = ref.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen())  # levels 701 .. 1
+    kw = dict(prompt="a dog", mask_image=mask, output_type="latent")
+    # Weaker strength, same steps: diffusers refuses; we take the last 5 latents (levels 401 .. 1)
+    with pytest.raises(ValueError, match="timesteps"):
+        ref(**kw, image_latents=inv.latents, inpaint_strength=0.5, num_inference_steps=STEPS)
+    with pytest.raises(ValueError):
+        ours(**kw, image_latents=inv.latents, inpaint_strength=0.5, num_inference_steps=STEPS)
+    expected = ref(**kw, image_latents=inv.latents[:, 3:], inpaint_strength=0.5, num_inference_steps=STEPS).images
+    got = only_d7(**kw, image_latents=inv.latents, inpaint_strength=0.5, num_inference_steps=STEPS).images
+    assert rel(got, expected) < LATENT_TOL
+    # Half the steps (levels 601, 401, 201, 1 of the 10-step inversion): needs the inversion's timesteps
+    ours_inv = only_d7.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen())
+    expected = ref(**kw, image_latents=inv.latents[:, 1::2], num_inference_steps=5).images
+    got = only_d7(**kw, image_latents=ours_inv, num_inference_steps=5).images
+    assert rel(got, expected) < LATENT_TOL
+    # Strengths that run no step: diffusers crashes inside torch.stack; we say why
+    with pytest.raises(RuntimeError, match="non-empty"):
+        ref.invert(prompt="a cat", image=image, num_inference_steps=STEPS, inpaint_strength=0.05)
+    with pytest.raises(ValueError, match="runs no step"):
+        only_d7.invert(prompt="a cat", image=image, num_inference_steps=STEPS, inpaint_strength=0.05)
+    with pytest.raises(ValueError, match="needs timestep"):  # asking for more noise than was inverted
+        only_d7(**kw, image_latents=ours_inv, inpaint_strength=1.0, num_inference_steps=STEPS)
+
+
+def test_d8_image_is_encoded_once_for_all_mask_samples(sd1):
+    """diffusers VAE-encodes the image once per noise map; one encode and n posterior draws give the same numbers."""
+    ref, ours, fixed = sd1
+    only_d8 = StableDiffusionDiffEdit(ours.model, DiffEditParams.reference(encode_image_once=True))
+    rows = {"ref": [], "ours": []}
+    hooks = [ref.vae.encoder.register_forward_hook(lambda m, a, o: rows["ref"].append(a[0].shape[0])),
+             ours.model.vae.encoder.register_forward_hook(lambda m, a, o: rows["ours"].append(a[0].shape[0]))]
+    kw = dict(image=picture(0), source_prompt="a cat", target_prompt="a dog", mask_thresholding_ratio=2.0)
+    try:
+        expected = ref.generate_mask(**kw, generator=gen())
+        mask, guidance_map = only_d8.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+        fixed.generate_mask(**kw, generator=gen())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rows == {"ref": [10], "ours": [1, 1]}
+    assert (mask == expected).mean() >= MASK_TOL
+    _, compatible_map = ours.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+    np.testing.assert_allclose(guidance_map, compatible_map, atol=1e-3)  # batched-conv rounding, amplified
+
+
+def test_d9_mask_without_guidance(sd1):
+    """diffusers raises TypeError for guidance_scale <= 1. With the same negative prompt on both sides any CFG map
+    is a multiple of |eps_Q - eps_R| (the unconditional predictions cancel), so our unguided mask equals its
+    guided one; diffusers guides from the prompt towards the negative, which shows with distinct negatives."""
+    ref, ours, fixed = sd1
+    kw = dict(image=picture(0), source_prompt="a cat", target_prompt="a dog", mask_thresholding_ratio=2.0)
+    with pytest.raises(TypeError):
+        ref.generate_mask(**kw, guidance_scale=1.0)
+    with pytest.raises(TypeError):
+        ours.generate_mask(**kw, guidance_scale=1.0)
+    unguided, unguided_map = fixed.generate_mask(**kw, guidance_scale=1.0, generator=gen(),
+                                                 return_guidance_map=True)
+    _, reference_map = ours.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+    assert (unguided == ref.generate_mask(**kw, generator=gen())).mean() >= MASK_TOL
+    np.testing.assert_allclose(unguided_map, reference_map, atol=1e-4)
+    # With distinct negative prompts the direction of guidance matters: the fix guides from them to the prompts
+    kw.update(source_negative_prompt="blurry", target_negative_prompt="a drawing")
+    _, swapped_map = ours.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+    _, guided_map = fixed.generate_mask(**kw, generator=gen(), return_guidance_map=True)
+    assert np.abs(guided_map - swapped_map).max() > 1e-2
+
+
+def test_facade_invert_output_feeds_call_whole_or_as_latents(sd1):
+    _, ours, fixed = sd1
+    inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=STEPS, generator=gen())
+    assert inv.timesteps.tolist() == list(range(701, 0, -100)) and inv.image_latents.shape == (1, 4, 8, 8)
+    mask = np.ones((1, 8, 8), np.int64)
+    kw = dict(prompt="a dog", mask_image=mask, num_inference_steps=STEPS, output_type="latent")
+    assert torch.equal(ours(**kw, image_latents=inv).images, ours(**kw, image_latents=inv.latents).images)
+    flat = inv.latents.flatten(0, 1)  # (B*T, C, h, w), as diffusers also accepts
+    assert torch.equal(ours(**kw, image_latents=flat).images, ours(**kw, image_latents=inv.latents).images)
+    with pytest.raises(ValueError, match="must have shape"):
+        ours(**kw, image_latents=inv.latents[..., :4])

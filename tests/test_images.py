@@ -1,0 +1,112 @@
+"""Image pre- and post-processing equal diffusers' `VaeImageProcessor` (defaults) and the DiffEdit pipeline's
+`preprocess_mask`; the one-call API's resizing keeps any input size."""
+
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffedit import images as imgs
+
+torch.set_num_threads(1)
+
+
+def processor():
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=8)
+
+
+def photo(size=(70, 50), seed=0, mode="RGB") -> PIL.Image.Image:
+    rng = np.random.RandomState(seed)
+    return PIL.Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype(np.uint8)).convert(mode)
+
+
+def test_pil_numpy_and_torch_inputs_preprocess_like_diffusers():
+    proc = processor()
+    pil = [photo(seed=0), photo(seed=1)]
+    array = np.random.RandomState(2).rand(2, 52, 69, 3).astype(np.float32)
+    tensor = torch.rand(2, 3, 52, 69, generator=torch.Generator().manual_seed(3))
+    for image in (pil[0], pil, array, array[0], tensor, tensor[0], [tensor[0], tensor[1]]):
+        ours, ref = imgs.to_tensor(image, 8), proc.preprocess(image)
+        assert ours.shape == ref.shape and ours.shape[-2:] == (48, 64)
+        assert torch.equal(ours, ref)
+    latents = torch.randn(1, 4, 8, 8)
+    assert torch.equal(imgs.to_tensor(latents, 8), latents)
+
+
+def test_images_already_in_minus_one_one_are_kept_with_a_warning():
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with pytest.warns(FutureWarning, match="already in"):
+        assert torch.equal(imgs.to_tensor(x, 8), x)
+
+
+def test_non_rgb_pil_images_are_converted():
+    out = imgs.to_tensor([photo(mode="L"), photo(mode="RGBA")], 8)
+    assert out.shape == (2, 3, 48, 64)
+    with pytest.raises(ValueError, match="smaller than the VAE factor"):
+        imgs.to_tensor(PIL.Image.new("RGB", (7, 30)), 8)
+
+
+@pytest.mark.parametrize("output_type", ["np", "pil", "pt"])
+def test_postprocess_like_diffusers(output_type):
+    x = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    ours, ref = imgs.to_output(x, output_type), processor().postprocess(x, output_type=output_type)
+    if output_type == "pil":
+        assert [np.asarray(a).tolist() for a in ours] == [np.asarray(b).tolist() for b in ref]
+    elif output_type == "np":
+        assert ours.shape == (2, 16, 24, 3) and np.array_equal(ours, ref)
+    else:
+        assert torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="output_type"):
+        imgs.to_output(x, "jpeg")
+
+
+def test_masks_prepare_like_diffusers_preprocess_mask():
+    from diffusers.pipelines.deprecated.stable_diffusion_diffedit.pipeline_stable_diffusion_diffedit import (
+        preprocess_mask,
+    )
+
+    rng = np.random.RandomState(0)
+    cases = [
+        (rng.randint(0, 2, (1, 8, 8)).astype(np.int64), 1),
+        (rng.randint(0, 2, (1, 8, 8)).astype(np.int64), 3),
+        (rng.rand(2, 8, 8).astype(np.float32), 2),
+        (rng.rand(8, 8).astype(np.float32), 1),
+        (torch.rand(2, 1, 8, 8), 2),
+        ([PIL.Image.fromarray((rng.rand(8, 8) * 255).astype(np.uint8), "L")] * 2, 2),
+    ]
+    for mask, batch in cases:
+        copy = mask.clone() if isinstance(mask, torch.Tensor) else mask.copy() if isinstance(mask, np.ndarray) \
+            else mask
+        ours, ref = imgs.prepare_mask(mask, batch), preprocess_mask(copy, batch)
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype and torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="broadcast"):
+        imgs.prepare_mask(np.zeros((2, 8, 8)), 3)
+    with pytest.raises(ValueError, match="range"):
+        imgs.prepare_mask(np.full((8, 8), 2.0), 1)
+
+
+def test_mask_to_pil_is_white_where_edited():
+    mask = np.array([[[0, 1], [1, 0]]])
+    (image,) = imgs.mask_to_pil(mask)
+    assert image.mode == "L" and np.asarray(image).tolist() == [[0, 255], [255, 0]]
+
+
+def test_api_inputs_become_rgb_and_sizes_round_to_the_nearest_multiple():
+    p = photo((70, 50))
+    array = np.asarray(p)
+    for image in (p, array, array.astype(np.float32) / 255, torch.from_numpy(array).permute(2, 0, 1) / 255.0):
+        out = imgs.load_rgb(image)
+        assert out.mode == "RGB" and out.size == (70, 50) and np.array_equal(np.asarray(out), array)
+    assert imgs.working_size((70, 50), 8) == (72, 48) and imgs.working_size((3, 64), 8) == (8, 64)
+    assert imgs.fit_to_multiple(p, 8).size == (72, 48)
+    same = photo((64, 48))
+    assert imgs.fit_to_multiple(same, 8) is same
+    with pytest.raises(TypeError):
+        imgs.load_rgb(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        imgs.load_rgb(photo(mode="L"))

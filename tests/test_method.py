@@ -1,0 +1,217 @@
+"""The three steps of DiffEdit as functions: properties of the mask, inversion and masked decoding, and the
+pix2pix-zero regularizer's losses against diffusers' own."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diffedit import DiffEditParams, StableDiffusion
+from diffedit import method
+from diffedit.params import CORRECTIONS
+
+torch.set_num_threads(1)
+
+FAST = DiffEditParams(num_inference_steps=5, num_maps_per_mask=2)
+
+
+@pytest.fixture(scope="module")
+def sd(sd1_folder):
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+@pytest.fixture(scope="module")
+def sd_v(sd2_folder):
+    return StableDiffusion.from_pretrained(sd2_folder)
+
+
+def images(batch: int, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """Smooth random pictures in [-1, 1], (B, 3, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(batch, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(small, size=(size, size), mode="bicubic").clamp(0, 1) * 2 - 1
+
+
+def texts(sd, prompts):
+    return method.encode_text(sd, prompts, [""] * len(prompts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def test_params_reference_turns_every_correction_off_and_ablation_is_replace():
+    ref = DiffEditParams.reference()
+    assert all(getattr(DiffEditParams(), name) for name in CORRECTIONS.values())
+    assert not any(getattr(ref, name) for name in CORRECTIONS.values())
+    assert sorted(CORRECTIONS) == [f"D{i}" for i in range(1, 10)]
+    assert dataclasses.replace(ref, inpaint_strength=0.5).inpaint_strength == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ref.inpaint_strength = 0.5
+
+
+def test_params_reject_bad_values_and_unknown_names_listing_valid_ones():
+    with pytest.raises(ValueError, match="inpaint_strength"):
+        DiffEditParams(inpaint_strength=1.5)
+    with pytest.raises(ValueError, match="num_maps_per_mask"):
+        DiffEditParams(num_maps_per_mask=0)
+    with pytest.raises(TypeError, match="unknown DiffEdit parameter.*strenght.*valid names:.*inpaint_strength"):
+        DiffEditParams().updated({"strenght": 0.5})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 1: mask
+
+
+@settings(max_examples=4, deadline=None)
+@given(batch=st.integers(1, 3), n=st.integers(1, 3), ratio=st.floats(0.5, 4.0), guidance=st.sampled_from([1.0, 5.0]),
+       seed=st.integers(0, 100))
+def test_mask_is_binary_and_of_latent_shape_for_any_batch(sd, batch, n, ratio, guidance, seed):
+    prompts = [f"a photo of thing {i}" for i in range(batch)]
+    params = dataclasses.replace(FAST, num_maps_per_mask=n, mask_thresholding_ratio=ratio,
+                                 mask_guidance_scale=guidance)
+    est = method.estimate_mask(sd, images(batch, seed), texts(sd, prompts), texts(sd, [p + " and a dog" for p in
+                                                                                      prompts]),
+                               params, torch.Generator().manual_seed(seed))
+    assert est.mask.shape == est.guidance_map.shape == (batch, 8, 8) and est.mask.dtype == torch.int64
+    assert set(est.mask.unique().tolist()) <= {0, 1}
+    assert est.guidance_map.min() >= 0 and est.guidance_map.max() <= 1
+    assert torch.equal(est.mask, (est.guidance_map > 0.5).long())
+
+
+def test_threshold_is_per_image_and_equal_texts_give_an_empty_mask():
+    difference = torch.stack([torch.arange(16.0).reshape(4, 4), 10 * torch.arange(16.0).reshape(4, 4),
+                              torch.zeros(4, 4)])
+    with pytest.warns(UserWarning, match="identical"):
+        fixed = method.threshold_map(difference, DiffEditParams(mask_thresholding_ratio=1.0))
+    assert torch.equal(fixed.mask[0], fixed.mask[1]) and fixed.mask[2].max() == 0
+    ref = method.threshold_map(difference, DiffEditParams.reference(mask_thresholding_ratio=1.0))
+    assert not torch.equal(ref.mask[0], ref.mask[1])  # one scalar for the whole batch (D2)
+    one = method.threshold_map(difference[2:], DiffEditParams.reference())
+    assert torch.isnan(one.guidance_map).all() and one.mask.min() == 1  # 0/0 (D3)
+
+
+def test_one_encode_with_n_draws_equals_n_encodes(sd):
+    x = images(2, seed=3)
+    once = method.encode_images(sd, x, torch.Generator().manual_seed(0), repeats=3, once=True)
+    each = method.encode_images(sd, x, torch.Generator().manual_seed(0), repeats=3, once=False)
+    assert once.shape == (6, 4, 8, 8)
+    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(once[0], once[1])  # distinct draws per row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps 2 and 3: inversion and masked decoding
+
+
+@settings(max_examples=3, deadline=None)
+@given(strength=st.sampled_from([0.4, 0.8, 1.0]), steps=st.integers(3, 6), guidance=st.sampled_from([1.0, 4.0]),
+       seed=st.integers(0, 100))
+def test_zero_mask_returns_the_vae_round_trip_and_full_mask_equals_unmasked_decoding(sd, strength, steps, guidance,
+                                                                                    seed):
+    params = dataclasses.replace(FAST, num_inference_steps=steps, inpaint_strength=strength,
+                                 inversion_guidance_scale=guidance, guidance_scale=guidance)
+    x = images(1, seed)
+    inv = method.invert(sd, x, texts(sd, ["a cat"]), params, torch.Generator().manual_seed(seed))
+    assert inv.latents.shape == (1, int(steps * strength), 4, 8, 8)
+    target = texts(sd, ["a dog"])
+    zero = method.decode(sd, inv, torch.zeros(1, 1, 8, 8), target, params)
+    assert torch.equal(zero, inv.clean)
+    assert torch.equal(method.to_pixels(sd, zero), sd.vae.decode(inv.clean / sd.vae.scaling_factor))
+    one = method.decode(sd, inv, torch.ones(1, 1, 8, 8), target, params)
+    assert torch.equal(one, method.decode(sd, inv, None, target, params))
+
+
+def test_inversion_records_each_level_noisiest_first(sd):
+    params = dataclasses.replace(FAST, num_inference_steps=10)
+    inv = method.invert(sd, images(1), texts(sd, ["a cat"]), params, torch.Generator().manual_seed(0))
+    assert inv.timesteps.tolist() == list(range(701, 0, -100))
+    # each latent is one inverse DDIM step from the next-cleaner one
+    x, t = inv.latents[:, -2], 101
+    eps = method.predict_noise(sd, inv.latents[:, -1], torch.tensor(t), texts(sd, ["a cat"]), 7.5)
+    torch.testing.assert_close(sd.inverse_scheduler.step(eps, t, inv.latents[:, -1], 10).prev_sample, x)
+
+
+def test_pasted_latents_pair_by_position_or_by_level(sd):
+    latents = torch.arange(8.0).reshape(1, 8, 1, 1, 1).expand(1, 8, 4, 8, 8)  # latent k holds the value k
+    levels = torch.arange(701, 0, -100)
+    inv = method.Inversion(latents, levels, torch.full((1, 4, 8, 8), -1.0))
+    steps = method.strength_timesteps(sd.scheduler, 10, 0.8, "inpaint_strength")
+
+    def values(params, inversion=inv, steps=steps):
+        start, backgrounds = method.pasted_latents(sd, inversion, steps, params)
+        return start[0, 0, 0, 0].item(), [b[0, 0, 0, 0].item() for b in backgrounds]
+
+    ref, fixed = DiffEditParams.reference(num_inference_steps=10), DiffEditParams(num_inference_steps=10)
+    assert values(ref) == (0, list(range(8)))  # D1: one step behind, ends on t=1
+    assert values(fixed) == (0, list(range(1, 8)) + [-1])  # the step's target level, then x_0
+    assert values(fixed, latents) == (0, list(range(1, 8)) + [7])  # a bare tensor has no x_0
+    fewer = method.strength_timesteps(sd.scheduler, 10, 0.5, "inpaint_strength")  # 401 .. 1
+    assert values(fixed, steps=fewer) == (3, [4, 5, 6, 7, -1])
+    with pytest.raises(ValueError, match="5"):
+        values(ref, steps=fewer)
+    half = dataclasses.replace(fixed, num_inference_steps=5)  # levels 601, 401, 201, 1
+    assert values(half, steps=method.strength_timesteps(sd.scheduler, 5, 0.8, "s")) == (1, [3, 5, 7, -1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pix2pix-zero regularizer
+
+
+def test_auto_corr_and_kl_losses_equal_diffusers_and_draw_the_same_rolls():
+    from diffusers.pipelines.deprecated.stable_diffusion_diffedit import pipeline_stable_diffusion_diffedit as ref
+
+    noise = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for portable in (False, True):
+        g_ref, g_ours = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        torch.testing.assert_close(method.auto_corr_loss(noise, g_ours, portable), ref.auto_corr_loss(noise, g_ref))
+        assert torch.equal(torch.randint(100, (1,), generator=g_ours), torch.randint(100, (1,), generator=g_ref))
+    torch.testing.assert_close(method.kl_loss(noise, per_image=False), ref.kl_divergence(noise))
+    torch.testing.assert_close(method.kl_loss(noise[:1], per_image=True), ref.kl_divergence(noise[:1]))
+    assert method.kl_loss(torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2))) < 1e-2
+
+
+def test_regularizer_steps_lower_each_loss():
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.randn(1, 4, 8, 8, generator=g), size=(32, 32), mode="bilinear")
+
+    def regularized(**kw):
+        params = DiffEditParams(num_reg_steps=3, **kw)
+        return method.regularize_noise(smooth, smooth, torch.tensor(0.5), "epsilon", params,
+                                       torch.Generator().manual_seed(1))
+
+    def auto_corr(x):
+        return method.auto_corr_loss(x, torch.Generator().manual_seed(2))
+
+    assert auto_corr(regularized(lambda_kl=0.0)) < auto_corr(smooth)
+    assert method.kl_loss(regularized(lambda_auto_corr=0.0)) < method.kl_loss(smooth)
+    assert torch.equal(regularized(lambda_kl=0.0, lambda_auto_corr=0.0), smooth)
+
+
+def test_v_prediction_epsilon_conversion_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    x0, eps, a = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.tensor(0.3)
+    xt, v = a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+    torch.testing.assert_close(method.as_epsilon(v, xt, a, "v_prediction"), eps)
+    torch.testing.assert_close(method.as_epsilon(x0, xt, a, "sample"), eps)
+    assert method.as_epsilon(eps, xt, a, "epsilon") is eps
+
+
+def test_regularized_inversion_of_a_v_prediction_batch_equals_each_image_alone(sd_v):
+    params = dataclasses.replace(FAST, num_inference_steps=3, num_reg_steps=1, num_auto_corr_rolls=2)
+    x, prompts = images(2, seed=5), ["a cat", "a bowl"]
+    batch = method.invert(sd_v, x, texts(sd_v, prompts), params, [torch.Generator().manual_seed(i) for i in (0, 1)])
+    for i in range(2):
+        alone = method.invert(sd_v, x[i : i + 1], texts(sd_v, prompts[i : i + 1]), params,
+                              torch.Generator().manual_seed(i))
+        torch.testing.assert_close(batch.latents[i], alone.latents[0], rtol=1e-4, atol=1e-4)
+
+
+def test_mask_needs_a_strength_that_runs_a_step(sd):
+    with pytest.raises(ValueError, match="mask_encode_strength=0.01"):
+        method.estimate_mask(sd, images(1), texts(sd, ["a"]), texts(sd, ["b"]),
+                             dataclasses.replace(FAST, mask_encode_strength=0.01), None)
+    assert np.isclose(FAST.mask_encode_strength, 0.5)
