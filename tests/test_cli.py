@@ -1,0 +1,550 @@
+"""The `diffedit` command, driven in subprocesses as a user drives it: the main job (several targets, mask, compare
+strip, JSON), the mask and invert steps and their reuse, odd but valid inputs (accepted with a note), and bad input
+of every kind (one `diffedit: error:` line, exit status 2, no traceback, nothing written, nothing lost).
+
+Runs are kept cheap (4 steps, 2 noise draws, 64x64 images, one thread); argument and path errors are caught before
+torch is imported. A few pure helpers of the command are checked in-process at the end.
+"""
+
+import json
+import os
+import fcntl
+import pty
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from diffedit import cli
+
+torch.set_num_threads(1)
+
+FAST = ["--steps", "4", "--num-maps", "2"]
+SOURCE, TARGETS = "a red circle on a gray background", ["a blue circle on a gray background", "a red square"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+@pytest.fixture(scope="session")
+def model_folder(sd1_folder):
+    """The model the commands run. To switch to the shipped model: `return cli.SHIPPED_MODEL`."""
+    return sd1_folder
+
+
+@pytest.fixture(scope="module")
+def sd(model_folder):
+    from diffedit import StableDiffusion
+
+    return StableDiffusion.from_pretrained(model_folder)
+
+
+def diffedit(*args, cwd, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffedit", *map(str, args)], cwd=cwd, capture_output=False,
+                          stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300, env=ENV)
+
+
+def shape_image(size=(64, 64), colour=(220, 30, 30)) -> Image.Image:
+    img = Image.new("RGB", size, (128, 128, 128))
+    w, h = size
+    ImageDraw.Draw(img).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=colour)
+    return img
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, one line on stderr that starts `diffedit: error:` and holds every fragment, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("diffedit: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert result.stdout == ""
+    return lines[0]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The main job: one run with two targets, mask, compare strip and a JSON summary
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory, model_folder):
+    folder = tmp_path_factory.mktemp("edit")
+    shape_image().save(folder / "in.png")
+    (folder / "out-1.png").write_bytes(b"an older output, replaced whole")
+    (folder / "masks").mkdir()
+    args = ["edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "--target", TARGETS[1], "-o", "out.png",
+            "--mask-out", "masks/{i}-{target}.png", "--compare-out", "cmp.png", "--json", "--model", model_folder,
+            *FAST]
+    return folder, diffedit(*args, cwd=folder)
+
+
+def test_edit_writes_one_output_mask_and_strip_per_target_and_a_json_summary(edited):
+    folder, result = edited
+    assert_ok(result)
+    summary = json.loads(result.stdout)
+    names = ["out-1.png", "out-2.png", "masks/1-a-blue-circle-on-a-gray-background.png", "masks/2-a-red-square.png",
+             "cmp-1.png", "cmp-2.png"]
+    for name in names:
+        assert (folder / name).is_file(), name
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+    for i, entry in enumerate(summary["outputs"]):
+        out, mask = Image.open(folder / entry["image"]), Image.open(folder / entry["mask"])
+        assert out.size == mask.size == (64, 64) and out.mode == "RGB"
+        values = np.asarray(mask)
+        assert set(np.unique(values)) <= {0, 255}
+        assert entry["target"] == TARGETS[i] and entry["mask_coverage"] == pytest.approx(values.mean() / 255, abs=1e-4)
+        assert Image.open(folder / entry["compare"]).height >= 256  # a 64-pixel image is shown enlarged
+    assert summary["parameters"]["steps"] == 4 and summary["parameters"]["num_maps"] == 2
+    assert summary["mode"] == "corrected" and summary["seed"] == 0 and summary["input_size"] == [64, 64]
+    assert {"load_model", "mask", "invert", "decode", "write", "total"} <= set(summary["timings"])
+    assert "diffedit: wrote out-1.png" in result.stderr  # the one-line summary
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_edit_equals_the_api_with_one_inversion_for_all_targets(edited, sd):
+    from diffedit import edit_targets
+
+    folder, result = edited
+    assert_ok(result)
+    summary = json.loads(result.stdout)
+    expected = edit_targets(folder / "in.png", SOURCE, TARGETS, model=sd, seed=0, num_inference_steps=4,
+                            num_maps_per_mask=2)
+    for entry, want in zip(summary["outputs"], expected):
+        got = np.asarray(Image.open(folder / entry["image"]), dtype=int)
+        assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
+        assert np.array_equal(np.asarray(Image.open(folder / entry["mask"])), np.asarray(want.mask))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps alone, and their reuse
+
+
+@pytest.fixture(scope="module")
+def steps_run(tmp_path_factory, model_folder):
+    folder = tmp_path_factory.mktemp("steps")
+    shape_image().save(folder / "in.png")
+    common = ["--model", model_folder, "--steps", "4"]
+    mask = diffedit("mask", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "mask.png", "--heatmap-out",
+                    "heat.png", "--num-maps", "2", "--json", *common, cwd=folder)
+    invert = diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "in.safetensors", "--json", *common, cwd=folder)
+    reuse = diffedit("edit", "in.png", "--latents", "in.safetensors", "--mask", "mask.png", "--target", TARGETS[0],
+                     "-o", "reused.png", "--mask-out", "mask-again.png", "--json", "--model", model_folder,
+                     cwd=folder)
+    return folder, mask, invert, reuse
+
+
+def test_mask_command_writes_the_mask_the_edit_estimates(steps_run, edited):
+    folder, mask, _, _ = steps_run
+    assert_ok(mask)
+    heat = Image.open(folder / "heat.png")
+    assert heat.size == (64, 64) and heat.mode == "RGB"
+    edit_folder, edit_result = edited
+    first_mask = json.loads(edit_result.stdout)["outputs"][0]["mask"]
+    # Same seed, same parameters, the mask is drawn first in both: the same mask
+    assert np.array_equal(np.asarray(Image.open(folder / "mask.png")), np.asarray(Image.open(edit_folder / first_mask)))
+
+
+def test_invert_saves_latents_with_the_metadata_that_guards_reuse(steps_run):
+    from safetensors import safe_open
+
+    folder, _, invert, _ = steps_run
+    assert_ok(invert)
+    with safe_open(str(folder / "in.safetensors"), framework="np") as f:
+        meta = f.metadata()
+        latents = f.get_tensor("latents")
+    assert meta["format"] == "diffedit-latents" and meta["steps"] == "4" and meta["strength"] == "0.8"
+    assert (meta["width"], meta["height"]) == ("64", "64") and meta["prompt"] == SOURCE and meta["model_fingerprint"]
+    assert latents.shape == (3, 4, 8, 8)  # int(4 x 0.8) levels of (C, h, w)
+
+
+def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
+    from diffedit import method
+    from diffedit.images import to_output
+    from diffedit.params import DiffEditParams
+
+    folder, mask, _, reuse = steps_run
+    assert_ok(reuse)
+    summary = json.loads(reuse.stdout)
+    assert summary["parameters"]["steps"] == 4  # taken from the latents file
+    assert "timings" in summary and "invert" not in summary["timings"] and "mask" not in summary["timings"]
+    given = np.asarray(Image.open(folder / "mask.png"))
+    assert np.array_equal(np.asarray(Image.open(folder / "mask-again.png")), given)
+    coverage = json.loads(mask.stdout)["outputs"][0]["latent_mask_coverage"]
+    assert summary["outputs"][0]["latent_mask_coverage"] == coverage
+    # The same numbers as decoding the file's latents under the file's mask in-process
+    inversion = cli.load_latents(folder / "in.safetensors", sd)
+    latent_mask = cli.latent_mask_from_image(Image.open(folder / "mask.png").convert("L"), (64, 64), 8)
+    p = DiffEditParams(num_inference_steps=4)
+    text = method.encode_text(sd, [TARGETS[0]], [""])
+    latents = method.decode(sd, inversion, torch.from_numpy(latent_mask).float()[None, None], text, p,
+                            torch.Generator().manual_seed(0))
+    want = np.asarray(to_output(method.to_pixels(sd, latents), "pil")[0], dtype=int)
+    assert np.abs(np.asarray(Image.open(folder / "reused.png"), dtype=int) - want).max() <= 1
+
+
+def test_latents_from_another_model_or_other_settings_are_refused(steps_run, model_folder, tmp_path):
+    from tiny_checkpoints import save_checkpoint
+
+    folder, _, invert, _ = steps_run
+    assert_ok(invert)
+    before = snapshot(folder)
+    base = ["edit", "in.png", "--latents", "in.safetensors", "--mask", "mask.png", "--target", "x", "-o", "o.png"]
+    assert_bad_input(diffedit(*base, "--model", model_folder, "--steps", "5", cwd=folder),
+                     "in.safetensors was inverted with --steps 4", "--steps 5")
+    assert_bad_input(diffedit(*base, "--model", model_folder, "--strength", "0.5", cwd=folder), "--strength 0.8")
+    other = save_checkpoint("sd1", tmp_path / "other", seed=1)
+    assert_bad_input(diffedit(*base, "--model", other, cwd=folder), "inverted with another model")
+    shape_image((48, 64)).save(folder / "small.png")
+    assert_bad_input(diffedit("edit", "small.png", *base[2:], "--model", model_folder, cwd=folder),
+                     "inverted from a 64x64 image", "48x64")
+    (folder / "small.png").unlink()
+    assert snapshot(folder) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Odd but valid input: accepted with a note, output at the input's size
+
+
+def _odd_images(folder: Path) -> dict:
+    """Each distinct conversion path once (two odd properties per file where they combine), with its notes."""
+    base = shape_image()
+    fade = Image.fromarray(np.tile(np.linspace(0, 255, 50).astype(np.uint8), (70, 1)))  # alpha 0 .. 255
+    rgba = shape_image((50, 70)).convert("RGBA")
+    rgba.putalpha(fade)
+    rgba.save(folder / "rgba-50x70.png")
+    Image.new("LA", (64, 64), (90, 255)).save(folder / "la.png")
+    frames = [base.convert("P", palette=Image.Palette.ADAPTIVE, colors=8), shape_image(colour=(30, 60, 220))]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(folder / "grey16.png")
+    base.convert("L").save(folder / "grey.png")
+    return {
+        "rgba-50x70.png": ["transparent pixels: composited onto white",
+                           "50x70 is not a multiple of 8: the model works at 48x72, outputs are restored to 50x70"],
+        "la.png": ["alpha channel (fully opaque): dropped"],
+        "animated.gif": ["has 2 frames: using the first", "a palette image: converted to RGB"],
+        "cmyk.jpg": ["CMYK: converted to RGB"],
+        "grey16.png": ["16-bit greyscale: converted to 8-bit RGB"],
+        "grey.png": ["greyscale: converted to RGB"],
+    }
+
+
+ODD = ["rgba-50x70.png", "la.png", "animated.gif", "cmyk.jpg", "grey16.png", "grey.png"]
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("odd")
+    return folder, _odd_images(folder)
+
+
+@pytest.mark.parametrize("name", ODD)
+def test_odd_input_is_accepted_with_a_note(name, odd_folder, model_folder):
+    folder, notes = odd_folder
+    out = f"out-{Path(name).stem}.png"
+    result = diffedit("edit", name, "--source", "a shape", "--target", "a blue shape", "-o", out, "--mask-out",
+                      f"mask-{out}", "--model", model_folder, "--steps", "2", "--num-maps", "1", cwd=folder)
+    assert_ok(result)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("diffedit: note: ")]
+    for note in notes[name]:
+        assert any(note in line for line in lines), (note, result.stderr)
+    size = Image.open(folder / name).size
+    assert Image.open(folder / out).size == size and Image.open(folder / f"mask-{out}").size == size
+
+
+def _png_16_bit_rgb(path: Path, width: int, height: int) -> None:
+    """Pillow cannot write 16-bit RGB PNGs: the chunks by hand."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + np.full((width, 3), 40000, ">u2").tobytes()  # filter byte, then big-endian samples
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_rgb_and_exif_turned_images_are_read_with_a_note(tmp_path):
+    _png_16_bit_rgb(tmp_path / "rgb16.png", 6, 4)
+    report = cli.Reporter(quiet=True)
+    img = cli.read_image(tmp_path / "rgb16.png", 10**6, report)
+    assert img.mode == "RGB" and img.size == (6, 4)
+    assert report.notes == ["rgb16.png has 16 bits per channel: reduced to 8"]
+    assert abs(int(np.asarray(img)[0, 0, 0]) - 40000 // 257) <= 1
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    shape_image((40, 24)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    report = cli.Reporter(quiet=True)
+    assert cli.read_image(tmp_path / "turned.jpg", 10**6, report).size == (24, 40)
+    assert report.notes == ["turned.jpg is turned as its EXIF orientation (6) says: 40x24 -> 24x40"]
+
+
+def test_every_image_mode_becomes_8_bit_rgb_with_a_note():
+    base = shape_image()
+    cases = {
+        "RGBA": base.convert("RGBA"), "LA": base.convert("LA"), "P": base.convert("P"), "CMYK": base.convert("CMYK"),
+        "L": base.convert("L"), "1": base.convert("1"), "I;16": Image.fromarray(np.full((4, 4), 65535, np.uint16)),
+        "I": Image.fromarray(np.full((4, 4), 300, np.int32)), "F": Image.fromarray(np.full((4, 4), 0.5, np.float32)),
+        "YCbCr": base.convert("YCbCr"), "P+transparency": base.convert("P"),
+    }
+    cases["P+transparency"].info["transparency"] = 0
+    for mode, img in cases.items():
+        report = cli.Reporter(quiet=True)
+        rgb = cli.to_rgb(img, "x.png", report)
+        assert rgb.mode == "RGB" and rgb.size == img.size, mode
+        assert len(report.notes) == 1, (mode, report.notes)
+    assert np.asarray(cli.to_rgb(cases["I;16"], "x", cli.Reporter(True))).max() == 255  # 16-bit white stays white
+    assert np.asarray(cli.to_rgb(cases["F"], "x", cli.Reporter(True))).max() == 128  # float 0.5 is mid-grey
+    report = cli.Reporter(quiet=True)
+    assert cli.to_rgb(base, "x", report) is base and report.notes == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Warnings, --force, --quiet, progress bars, --debug
+
+
+def test_same_empty_and_overlong_prompts_warn_and_quiet_keeps_only_warnings(tmp_path, model_folder):
+    shape_image().save(tmp_path / "in.png")
+    before = (tmp_path / "in.png").read_bytes()
+    long = " ".join(["a very red circle"] * 30)
+    result = diffedit("edit", "in.png", "--source", "A Red  Circle", "--target", "a red circle", "--target", "",
+                      "--target", long, "-o", "out-{i}.png", "--quiet", "--json", "--model", model_folder, *FAST,
+                      cwd=tmp_path)
+    assert_ok(result)
+    assert json.loads(result.stdout)["outputs"][0]["mask_coverage"] == 0  # the same text: an empty mask
+    err = result.stderr
+    assert "diffedit: warning: --source and --target say the same thing" in err and "nothing to edit" in err
+    assert "diffedit: warning: --target 2 is empty" in err
+    assert "diffedit: warning: --target 3 has 120 tokens but the text encoder reads 75: the last 45 are dropped" in err
+    assert "note:" not in err and "wrote" not in err  # --quiet keeps warnings only
+    assert all(line.startswith("diffedit: warning:") for line in err.strip().splitlines())
+    assert (tmp_path / "in.png").read_bytes() == before
+
+
+def test_reference_behaviour_gives_diffusers_full_mask_for_the_same_text(tmp_path, model_folder):
+    shape_image().save(tmp_path / "in.png")
+    result = diffedit("mask", "in.png", "--source", SOURCE, "--target", SOURCE, "-o", "mask.png", "--json",
+                      "--reference-behaviour", "--model", model_folder, *FAST, cwd=tmp_path)
+    assert_ok(result)
+    summary = json.loads(result.stdout)
+    assert summary["mode"] == "reference" and summary["outputs"][0]["mask_coverage"] == 1.0  # 0/0 -> NaN -> 1 (D3)
+    assert "the mask is full instead" in result.stderr
+    assert (np.asarray(Image.open(tmp_path / "mask.png")) == 255).all()
+
+
+def test_progress_bars_show_on_a_terminal_and_force_overwrites_the_input(tmp_path, model_folder):
+    shape_image().save(tmp_path / "in.png")
+    before = (tmp_path / "in.png").read_bytes()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    proc = subprocess.Popen([sys.executable, "-m", "diffedit", "edit", "in.png", "--source", SOURCE, "--target",
+                             TARGETS[0], "-o", "in.png", "--force", "--model", str(model_folder), *FAST],
+                            cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=slave, env=ENV)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    err = b"".join(chunks).decode(errors="replace")
+    assert "decoding 1/1" in err and "step" in err and "\r" in err
+    assert "diffedit: wrote in.png" in err
+    assert (tmp_path / "in.png").read_bytes() != before and Image.open(tmp_path / "in.png").size == (64, 64)
+
+
+def test_debug_shows_the_traceback_of_a_bad_input(tmp_path):
+    result = diffedit("edit", "missing.png", "--source", "a", "--target", "b", "-o", "o.png", "--debug",
+                      cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and result.stderr.strip().endswith(
+        "diffedit: error: input image missing.png does not exist")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: caught before the model is loaded (fast), nothing written
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    shape_image().save(folder / "in.png")
+    data = (folder / "in.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    idat = data.index(b"IDAT")
+    corrupt[idat + 8: idat + 40] = bytes(range(32))
+    (folder / "corrupt.png").write_bytes(bytes(corrupt))
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "a-folder").mkdir()
+    shape_image((100, 100)).save(folder / "big.png")
+    Image.new("L", (32, 32), 255).save(folder / "small-mask.png")
+    (folder / "existing.png").write_bytes(b"precious")
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2, np.float32)}, str(folder / "foreign.safetensors"))
+    return folder
+
+
+BAD_ARGS = [
+    # (arguments after IMAGE, fragments of the error line)
+    (["in.png", "--strength", "1.5"], ["--strength", "in (0, 1]", "1.5"]),
+    (["in.png", "--strength", "0"], ["--strength", "in (0, 1]"]),
+    (["in.png", "--steps", "0"], ["--steps", ">= 1"]),
+    (["in.png", "--steps", "ten"], ["--steps", "expected an integer", "'ten'"]),
+    (["in.png", "--num-maps", "0"], ["--num-maps", ">= 1"]),
+    (["in.png", "--mask-strength", "nan"], ["--mask-strength", "in (0, 1]"]),
+    (["in.png", "--threshold-ratio", "-1"], ["--threshold-ratio", "> 0"]),
+    (["in.png", "--guidance", "x"], ["--guidance", "a number"]),
+    (["in.png", "--seed", "-3"], ["--seed"]),
+    (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
+    (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
+    (["missing.png"], ["input image missing.png does not exist"]),
+    (["a-folder"], ["a-folder is a folder"]),
+    (["notes.txt"], ["notes.txt is not an image"]),
+    (["truncated.png"], ["truncated.png is truncated or corrupt"]),
+    (["corrupt.png"], ["corrupt.png is truncated or corrupt"]),
+    (["big.png", "--max-pixels", "5000"], ["100x100", "--max-pixels 5000", "downscale it (to 70x70 or less)",
+                                           "--max-pixels 10000"]),
+    (["in.png", "-o", "no-such-folder/out.png"], ["output folder no-such-folder does not exist"]),
+    (["in.png", "-o", "in.png"], ["output in.png is the input image; pass --force"]),
+    (["in.png", "-o", "out.xyz"], ["unknown image extension '.xyz'"]),
+    (["in.png", "-o", "a-folder"], ["a-folder is a folder"]),
+    (["in.png", "--mask-out", "out.png"], ["output and --mask-out would both be written to out.png"]),
+    (["in.png", "--mask", "small-mask.png"], ["mask small-mask.png is 32x32 but the image is 64x64"]),
+    (["in.png", "--latents", "foreign.safetensors"], ["foreign.safetensors is not a latents file"]),
+    (["in.png", "--latents", "notes.txt"], ["notes.txt is not a safetensors file"]),
+    (["in.png", "--model", "no/such/folder"], ["model folder no/such/folder does not exist"]),
+]
+
+
+@pytest.mark.parametrize("args, fragments", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, fragments, bad_folder, model_folder):
+    before = snapshot(bad_folder)
+    output = [] if "-o" in args else ["-o", "out.png"]
+    model = [] if "--model" in args else ["--model", model_folder]
+    result = diffedit("edit", *args, "--source", "a", "--target", "b", *output, *model, "--steps", "4",
+                      cwd=bad_folder)
+    assert_bad_input(result, *fragments)
+    assert snapshot(bad_folder) == before
+
+
+def test_other_commands_and_missing_arguments_are_bad_input(bad_folder, model_folder):
+    before = snapshot(bad_folder)
+    assert_bad_input(diffedit("invert", "in.png", "--prompt", "a", "-o", "lat.pt", "--model", model_folder,
+                              cwd=bad_folder), ".safetensors")
+    assert_bad_input(diffedit("edit", "in.png", "--target", "b", "-o", "o.png", cwd=bad_folder), "needs --source")
+    assert_bad_input(diffedit("edit", "in.png", "--source", "a", "-o", "o.png", cwd=bad_folder), "--target")
+    assert_bad_input(diffedit("mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--num-maps",
+                              "0", cwd=bad_folder), "--num-maps")
+    assert_bad_input(diffedit(cwd=bad_folder), "give a command")
+    assert_bad_input(diffedit("frobnicate", cwd=bad_folder), "invalid choice")
+    assert snapshot(bad_folder) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad models: the file or field named, an existing output untouched
+
+
+def _broken_model(folder: Path, source: Path, how: str) -> str:
+    shutil.copytree(source, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "missing":
+        (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+        return "vae/diffusion_pytorch_model.safetensors"
+    if how == "truncated":
+        unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+        return "unet/diffusion_pytorch_model.safetensors"
+    if how == "corrupt":
+        data = bytearray(unet.read_bytes())
+        data[:16] = b"\xff" * 16
+        unet.write_bytes(bytes(data))
+        return "unet/diffusion_pytorch_model.safetensors"
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["act_fn"] = "gelu"
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    return "act_fn"
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "corrupt", "config"])
+def test_broken_model_is_named_and_the_existing_output_kept(how, tmp_path, model_folder):
+    named = _broken_model(tmp_path / "model", model_folder, how)
+    shape_image().save(tmp_path / "in.png")
+    (tmp_path / "out.png").write_bytes(b"precious")
+    result = diffedit("edit", "in.png", "--source", "a", "--target", "b", "-o", "out.png", "--model",
+                      tmp_path / "model", *FAST, cwd=tmp_path)
+    line = assert_bad_input(result, "cannot load model", named)
+    assert (tmp_path / "out.png").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "model", "out.png"], line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points and help
+
+
+def test_version_help_and_both_entry_points(tmp_path):
+    version = diffedit("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"diffedit {cli.__version__}"
+    helps = diffedit("--help", cwd=tmp_path)
+    assert helps.returncode == 0 and "examples:" in helps.stdout and "diffedit edit" in helps.stdout
+    edit_help = diffedit("edit", "--help", cwd=tmp_path).stdout
+    for text in ("{i}", "{target}", "out-1.png", "--reference-behaviour", "--mask-out", "--latents", "example:"):
+        assert text in edit_help, text
+    script = shutil.which("diffedit")
+    if script is None:
+        pytest.skip("the `diffedit` console script is not installed")
+    same = subprocess.run([script, "--version"], capture_output=True, text=True, env=ENV)
+    assert same.stdout == version.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers, in-process
+
+
+def test_output_names_for_several_targets():
+    assert cli.expand_names("out.png", ["a"]) == [Path("out.png")]
+    assert cli.expand_names("d/out.png", ["a", "b"]) == [Path("d/out-1.png"), Path("d/out-2.png")]
+    assert cli.expand_names("{i}_{target}.jpg", ["A Red Circle!", ""]) == [Path("1_a-red-circle.jpg"),
+                                                                           Path("2_empty.jpg")]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 70), (13, 9), (200, 120)])
+def test_a_written_mask_reads_back_as_the_same_latent_mask(size):
+    from diffedit.images import working_size
+
+    working = working_size(size, 8)
+    grid = np.random.default_rng(sum(size)).random((working[1] // 8, working[0] // 8)) > 0.5
+    written = cli.mask_image(grid, size)
+    assert written.size == size
+    assert np.array_equal(cli.latent_mask_from_image(written, working, 8), grid)
+
+
+def test_model_fingerprint_follows_the_weights_not_the_path(tmp_path, model_folder):
+    copy = shutil.copytree(model_folder, tmp_path / "copy")
+    assert cli.model_fingerprint(copy) == cli.model_fingerprint(model_folder)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)
+    weights.write_bytes(bytes(data))
+    assert cli.model_fingerprint(copy) != cli.model_fingerprint(model_folder)
