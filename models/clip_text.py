@@ -22,13 +22,22 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # "gelu" is the exact erf form
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with N(0, 1) init, skipped for meta tensors (loading): `normal_` on meta imports torch._dynamo,
+    a second or more of every model load."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding.from_pretrained(weight, freeze=False)
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token embedding plus a learned absolute position embedding."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = _embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = _embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,); not a checkpoint buffer
