@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -18,10 +17,10 @@ import torch
 
 from . import images as imgs
 from . import method
+from .locations import SHIPPED_MODEL, shipped_model_installed
 from .params import DiffEditParams
 from .stable_diffusion import ModelNotFoundError, StableDiffusion
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "shapes-sd"  # the model that ships with the package
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
     if isinstance(model, StableDiffusion):
         return model
     if model is None:
-        if not (SHIPPED_MODEL / "model_index.json").is_file():
+        if not shipped_model_installed():
             raise ModelNotFoundError(f"the model that ships with diffedit is not installed (expected a diffusers "
                                      f"model folder at {SHIPPED_MODEL}); pass model=<folder or hub repo id>")
         model = SHIPPED_MODEL

@@ -34,16 +34,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import __version__
+from .locations import SHIPPED_MODEL, looks_like_repo_id, shipped_model_installed
 
 PROG = "diffedit"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
-SHIPPED_MODEL = Path(__file__).with_name("assets") / "shapes-sd"
 DEFAULT_MAX_PIXELS = 2048 * 2048
 LATENTS_FORMAT = "diffedit-latents"
 LATENTS_VERSION = "1"
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _LOSSY = {"JPEG", "WEBP"}
 
 
@@ -451,7 +450,7 @@ def image_writer(img: Image.Image, fmt: str) -> Callable[[Path], None]:
 def check_model_argument(model: str | None) -> str:
     """Cheap checks before torch is imported: a folder that exists, or something shaped like a hub repo id."""
     if model is None:
-        if not (SHIPPED_MODEL / "model_index.json").is_file():
+        if not shipped_model_installed():
             raise BadInput(f"the shipped model is missing ({SHIPPED_MODEL}); pass --model FOLDER_OR_REPO_ID")
         return str(SHIPPED_MODEL)
     path = Path(model).expanduser()
@@ -459,7 +458,7 @@ def check_model_argument(model: str | None) -> str:
         return str(path)
     if path.exists():
         raise BadInput(f"--model {model} is a file; give the folder that holds model_index.json")
-    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+    if not looks_like_repo_id(model):
         raise BadInput(f"model folder {model} does not exist (give a diffusers model folder or a hub repo id)")
     return model
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .locations import looks_like_repo_id
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.tokenizer import CLIPTokenizer
@@ -25,7 +25,6 @@ from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 
 EDIT_DEFAULTS_FILE = "diffedit.json"  # editing defaults stored with a model (the shipped one has them)
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -114,7 +113,7 @@ def resolve_model_folder(path_or_repo_id: str | os.PathLike, revision: str | Non
     text = str(path_or_repo_id)
     if path.exists():
         raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json")
-    if not _REPO_ID.match(text) or text.startswith((".", "/", "~")):
+    if not looks_like_repo_id(text):
         raise ModelNotFoundError(f"model folder {text} not found (give a diffusers model folder or a hub repo id "
                                  "such as stabilityai/stable-diffusion-2-1)")
     from huggingface_hub import snapshot_download

@@ -89,7 +89,9 @@ def test_model_defaults_apply_under_explicit_params(sd1_folder, tmp_path):
 
 
 def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(api, "SHIPPED_MODEL", tmp_path / "shapes-sd")
+    from diffedit import locations
+
+    monkeypatch.setattr(locations, "SHIPPED_MODEL", tmp_path / "shapes-sd")
     with pytest.raises(ModelNotFoundError, match="ships with diffedit"):
         edit(photo(), "a cat", "a dog")
     with pytest.raises(TypeError, match="model must be"):
