@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import __version__
+from .reading import displayed_rgb, png_bit_depth
 from .locations import SHIPPED_MODEL, looks_like_repo_id, shipped_model_installed
 
 PROG = "diffedit"
@@ -255,12 +256,6 @@ def _check_input_file(path: Path, what: str) -> None:
         raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    with open(path, "rb") as f:
-        head = f.read(25)
-    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else None
-
-
 def open_image(path: Path, what: str, max_pixels: int) -> Image.Image:
     """Open and fully decode an image, turning every way it can fail into one BadInput line."""
     _check_input_file(path, what)
@@ -287,46 +282,7 @@ def open_image(path: Path, what: str, max_pixels: int) -> Image.Image:
 def read_image(path: Path, max_pixels: int, report: Reporter) -> Image.Image:
     """The input as 8-bit RGB at its displayed orientation; every conversion is noted."""
     img = open_image(path, "input image", max_pixels)
-    frames = getattr(img, "n_frames", 1)
-    if frames > 1:
-        report.note(f"{path.name} has {frames} frames: using the first")
-        img.seek(0)
-        img.load()
-    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
-    if orientation not in (1, None):
-        size = img.size
-        img = ImageOps.exif_transpose(img)
-        report.note(f"{path.name} is turned as its EXIF orientation ({orientation}) says: {size[0]}x{size[1]} -> "
-                    f"{img.width}x{img.height}")
-    return to_rgb(img, path.name, report, _png_bit_depth(path))
-
-
-def to_rgb(img: Image.Image, name: str, report: Reporter, png_bits: int | None = None) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB, noting what was changed."""
-    mode = img.mode
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if mode == "F" and a.max(initial=0) <= 1.0 else 65535.0 if a.max(initial=0) > 255 else 255.0
-        depth = "32-bit float" if mode == "F" else "16-bit" if top == 65535.0 else "32-bit integer"
-        report.note(f"{name} is {depth} greyscale: converted to 8-bit RGB")
-        return Image.fromarray(np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8), "L").convert("RGB")
-    if png_bits == 16 and mode in ("RGB", "RGBA", "LA", "L"):
-        report.note(f"{name} has 16 bits per channel: reduced to 8")
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema()[0] < 255:
-            report.note(f"{name} has transparent pixels: composited onto white (the output has no alpha)")
-        else:
-            report.note(f"{name} has an alpha channel (fully opaque): dropped")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode == "RGB":
-        return img
-    described = {"L": "greyscale", "1": "black-and-white (1-bit)", "P": "a palette image", "CMYK": "CMYK",
-                 "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV"}.get(mode, f"mode {mode}")
-    report.note(f"{name} is {described}: converted to RGB")
-    return img.convert("RGB")
+    return displayed_rgb(img, path.name, report.note, png_bit_depth(path))
 
 
 def read_mask(path: Path, size: tuple[int, int], max_pixels: int) -> Image.Image:

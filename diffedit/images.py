@@ -13,6 +13,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .reading import displayed_rgb, png_bit_depth
+
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
 
@@ -125,13 +127,14 @@ def prepare_mask(mask, batch_size: int = 1) -> torch.Tensor:
 
 
 def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | Path) -> PIL.Image.Image:
-    """A path, a PIL image, a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor in
+    """A path or a PIL image (read as the command line reads files: `reading.displayed_rgb`), a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor in
     [0, 1] -> an RGB PIL image."""
     if isinstance(image, (str, Path)):
         with PIL.Image.open(image) as im:
-            return im.convert("RGB")
+            im.load()
+            return displayed_rgb(im, Path(image).name, png_bits=png_bit_depth(Path(image)))
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return displayed_rgb(image, "image")
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"a tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")

@@ -294,26 +294,6 @@ def test_16_bit_rgb_and_exif_turned_images_are_read_with_a_note(tmp_path):
     assert report.notes == ["turned.jpg is turned as its EXIF orientation (6) says: 40x24 -> 24x40"]
 
 
-def test_every_image_mode_becomes_8_bit_rgb_with_a_note():
-    base = shape_image()
-    cases = {
-        "RGBA": base.convert("RGBA"), "LA": base.convert("LA"), "P": base.convert("P"), "CMYK": base.convert("CMYK"),
-        "L": base.convert("L"), "1": base.convert("1"), "I;16": Image.fromarray(np.full((4, 4), 65535, np.uint16)),
-        "I": Image.fromarray(np.full((4, 4), 300, np.int32)), "F": Image.fromarray(np.full((4, 4), 0.5, np.float32)),
-        "YCbCr": base.convert("YCbCr"), "P+transparency": base.convert("P"),
-    }
-    cases["P+transparency"].info["transparency"] = 0
-    for mode, img in cases.items():
-        report = cli.Reporter(quiet=True)
-        rgb = cli.to_rgb(img, "x.png", report)
-        assert rgb.mode == "RGB" and rgb.size == img.size, mode
-        assert len(report.notes) == 1, (mode, report.notes)
-    assert np.asarray(cli.to_rgb(cases["I;16"], "x", cli.Reporter(True))).max() == 255  # 16-bit white stays white
-    assert np.asarray(cli.to_rgb(cases["F"], "x", cli.Reporter(True))).max() == 128  # float 0.5 is mid-grey
-    report = cli.Reporter(quiet=True)
-    assert cli.to_rgb(base, "x", report) is base and report.notes == []
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Warnings, --force, --quiet, progress bars, --debug
 
