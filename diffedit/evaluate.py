@@ -1,0 +1,244 @@
+"""Score DiffEdit with a model on held-out shapes-world edits, against the goals of the shipped model.
+
+A fixed set of edits (half colour, half shape; `shapes.sample_edits`) is drawn from a seed stream that training
+never uses, each run through `diffedit.edit` at the model's defaults (plus any --param overrides), and judged
+against the exact ground truth the world gives:
+
+- mask IoU: the edit's mask against the ground-truth edit region (source object | target object); also recall,
+  precision, and the ceiling a 16x16 latent mask can reach (best block threshold, per edit);
+- colour-edit success: the result shows the target colour and keeps the shape; shape-edit success: the target
+  shape with the colour kept; both judged by `shapes.classify` against the scene's background;
+- background PSNR: result vs input, outside a 3-px ring around the ground-truth region;
+- seconds per edit (median, on --threads CPU threads; the goal is for one core).
+
+    python -m diffedit.evaluate                        # the shipped model, 100 edits, one CPU thread
+    python -m diffedit.evaluate --model runs/shapes/shapes-sd --n 100 --json report.json --grid edits.png
+    python -m diffedit.evaluate --param mask_thresholding_ratio=2.5 --param guidance_scale=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import shapes
+
+# The held-out edits' generator is seeded by (EVAL_STREAM, seed); training draws from (seed, 1 or 2, step).
+EVAL_STREAM = 0x5EED_E7A1
+RING_PX = 3
+
+
+@dataclass(frozen=True)
+class Goal:
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+    aim: float | None = None
+
+    def passed(self, x: float) -> bool:
+        return x >= self.value if self.op == ">=" else x <= self.value
+
+
+GOALS = (
+    Goal("mask_iou", ">=", 0.55, aim=0.65),
+    Goal("colour_edit_success", ">=", 0.95),
+    Goal("shape_edit_success", ">=", 0.70),
+    Goal("background_psnr_db", ">=", 35.0),
+    Goal("seconds_per_edit", "<=", 3.0),
+)
+
+
+def heldout_edits(n: int = 100, seed: int = 0) -> list[shapes.Edit]:
+    """The evaluation set: n edits alternating colour and shape, from a stream training never draws from."""
+    return shapes.sample_edits(np.random.default_rng([EVAL_STREAM, seed]), n)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(pred, truth).sum()
+    return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
+
+
+def dilate(m: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation by a Euclidean disk of `radius` pixels."""
+    out = m.copy()
+    h, w = m.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                shifted = np.zeros_like(m)
+                shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                    m[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+                out |= shifted
+    return out
+
+
+def background_psnr(result: np.ndarray, source: np.ndarray, region: np.ndarray, ring: int = RING_PX) -> float:
+    """PSNR (dB, peak 255) between two uint8 images over the pixels farther than `ring` px from `region`."""
+    keep = ~dilate(region, ring)
+    mse = np.mean((result[keep].astype(np.float64) - source[keep].astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else float(10 * math.log10(255.0**2 / mse))
+
+
+def latent_mask_ceiling(region: np.ndarray, factor: int) -> float:
+    """The best IoU a mask of (H/factor, W/factor) blocks, upsampled, can reach against `region`: the best
+    threshold on each block's covered fraction."""
+    h, w = region.shape
+    frac = region.reshape(h // factor, factor, w // factor, factor).mean((1, 3))
+    best = 0.0
+    for thr in np.unique(frac[frac > 0]):
+        pred = np.kron(frac >= thr, np.ones((factor, factor), dtype=bool))
+        best = max(best, iou(pred, region))
+    return best
+
+
+def judge(edit: shapes.Edit, result: np.ndarray) -> tuple[bool, shapes.Classification]:
+    """Success: the attribute that was edited has the target's value, the other keeps the source's."""
+    c = shapes.classify(result, shapes.render_background(edit.source))
+    return (c.colour == edit.target.colour and c.shape == edit.target.shape), c
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def run_edits(model, edits: list[shapes.Edit], seed: int, params: dict, progress: bool = True) -> list[dict]:
+    """Edit each source render into its target caption; one record of metrics per edit."""
+    from tqdm import tqdm
+
+    from .api import edit as diffedit_edit
+
+    records = []
+    for i, e in enumerate(tqdm(edits, desc="edits", disable=not progress, mininterval=5.0)):
+        source, _ = shapes.render(e.source)
+        region = e.region
+        start = time.perf_counter()
+        out = diffedit_edit(Image.fromarray(source), e.source.caption, e.target.caption, model=model,
+                            seed=seed + i, **params)
+        seconds = time.perf_counter() - start
+        result = np.asarray(out.image.convert("RGB").resize(source.shape[1::-1], Image.LANCZOS))
+        pred = np.asarray(out.mask.convert("L").resize(source.shape[1::-1], Image.NEAREST)) > 127
+        ok, c = judge(e, result)
+        inter = np.logical_and(pred, region).sum()
+        records.append({
+            "index": i, "kind": e.kind, "source": e.source.caption, "target": e.target.caption,
+            "iou": iou(pred, region), "recall": float(inter / max(region.sum(), 1)),
+            "precision": float(inter / pred.sum()) if pred.sum() else 0.0,
+            "ceiling": latent_mask_ceiling(region, source.shape[0] // out.latent_mask.shape[0]),
+            "success": bool(ok), "judged_colour": c.colour, "judged_shape": c.shape,
+            "fill_ratio": round(c.fill_ratio, 4), "background_psnr_db": background_psnr(result, source, region),
+            "seconds": seconds, "_images": (source, region, pred, result)})
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    def mean(key, kind=None):
+        values = [r[key] for r in records if kind is None or r["kind"] == kind]
+        return float(np.mean(values)) if values else float("nan")
+
+    times = [r["seconds"] for r in records]
+    return {
+        "n": len(records), "mask_iou": mean("iou"), "mask_recall": mean("recall"),
+        "mask_precision": mean("precision"), "mask_iou_ceiling": mean("ceiling"),
+        "colour_edit_success": mean("success", "colour"), "shape_edit_success": mean("success", "shape"),
+        "background_psnr_db": mean("background_psnr_db"),
+        "background_psnr_db_min": float(min(r["background_psnr_db"] for r in records)),
+        "seconds_per_edit": statistics.median(times[1:] if len(times) > 1 else times),  # first one warms up
+    }
+
+
+def report_lines(summary: dict, timing_applies: bool) -> list[tuple[str, str, str, str]]:
+    """(metric, value, goal, verdict) rows."""
+    rows = []
+    for g in GOALS:
+        x = summary[g.metric]
+        goal = f"{g.op} {g.value:g}" + (f" (aim {g.aim:g})" if g.aim is not None else "")
+        verdict = ("PASS" if g.passed(x) else "FAIL") if (g.metric != "seconds_per_edit" or timing_applies) else "n/a"
+        rows.append((g.metric, f"{x:.3f}", goal, verdict))
+    for key in ("mask_recall", "mask_precision", "mask_iou_ceiling", "background_psnr_db_min"):
+        rows.append((key, f"{summary[key]:.3f}", "", "info"))
+    return rows
+
+
+def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2) -> None:
+    """One row per edit: source | ground-truth region | predicted mask | result."""
+    rows = []
+    for r in records[:count]:
+        source, region, pred, result = r["_images"]
+        as_rgb = lambda m: np.repeat((m * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+        rows.append(np.concatenate([source, as_rgb(region), as_rgb(pred), result], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, null), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffedit.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--n", type=int, default=100, help="number of edits, half colour, half shape (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="held-out set and edit seeds (default 0)")
+    p.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DiffEditParams field (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
+    p.add_argument("--json", type=Path, help="write the summary and per-edit records here")
+    p.add_argument("--grid", type=Path, help="write a PNG of the first 16 edits (source, truth, mask, result)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    from .locations import SHIPPED_MODEL
+    from .stable_diffusion import StableDiffusion
+
+    torch.set_num_threads(args.threads)
+    folder = args.model or SHIPPED_MODEL
+    model = StableDiffusion.from_pretrained(folder, device=args.device)
+    params = dict(args.param)
+    edits = heldout_edits(args.n, args.seed)
+    records = run_edits(model, edits, args.seed, params, progress=not args.quiet)
+    summary = summarize(records)
+    timing_applies = args.device == "cpu" and args.threads == 1
+
+    print(f"model {folder}, {len(edits)} held-out edits (seed {args.seed}), defaults {model.edit_defaults}"
+          + (f", overrides {params}" if params else ""))
+    rows = report_lines(summary, timing_applies)
+    width = max(len(r[0]) for r in rows)
+    for metric, value, goal, verdict in rows:
+        print(f"{metric:<{width}}  {value:>8}  {goal:<18}  {verdict}")
+    verdicts = [r[3] for r in rows if r[3] in ("PASS", "FAIL")]
+    print("all goals met" if all(v == "PASS" for v in verdicts) else
+          f"{verdicts.count('FAIL')} goal(s) not met")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": str(folder), "seed": args.seed, "params": {**model.edit_defaults, **params},
+            "device": args.device, "threads": args.threads, "summary": summary,
+            "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
+            "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n")
+    if args.grid:
+        save_grid(records, args.grid)
+    return 0 if all(v == "PASS" for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

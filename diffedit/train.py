@@ -1,0 +1,668 @@
+"""Train the tiny Stable Diffusion that ships with the package, on the shapes world (`diffedit.shapes`).
+
+Two stages, each resumable and stopped gracefully by a wall-clock budget:
+
+1. VAE (Rombach et al., arXiv 2112.10752, Sec. 3.1): an `AutoencoderKL` with downsampling factor 4 (64x64 images ->
+   16x16x4 latents), trained on L1 + MSE reconstruction, an L1 on image gradients (sharp edges), and a small KL to
+   N(0, I) (weight 1e-6 relative to the per-image sums, as in the LDM configs). Its scaling factor is then set to
+   1 / std of the latents, as SD's 0.18215 was.
+2. UNet + CLIP text encoder, jointly, on the epsilon loss of DDPM (Ho et al., arXiv 2006.11239, Alg. 1) on scaled
+   latents, noised with the DDIM scheduler's `add_noise`; captions are dropped to "" with p = 0.1 for
+   classifier-free guidance (Ho & Salimans, arXiv 2207.12598). EMA weights of both are what gets saved.
+
+Scenes are drawn on the fly (numpy `Generator` seeded by (seed, stage, step), rendered in torch on the training
+device), so a run is a function of --seed, and a resumed run sees the same data as an uninterrupted one.
+
+    python -m diffedit.train --out runs/shapes --seed 0            # CPU defaults: ~1.6 h on 2 cores, capped at 6900 s
+    python -m diffedit.train --out runs/shapes --device cuda       # GPU defaults: batch 256, 450 s budget
+    python -m diffedit.train --out runs/shapes --resume            # continue after an interruption
+    python -m diffedit.train --out runs/shapes --resume --install  # (re)export, copy to the package
+
+--time-budget-s T bounds the whole command: the VAE stage stops at `vae_budget_fraction` of T (less a reserve for
+the export), the UNet stage at T less the reserve; a stage that stops early still saves its checkpoint, and the
+learning rate follows max(step / steps, elapsed / stage budget), so a budgeted run still ends its cosine decay.
+Without a budget (T <= 0) a run is a function of --seed alone (on the CPU, bit for bit, resumed or not).
+
+The run folder gets `log.jsonl` (losses, learning rate, elapsed time), `checkpoints/` (or --checkpoint-dir),
+`shapes-sd/` (the diffusers-layout model folder, fp16 safetensors, with `diffedit.json` edit defaults),
+`samples.png` and `vae_reconstructions.png` (a look at the result). --install copies `shapes-sd/` to
+`diffedit/assets/shapes-sd/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import shapes
+from .models.clip_text import CLIPTextModel
+from .models.config import CLIPTextConfig, UNetConfig, VAEConfig
+from .models.tokenizer import VOCAB_DIR as CLIP_VOCAB_DIR
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .models.weights import save_component
+from .schedulers.ddim import DDIMConfig, DDIMScheduler
+
+ASSET_DIR = Path(__file__).parent / "assets" / "shapes-sd"
+
+# --------------------------------------------------------------------------------------------------- model
+
+# The world's words, the only ones the small vocabulary spells with merges (anything else falls back to bytes).
+WORLD_WORDS = sorted({w for c in shapes.all_captions() for w in c.split()})
+
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu",
+    "block_out_channels": [32, 64, 128],  # 3 levels: downsampling factor 4, 64x64 -> 16x16 latents
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16,
+    "sample_size": 64, "scaling_factor": 1.0,  # set from the trained encoder's latents
+}
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "act_fn": "silu",
+    "attention_head_dim": 4,  # diffusers' name for the number of heads (head dims 32, 40)
+    "block_out_channels": [64, 128, 160], "layers_per_block": 1,
+    # Attention at 8x8 and 4x4 only: at 16x16 it took ~40% of a CPU edit's time (one core)
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "center_input_sample": False, "cross_attention_dim": 128, "downsample_padding": 1, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "out_channels": 4, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+    "norm_num_groups": 32, "sample_size": 16,
+}
+TEXT_CONFIG = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "max_position_embeddings": 77, "layer_norm_eps": 1e-05, "projection_dim": 128, "attention_dropout": 0.0,
+    "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
+    # vocab_size, bos/eos/pad ids: filled in from the small vocabulary (see `text_config`)
+}
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
+    "trained_betas": None,
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+    "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+    "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+# DiffEditParams fields that suit this model (tuned with `python -m diffedit.evaluate --param ...`).
+EDIT_DEFAULTS = {
+    "num_inference_steps": 25, "inpaint_strength": 0.8, "guidance_scale": 5.0, "inversion_guidance_scale": 1.0,
+    "num_maps_per_mask": 10, "mask_encode_strength": 0.5, "mask_guidance_scale": 5.0,
+    "mask_thresholding_ratio": 3.0,
+}
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+
+
+def _bpe_ranks_used(word: str, ranks: dict[tuple[str, str], int]) -> set[int]:
+    """The ranks of the merges CLIP's BPE applies to one word (lowest rank first, all occurrences left to right)."""
+    parts, used = [*word[:-1], word[-1] + "</w>"], set()
+    while len(parts) > 1:
+        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
+        if rank == math.inf:
+            break
+        used.add(rank)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+def small_clip_vocab(words=WORLD_WORDS, vocab_dir: Path = CLIP_VOCAB_DIR) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format vocabulary that spells `words` exactly as OpenAI's CLIP does, and nothing else with merges.
+
+    The 512 byte tokens (CLIP's ids 0..511), then one token per real CLIP merge that the words need, in CLIP's
+    merge order, then `<|startoftext|>`, `<|endoftext|>`; ids renumbered densely. Keeping exactly the merges that
+    fire keeps BPE's result: at every step the lowest-ranked pair present is one of them.
+    """
+    full = json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+    merges = (vocab_dir / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [m for m in merges if m]
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    if not all(w.isascii() and w.isalpha() and w.islower() for w in words):
+        raise ValueError("the small vocabulary only spells lower-case ASCII words")  # byte tokens = the letters
+    used = sorted(set().union(*(_bpe_ranks_used(w, ranks) for w in words)))
+    tokens = [t for t, i in sorted(full.items(), key=lambda kv: kv[1]) if i < 512]
+    tokens += [merges[r].replace(" ", "") for r in used] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert len(vocab) == len(tokens), "duplicate tokens"
+    return vocab, [merges[r] for r in used]
+
+
+def write_tokenizer(folder: Path) -> int:
+    """Write tokenizer/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) as SD 1.x ships
+    it, padding with <|endoftext|>; return the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = small_clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "add_prefix_space": False, "errors": "replace", **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return len(vocab)
+
+
+def text_config(vocab_size: int) -> dict:
+    return {**TEXT_CONFIG, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
+            "pad_token_id": vocab_size - 1}
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    device: str = "cpu"
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    unet_steps: int = 6000
+    batch_size: int = 32
+    unet_lr: float = 4e-4
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
+    kl_weight: float = 1e-6  # relative to per-image sums, as LDM's KL-f4 configs
+    edge_weight: float = 0.5  # L1 on horizontal/vertical pixel differences
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    time_budget_s: float | None = 6900.0  # whole command; None: step counts only
+    vae_budget_fraction: float = 0.2  # of the budget, for the VAE stage
+    amp: bool = False  # bf16 autocast (cuda)
+    threads: int | None = None  # torch CPU threads
+    log_every: int = 50
+    save_every_s: float = 600.0
+    preview_n: int = 32  # generated samples scored by the classifier at the end (0: none)
+    scale_samples: int = 512  # scenes whose latents set the VAE scaling factor
+
+
+CPU_DEFAULTS = Settings()
+CUDA_DEFAULTS = replace(
+    Settings(), device="cuda", vae_steps=8000, vae_batch_size=128, vae_lr=1e-3, unet_steps=50000, batch_size=256,
+    unet_lr=5e-4, warmup_steps=500, time_budget_s=450.0, vae_budget_fraction=0.3, amp=True, log_every=250,
+    save_every_s=300.0, preview_n=64)
+
+_STAGE_SEED = {"vae": 1, "unet": 2}
+
+
+def step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """The scene generator of one training step: a function of (seed, stage, step) only."""
+    return np.random.default_rng([seed, _STAGE_SEED[stage], step])
+
+
+def step_generator(seed: int, stage: str, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + _STAGE_SEED[stage]) * 10_000_019 + step)
+
+
+def scene_batch(rng: np.random.Generator, batch: int, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """(images (B, 3, 64, 64) in [-1, 1] on device, caption indices (B,)) drawn from rng."""
+    arrays = shapes.sample_arrays(rng, batch)
+    images, _ = shapes.render_batch(arrays, device)
+    return shapes.to_model_range(images), shapes.caption_indices(arrays)
+
+
+def lr_factor(step: int, progress: float, s: Settings) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` over progress in [0, 1]."""
+    warm = min(1.0, (step + 1) / max(1, s.warmup_steps))
+    return warm * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --------------------------------------------------------------------------------------------------- run bookkeeping
+
+
+class Run:
+    """Folders, the JSONL log, progress lines, checkpoints and the wall-clock deadlines of one command."""
+
+    def __init__(self, out: Path, settings: Settings, checkpoint_dir: Path | None, resume: bool):
+        self.out, self.s, self.t0 = out, settings, time.time()
+        self.ckpt_dir = checkpoint_dir or out / "checkpoints"
+        if not resume and any(self.ckpt_dir.glob("*.pt")):
+            raise SystemExit(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
+                             "or choose another --out / --checkpoint-dir")
+        out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = (out / "log.jsonl").open("a")
+        budget = settings.time_budget_s
+        self.reserve = 0.0 if budget is None else min(60.0, 0.06 * budget)  # export, preview
+        vae_share = math.inf if budget is None else settings.vae_budget_fraction * (budget - self.reserve)
+        self.vae_deadline = self.t0 + vae_share
+        self.unet_deadline = math.inf if budget is None else self.t0 + budget - self.reserve
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def log(self, record: dict, echo: bool = True) -> None:
+        record = {"elapsed_s": round(self.elapsed(), 1), **record}
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if echo:
+            tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), file=sys.stdout)
+
+    def ckpt(self, stage: str) -> Path:
+        return self.ckpt_dir / f"{stage}.pt"
+
+    def save(self, stage: str, state: dict) -> None:
+        tmp = self.ckpt(stage).with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt(stage))
+
+    def load(self, stage: str, device: torch.device) -> dict | None:
+        path = self.ckpt(stage)
+        return torch.load(path, map_location=device, weights_only=False) if path.is_file() else None
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _progress(stage: str, start: int, total: int) -> tqdm:
+    return tqdm(total=total, initial=start, desc=stage, unit="step", mininterval=10.0, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------- stage 1: VAE
+
+
+def build_vae(scaling_factor: float = 1.0, init_logvar: float = -6.0) -> tuple[AutoencoderKL, dict]:
+    """A fresh VAE whose posterior starts nearly deterministic (log-variance bias `init_logvar`), so the decoder
+    is not first trained on latents drowned in unit noise."""
+    raw = {**VAE_CONFIG, "scaling_factor": scaling_factor}
+    vae = AutoencoderKL(VAEConfig.from_dict(raw))
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = init_logvar  # moments = (mean, logvar)
+    return vae, raw
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, s: Settings) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE + edge L1 (per pixel means) + kl_weight * KL (per-image sum, divided by the pixel count)."""
+    posterior = vae.encode(x)
+    y = vae.decode(posterior.sample(gen)).float()
+    l1, mse = (y - x).abs().mean(), (y - x).square().mean()
+    edge = (y.diff(dim=2) - x.diff(dim=2)).abs().mean() + (y.diff(dim=3) - x.diff(dim=3)).abs().mean()
+    kl = posterior.kl().float().mean() / x[0].numel()
+    loss = l1 + mse + s.edge_weight * edge + s.kl_weight * kl
+    return loss, {"l1": l1, "mse": mse, "edge": edge, "kl": kl}
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, seed: int, device: torch.device, n: int = 512) -> float:
+    """1 / std of the posterior samples over n fresh scenes (SD's recipe for its 0.18215)."""
+    x, _ = scene_batch(step_rng(seed, "vae", 10**9), n, device)  # a step index training never reaches
+    z = torch.cat([vae.encode(chunk).sample(step_generator(seed, "vae", 10**9 + i, device))
+                   for i, chunk in enumerate(x.split(64))])
+    return float(f"{1.0 / z.float().std().item():.5g}")
+
+
+def train_vae(run: Run, device: torch.device) -> tuple[AutoencoderKL, dict]:
+    """Train (or resume, or load when finished) the VAE; return it in eval mode with its scaling factor set."""
+    s = run.s
+    torch.manual_seed(s.seed)
+    vae, _ = build_vae()
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step, prior_elapsed = 0, 0.0
+    state = run.load("vae", device)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, prior_elapsed = state["step"], state["elapsed_s"]
+        if state["scaling_factor"] is not None and (step >= s.vae_steps or run.ckpt("unet").is_file()):
+            run.log({"stage": "vae", "event": "loaded", "step": step, "scaling_factor": state["scaling_factor"]})
+            info = {"vae_steps": step, "vae_train_s": round(prior_elapsed, 1)}
+            return _with_scale(vae, state["scaling_factor"]).eval().requires_grad_(False), info
+
+    def save(scaling_factor=None):
+        run.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "scaling_factor":
+                         scaling_factor, "elapsed_s": prior_elapsed + time.time() - stage_t0, "settings": asdict(s)})
+
+    stage_t0, last_save = time.time(), time.time()
+    stage_budget = max(1e-9, run.vae_deadline - stage_t0)
+    run.log({"stage": "vae", "event": "start", "step": step, "params_M": _millions(vae), "batch": s.vae_batch_size})
+    bar, sums, count = _progress("vae", step, s.vae_steps), {}, 0
+    while step < s.vae_steps and time.time() < run.vae_deadline:
+        progress = max(step / s.vae_steps, (time.time() - stage_t0) / stage_budget)
+        lr = s.vae_lr * lr_factor(step, progress, s)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, _ = scene_batch(step_rng(s.seed, "vae", step), s.vae_batch_size, device)
+        with _autocast(device, s.amp):
+            loss, parts = vae_loss(vae, x, step_generator(s.seed, "vae", step, device), s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        for k, v in {"loss": loss, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        count += 1
+        if step % s.log_every == 0 or step == s.vae_steps:
+            means = {k: float(v) / count for k, v in sums.items()}
+            psnr = 10 * math.log10(4.0 / max(means["mse"], 1e-12))  # images span 2 units
+            run.log({"stage": "vae", "step": step, **means, "psnr": psnr, "lr": lr})
+            sums, count = {}, 0
+        if time.time() - last_save > s.save_every_s:
+            save()
+            last_save = time.time()
+    bar.close()
+    vae.eval().requires_grad_(False)
+    scale = latent_scale(vae, s.seed, device, s.scale_samples)
+    save(scale)
+    info = {"vae_steps": step, "vae_train_s": round(prior_elapsed + time.time() - stage_t0, 1)}
+    run.log({"stage": "vae", "event": "done", "step": step, "scaling_factor": scale,
+             "stopped_by": "steps" if step >= s.vae_steps else "time budget"})
+    return _with_scale(vae, scale), info
+
+
+def _with_scale(vae: AutoencoderKL, scale: float) -> AutoencoderKL:
+    vae.config = replace(vae.config, scaling_factor=scale)
+    return vae
+
+
+def _millions(*modules) -> float:
+    return round(sum(p.numel() for m in modules for p in m.parameters()) / 1e6, 3)
+
+
+# --------------------------------------------------------------------------------------------------- stage 2: UNet
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIG))
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    """GPT-2-style init (normal 0.02, zero biases); LayerNorms at 1, 0."""
+    model = CLIPTextModel(CLIPTextConfig.from_dict(text_config(vocab_size)))
+    for name, p in model.named_parameters():
+        if "layer_norm" in name:
+            continue
+        torch.nn.init.normal_(p, std=0.02) if p.ndim > 1 else torch.nn.init.zeros_(p)
+    return model
+
+
+def caption_ids(tokenizer: CLIPTokenizer) -> torch.Tensor:
+    """(73, 77): the world's 72 captions in `shapes.all_captions()` order, then "" (the unconditional row)."""
+    return tokenizer(shapes.all_captions() + [""])
+
+
+def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CLIPTokenizer, vocab_size: int
+               ) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+    """Train (or resume) the UNet and the text encoder jointly; return their EMA copies."""
+    s = run.s
+    torch.manual_seed(s.seed + 1)
+    unet = build_unet().to(device).train()
+    text = build_text_encoder(vocab_size).to(device).train()
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01, betas=(0.9, 0.999))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
+    scheduler = DDIMScheduler(DDIMConfig.from_dict(SCHEDULER_CONFIG))
+    ids = caption_ids(tokenizer).to(device)
+    empty = ids.shape[0] - 1
+    step, prior_elapsed = 0, 0.0
+    state = run.load("unet", device)
+    if state is not None:
+        for module, key in ((unet, "unet"), (text, "text_encoder"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        step, prior_elapsed = state["step"], state["elapsed_s"]
+
+    def save():
+        run.save("unet", {"unet": unet.state_dict(), "text_encoder": text.state_dict(),
+                          "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                          "opt": opt.state_dict(), "step": step, "elapsed_s": prior_elapsed + time.time() - stage_t0,
+                          "settings": asdict(s)})
+
+    stage_t0, last_save = time.time(), time.time()
+    stage_budget = max(1e-9, run.unet_deadline - stage_t0)
+    run.log({"stage": "unet", "event": "start", "step": step, "unet_params_M": _millions(unet),
+             "text_params_M": _millions(text), "batch": s.batch_size})
+    bar, loss_sum, count = _progress("unet", step, s.unet_steps), 0.0, 0
+    while step < s.unet_steps and time.time() < run.unet_deadline:
+        progress = max(step / s.unet_steps, (time.time() - stage_t0) / stage_budget)
+        lr = s.unet_lr * lr_factor(step, progress, s)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # Data: scenes, captions with CFG dropout, latents, noise at uniform timesteps
+        rng = step_rng(s.seed, "unet", step)
+        x, caps = scene_batch(rng, s.batch_size, device)
+        caps = np.where(rng.random(s.batch_size) < s.cfg_dropout, empty, caps)
+        gen = step_generator(s.seed, "unet", step, device)
+        with torch.no_grad():
+            latents = vae.encode(x).sample(gen) * vae.scaling_factor  # (B, 4, 16, 16)
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch_size,), generator=gen, device=device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        # Epsilon loss
+        with _autocast(device, s.amp):
+            context = text(ids[torch.as_tensor(caps, device=device)])  # (B, 77, 128)
+            pred = unet(noisy, t, context)
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        opt.step()
+        step += 1
+        # EMA, warmed up so that early averages are not dominated by the random init
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        bar.update(1)
+        loss_sum, count = loss_sum + loss.detach(), count + 1
+        if step % s.log_every == 0 or step == s.unet_steps:
+            run.log({"stage": "unet", "step": step, "loss": float(loss_sum) / count, "lr": lr, "ema_decay": decay})
+            loss_sum, count = 0.0, 0
+        if time.time() - last_save > s.save_every_s:
+            save()
+            last_save = time.time()
+    bar.close()
+    save()
+    info = {"unet_steps": step, "unet_train_s": round(prior_elapsed + time.time() - stage_t0, 1)}
+    run.log({"stage": "unet", "event": "done", "step": step,
+             "stopped_by": "steps" if step >= s.unet_steps else "time budget"})
+    return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), info
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def export(folder: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text: CLIPTextModel,
+           provenance: dict) -> Path:
+    """Write the diffusers folder layout with fp16 safetensors weights (replacing any previous export)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    save_component(vae, {**VAE_CONFIG, "scaling_factor": vae.scaling_factor}, folder / "vae", "diffusers",
+                   torch.float16)
+    save_component(unet, UNET_CONFIG, folder / "unet", "diffusers", torch.float16)
+    save_component(text, text_config(vocab_size), folder / "text_encoder", "transformers", torch.float16)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    (folder / "diffedit.json").write_text(json.dumps(EDIT_DEFAULTS, indent=2) + "\n")
+    (folder / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600; the files ship with the package
+    return folder
+
+
+def folder_size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+@torch.no_grad()
+def sample(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, ids: torch.Tensor,
+           uncond: torch.Tensor, generator: torch.Generator, steps: int = 25, guidance: float = 5.0) -> torch.Tensor:
+    """Text-to-image with DDIM and classifier-free guidance -> uint8 (B, 3, 64, 64)."""
+    scheduler = DDIMScheduler(DDIMConfig.from_dict(SCHEDULER_CONFIG))
+    device, b = ids.device, ids.shape[0]
+    context = text(torch.cat([uncond.expand(b, -1), ids]))  # (2B, 77, D)
+    x = torch.randn((b, 4, 16, 16), generator=generator, device=generator.device).to(device)
+    for t in scheduler.timesteps(steps):
+        eps_u, eps_c = unet(torch.cat([x, x]), int(t), context).chunk(2)
+        x = scheduler.step(eps_u + guidance * (eps_c - eps_u), int(t), x, steps).prev_sample
+    images = vae.decode(x / vae.scaling_factor)
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def _grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
+    """uint8 (B, 3, H, W) -> one (rows*H, cols*W, 3) array."""
+    b, _, h, w = images.shape
+    rows = -(-b // cols)
+    pad = torch.zeros((rows * cols - b, 3, h, w), dtype=images.dtype, device=images.device)
+    x = torch.cat([images, pad]).cpu().numpy().reshape(rows, cols, 3, h, w)
+    return x.transpose(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+
+
+@torch.no_grad()
+def preview(run: Run, device: torch.device, vae: AutoencoderKL, unet: UNet2DConditionModel, text: CLIPTextModel,
+            tokenizer: CLIPTokenizer) -> dict:
+    """VAE reconstruction PSNR and classifier accuracy of generated samples; pictures of both in the run folder."""
+    from PIL import Image
+
+    s, n = run.s, run.s.preview_n
+    x, _ = scene_batch(step_rng(s.seed, "vae", 10**9 + 1), 32, device)  # held out from training steps
+    recon = vae.decode(vae.encode(x).mean).clamp(-1, 1)
+    orig8, recon8 = ((x + 1) * 127.5).round(), ((recon + 1) * 127.5).round()
+    psnr = float(10 * torch.log10(255.0**2 / (orig8 - recon8).square().mean((1, 2, 3))).mean())
+    Image.fromarray(_grid(torch.stack([orig8[:16], recon8[:16]], 1).flatten(0, 1).to(torch.uint8))).save(
+        run.out / "vae_reconstructions.png")
+    stats = {"vae_psnr_db": round(psnr, 2)}
+    if n > 0:
+        arrays = shapes.sample_arrays(np.random.default_rng([s.seed, 3]), n)
+        captions = np.array(shapes.all_captions())[shapes.caption_indices(arrays)]
+        ids = tokenizer(list(captions)).to(device)
+        images = torch.cat([sample(unet, text, vae, ids[i:i + 64], tokenizer([""]).to(device),
+                                   torch.Generator().manual_seed(s.seed + i)) for i in range(0, n, 64)])
+        Image.fromarray(_grid(images)).save(run.out / "samples.png")
+        scenes = shapes.scenes_from_arrays(arrays)
+        judged = [shapes.classify(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+        stats["sample_colour_acc"] = float(np.mean([j.colour == sc.colour for j, sc in zip(judged, scenes)]))
+        stats["sample_shape_acc"] = float(np.mean([j.shape == sc.shape for j, sc in zip(judged, scenes)]))
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------- command
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    base = CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
+    overrides = {f.name: getattr(args, f.name) for f in fields(Settings)
+                 if getattr(args, f.name, None) is not None and f.name != "time_budget_s"}
+    if args.time_budget_s is not None:
+        overrides["time_budget_s"] = None if args.time_budget_s <= 0 else args.time_budget_s
+    if args.no_amp:
+        overrides["amp"] = False
+    return replace(base, **{**overrides, "device": args.device})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m diffedit.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"CPU defaults: {CPU_DEFAULTS}\nCUDA defaults: {CUDA_DEFAULTS}")
+    p.add_argument("--out", type=Path, required=True, help="run folder (log, checkpoints, shapes-sd/ model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--batch-size", type=int, help="UNet stage batch size")
+    p.add_argument("--vae-batch-size", type=int)
+    p.add_argument("--vae-lr", type=float)
+    p.add_argument("--unet-lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--time-budget-s", type=float,
+                   help="wall-clock budget of the whole command; each stage stops at its share and still saves "
+                        "(<= 0: none). Default: CPU 6900, CUDA 450")
+    p.add_argument("--vae-budget-fraction", type=float,
+                   help="share of the budget for the VAE stage (CPU 0.2, CUDA 0.3)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--save-every-s", type=float)
+    p.add_argument("--preview-n", type=int, help="generated samples to score at the end (0: none)")
+    p.add_argument("--scale-samples", type=int, help="scenes whose latents set the VAE scaling factor (512)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on cuda")
+    p.add_argument("--checkpoint-dir", type=Path, help="where checkpoints go (default OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    p.add_argument("--install", action="store_true", help=f"copy the model folder to {ASSET_DIR}")
+    return p.parse_args(argv)
+
+
+def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, resume: bool = False,
+          install: bool = False, command: str = "") -> Path:
+    """Both stages, then the preview and the export; returns the model folder (out/shapes-sd)."""
+    s, device = settings, torch.device(settings.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.set_flush_denormal(True)  # Adam's tiny second moments can otherwise slow CPU steps down
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    run = Run(Path(out), s, checkpoint_dir, resume)
+    run.log({"event": "settings", **asdict(s), "torch": torch.__version__,
+             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "threads": torch.get_num_threads()})
+    vocab_size = write_tokenizer(run.out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_folder(run.out / "tokenizer")
+
+    vae, vae_info = train_vae(run, device)
+    unet, text, unet_info = train_unet(run, device, vae, tokenizer, vocab_size)
+
+    stats = preview(run, device, vae, unet, text, tokenizer)
+    provenance = {"command": command, "seed": s.seed, "device": s.device, "vae_batch_size": s.vae_batch_size,
+                  "batch_size": s.batch_size, **vae_info, **unet_info, **stats}
+    folder = export(run.out / "shapes-sd", vae.cpu(), unet.cpu(), text.cpu(), provenance)
+    run.log({"event": "exported", "folder": str(folder), "size_mb": round(folder_size_mb(folder), 2), **stats})
+    if install:
+        if ASSET_DIR.exists():
+            shutil.rmtree(ASSET_DIR)
+        shutil.copytree(folder, ASSET_DIR)
+        run.log({"event": "installed", "folder": str(ASSET_DIR)})
+    run.log_file.close()
+    return folder
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m diffedit.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    train(settings_from_args(args), args.out, args.checkpoint_dir, args.resume, args.install, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

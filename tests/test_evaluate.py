@@ -1,0 +1,89 @@
+"""The evaluation: a fixed held-out edit set, metrics that are exact on ground truth, and the command's report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffedit import evaluate, shapes, train
+
+torch.set_num_threads(1)
+
+
+def test_heldout_set_is_fixed_balanced_and_apart_from_training_data():
+    a, b = evaluate.heldout_edits(100, seed=0), evaluate.heldout_edits(100, seed=0)
+    assert a == b and a != evaluate.heldout_edits(100, seed=1)
+    assert sum(e.kind == "colour" for e in a) == sum(e.kind == "shape" for e in a) == 50
+    training = {s for step in range(20) for s in shapes.scenes_from_arrays(
+        shapes.sample_arrays(train.step_rng(0, "unet", step), 32))}
+    assert not training & {e.source for e in a if e.source.style != "plain"}
+
+
+def test_ground_truth_targets_succeed_and_untouched_sources_fail():
+    for e in evaluate.heldout_edits(40, seed=3):
+        target, _ = shapes.render(e.target)
+        source, _ = shapes.render(e.source)
+        assert evaluate.judge(e, target)[0], e
+        assert not evaluate.judge(e, source)[0], e
+
+
+def test_iou_and_dilation():
+    a = np.zeros((8, 8), bool)
+    a[2:4, 2:4] = True
+    b = np.zeros((8, 8), bool)
+    b[3:5, 2:4] = True
+    assert evaluate.iou(a, b) == pytest.approx(2 / 6)
+    assert evaluate.iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    point = np.zeros((11, 11), bool)
+    point[5, 5] = True
+    assert evaluate.dilate(point, 3).sum() == 29  # lattice points of a radius-3 disk
+    assert np.array_equal(evaluate.dilate(point, 0), point)
+
+
+def test_background_psnr_ignores_the_ring_around_the_region():
+    e = evaluate.heldout_edits(2, seed=0)[0]
+    source, _ = shapes.render(e.source)
+    target, _ = shapes.render(e.target)
+    assert evaluate.background_psnr(target, source, e.region) == 100.0  # changes only inside the region
+    ring = evaluate.dilate(e.region, 3) & ~e.region
+    damaged = target.copy()
+    damaged[ring] = 0
+    assert evaluate.background_psnr(damaged, source, e.region) == 100.0
+    far = np.argwhere(~evaluate.dilate(e.region, 3))[0]
+    damaged[tuple(far)] = source[tuple(far)] ^ 0xFF
+    assert evaluate.background_psnr(damaged, source, e.region) < 100.0
+
+
+def test_latent_mask_ceiling():
+    aligned = np.zeros((64, 64), bool)
+    aligned[8:24, 12:32] = True
+    assert evaluate.latent_mask_ceiling(aligned, 4) == 1.0
+    e = evaluate.heldout_edits(1, seed=0)[0]
+    assert 0.5 < evaluate.latent_mask_ceiling(e.region, 4) < 1.0
+
+
+def test_command_prints_each_goal_and_writes_a_report(tmp_path, capsys):
+    torch.manual_seed(0)
+    vae, _ = train.build_vae()
+    vocab_size = len(train.small_clip_vocab()[0])
+    folder = train.export(tmp_path / "model", train._with_scale(vae, 1.0).eval(), train.build_unet().eval(),
+                          train.build_text_encoder(vocab_size).eval(), {"note": "untrained"})
+    code = evaluate.main(["--model", str(folder), "--n", "2", "--json", str(tmp_path / "r.json"),
+                          "--grid", str(tmp_path / "g.png"), "--quiet", "--param", "num_inference_steps=5",
+                          "--param", "num_maps_per_mask=2"])
+    out = capsys.readouterr().out
+    for goal in evaluate.GOALS:
+        assert goal.metric in out
+    assert "FAIL" in out and code == 1  # an untrained model meets no quality goal
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["params"]["num_inference_steps"] == 5 and len(report["edits"]) == 2
+    assert {g["metric"] for g in report["goals"]} >= {g.metric for g in evaluate.GOALS}
+    assert 0 <= report["summary"]["mask_iou"] <= 1 and (tmp_path / "g.png").is_file()
+
+
+def test_param_parsing():
+    assert evaluate.parse_param("guidance_scale=4") == ("guidance_scale", 4)
+    assert evaluate.parse_param("clip_skip=null") == ("clip_skip", None)
+    with pytest.raises(Exception):
+        evaluate.parse_param("guidance_scale")

@@ -1,0 +1,183 @@
+"""Training the shapes model: the small CLIP vocabulary, a smoke run of both stages into a folder that loads (ours
+and the reference libraries), resuming equal to not stopping, and the wall-clock budget."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffedit import shapes, train
+from diffedit.models.tokenizer import CLIPTokenizer
+
+torch.set_num_threads(1)
+
+# A few steps at batch 2, no scored preview: the code paths of a real run in seconds.
+SMOKE = replace(train.CPU_DEFAULTS, vae_steps=2, unet_steps=2, vae_batch_size=2, batch_size=2, log_every=1,
+                time_budget_s=None, preview_n=2, scale_samples=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_run")
+    code = train.main(["--out", str(out), "--vae-steps", "2", "--unet-steps", "2", "--batch-size", "2",
+                         "--vae-batch-size", "2", "--log-every", "1", "--preview-n", "2", "--scale-samples", "8",
+                         "--time-budget-s", "0", "--threads", "1"])
+    assert code == 0
+    return out
+
+
+def test_small_vocabulary_spells_the_world_like_full_clip(tmp_path):
+    train.write_tokenizer(tmp_path)
+    small, full = CLIPTokenizer.from_folder(tmp_path), CLIPTokenizer.default()
+    small_vocab = {i: t for t, i in json.loads((tmp_path / "vocab.json").read_text()).items()}
+    full_vocab = {i: t for t, i in json.loads((train.CLIP_VOCAB_DIR / "vocab.json").read_text()).items()}
+    world = shapes.all_captions() + ["", "A  RED Circle on a  gray background", "orange triangle"]
+    for prompt, a, b in zip(world, small(world), full(world)):
+        assert [small_vocab[int(i)] for i in a] == [full_vocab[int(i)] for i in b], prompt
+    # Other words fall back to smaller pieces (down to bytes) that spell the same text: never an unknown token
+    other = ["a cat on a mat!", "été 2024", "an ORANGE hexagon"]
+    for prompt in other:
+        spelled = ["".join(vocab[i] for i in tok(prompt)[0, 1:1 + tok.num_tokens(prompt)].tolist())
+                   for tok, vocab in ((small, small_vocab), (full, full_vocab))]
+        assert spelled[0] == spelled[1], prompt
+    # Each world word is one token, as in CLIP; the vocabulary is bytes + the merges they need + 2 specials
+    for word in train.WORLD_WORDS:
+        assert small.num_tokens(word) == 1
+    assert len(small_vocab) == 512 + len(train.small_clip_vocab()[1]) + 2
+    assert small.pad_token_id == small.eos_token_id == len(small_vocab) - 1
+
+
+def test_small_vocabulary_matches_transformers_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    train.write_tokenizer(tmp_path)
+    prompts = shapes.all_captions()[:10] + ["", "a yellow blob?"]
+    ref = ReferenceTokenizer.from_pretrained(str(tmp_path))(prompts, padding="max_length", max_length=77,
+                                                            truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(CLIPTokenizer.from_folder(tmp_path)(prompts), ref)
+
+
+def test_smoke_run_writes_a_diffusers_folder_within_size(smoke_run):
+    folder = smoke_run / "shapes-sd"
+    for name in ("model_index.json", "diffedit.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt", "unet/config.json", "vae/config.json", "text_encoder/config.json"):
+        assert (folder / name).is_file(), name
+    for weights in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"):
+        with safe_open(str(folder / weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, weights
+    assert train.folder_size_mb(folder) <= 30
+    assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] > 0
+    assert (smoke_run / "samples.png").is_file() and (smoke_run / "vae_reconstructions.png").is_file()
+
+
+def test_smoke_run_logs_losses_with_elapsed_time(smoke_run):
+    records = [json.loads(line) for line in (smoke_run / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert {r["stage"] for r in losses} == {"vae", "unet"}
+    assert all(np.isfinite(r["loss"]) and r["elapsed_s"] >= 0 for r in losses)
+    assert [r["step"] for r in losses if r["stage"] == "unet"] == [1, 2]
+    assert records[-1]["event"] == "exported"
+
+
+def test_smoke_folder_loads_through_from_pretrained(smoke_run):
+    from diffedit import StableDiffusion
+    from diffedit.api import resolve_params
+
+    sd = StableDiffusion.from_pretrained(smoke_run / "shapes-sd")
+    assert sd.vae_scale_factor == 4 and sd.dtype == torch.float32
+    params = resolve_params(sd)  # the stored edit defaults are valid DiffEditParams fields
+    assert params.num_inference_steps == train.EDIT_DEFAULTS["num_inference_steps"]
+    ids = sd.tokenizer(["a red circle on a white background"])
+    with torch.no_grad():
+        context = sd.text_encoder(ids)
+        latents = sd.vae.encode(torch.zeros(1, 3, 64, 64)).mean
+        eps = sd.unet(latents, 500, context)
+    assert context.shape == (1, 77, 128) and latents.shape == (1, 4, 16, 16) and eps.shape == latents.shape
+
+
+def test_smoke_folder_loads_in_diffusers_with_the_same_numbers(smoke_run):
+    """The reference libraries read our config.json files and weights, and compute what ours compute."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffedit import StableDiffusion
+
+    folder = smoke_run / "shapes-sd"
+    ref = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, safety_checker=None)
+    ours = StableDiffusion.from_pretrained(folder)
+    prompts = ["a green square on a pink background", ""]
+    ids = ours.tokenizer(prompts)
+    assert torch.equal(ids, ref.tokenizer(prompts, padding="max_length", max_length=77,
+                                          return_tensors="pt").input_ids)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 700])
+    with torch.no_grad():
+        ctx_ref = ref.text_encoder(ids).last_hidden_state
+        ctx = ours.text_encoder(ids)
+        torch.testing.assert_close(ctx, ctx_ref, rtol=1e-4, atol=1e-4)
+        eps_ref = ref.unet(x, t, ctx_ref).sample
+        torch.testing.assert_close(ours.unet(x, t, ctx), eps_ref, rtol=1e-4, atol=1e-4 * eps_ref.abs().max())
+        image = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
+        torch.testing.assert_close(ours.vae.decode(ours.vae.encode(image).mean),
+                                   ref.vae.decode(ref.vae.encode(image).latent_dist.mean).sample,
+                                   rtol=1e-4, atol=1e-4)
+    assert ref.vae.config.scaling_factor == ours.vae.scaling_factor
+    assert ref.scheduler.config.steps_offset == 1 and not ref.scheduler.config.set_alpha_to_one
+
+
+def test_existing_checkpoints_need_resume(smoke_run):
+    with pytest.raises(SystemExit, match="--resume"):
+        train.train(SMOKE, smoke_run)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {name: load_file(str(folder / name)) for name in
+            ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors")}
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    # A schedule that does not depend on the total step count (warm-up only), so that stopping at step 1 and
+    # resuming to step 3 must reproduce the straight run to step 3 exactly.
+    s = replace(SMOKE, unet_steps=3, warmup_steps=1000, min_lr_ratio=1.0, preview_n=0)
+    straight = train.train(s, tmp_path / "straight")
+    train.train(replace(s, unet_steps=1), tmp_path / "stopped")
+    resumed = train.train(s, tmp_path / "stopped", resume=True)
+    a, b = _weights(straight), _weights(resumed)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+    steps = json.loads((resumed / "training.json").read_text())
+    assert steps["unet_steps"] == 3 and steps["vae_steps"] == 2
+
+
+def test_time_budget_stops_both_stages_and_still_exports(tmp_path):
+    s = replace(SMOKE, vae_steps=10**6, unet_steps=10**6, time_budget_s=3.0, preview_n=0)
+    folder = train.train(s, tmp_path)
+    info = json.loads((folder / "training.json").read_text())
+    assert info["vae_steps"] < 10**6 and info["unet_steps"] < 10**6
+    assert (tmp_path / "checkpoints" / "vae.pt").is_file() and (tmp_path / "checkpoints" / "unet.pt").is_file()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["stopped_by"] for r in records if r.get("event") == "done"] == ["time budget", "time budget"]
+
+
+def test_training_data_is_a_function_of_seed_and_step():
+    a, ca = train.scene_batch(train.step_rng(0, "unet", 5), 4, torch.device("cpu"))
+    b, cb = train.scene_batch(train.step_rng(0, "unet", 5), 4, torch.device("cpu"))
+    c, _ = train.scene_batch(train.step_rng(0, "unet", 6), 4, torch.device("cpu"))
+    assert torch.equal(a, b) and np.array_equal(ca, cb) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    s = train.CPU_DEFAULTS
+    assert train.lr_factor(0, 0.0, s) == pytest.approx(1 / s.warmup_steps)
+    assert train.lr_factor(s.warmup_steps, 0.0, s) == pytest.approx(1.0)
+    assert train.lr_factor(10**6, 1.0, s) == pytest.approx(s.min_lr_ratio)
