@@ -16,6 +16,7 @@ anything else that fails is a bug or a resource problem (exit status 1).
 from __future__ import annotations
 
 import argparse
+import importlib
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ from .reading import displayed_rgb, png_bit_depth
 from .locations import SHIPPED_MODEL, looks_like_repo_id, shipped_model_installed
 
 PROG = "diffedit"
+DELEGATED = {"train": "train", "evaluate": "evaluate"}  # subcommands whose modules parse their own arguments
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
@@ -160,7 +162,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                  "the two texts.",
                      epilog=EXAMPLES)
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate}", parser_class=_Parser)
 
     edit = sub.add_parser("edit", help="edit an image: mask, inversion and masked decoding",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EDIT_EPILOG,
@@ -207,6 +209,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     invert.add_argument("-o", "--output", required=True, metavar="LATENTS", help="output .safetensors file")
     invert.add_argument("--strength", type=RATIO, metavar="R", help=f"encoding ratio, in (0, 1]{note}")
     _add_common(invert, note)
+
+    # Listed here for --help; main() hands their arguments to their own modules' parsers.
+    sub.add_parser("train", help="train the shipped shapes-world model (python -m diffedit.train; see --help)")
+    sub.add_parser("evaluate", help="score a model on held-out shapes-world edits (python -m diffedit.evaluate)")
     return parser
 
 
@@ -984,6 +990,8 @@ COMMANDS = {"edit": cmd_edit, "mask": cmd_mask, "invert": cmd_invert}
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(f".{DELEGATED[argv[0]]}", __package__).main(argv[1:])
     debug = "--debug" in argv
     try:
         args = build_parser(prog).parse_args(argv)
