@@ -33,9 +33,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARN
 
 
 @pytest.fixture(scope="session")
-def model_folder(sd1_folder):
-    """The model the commands run. To switch to the shipped model: `return cli.SHIPPED_MODEL`."""
-    return sd1_folder
+def model_folder():
+    """The model the commands run: the one that ships with the package."""
+    return cli.SHIPPED_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,14 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def edited(tmp_path_factory, model_folder):
+def edited(tmp_path_factory):
+    """The main job: no --model, so the command runs the model that ships with the package."""
     folder = tmp_path_factory.mktemp("edit")
     shape_image().save(folder / "in.png")
     (folder / "out-1.png").write_bytes(b"an older output, replaced whole")
     (folder / "masks").mkdir()
     args = ["edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "--target", TARGETS[1], "-o", "out.png",
-            "--mask-out", "masks/{i}-{target}.png", "--compare-out", "cmp.png", "--json", "--model", model_folder,
-            *FAST]
+            "--mask-out", "masks/{i}-{target}.png", "--compare-out", "cmp.png", "--json", *FAST]
     return folder, diffedit(*args, cwd=folder)
 
 
@@ -170,7 +170,7 @@ def test_invert_saves_latents_with_the_metadata_that_guards_reuse(steps_run):
         latents = f.get_tensor("latents")
     assert meta["format"] == "diffedit-latents" and meta["steps"] == "4" and meta["strength"] == "0.8"
     assert (meta["width"], meta["height"]) == ("64", "64") and meta["prompt"] == SOURCE and meta["model_fingerprint"]
-    assert latents.shape == (3, 4, 8, 8)  # int(4 x 0.8) levels of (C, h, w)
+    assert latents.shape == (3, 4, 16, 16)  # int(4 x 0.8) levels of (C, h, w); the shipped VAE's factor is 4
 
 
 def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
@@ -189,7 +189,7 @@ def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
     assert summary["outputs"][0]["latent_mask_coverage"] == coverage
     # The same numbers as decoding the file's latents under the file's mask in-process
     inversion = cli.load_latents(folder / "in.safetensors", sd)
-    latent_mask = cli.latent_mask_from_image(Image.open(folder / "mask.png").convert("L"), (64, 64), 8)
+    latent_mask = cli.latent_mask_from_image(Image.open(folder / "mask.png").convert("L"), (64, 64), 4)
     p = DiffEditParams(num_inference_steps=4)
     text = method.encode_text(sd, [TARGETS[0]], [""])
     latents = method.decode(sd, inversion, torch.from_numpy(latent_mask).float()[None, None], text, p,

@@ -87,3 +87,23 @@ def test_param_parsing():
     assert evaluate.parse_param("clip_skip=null") == ("clip_skip", None)
     with pytest.raises(Exception):
         evaluate.parse_param("guidance_scale")
+
+
+# What the shipped model measurably does on 20 held-out edits (10 colour, 10 shape) at its defaults: mask IoU 0.54,
+# colour 0.90, shape 0.90, background 46 dB. The issue's goals (IoU >= 0.55, colour >= 0.95) are met on the
+# 100-edit set of seed 0 but not on every draw (see the README); these floors catch a broken pipeline or model
+# without pretending the goals are met everywhere.
+FLOORS = {"mask_iou": 0.50, "colour_edit_success": 0.80, "shape_edit_success": 0.70, "background_psnr_db": 35.0}
+
+
+def test_shipped_model_loads_and_edits_20_heldout_edits_above_the_measured_floors():
+    """The timing goal (3 s on one core) is shown by `diffedit evaluate`, not asserted here."""
+    from diffedit import StableDiffusion
+    from diffedit.locations import SHIPPED_MODEL
+
+    model = StableDiffusion.from_pretrained(SHIPPED_MODEL)
+    assert model.vae_scale_factor == 4 and model.edit_defaults
+    records = evaluate.run_edits(model, evaluate.heldout_edits(20, seed=0), seed=0, params={}, progress=False)
+    summary = evaluate.summarize(records)
+    for metric, floor in FLOORS.items():
+        assert summary[metric] >= floor, (metric, summary)
