@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .params import DiffEditParams
-from .schedulers.ddim import randn
+from .models.vae import DiagonalGaussian
+from .schedulers.noise import randn
 
 Generator = torch.Generator | list[torch.Generator] | None
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
@@ -98,10 +99,9 @@ def encode_images(model, image: torch.Tensor, generator: Generator, repeats: int
         latents = image.repeat_interleave(repeats, dim=0)
     else:
         post = model.vae.encode(image if once else image.repeat_interleave(repeats, dim=0))
-        mean, std = post.mean, post.std
         if once:
-            mean, std = mean.repeat_interleave(repeats, dim=0), std.repeat_interleave(repeats, dim=0)
-        latents = model.vae.scaling_factor * (mean + std * randn(tuple(mean.shape), generator, mean.device, mean.dtype))
+            post = DiagonalGaussian(post.moments.repeat_interleave(repeats, dim=0))  # (B * repeats, 2C, h, w)
+        latents = model.vae.scaling_factor * post.sample(generator)
     rows = rows or latents.shape[0]
     if rows % latents.shape[0]:
         raise ValueError(f"cannot repeat {latents.shape[0] // repeats} image(s) over {rows // repeats} prompts")

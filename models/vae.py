@@ -12,29 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..schedulers.noise import Generator, randn
 from .config import VAEConfig
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D, attention
 
 _EPS = 1e-6  # every norm of the SD VAE uses eps 1e-6, not the config's (absent) norm_eps
-
-Generator = torch.Generator | list[torch.Generator] | None
-
-
-def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' `randn_tensor`, so a seed gives the same numbers.
-
-    A CPU generator draws on the CPU and the result moves to `device`; a list of generators draws one batch row each.
-    """
-    rand_device = device
-    gens = generator if isinstance(generator, list) else [generator]
-    if gens[0] is not None and gens[0].device.type == "cpu" and device.type != "cpu":
-        rand_device = torch.device("cpu")
-    elif gens[0] is not None and gens[0].device.type != device.type:
-        raise ValueError(f"cannot draw a {device.type} tensor from a {gens[0].device.type} generator")
-    if len(gens) == 1:
-        return torch.randn(shape, generator=gens[0], device=rand_device, dtype=dtype).to(device)
-    rows = [torch.randn((1, *shape[1:]), generator=gens[i], device=rand_device, dtype=dtype) for i in range(shape[0])]
-    return torch.cat(rows).to(device)
 
 
 class DiagonalGaussian:

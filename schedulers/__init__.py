@@ -10,8 +10,8 @@ from .ddim import (
     ddim_timesteps,
     make_betas,
     predict_x0_and_eps,
-    randn,
 )
+from .noise import randn
 
 __all__ = [
     "DDIMConfig",

@@ -18,6 +18,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from .noise import randn
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -220,20 +222,6 @@ def ddim_sigma(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> tor
     eta = 0 is DDIM, eta = 1 the DDPM posterior's standard deviation."""
     variance = ((1 - alpha_prev) / (1 - alpha)) * (1 - alpha / alpha_prev)
     return eta * variance**0.5
-
-
-def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
-          device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' `randn_tensor` draws it, so a seed gives the same numbers: on the
-    generator's device (a CPU generator draws on the CPU, then moves), one draw per batch row for a list."""
-    gens = generator if isinstance(generator, list) else [generator]
-    rand_device = gens[0].device if gens[0] is not None else device
-    if len(gens) == 1:
-        return torch.randn(shape, generator=gens[0], device=rand_device, dtype=dtype).to(device)
-    if len(gens) != shape[0]:
-        raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}")
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in gens]
-    return torch.cat(rows).to(device)  # (B, ...)
 
 
 # ---------------------------------------------------------------------------------------------------------------
