@@ -18,7 +18,7 @@ import torch
 from . import images as imgs
 from . import method
 from .locations import SHIPPED_MODEL, shipped_model_installed
-from .params import DiffEditParams
+from .params import DiffEditParams, layered
 from .stable_diffusion import ModelNotFoundError, StableDiffusion
 
 
@@ -50,11 +50,7 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
 
 def resolve_params(model: StableDiffusion, **params) -> DiffEditParams:
     """DiffEditParams() under the model's stored `edit_defaults`, under the explicit `params`."""
-    try:
-        base = DiffEditParams().updated(dict(model.edit_defaults))
-    except TypeError as e:
-        raise ValueError(f"the model's stored edit defaults (diffedit.json) are invalid: {e}") from None
-    return base.updated(params)
+    return layered(model.edit_defaults, params)
 
 
 def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,

@@ -507,18 +507,14 @@ def local_edit_defaults(model: str) -> dict:
 def resolve_params(explicit: dict, edit_defaults: dict, reference: bool, uses: tuple[str, ...]):
     """The run's DiffEditParams; `uses` names the steps run ("mask", "invert", "decode") whose step counts are
     checked: a strength with int(steps x strength) = 0 would run no step."""
-    from .params import CORRECTIONS, DiffEditParams
+    from .params import CORRECTIONS, layered
 
     try:
-        p = DiffEditParams().updated(dict(edit_defaults))
-    except (TypeError, ValueError) as e:
-        raise BadInput(f"the model's edit defaults (diffedit.json) are invalid: {_one_line(e)}") from None
-    if reference:
-        p = p.updated({name: False for name in CORRECTIONS.values()})
-    try:
-        p = p.updated(explicit)
+        p = layered(edit_defaults, explicit)
     except (TypeError, ValueError) as e:
         raise BadInput(_one_line(e)) from None
+    if reference:  # the flags name no correction, so turning them all off last is the same as in between
+        p = p.updated({name: False for name in CORRECTIONS.values()})
     n = p.num_inference_steps
     checks = [("--mask-strength", p.mask_encode_strength)] if "mask" in uses else []
     checks += [("--strength", p.inpaint_strength)] if {"invert", "decode"} & set(uses) else []

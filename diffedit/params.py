@@ -106,3 +106,13 @@ class DiffEditParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def layered(edit_defaults: dict, overrides: dict) -> DiffEditParams:
+    """DiffEditParams() under a model's stored editing defaults (its diffedit.json), under explicit overrides:
+    what the one-call API and the command line run."""
+    try:
+        base = DiffEditParams().updated(dict(edit_defaults))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the model's stored edit defaults (diffedit.json) are invalid: {e}") from None
+    return base.updated(overrides)
