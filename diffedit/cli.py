@@ -451,10 +451,8 @@ def load_model(model: str, device, dtype):
 
     try:
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
-    except (ModelNotFoundError, WeightsError, ConfigError) as e:
+    except (ModelNotFoundError, WeightsError, ConfigError) as e:  # every way a model folder can be unusable
         raise BadInput(f"cannot load model {model}: {_one_line(e)}") from e
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:  # scheduler / tokenizer files
-        raise BadInput(f"cannot load model {model}: {type(e).__name__}: {_one_line(e)}") from e
 
 
 def model_fingerprint(folder: Path) -> str:

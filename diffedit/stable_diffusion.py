@@ -76,20 +76,34 @@ class StableDiffusion:
             state = component_weights(folder / name, kind, variant)
             return load_state(module, state, f"{name}/", device, dtype).eval().requires_grad_(False)
 
-        scheduler_config = DDIMConfig.from_file(folder / "scheduler" / "scheduler_config.json")
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        scheduler_config = _read(scheduler_file, lambda: DDIMConfig.from_file(scheduler_file))
         inverse_file = folder / "inverse_scheduler" / "scheduler_config.json"
-        inverse_config = DDIMConfig.from_file(inverse_file, inverse=True) if inverse_file.is_file() else scheduler_config
+        inverse_config = (_read(inverse_file, lambda: DDIMConfig.from_file(inverse_file, inverse=True))
+                          if inverse_file.is_file() else scheduler_config)
         defaults_file = folder / EDIT_DEFAULTS_FILE
         return cls(
-            tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+            tokenizer=_read(folder / "tokenizer", lambda: CLIPTokenizer.from_folder(folder / "tokenizer")),
             text_encoder=build("text_encoder", CLIPTextModel, CLIPTextConfig, "transformers"),
             unet=build("unet", UNet2DConditionModel, UNetConfig, "diffusers"),
             vae=build("vae", AutoencoderKL, VAEConfig, "diffusers"),
             scheduler=DDIMScheduler(scheduler_config),
             inverse_scheduler=DDIMInverseScheduler(inverse_config),
-            edit_defaults=json.loads(defaults_file.read_text()) if defaults_file.is_file() else {},
+            edit_defaults=_read(defaults_file, lambda: json.loads(defaults_file.read_text()))
+            if defaults_file.is_file() else {},
             source=str(path_or_repo_id),
         )
+
+
+def _read(path: Path, reader):
+    """Run the reader of a scheduler, tokenizer or edit-defaults file; any way it fails (missing, not JSON, a field
+    the code does not support) becomes one ConfigError naming the file, like the networks' configs."""
+    try:
+        return reader()
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _allow_patterns(variant: str | None) -> list[str]:

@@ -196,3 +196,19 @@ def test_repo_id_loads_from_hub_cache_offline(sd1_folder, tmp_path, monkeypatch)
     assert torch.equal(sd.unet.conv_out.weight, ref.unet.conv_out.weight)
     with pytest.raises(ModelNotFoundError, match="neither a local folder nor in the hub cache"):
         StableDiffusion.from_pretrained("tiny/absent")
+
+
+@pytest.mark.parametrize("path, content, named", [
+    ("scheduler/scheduler_config.json", "{not json", "scheduler_config.json"),
+    ("scheduler/scheduler_config.json", '{"thresholding": true}', "thresholding"),
+    ("tokenizer/tokenizer_config.json", '{"model_max_length": "77"}', "model_max_length"),
+    ("diffedit.json", "[1, 2", "diffedit.json"),
+])
+def test_broken_scheduler_tokenizer_or_defaults_file_is_a_config_error_naming_it(sd1_folder, tmp_path, path,
+                                                                                  content, named):
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    (folder / path).write_text(content)
+    with pytest.raises(ConfigError, match=named) as e:
+        StableDiffusion.from_pretrained(folder)
+    assert str(folder) in str(e.value)
+
