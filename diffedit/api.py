@@ -53,6 +53,22 @@ def resolve_params(model: StableDiffusion, **params) -> DiffEditParams:
     return layered(model.edit_defaults, params)
 
 
+def prompt_text(sd: StableDiffusion, prompt: str, p: DiffEditParams) -> method.TextEmbeddings:
+    """One prompt with the empty negative prompt, both through `clip_skip` (defect D4's fix)."""
+    return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
+
+
+def model_pixels(sd: StableDiffusion, picture: PIL.Image.Image) -> torch.Tensor:
+    """An RGB picture of any size as the model's input: (1, 3, H, W) in [-1, 1], sides a multiple of the VAE factor."""
+    return imgs.to_tensor(imgs.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
+
+
+def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]) -> PIL.Image.Image:
+    """Decoded latents (1, C, h, w) as an RGB picture of `size` (the input's)."""
+    picture = imgs.to_output(method.to_pixels(sd, latents), "pil")[0]
+    return picture if picture.size == size else picture.resize(size, resample=PIL.Image.LANCZOS)
+
+
 def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,
          seed: int | None = None, **params) -> EditResult:
     """Edit `image` (a path, PIL image, numpy (H, W, 3) or torch (3, H, W) in [0, 1]) from the text `source`
@@ -70,25 +86,20 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
         raise TypeError("targets must be a list of strings (use edit() for one target)")
     picture = imgs.load_rgb(image)
     size = picture.size
-    pixels = imgs.to_tensor(imgs.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
+    pixels = model_pixels(sd, picture)
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
-
-    def text(prompt: str) -> method.TextEmbeddings:
-        return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
-
-    source_text, inversion, results = text(source), None, []
+    source_text, inversion, results = prompt_text(sd, source, p), None, []
     for target in targets:
-        target_text = text(target)
+        target_text = prompt_text(sd, target, p)
         est = method.estimate_mask(sd, pixels, source_text, target_text, p, generator)
         if inversion is None:  # after the first mask, so that edit() draws in diffusers' order
             inversion = method.invert(sd, pixels, source_text, p, generator)
         mask = est.mask[:, None].to(sd.dtype)  # (1, 1, h, w)
         latents = method.decode(sd, inversion, mask, target_text, p, generator)
-        edited = imgs.to_output(method.to_pixels(sd, latents), "pil")[0]
         latent_mask = est.mask[0].cpu().numpy().astype(bool)
         results.append(EditResult(
-            image=edited if edited.size == size else edited.resize(size, resample=PIL.Image.LANCZOS),
+            image=to_picture(sd, latents, size),
             mask=imgs.mask_to_pil(latent_mask[None])[0].resize(size, resample=PIL.Image.NEAREST),
             guidance_map=est.guidance_map[0].float().cpu().numpy(),
             latent_mask=latent_mask, params=p, seed=seed))

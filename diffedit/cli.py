@@ -674,15 +674,14 @@ class Run:
         return size
 
     def pixels(self):
-        from . import images as imgs
+        from .api import model_pixels
 
-        f = self.sd.vae_scale_factor
-        return imgs.to_tensor(imgs.fit_to_multiple(self.image, f), f)
+        return model_pixels(self.sd, self.image)
 
     def text(self, prompt: str, p):
-        from .method import encode_text
+        from .api import prompt_text
 
-        return encode_text(self.sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
+        return prompt_text(self.sd, prompt, p)
 
     def generator(self):
         import torch
@@ -783,7 +782,7 @@ def run_edits(run: Run, p, targets: list[str], source: str | None, fixed_mask: n
     import torch
 
     from . import method
-    from .images import to_output
+    from .api import to_picture
 
     pixels, generator, sd = run.pixels(), run.generator(), run.sd
     T = int(p.num_inference_steps * p.inpaint_strength)
@@ -810,9 +809,7 @@ def run_edits(run: Run, p, targets: list[str], source: str | None, fixed_mask: n
                 mask = torch.from_numpy(latent_mask).to(sd.device, sd.dtype)[None, None]  # (1, 1, h, w)
                 latents = method.decode(sd, inversion, mask, target_text, p, generator,
                                         callback=lambda *_: bar.update(1))
-                edited = to_output(method.to_pixels(sd, latents), "pil")[0]
-            if edited.size != run.image.size:
-                edited = edited.resize(run.image.size, resample=Image.Resampling.LANCZOS)
+                edited = to_picture(sd, latents, run.image.size)
             results.append((edited, latent_mask, guidance))
     return results
 
