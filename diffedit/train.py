@@ -17,13 +17,20 @@ device), so a run is a function of --seed, and a resumed run sees the same data 
     python -m diffedit.train --out runs/shapes --device cuda       # GPU defaults: batch 256, 450 s budget
     python -m diffedit.train --out runs/shapes --resume            # continue after an interruption
     python -m diffedit.train --out runs/shapes --resume --install  # (re)export, copy to the package
+    python -m diffedit.train --out runs/ft --init-from diffedit/assets/shapes-sd --unet-lr 1e-4 --edit-t-share 0.5
+
+--init-from FOLDER fine-tunes a trained model: its VAE is kept as is (no stage 1), its UNet and text encoder are
+the starting point of stage 2 (with fresh optimizer state and EMA), and training.json records the base's own
+training.json. --edit-t-share P draws a share P of each batch's timesteps below --edit-t-max (600: the levels the
+default edits visit), so the UNet's capacity goes where DiffEdit uses it.
 
 --time-budget-s T bounds the whole command: the VAE stage stops at `vae_budget_fraction` of T (less a reserve for
 the export), the UNet stage at T less the reserve; a stage that stops early still saves its checkpoint, and the
 learning rate follows max(step / steps, elapsed / stage budget), so a budgeted run still ends its cosine decay.
 Without a budget (T <= 0) a run is a function of --seed alone (on the CPU, bit for bit, resumed or not).
 
-The run folder gets `log.jsonl` (losses, learning rate, elapsed time), `checkpoints/` (or --checkpoint-dir),
+The run folder gets `log.jsonl` (losses, learning rate, elapsed time), `checkpoints/` (or --checkpoint-dir; one
+safetensors file per stage with the weights, EMA weights and optimizer moments, and JSON metadata: no pickles),
 `shapes-sd/` (the diffusers-layout model folder, fp16 safetensors, with `diffedit.json` edit defaults),
 `samples.png` and `vae_reconstructions.png` (a look at the result). --install copies `shapes-sd/` to
 `diffedit/assets/shapes-sd/`.
@@ -45,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import shapes
@@ -56,6 +65,7 @@ from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .models.weights import save_component
 from .schedulers.ddim import DDIMConfig, DDIMScheduler
+from .stable_diffusion import StableDiffusion
 
 ASSET_DIR = Path(__file__).parent / "assets" / "shapes-sd"
 
@@ -205,6 +215,9 @@ class Settings:
     save_every_s: float = 600.0
     preview_n: int = 32  # generated samples scored by the classifier at the end (0: none)
     scale_samples: int = 512  # scenes whose latents set the VAE scaling factor
+    init_from: str | None = None  # a model folder: fine-tune its UNet and text encoder, keep its VAE (no stage 1)
+    edit_t_share: float = 0.0  # share of each UNet batch whose timesteps are drawn below edit_t_max
+    edit_t_max: int = 600  # the noisiest level the model's default edits visit (strength / mask noise 0.6)
 
 
 CPU_DEFAULTS = Settings()
@@ -247,7 +260,7 @@ class Run:
     def __init__(self, out: Path, settings: Settings, checkpoint_dir: Path | None, resume: bool):
         self.out, self.s, self.t0 = out, settings, time.time()
         self.ckpt_dir = checkpoint_dir or out / "checkpoints"
-        if not resume and any(self.ckpt_dir.glob("*.pt")):
+        if not resume and any(self.ckpt_dir.glob("*.safetensors")):
             raise SystemExit(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
                              "or choose another --out / --checkpoint-dir")
         out.mkdir(parents=True, exist_ok=True)
@@ -270,16 +283,46 @@ class Run:
             tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), file=sys.stdout)
 
     def ckpt(self, stage: str) -> Path:
-        return self.ckpt_dir / f"{stage}.pt"
+        return self.ckpt_dir / f"{stage}.safetensors"
 
     def save(self, stage: str, state: dict) -> None:
+        """One safetensors file per stage (written atomically): module state dicts and the optimizer's tensors as
+        tensors, everything else (step, settings, the optimizer's param_groups) as JSON metadata. No pickles."""
+        tensors, meta = {}, {"modules": []}
+        for key, value in state.items():
+            if key == "opt":
+                for index, per_param in value["state"].items():
+                    tensors.update({f"opt.{index}.{name}": t.contiguous() for name, t in per_param.items()})
+                meta["opt_param_groups"] = value["param_groups"]
+            elif isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()):
+                tensors.update({f"{key}.{name}": t.contiguous() for name, t in value.items()})
+                meta["modules"].append(key)
+            else:
+                meta[key] = value
         tmp = self.ckpt(stage).with_suffix(".tmp")
-        torch.save(state, tmp)
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
         os.replace(tmp, self.ckpt(stage))
 
-    def load(self, stage: str, device: torch.device) -> dict | None:
+    def load(self, stage: str) -> dict | None:
+        """What `save` wrote, as the same dict (None when the stage has no checkpoint)."""
         path = self.ckpt(stage)
-        return torch.load(path, map_location=device, weights_only=False) if path.is_file() else None
+        if not path.is_file():
+            return None
+        # on the CPU: load_state_dict copies into the modules' device, and the optimizer moves its moments there
+        # while keeping Adam's step counts on the CPU, where non-capturable Adam wants them
+        with safe_open(str(path), "pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        state = {k: v for k, v in meta.items() if k not in ("modules", "opt_param_groups")}
+        for module in meta["modules"]:
+            state[module] = {n[len(module) + 1:]: t for n, t in tensors.items() if n.startswith(module + ".")}
+        opt_state: dict[int, dict] = {}
+        for name, t in tensors.items():
+            if name.startswith("opt."):
+                _, index, field_name = name.split(".", 2)
+                opt_state.setdefault(int(index), {})[field_name] = t
+        state["opt"] = {"state": opt_state, "param_groups": meta["opt_param_groups"]}
+        return state
 
 
 def _fmt(v) -> str:
@@ -336,7 +379,7 @@ def train_vae(run: Run, device: torch.device) -> tuple[AutoencoderKL, dict]:
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, prior_elapsed = 0, 0.0
-    state = run.load("vae", device)
+    state = run.load("vae")
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -394,6 +437,12 @@ def _with_scale(vae: AutoencoderKL, scale: float) -> AutoencoderKL:
     return vae
 
 
+def _base_provenance(folder: Path) -> dict | None:
+    """The training.json of a model folder, if it has one (a fine-tune records what it started from)."""
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else None  # (None for a hub repo id)
+
+
 def _millions(*modules) -> float:
     return round(sum(p.numel() for m in modules for p in m.parameters()) / 1e6, 3)
 
@@ -415,18 +464,36 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
     return model
 
 
+def draw_timesteps(s: Settings, num_train_timesteps: int, gen: torch.Generator, device: torch.device
+                   ) -> torch.Tensor:
+    """(batch,) training timesteps: uniform over the schedule, except that a share `edit_t_share` of them is
+    uniform below `edit_t_max` (the levels the default edits visit). With share 0 nothing more is drawn, so runs
+    made before the option existed are unchanged."""
+    t = torch.randint(0, num_train_timesteps, (s.batch_size,), generator=gen, device=device)
+    if s.edit_t_share > 0:
+        low = torch.randint(0, s.edit_t_max, (s.batch_size,), generator=gen, device=device)
+        pick = torch.rand(s.batch_size, generator=gen, device=device) < s.edit_t_share
+        t = torch.where(pick, low, t)
+    return t
+
+
 def caption_ids(tokenizer: CLIPTokenizer) -> torch.Tensor:
     """(73, 77): the world's 72 captions in `shapes.all_captions()` order, then "" (the unconditional row)."""
     return tokenizer(shapes.all_captions() + [""])
 
 
-def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CLIPTokenizer, vocab_size: int
-               ) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
-    """Train (or resume) the UNet and the text encoder jointly; return their EMA copies."""
+def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CLIPTokenizer, vocab_size: int,
+               base: StableDiffusion | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+    """Train (or resume) the UNet and the text encoder jointly, from scratch or from `base`'s weights (a
+    fine-tune); return their EMA copies."""
     s = run.s
     torch.manual_seed(s.seed + 1)
-    unet = build_unet().to(device).train()
-    text = build_text_encoder(vocab_size).to(device).train()
+    unet = build_unet()
+    text = build_text_encoder(vocab_size)
+    if base is not None:  # strict: the base must have exactly this architecture and vocabulary
+        unet.load_state_dict(base.unet.state_dict())
+        text.load_state_dict(base.text_encoder.state_dict())
+    unet, text = unet.to(device).train(), text.to(device).train()
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01, betas=(0.9, 0.999))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
@@ -435,7 +502,7 @@ def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CL
     ids = caption_ids(tokenizer).to(device)
     empty = ids.shape[0] - 1
     step, prior_elapsed = 0, 0.0
-    state = run.load("unet", device)
+    state = run.load("unet")
     if state is not None:
         for module, key in ((unet, "unet"), (text, "text_encoder"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(state[key])
@@ -466,7 +533,7 @@ def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CL
         with torch.no_grad():
             latents = vae.encode(x).sample(gen) * vae.scaling_factor  # (B, 4, 16, 16)
         noise = torch.randn(latents.shape, generator=gen, device=device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (s.batch_size,), generator=gen, device=device)
+        t = draw_timesteps(s, scheduler.config.num_train_timesteps, gen, device)
         noisy = scheduler.add_noise(latents, noise, t)
         # Epsilon loss
         with _autocast(device, s.amp):
@@ -620,6 +687,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on cuda")
     p.add_argument("--checkpoint-dir", type=Path, help="where checkpoints go (default OUT/checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    p.add_argument("--init-from", help="model folder to fine-tune: its VAE is kept (no VAE stage), its UNet and "
+                                       "text encoder are the starting point")
+    p.add_argument("--edit-t-share", type=float,
+                   help="share of each UNet batch with timesteps below --edit-t-max (default 0: uniform)")
+    p.add_argument("--edit-t-max", type=int, help="see --edit-t-share (default 600)")
     p.add_argument("--install", action="store_true", help=f"copy the model folder to {ASSET_DIR}")
     return p.parse_args(argv)
 
@@ -642,8 +714,15 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
     vocab_size = write_tokenizer(run.out / "tokenizer")
     tokenizer = CLIPTokenizer.from_folder(run.out / "tokenizer")
 
-    vae, vae_info = train_vae(run, device)
-    unet, text, unet_info = train_unet(run, device, vae, tokenizer, vocab_size)
+    if s.init_from:  # fine-tune: the base's VAE as is, its UNet and text encoder as the starting point
+        base = StableDiffusion.from_pretrained(s.init_from, dtype=torch.float32)
+        vae = base.vae.to(device).eval().requires_grad_(False)
+        vae_info = {"init_from": str(s.init_from), "base_training": _base_provenance(Path(s.init_from))}
+        run.log({"stage": "vae", "event": "loaded", "from": str(s.init_from), "scaling_factor": vae.scaling_factor})
+    else:
+        base = None
+        vae, vae_info = train_vae(run, device)
+    unet, text, unet_info = train_unet(run, device, vae, tokenizer, vocab_size, base)
 
     stats = preview(run, device, vae, unet, text, tokenizer)
     provenance = {"command": command, "seed": s.seed, "device": s.device, "vae_batch_size": s.vae_batch_size,

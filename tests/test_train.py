@@ -163,7 +163,8 @@ def test_time_budget_stops_both_stages_and_still_exports(tmp_path):
     folder = train.train(s, tmp_path)
     info = json.loads((folder / "training.json").read_text())
     assert info["vae_steps"] < 10**6 and info["unet_steps"] < 10**6
-    assert (tmp_path / "checkpoints" / "vae.pt").is_file() and (tmp_path / "checkpoints" / "unet.pt").is_file()
+    assert (tmp_path / "checkpoints" / "vae.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "unet.safetensors").is_file()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["stopped_by"] for r in records if r.get("event") == "done"] == ["time budget", "time budget"]
 
@@ -181,3 +182,41 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert train.lr_factor(0, 0.0, s) == pytest.approx(1 / s.warmup_steps)
     assert train.lr_factor(s.warmup_steps, 0.0, s) == pytest.approx(1.0)
     assert train.lr_factor(10**6, 1.0, s) == pytest.approx(s.min_lr_ratio)
+
+
+def test_checkpoints_are_safetensors_with_json_metadata_not_pickles(smoke_run):
+    files = sorted(p.name for p in (smoke_run / "checkpoints").iterdir())
+    assert files == ["unet.safetensors", "vae.safetensors"]
+    for name in files:
+        with safe_open(str(smoke_run / "checkpoints" / name), "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            assert meta["step"] == 2 and meta["settings"]["seed"] == 0
+            assert any(k.startswith("opt.") for k in f.keys())
+
+
+def test_fine_tune_keeps_the_base_vae_and_starts_from_its_unet_and_text_encoder(smoke_run, tmp_path):
+    base = smoke_run / "shapes-sd"
+    s = replace(SMOKE, init_from=str(base), vae_steps=10**6, preview_n=0)
+    unchanged = _weights(train.train(replace(s, unet_steps=0), tmp_path / "zero"))
+    for name, tensors in _weights(base).items():  # no step: the export is the base, bit for bit
+        assert all(torch.equal(tensors[k], unchanged[name][k]) for k in tensors), name
+    tuned_folder = train.train(s, tmp_path / "two")
+    tuned, before = _weights(tuned_folder), _weights(base)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert all(torch.equal(before[vae][k], tuned[vae][k]) for k in before[vae])
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert any(not torch.equal(before[unet][k], tuned[unet][k]) for k in before[unet])
+    info = json.loads((tuned_folder / "training.json").read_text())
+    assert info["init_from"] == str(base) and info["base_training"]["vae_steps"] == 2
+    assert info["unet_steps"] == 2 and "vae_steps" not in info
+
+
+def test_edit_timestep_share_draws_that_share_below_the_edit_level():
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    cpu, s = torch.device("cpu"), replace(SMOKE, batch_size=4000)
+    uniform = train.draw_timesteps(s, 1000, gen(), cpu)
+    assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=gen()))  # share 0: the old draw
+    assert train.draw_timesteps(replace(s, edit_t_share=1.0), 1000, gen(), cpu).max() < 600
+    half = train.draw_timesteps(replace(s, edit_t_share=0.5, edit_t_max=300), 1000, gen(), cpu)
+    # half below 300 for sure, plus 30% of the uniform half: 65% expected
+    assert 0.62 < (half < 300).float().mean() < 0.68 and half.max() >= 900
