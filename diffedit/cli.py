@@ -91,6 +91,7 @@ RATIO = _number(float, 0, 1, lo_open=True)
 COUNT = _number(int, 1)
 POSITIVE = _number(float, 0, lo_open=True)
 GUIDANCE = _number(float, 0)
+TIMESTEP = _number(int, 0)
 SEED = _number(int, 0, 2**63 - 1)
 
 EXAMPLES = """\
@@ -175,6 +176,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     edit.add_argument("-o", "--output", required=True, metavar="OUT", help="edited image (.png, .jpg, .webp ...)")
     edit.add_argument("--strength", type=RATIO, metavar="R",
                       help=f"encoding ratio: the fraction of the schedule inverted and re-generated, in (0, 1]{note}")
+    edit.add_argument("--guidance-min-timestep", type=TIMESTEP, metavar="T",
+                      help="decoding steps at timesteps below T run without guidance (a guidance interval; 0: "
+                           f"every step guided){note}")
     edit.add_argument("--mask-out", metavar="PATH", help="also write the binary mask (white = edited, image size)")
     edit.add_argument("--compare-out", metavar="PATH",
                       help="also write input | mask | guidance map | result side by side")
@@ -483,6 +487,7 @@ FLAG_FIELDS = {
     "mask_strength": ("mask_encode_strength",),
     "num_maps": ("num_maps_per_mask",),
     "threshold_ratio": ("mask_thresholding_ratio",),
+    "guidance_min_timestep": ("guidance_min_timestep",),
 }
 
 
@@ -527,7 +532,7 @@ def params_summary(p) -> dict:
     return {"steps": p.num_inference_steps, "strength": p.inpaint_strength, "guidance": p.guidance_scale,
             "mask_guidance": p.mask_guidance_scale, "inversion_guidance": p.inversion_guidance_scale,
             "mask_strength": p.mask_encode_strength, "num_maps": p.num_maps_per_mask,
-            "threshold_ratio": p.mask_thresholding_ratio}
+            "threshold_ratio": p.mask_thresholding_ratio, "guidance_min_timestep": p.guidance_min_timestep}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -299,8 +299,9 @@ def regularize_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha: to
 def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None, text: TextEmbeddings,
            params: DiffEditParams, generator: Generator = None,
            callback: StepCallback | None = None) -> torch.Tensor:
-    """DiffEdit §3.2 step 3: DDIM decoding from x_r conditioned on the query Q (`text`, `guidance_scale`); after
-    each step the latents outside the mask are replaced by the inverted ones, y = M y + (1 - M) x.
+    """DiffEdit §3.2 step 3: DDIM decoding from x_r conditioned on the query Q (`text`, `guidance_scale`, or no
+    guidance at timesteps below `guidance_min_timestep`); after each step the latents outside the mask are
+    replaced by the inverted ones, y = M y + (1 - M) x.
     mask (B, 1, h, w) of 0 / 1, or None for plain DDIM decoding (the paper's "Encode-Decode" baseline).
     Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
     N = params.num_inference_steps
@@ -308,7 +309,8 @@ def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None
     start, backgrounds = pasted_latents(model, inversion, steps, params)
     x = start.clone()
     for i, t in enumerate(steps):
-        eps = predict_noise(model, x, t, text, params.guidance_scale)
+        scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
+        eps = predict_noise(model, x, t, text, scale)
         x = model.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
         if mask is not None:
             x = x * mask + backgrounds[i] * (1 - mask)

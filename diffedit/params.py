@@ -45,6 +45,9 @@ class DiffEditParams:
     num_auto_corr_rolls: int = 5
     # Step 3, decoding with mask guidance (§3.2), conditioned on the target text.
     guidance_scale: float = 7.5
+    # Guidance interval (Kynkaanniemi et al., arXiv 2404.07724): steps at timesteps below this run on the target
+    # prompt alone (scale 1, one UNet call), the rest with guidance_scale. 0, the paper's way: every step guided.
+    guidance_min_timestep: int = 0
     eta: float = 0.0  # DDIM eta; 0 draws no noise
     # All three steps.
     num_inference_steps: int = 50
@@ -74,7 +77,8 @@ class DiffEditParams:
 
         for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls"):
             require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
-        require(is_int(self.num_reg_steps) and self.num_reg_steps >= 0, "num_reg_steps", "an int >= 0")
+        for name in ("num_reg_steps", "guidance_min_timestep"):
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
         for name in ("mask_encode_strength", "inpaint_strength"):
             require(is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
         require(is_number(self.mask_thresholding_ratio) and self.mask_thresholding_ratio > 0,

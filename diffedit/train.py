@@ -118,7 +118,7 @@ MODEL_INDEX = {
 EDIT_DEFAULTS = {
     "num_inference_steps": 25, "inpaint_strength": 0.6, "guidance_scale": 7.5, "inversion_guidance_scale": 1.0,
     "num_maps_per_mask": 10, "mask_encode_strength": 0.6, "mask_guidance_scale": 5.0,
-    "mask_thresholding_ratio": 4.0,
+    "mask_thresholding_ratio": 4.0, "guidance_min_timestep": 300,
 }
 
 

@@ -30,7 +30,8 @@ torch.set_num_threads(1)
 FAST = ["--steps", "4", "--num-maps", "2"]
 SOURCE, TARGETS = "a red circle on a gray background", ["a blue circle on a gray background", "a red square"]
 # The shipped model's stored encoding ratio (diffedit.json): what `invert` uses when --strength is not given.
-DEFAULT_STRENGTH = json.loads((cli.SHIPPED_MODEL / "diffedit.json").read_text())["inpaint_strength"]
+SHIPPED_DEFAULTS = json.loads((cli.SHIPPED_MODEL / "diffedit.json").read_text())
+DEFAULT_STRENGTH = SHIPPED_DEFAULTS["inpaint_strength"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
 
 
@@ -113,6 +114,7 @@ def test_edit_writes_one_output_mask_and_strip_per_target_and_a_json_summary(edi
         assert entry["target"] == TARGETS[i] and entry["mask_coverage"] == pytest.approx(values.mean() / 255, abs=1e-4)
         assert Image.open(folder / entry["compare"]).height >= 256  # a 64-pixel image is shown enlarged
     assert summary["parameters"]["steps"] == 4 and summary["parameters"]["num_maps"] == 2
+    assert summary["parameters"]["guidance_min_timestep"] == SHIPPED_DEFAULTS["guidance_min_timestep"]
     assert summary["mode"] == "corrected" and summary["seed"] == 0 and summary["input_size"] == [64, 64]
     assert {"load_model", "mask", "invert", "decode", "write", "total"} <= set(summary["timings"])
     assert "diffedit: wrote out-1.png" in result.stderr  # the one-line summary
@@ -401,6 +403,7 @@ BAD_ARGS = [
     (["in.png", "--mask-strength", "nan"], ["--mask-strength", "in (0, 1]"]),
     (["in.png", "--threshold-ratio", "-1"], ["--threshold-ratio", "> 0"]),
     (["in.png", "--guidance", "x"], ["--guidance", "a number"]),
+    (["in.png", "--guidance-min-timestep", "-5"], ["--guidance-min-timestep", ">= 0"]),
     (["in.png", "--seed", "-3"], ["--seed"]),
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),

@@ -58,6 +58,9 @@ def test_params_reject_bad_values_and_unknown_names_listing_valid_ones():
         DiffEditParams(inpaint_strength=1.5)
     with pytest.raises(ValueError, match="num_maps_per_mask"):
         DiffEditParams(num_maps_per_mask=0)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="guidance_min_timestep: expected an int >= 0"):
+            DiffEditParams(guidance_min_timestep=bad)
     with pytest.raises(TypeError, match="unknown DiffEdit parameter.*strenght.*valid names:.*inpaint_strength"):
         DiffEditParams().updated({"strenght": 0.5})
 
@@ -123,6 +126,28 @@ def test_zero_mask_returns_the_vae_round_trip_and_full_mask_equals_unmasked_deco
     assert torch.equal(method.to_pixels(sd, zero), sd.vae.decode(inv.clean / sd.vae.scaling_factor))
     one = method.decode(sd, inv, torch.ones(1, 1, 8, 8), target, params)
     assert torch.equal(one, method.decode(sd, inv, None, target, params))
+
+
+def test_guidance_interval_guides_only_timesteps_at_or_above_its_start(sd):
+    params = dataclasses.replace(FAST, num_inference_steps=10, inpaint_strength=1.0, guidance_scale=6.0)
+    inv = method.invert(sd, images(1), texts(sd, ["a cat"]), params, torch.Generator().manual_seed(0))
+    target = texts(sd, ["a dog"])
+
+    def trajectory(p):
+        seen = []
+        method.decode(sd, inv, None, target, p, callback=lambda i, t, x: seen.append(x.clone()))
+        return seen
+
+    guided = trajectory(params)
+    never = trajectory(dataclasses.replace(params, guidance_min_timestep=1000))
+    assert torch.equal(never[-1], trajectory(dataclasses.replace(params, guidance_scale=1.0))[-1])
+    split = trajectory(dataclasses.replace(params, guidance_min_timestep=450))  # steps 901..501 guided, 401..1 not
+    steps = sd.scheduler.timesteps(10).tolist()
+    assert all(torch.equal(a, b) for a, b in zip(split[:5], guided[:5])) and not torch.equal(split[5], guided[5])
+    x = guided[4]
+    for t in steps[5:]:  # the rest, by hand, on the target prompt alone
+        x = sd.scheduler.step(method.predict_noise(sd, x, torch.tensor(t), target, 1.0), t, x, 10).prev_sample
+    assert torch.equal(x, split[-1])
 
 
 def test_inversion_records_each_level_noisiest_first(sd):
