@@ -220,3 +220,8 @@ def test_edit_timestep_share_draws_that_share_below_the_edit_level():
     half = train.draw_timesteps(replace(s, edit_t_share=0.5, edit_t_max=300), 1000, gen(), cpu)
     # half below 300 for sure, plus 30% of the uniform half: 65% expected
     assert 0.62 < (half < 300).float().mean() < 0.68 and half.max() >= 900
+
+
+def test_shipped_edit_defaults_are_what_training_exports():
+    # a retrain with --install must reproduce the shipped diffedit.json; tuning one and not the other fails here
+    assert json.loads((train.ASSET_DIR / "diffedit.json").read_text()) == train.EDIT_DEFAULTS
