@@ -1,14 +1,16 @@
 """One call: `edit(image, source, target)` runs DiffEdit with every correction on and returns an `EditResult`.
 
 `edit_targets` does several targets for one image with one inversion (the source side) and one mask per target;
-both compose `method.estimate_mask`, `method.invert` and `method.decode`, which take a loaded model and
-`DiffEditParams` for finer control.
+both run `edit_each` (the command line does too), which composes `method.estimate_mask`, `method.invert` and
+`method.decode`; these take a loaded model and `DiffEditParams` for finer control.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,18 +91,42 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
     pixels = model_pixels(sd, picture)
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
-    source_text, inversion, results = prompt_text(sd, source, p), None, []
-    for target in targets:
-        target_text = prompt_text(sd, target, p)
-        est = method.estimate_mask(sd, pixels, source_text, target_text, p, generator)
-        if inversion is None:  # after the first mask, so that edit() draws in diffusers' order
-            inversion = method.invert(sd, pixels, source_text, p, generator)
-        mask = est.mask[:, None].to(sd.dtype)  # (1, 1, h, w)
-        latents = method.decode(sd, inversion, mask, target_text, p, generator)
-        latent_mask = est.mask[0].cpu().numpy().astype(bool)
-        results.append(EditResult(
-            image=to_picture(sd, latents, size),
-            mask=imgs.mask_to_pil(latent_mask[None])[0].resize(size, resample=PIL.Image.NEAREST),
-            guidance_map=est.guidance_map[0].float().cpu().numpy(),
-            latent_mask=latent_mask, params=p, seed=seed))
-    return results
+    target_texts = [prompt_text(sd, target, p) for target in targets]
+    return [EditResult(image=picture, mask=imgs.mask_to_pil(latent_mask[None])[0].resize(size, PIL.Image.NEAREST),
+                       guidance_map=guidance, latent_mask=latent_mask, params=p, seed=seed)
+            for picture, latent_mask, guidance in edit_each(sd, pixels, size, prompt_text(sd, source, p),
+                                                            target_texts, p, generator)]
+
+
+Stage = Callable[[str, int], contextlib.AbstractContextManager]  # (step name, target index) -> context
+
+
+@contextlib.contextmanager
+def no_stage(name: str, index: int) -> Iterator[None]:
+    yield None  # no step callback
+
+
+def edit_each(sd: StableDiffusion, pixels: torch.Tensor, size: tuple[int, int], source: method.TextEmbeddings,
+              targets: list[method.TextEmbeddings], p: DiffEditParams, generator: torch.Generator | None,
+              mask: np.ndarray | None = None, inversion: method.Inversion | None = None, stage: Stage = no_stage
+              ) -> Iterator[tuple[PIL.Image.Image, np.ndarray, np.ndarray | None]]:
+    """DiffEdit's three steps (§3.2) for one image and each target in turn: yield (edited picture at `size`, latent
+    mask (h, w) bool, guidance map (h, w) or None). The random draws come in diffusers' order: the first target's
+    mask, then the image's one inversion, then its decoding; then mask and decoding per further target. A given
+    `mask` (h, w) replaces the mask step, a given `inversion` the inversion. `stage(name, index)` wraps each step
+    ("mask", "invert", "decode") and yields the DDIM loops' per-step callback (progress bars and timings)."""
+    for i, target in enumerate(targets):
+        latent_mask, guidance = mask, None
+        if latent_mask is None:
+            with stage("mask", i):
+                est = method.estimate_mask(sd, pixels, source, target, p, generator)
+            latent_mask = est.mask[0].cpu().numpy().astype(bool)  # (h, w)
+            guidance = est.guidance_map[0].float().cpu().numpy()  # (h, w)
+        if inversion is None:
+            with stage("invert", i) as step:
+                inversion = method.invert(sd, pixels, source, p, generator, callback=step)
+        with stage("decode", i) as step:
+            m = torch.from_numpy(latent_mask).to(sd.device, sd.dtype)[None, None]  # (1, 1, h, w)
+            latents = method.decode(sd, inversion, m, target, p, generator, callback=step)
+            picture = to_picture(sd, latents, size)
+        yield picture, latent_mask, guidance

@@ -781,42 +781,27 @@ def planned_image(plan: dict, what: str, i: int, img: Image.Image) -> Planned:
 
 def run_edits(run: Run, p, targets: list[str], source: str | None, fixed_mask: np.ndarray | None,
               inversion=None) -> list[tuple[Image.Image, np.ndarray, np.ndarray | None]]:
-    """(edited image at the input's size, latent mask, guidance map or None) per target: a mask per target unless
-    one is given, one inversion unless given, one decoding per target; in `api.edit_targets`' order of random
-    draws, so the same seed gives the same images."""
-    import torch
+    """`api.edit_each` with a progress bar and timings: (edited image at the input's size, latent mask, guidance
+    map or None) per target, so the same seed gives `api.edit_targets`' images."""
+    from .api import edit_each
 
-    from . import method
-    from .api import to_picture
-
-    pixels, generator, sd = run.pixels(), run.generator(), run.sd
     T = int(p.num_inference_steps * p.inpaint_strength)
     total = (len(targets) if fixed_mask is None else 0) + (T if inversion is None else 0) + T * len(targets)
-    results = []
     with run.warnings_as_lines(), run.report.progress(total, "diffedit") as bar:
-        source_text = run.text(source, p) if source is not None else None
-        for i, target in enumerate(targets):
-            target_text = run.text(target, p)
-            latent_mask, guidance = fixed_mask, None
-            if fixed_mask is None:
-                bar.set_description(f"mask {i + 1}/{len(targets)}")
-                with run.timed("mask"):
-                    est = method.estimate_mask(sd, pixels, source_text, target_text, p, generator)
-                latent_mask = est.mask[0].cpu().numpy().astype(bool)  # (h, w)
-                guidance = est.guidance_map[0].float().cpu().numpy()  # (h, w)
+
+        @contextmanager
+        def stage(name: str, i: int):
+            labels = {"mask": f"mask {i + 1}/{len(targets)}", "invert": "inversion",
+                      "decode": f"decoding {i + 1}/{len(targets)}"}
+            bar.set_description(labels[name])
+            with run.timed(name):
+                yield lambda *_: bar.update(1)
+            if name == "mask":
                 bar.update(1)
-            if inversion is None:
-                bar.set_description("inversion")
-                with run.timed("invert"):
-                    inversion = method.invert(sd, pixels, source_text, p, generator, callback=lambda *_: bar.update(1))
-            bar.set_description(f"decoding {i + 1}/{len(targets)}")
-            with run.timed("decode"):
-                mask = torch.from_numpy(latent_mask).to(sd.device, sd.dtype)[None, None]  # (1, 1, h, w)
-                latents = method.decode(sd, inversion, mask, target_text, p, generator,
-                                        callback=lambda *_: bar.update(1))
-                edited = to_picture(sd, latents, run.image.size)
-            results.append((edited, latent_mask, guidance))
-    return results
+
+        source_text = run.text(source, p) if source is not None else None
+        return list(edit_each(run.sd, run.pixels(), run.image.size, source_text, [run.text(t, p) for t in targets],
+                              p, run.generator(), fixed_mask, inversion, stage))
 
 
 def _coverage(entry: dict, full_mask: Image.Image, latent_mask: np.ndarray) -> dict:

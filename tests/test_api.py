@@ -64,6 +64,32 @@ def test_several_targets_share_one_inversion_and_the_first_equals_edit(sd, monke
         edit_targets(image, "a cat", "a dog", model=sd, seed=3, **FAST)
 
 
+def test_edit_each_stages_wrap_mask_and_decode_per_target_and_one_inversion(sd):
+    """The command line's progress bar and timings hang on these stages; the callback they yield sees every DDIM
+    step, and a stage-wrapped run gives `edit_targets`' pictures."""
+    import contextlib
+
+    image, p = photo(seed=2), api.resolve_params(sd, **FAST)
+    events = []
+
+    @contextlib.contextmanager
+    def stage(name, index):
+        events.append((name, index))
+        yield lambda *_: events.append("step")
+
+    texts = [api.prompt_text(sd, t, p) for t in ("a dog", "a bird")]
+    got = list(api.edit_each(sd, api.model_pixels(sd, image), image.size, api.prompt_text(sd, "a cat", p), texts,
+                             p, torch.Generator().manual_seed(5), stage=stage))
+    T = int(p.num_inference_steps * p.inpaint_strength)
+    assert [e for e in events if e != "step"] == [("mask", 0), ("invert", 0), ("decode", 0), ("mask", 1),
+                                                  ("decode", 1)]
+    assert events.count("step") == 3 * T
+    expected = edit_targets(image, "a cat", ["a dog", "a bird"], model=sd, seed=5, **FAST)
+    for (picture, latent_mask, _), want in zip(got, expected):
+        assert np.array_equal(np.asarray(picture), np.asarray(want.image))
+        assert np.array_equal(latent_mask, want.latent_mask)
+
+
 def test_seed_makes_edits_reproducible(sd):
     a = edit(photo(), "a cat", "a dog", model=sd, seed=11, **FAST)
     b = edit(photo(), "a cat", "a dog", model=sd, seed=11, **FAST)
