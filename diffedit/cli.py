@@ -124,9 +124,6 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                    help="diffusers-layout model folder or hub repo id (default: the shipped model, "
                         f"{SHIPPED_MODEL.name})")
     g.add_argument("--steps", type=STEPS, metavar="N", help=f"DDIM steps over the whole schedule{defaults_note}")
-    g.add_argument("--guidance", type=GUIDANCE, metavar="G",
-                   help="classifier-free guidance scale of every step (mask, inversion, decoding); <= 1 turns "
-                        f"it off{defaults_note}")
     g.add_argument("--seed", type=SEED, default=0, metavar="N",
                    help="random seed (default 0: the same command gives the same result)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -176,6 +173,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     edit.add_argument("-o", "--output", required=True, metavar="OUT", help="edited image (.png, .jpg, .webp ...)")
     edit.add_argument("--strength", type=RATIO, metavar="R",
                       help=f"encoding ratio: the fraction of the schedule inverted and re-generated, in (0, 1]{note}")
+    edit.add_argument("--guidance", type=GUIDANCE, metavar="G",
+                      help=f"classifier-free guidance scale of the mask and the decoding; <= 1 turns it off{note}")
+    edit.add_argument("--inversion-guidance", type=GUIDANCE, metavar="G",
+                      help="guidance scale of the DDIM inversion (1: none, the paper's deterministic encoding)"
+                           f"{note}")
     edit.add_argument("--guidance-min-timestep", type=TIMESTEP, metavar="T",
                       help="decoding steps at timesteps below T run without guidance (a guidance interval; 0: "
                            f"every step guided){note}")
@@ -199,6 +201,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                       help="what it should show (repeatable, named as for `edit`)")
     mask.add_argument("-o", "--output", required=True, metavar="MASK", help="binary mask (white = edited)")
     mask.add_argument("--heatmap-out", metavar="PATH", help="also write the guidance map as a heat map")
+    mask.add_argument("--guidance", type=GUIDANCE, metavar="G",
+                      help=f"classifier-free guidance scale of the noise predictions; <= 1 turns it off{note}")
     _add_mask_options(mask, note)
     _add_common(mask, note)
 
@@ -212,6 +216,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     invert.add_argument("--prompt", metavar="TEXT", required=True, help="what the image shows (the edit's --source)")
     invert.add_argument("-o", "--output", required=True, metavar="LATENTS", help="output .safetensors file")
     invert.add_argument("--strength", type=RATIO, metavar="R", help=f"encoding ratio, in (0, 1]{note}")
+    invert.add_argument("--guidance", type=GUIDANCE, metavar="G", dest="inversion_guidance",
+                        help=f"guidance scale of the inversion (1: none; edit's --inversion-guidance){note}")
     _add_common(invert, note)
 
     # Listed here for --help; main() hands their arguments to their own modules' parsers.
@@ -483,7 +489,8 @@ def model_fingerprint(folder: Path) -> str:
 FLAG_FIELDS = {
     "steps": ("num_inference_steps",),
     "strength": ("inpaint_strength",),
-    "guidance": ("guidance_scale", "mask_guidance_scale", "inversion_guidance_scale"),
+    "guidance": ("guidance_scale", "mask_guidance_scale"),  # the paper guides the mask and the decoding
+    "inversion_guidance": ("inversion_guidance_scale",),  # `invert --guidance` too
     "mask_strength": ("mask_encode_strength",),
     "num_maps": ("num_maps_per_mask",),
     "threshold_ratio": ("mask_thresholding_ratio",),
@@ -557,24 +564,25 @@ def read_latents_metadata(path: Path) -> dict:
     try:
         for key in ("steps", "width", "height"):
             meta[key] = int(meta[key])
-        meta["strength"] = float(meta["strength"])
+        meta["strength"], meta["guidance"] = float(meta["strength"]), float(meta["guidance"])
     except (KeyError, ValueError) as e:
         raise BadInput(f"latents file {path} has damaged metadata ({e})") from None
     return meta
 
 
 def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, int]) -> None:
-    """Take steps and strength from the file when not given; refuse a mismatch with the image or the flags."""
+    """Take steps, strength and inversion guidance from the file when not given; refuse a mismatch with the image
+    or the flags."""
     if (meta["width"], meta["height"]) != image_size:
         raise BadInput(f"{path} was inverted from a {meta['width']}x{meta['height']} image but {args.image} is "
                        f"{image_size[0]}x{image_size[1]}")
-    for flag, key in (("steps", "steps"), ("strength", "strength")):
-        given = getattr(args, flag)
+    for flag, key in (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance")):
+        given, name = getattr(args, flag), "--" + flag.replace("_", "-")
         if given is None:
             setattr(args, flag, meta[key])
         elif given != meta[key]:
-            raise BadInput(f"{path} was inverted with --{flag} {meta[key]:g} but this run asks --{flag} {given:g}: "
-                           f"drop --{flag} (the file's value is used) or invert again")
+            raise BadInput(f"{path} was inverted with {name} {meta[key]:g} but this run asks {name} {given:g}: "
+                           f"drop {name} (the file's value is used) or invert again")
 
 
 def save_latents(inversion, meta: dict) -> Callable[[Path], None]:

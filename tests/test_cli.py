@@ -214,6 +214,8 @@ def test_latents_from_another_model_or_other_settings_are_refused(steps_run, mod
                      "in.safetensors was inverted with --steps 4", "--steps 5")
     assert_bad_input(diffedit(*base, "--model", model_folder, "--strength", "0.5", cwd=folder),
                      f"--strength {DEFAULT_STRENGTH:g}")
+    assert_bad_input(diffedit(*base, "--model", model_folder, "--inversion-guidance", "3", cwd=folder),
+                     "inverted with --inversion-guidance 1", "--inversion-guidance 3")
     other = save_checkpoint("sd1", tmp_path / "other", seed=1)
     assert_bad_input(diffedit(*base, "--model", other, cwd=folder), "inverted with another model")
     shape_image((48, 64)).save(folder / "small.png")
@@ -507,6 +509,20 @@ def test_version_help_and_both_entry_points(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers, in-process
+
+
+def test_guidance_flags_set_the_steps_they_name():
+    """`edit --guidance` is the mask's and the decoding's scale, never the inversion's (so giving the model's own
+    decoding default, 7.5, does not switch on guided inversion); `invert --guidance` is the inversion's."""
+    parse = cli.build_parser().parse_args
+    edit = ["edit", "in.png", "--source", "a", "--target", "b", "-o", "o.png"]
+    assert cli.explicit_params(parse([*edit, "--guidance", "7.5"])) == {"guidance_scale": 7.5,
+                                                                         "mask_guidance_scale": 7.5}
+    assert cli.explicit_params(parse([*edit, "--inversion-guidance", "2"])) == {"inversion_guidance_scale": 2.0}
+    invert = ["invert", "in.png", "--prompt", "a", "-o", "l.safetensors", "--guidance", "3"]
+    assert cli.explicit_params(parse(invert)) == {"inversion_guidance_scale": 3.0}
+    mask = ["mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--guidance", "4"]
+    assert cli.explicit_params(parse(mask))["mask_guidance_scale"] == 4.0
 
 
 def test_output_names_for_several_targets():
