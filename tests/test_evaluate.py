@@ -89,15 +89,14 @@ def test_param_parsing():
         evaluate.parse_param("guidance_scale")
 
 
-# What the shipped model measurably does on 20 held-out edits (10 colour, 10 shape) at its defaults: mask IoU 0.54,
-# colour 1.00, shape 1.00, background 48 dB. The goals are rates: over 1,000 held-out edits colour success is 0.960
-# and single 100-edit draws land at 0.92-1.00 (see the README), and the IoU of these 20 is under its 0.55 goal, so
-# these are floors under the measured values, which catch a broken pipeline or model without pretending that every
-# small draw meets the goals.
-FLOORS = {"mask_iou": 0.50, "colour_edit_success": 0.90, "shape_edit_success": 0.90, "background_psnr_db": 40.0}
+# The shipped model on these 20 held-out edits (10 colour, 10 shape) at its defaults: mask IoU 0.54, colour 1.00,
+# shape 1.00, background 48 dB; every judged fill ratio is at least 0.05 from a class boundary, so a rounding
+# difference cannot flip a verdict. The goals hold for all but IoU, whose mean over 20 edits is under its 0.55 goal
+# (over the 100-edit fixed set it is 0.564, over 500 fresh edits 0.566; see the README): IoU gets a floor instead.
+IOU_FLOOR_ON_20 = 0.50
 
 
-def test_shipped_model_loads_and_edits_20_heldout_edits_above_the_measured_floors():
+def test_shipped_model_meets_the_goals_on_20_heldout_edits_with_an_iou_floor():
     """The timing goal (3 s on one core) is shown by `diffedit evaluate`, not asserted here."""
     from diffedit import StableDiffusion
     from diffedit.locations import SHIPPED_MODEL
@@ -106,5 +105,8 @@ def test_shipped_model_loads_and_edits_20_heldout_edits_above_the_measured_floor
     assert model.vae_scale_factor == 4 and model.edit_defaults
     records = evaluate.run_edits(model, evaluate.heldout_edits(20, seed=0), seed=0, params={}, progress=False)
     summary = evaluate.summarize(records)
-    for metric, floor in FLOORS.items():
-        assert summary[metric] >= floor, (metric, summary)
+    for goal in evaluate.GOALS:
+        if goal.metric == "mask_iou":
+            assert summary["mask_iou"] >= IOU_FLOOR_ON_20, summary
+        elif goal.metric != "seconds_per_edit":
+            assert goal.passed(summary[goal.metric]), (goal, summary)
