@@ -106,15 +106,17 @@ def no_stage(name: str, index: int) -> Iterator[None]:
     yield None  # no step callback
 
 
-def edit_each(sd: StableDiffusion, pixels: torch.Tensor, size: tuple[int, int], source: method.TextEmbeddings,
-              targets: list[method.TextEmbeddings], p: DiffEditParams, generator: torch.Generator | None,
-              mask: np.ndarray | None = None, inversion: method.Inversion | None = None, stage: Stage = no_stage
+def edit_each(sd: StableDiffusion, pixels: torch.Tensor, size: tuple[int, int],
+              source: method.TextEmbeddings | None, targets: list[method.TextEmbeddings], p: DiffEditParams,
+              generator: torch.Generator | None, mask: np.ndarray | None = None,
+              inversion: method.Inversion | None = None, stage: Stage = no_stage
               ) -> Iterator[tuple[PIL.Image.Image, np.ndarray, np.ndarray | None]]:
     """DiffEdit's three steps (§3.2) for one image and each target in turn: yield (edited picture at `size`, latent
     mask (h, w) bool, guidance map (h, w) or None). The random draws come in diffusers' order: the first target's
     mask, then the image's one inversion, then its decoding; then mask and decoding per further target. A given
-    `mask` (h, w) replaces the mask step, a given `inversion` the inversion. `stage(name, index)` wraps each step
-    ("mask", "invert", "decode") and yields the DDIM loops' per-step callback (progress bars and timings)."""
+    `mask` (h, w) replaces the mask step, a given `inversion` the inversion (with both, `source` may be None).
+    `stage(name, index)` wraps each step ("mask", "invert", "decode") and yields the DDIM loops' per-step callback
+    (progress bars and timings)."""
     for i, target in enumerate(targets):
         latent_mask, guidance = mask, None
         if latent_mask is None:
