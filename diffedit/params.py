@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from .validation import BOOL, POSITIVE, check_fields, int_at_least, number_at_least, number_in, optional
+
 # Which field corrects which defect of the reference (DESIGN.md §2).
 CORRECTIONS = {
     "D1": "paste_matching_step",
@@ -65,31 +67,7 @@ class DiffEditParams:
     mask_without_guidance: bool = True  # D9: mask_guidance_scale <= 1 works; CFG on the mask is (uncond, cond)
 
     def __post_init__(self):
-        def require(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"DiffEditParams.{name}: expected {what}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls"):
-            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an int >= 1")
-        for name in ("num_reg_steps", "guidance_min_timestep"):
-            require(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
-        for name in ("mask_encode_strength", "inpaint_strength"):
-            require(is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "a number in [0, 1]")
-        require(is_number(self.mask_thresholding_ratio) and self.mask_thresholding_ratio > 0,
-                "mask_thresholding_ratio", "a positive number")
-        for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale", "lambda_auto_corr",
-                     "lambda_kl", "eta"):
-            require(is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
-        require(self.clip_skip is None or (is_int(self.clip_skip) and self.clip_skip >= 0), "clip_skip",
-                "None or an int >= 0")
-        for name in CORRECTIONS.values():
-            require(isinstance(getattr(self, name), bool), name, "True or False")
+        check_fields(self, _RULES, "DiffEditParams")
 
     @classmethod
     def reference(cls, **overrides) -> DiffEditParams:
@@ -110,6 +88,18 @@ class DiffEditParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_RULES = {
+    **{name: int_at_least(1) for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls")},
+    **{name: int_at_least(0) for name in ("num_reg_steps", "guidance_min_timestep")},
+    **{name: number_in(0, 1) for name in ("mask_encode_strength", "inpaint_strength")},
+    "mask_thresholding_ratio": POSITIVE,
+    **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
+                                             "lambda_auto_corr", "lambda_kl", "eta")},
+    "clip_skip": optional(int_at_least(0)),
+    **{name: BOOL for name in CORRECTIONS.values()},
+}
 
 
 def layered(edit_defaults: dict, overrides: dict) -> DiffEditParams:

@@ -12,27 +12,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..validation import ConfigError, check_keys
+
 # Keys that never change the computation.
 _BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "architectures",
                 "transformers_version", "torch_dtype", "dtype", "model_type"}
-
-
-class ConfigError(ValueError):
-    """A config.json this code cannot run, with the offending field named."""
-
-
-def _check(kind: str, raw: dict[str, Any], read: set[str], ignored: set[str], pinned: dict[str, Any]) -> None:
-    """Fail on unknown keys and on pinned keys holding a value we do not implement."""
-    for key, value in raw.items():
-        if key in read or key in ignored or key in _BOOKKEEPING:
-            continue
-        if key in pinned:
-            allowed = pinned[key]
-            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
-            if not ok:
-                raise ConfigError(f"{kind} config: unsupported value {key}={value!r} (supported: {allowed!r})")
-            continue
-        raise ConfigError(f"{kind} config: unknown field {key!r}")
 
 
 def _load_json(path: str | Path) -> dict[str, Any]:
@@ -122,7 +106,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "UNetConfig":
         read = {f.name for f in fields(cls)} | {"attention_head_dim", "num_attention_heads"}
-        _check("unet", raw, read - {"num_heads"}, _UNET_IGNORED, _UNET_PINNED)
+        check_keys("unet", raw, read - {"num_heads"}, _UNET_IGNORED | _BOOKKEEPING, _UNET_PINNED)
         blocks = tuple(raw.get("block_out_channels", cls.block_out_channels))
         levels = len(blocks)
         down = tuple(raw.get("down_block_types", cls.down_block_types))
@@ -199,7 +183,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
         read = {f.name for f in fields(cls)} | {"down_block_types", "up_block_types"}
-        _check("vae", raw, read, _VAE_IGNORED, _VAE_PINNED)
+        check_keys("vae", raw, read, _VAE_IGNORED | _BOOKKEEPING, _VAE_PINNED)
         blocks = tuple(raw.get("block_out_channels", cls.block_out_channels))
         for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(raw.get(name, (allowed,) * len(blocks)))
@@ -259,7 +243,7 @@ class CLIPTextConfig:
         if "text_config" in raw:  # a full CLIPModel config: take its text half
             raw = raw["text_config"]
         read = {f.name for f in fields(cls)}
-        _check("text_encoder", raw, read, _HF_GENERIC, {})
+        check_keys("text_encoder", raw, read, _HF_GENERIC | _BOOKKEEPING)
         act = raw.get("hidden_act", "quick_gelu")
         if act not in _TEXT_ACTIVATIONS:
             raise ConfigError(f"text_encoder config: unsupported value hidden_act={act!r} "
@@ -269,35 +253,3 @@ class CLIPTextConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "CLIPTextConfig":
         return cls.from_dict(_load_json(path))
-
-
-# --------------------------------------------------------------------------------------------------- presets
-
-# The config.json contents of the official checkpoints, for tests that need full-size shapes without weights.
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD21_UNET = {
-    **SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "dual_cross_attention": False,
-    "num_class_embeds": None, "only_cross_attention": False, "sample_size": 96, "upcast_attention": True,
-    "use_linear_projection": True,
-}
-SD_VAE = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "norm_num_groups": 32, "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_TEXT = {
-    "architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
-    "num_attention_heads": 12, "num_hidden_layers": 12, "projection_dim": 768, "vocab_size": 49408,
-}
-SD21_TEXT = {
-    **SD15_TEXT, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
-    "num_hidden_layers": 23, "projection_dim": 512,
-}

@@ -20,9 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+\nfrom ..validation import FileError
 
 
-class WeightsError(ValueError):
+class WeightsError(FileError):
     """A weight file that is missing, unreadable, or does not fit the model, with the file named."""
 
 

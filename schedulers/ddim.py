@@ -18,6 +18,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from ..validation import BOOL, NUMBER, ConfigError, check_fields, check_keys, int_at_least, one_of, optional
 from .noise import randn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -61,27 +62,15 @@ class DDIMConfig:
     thresholding: bool = False  # Imagen's dynamic thresholding is not implemented: only false is accepted
 
     def __post_init__(self):
-        def require(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"scheduler config field {name!r}: expected {what}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        require(is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1, "num_train_timesteps", "int >= 1")
-        require(is_int(self.steps_offset) and self.steps_offset >= 0, "steps_offset", "int >= 0")
-        for name in ("beta_start", "beta_end", "clip_sample_range"):
-            require(isinstance(getattr(self, name), (int, float)) and not isinstance(getattr(self, name), bool),
-                    name, "a number")
-        for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "thresholding"):
-            require(isinstance(getattr(self, name), bool), name, "true or false")
-        require(self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}")
-        require(self.prediction_type in PREDICTION_TYPES, "prediction_type", f"one of {PREDICTION_TYPES}")
-        require(self.timestep_spacing in TIMESTEP_SPACINGS, "timestep_spacing", f"one of {TIMESTEP_SPACINGS}")
-        require(not self.thresholding, "thresholding", "false (dynamic thresholding is not supported)")
-        if self.trained_betas is not None:
-            require(len(self.trained_betas) == self.num_train_timesteps, "trained_betas",
-                    f"{self.num_train_timesteps} values (num_train_timesteps)")
+        T = self.num_train_timesteps
+        check_fields(self, {
+            "num_train_timesteps": int_at_least(1), "steps_offset": int_at_least(0), "beta_start": NUMBER,
+            "beta_end": NUMBER, "clip_sample_range": NUMBER, "clip_sample": BOOL, "set_alpha_to_one": BOOL,
+            "rescale_betas_zero_snr": BOOL, "beta_schedule": one_of(BETA_SCHEDULES),
+            "prediction_type": one_of(PREDICTION_TYPES), "timestep_spacing": one_of(TIMESTEP_SPACINGS),
+            "thresholding": ((lambda v: v is False), "false (dynamic thresholding is not supported)"),
+            "trained_betas": optional(((lambda v: len(v) == T), f"{T} values (num_train_timesteps)")),
+        }, "DDIMConfig", ConfigError)
 
     @classmethod
     def from_dict(cls, d: dict, *, inverse: bool = False) -> DDIMConfig:
@@ -92,9 +81,7 @@ class DDIMConfig:
         `set_alpha_to_one`, and the forward scheduler ignores the key.
         """
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - IGNORED_KEYS - {"set_alpha_to_zero"})
-        if unknown:
-            raise ValueError(f"unknown scheduler config field(s) {unknown}; DDIM reads {sorted(names)}")
+        check_keys("scheduler", d, names, IGNORED_KEYS | {"set_alpha_to_zero"})
         kwargs = {k: v for k, v in d.items() if k in names}
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
@@ -108,7 +95,10 @@ class DDIMConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "scheduler_config.json"
-        return cls.from_dict(json.loads(path.read_text()), inverse=inverse)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), inverse=inverse)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

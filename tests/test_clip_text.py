@@ -7,7 +7,8 @@ import torch
 import transformers
 
 from diffedit.models.clip_text import CLIPTextModel
-from diffedit.models.config import SD15_TEXT, SD21_TEXT, CLIPTextConfig
+from diffedit.models.config import CLIPTextConfig
+from official_configs import SD15_TEXT, SD21_TEXT
 
 torch.set_num_threads(1)
 

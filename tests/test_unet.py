@@ -6,7 +6,8 @@ import functools
 import pytest
 import torch
 
-from diffedit.models.config import SD15_UNET, SD21_UNET, UNetConfig
+from diffedit.models.config import UNetConfig
+from official_configs import SD15_UNET, SD21_UNET
 from diffedit.models.unet import UNet2DConditionModel
 
 torch.set_num_threads(1)
