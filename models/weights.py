@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-\nfrom ..validation import FileError
+
+from ..validation import FileError
 
 
 class WeightsError(FileError):
