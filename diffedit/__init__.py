@@ -9,7 +9,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "StableDiffusion": "stable_diffusion",
-    "ModelNotFoundError": "stable_diffusion",
+    "ModelNotFoundError": "locations",
+    "SHIPPED_MODEL": "locations",
+    "EXAMPLE_IMAGE": "locations",
     "DiffEditParams": "params",
     "StableDiffusionDiffEdit": "facade",
     "edit": "api",
@@ -18,6 +20,9 @@ _EXPORTS = {
     "estimate_mask": "method",
     "invert": "method",
     "decode": "method",
+    "save_inversion": "saved_inversion",
+    "load_inversion": "saved_inversion",
+    "read_inversion_metadata": "saved_inversion",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,11 +18,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import images as imgs
+from . import image_tensors as imgs
 from . import method
-from .locations import SHIPPED_MODEL, shipped_model_installed
-from .params import DiffEditParams, layered
-from .stable_diffusion import ModelNotFoundError, StableDiffusion
+from .locations import model_location
+from .params import DiffEditParams
+from .stable_diffusion import StableDiffusion
+from .validation import shorten
 
 
 
@@ -35,29 +37,65 @@ class EditResult:
     seed: int
 
 
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Names as the command line takes them -> (device, dtype). "auto": cuda, then mps, then cpu; float16 on a
+    GPU, float32 on the CPU. A GPU that is not there is a ValueError naming the choices."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA device is available (use cpu or auto)")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps: no Apple GPU is available (use cpu or auto)")
+    elif device not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or mps")
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "float16"
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: expected auto, float32, float16 or bfloat16")
+    return torch.device(device), getattr(torch, dtype)
+
+
 def load_model(model: StableDiffusion | str | os.PathLike | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """None: the model shipped with the package; a folder or hub repo id: loaded; a StableDiffusion: as is."""
     if isinstance(model, StableDiffusion):
         return model
-    if model is None:
-        if not shipped_model_installed():
-            raise ModelNotFoundError(f"the model that ships with diffedit is not installed (expected a diffusers "
-                                     f"model folder at {SHIPPED_MODEL}); pass model=<folder or hub repo id>")
-        model = SHIPPED_MODEL
-    if isinstance(model, (str, os.PathLike)):
-        return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return StableDiffusion.from_pretrained(model_location(model), device=device, dtype=dtype)
     raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
-
-
-def resolve_params(model: StableDiffusion, **params) -> DiffEditParams:
-    """DiffEditParams() under the model's stored `edit_defaults`, under the explicit `params`."""
-    return layered(model.edit_defaults, params)
 
 
 def prompt_text(sd: StableDiffusion, prompt: str, p: DiffEditParams) -> method.TextEmbeddings:
     """One prompt with the empty negative prompt, both through `clip_skip` (defect D4's fix)."""
     return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
+
+
+def prompt_warnings(sd: StableDiffusion, named: list[tuple[str, str]]) -> list[str]:
+    """What is odd about each (label, prompt): more tokens than the text encoder reads (and from about which word
+    on they are dropped), or an empty target (a label starting with "--target" or "target")."""
+    tok = sd.tokenizer
+    room = tok.model_max_length - 2
+    messages = []
+    for label, text in named:
+        n = tok.num_tokens(text)
+        if n > room:
+            words = text.split()
+            lo, hi = 0, len(words)  # the most words that fit
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if tok.num_tokens(" ".join(words[:mid])) <= room else (lo, mid - 1)
+            messages.append(f"{label} has {n} tokens but the text encoder reads {room}: the last {n - room} are "
+                            f"dropped (from about {shorten(' '.join(words[lo:]))})")
+        if label.lstrip("-").startswith("target") and not text.strip():
+            messages.append(f"{label} is empty: the edit has no text to steer towards")
+    return messages
+
+
+def same_prompt(sd: StableDiffusion, source: str, target: str) -> bool:
+    """Whether two prompts give the same token ids (so the same text embeddings: nothing to edit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # over-long prompts: `prompt_warnings` says so
+        return bool((sd.tokenizer(source) == sd.tokenizer(target)).all())
 
 
 def model_pixels(sd: StableDiffusion, picture: PIL.Image.Image) -> torch.Tensor:
@@ -83,7 +121,7 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
     """`edit` for several targets: one inversion of the image, one mask and one decoding per target. The
     first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
     sd = load_model(model)
-    p = resolve_params(sd, **params)
+    p = DiffEditParams.for_model(sd, **params)
     if isinstance(targets, str):
         raise TypeError("targets must be a list of strings (use edit() for one target)")
     picture = imgs.load_rgb(image)
@@ -92,7 +130,7 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
     target_texts = [prompt_text(sd, target, p) for target in targets]
-    return [EditResult(image=picture, mask=imgs.mask_to_pil(latent_mask[None])[0].resize(size, PIL.Image.NEAREST),
+    return [EditResult(image=picture, mask=imgs.latent_mask_to_image(latent_mask, size),
                        guidance_map=guidance, latent_mask=latent_mask, params=p, seed=seed)
             for picture, latent_mask, guidance in edit_each(sd, pixels, size, prompt_text(sd, source, p),
                                                             target_texts, p, generator)]

@@ -17,36 +17,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import hashlib
 import json
 import math
-import os
-import re
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import __version__
-from .reading import displayed_rgb, png_bit_depth
-from .locations import SHIPPED_MODEL, looks_like_repo_id, shipped_model_installed
+from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
+from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
+from .outputs import LOSSY_FORMATS, OutputPathError, Planned, check_outputs, commit, plan_images, planned_image
+from .saved_inversion import load_inversion, read_inversion_metadata, save_inversion
+from .validation import FileError, check_readable, one_line, shorten
 
 PROG = "diffedit"
 DELEGATED = {"train": "train", "evaluate": "evaluate"}  # subcommands whose modules parse their own arguments
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
-DEFAULT_MAX_PIXELS = 2048 * 2048
-LATENTS_FORMAT = "diffedit-latents"
-LATENTS_VERSION = "1"
-_LOSSY = {"JPEG", "WEBP"}
+MAX_PIXELS_FLAG = "--max-pixels"
 
 
 class BadInput(Exception):
@@ -94,15 +89,24 @@ GUIDANCE = _number(float, 0)
 TIMESTEP = _number(int, 0)
 SEED = _number(int, 0, 2**63 - 1)
 
+# The help's examples run as written on the bundled picture with the shipped model.
+SOURCE_EXAMPLE = '"a red circle on a gray background"'
 EXAMPLES = """\
-examples:
-  diffedit edit bowl.png --source "a bowl of fruits" --target "a bowl of pears" -o pears.png
-  diffedit edit shape.png --source "a red circle" --target "a blue circle" --target "a green circle" -o out.png
-      (several targets: one inversion, one output each: out-1.png, out-2.png; or name them with {i} / {target})
-  diffedit mask shape.png --source "a red circle" --target "a red square" -o mask.png --heatmap-out heat.png
-  diffedit invert shape.png --prompt "a red circle" -o shape.safetensors
-  diffedit edit shape.png --latents shape.safetensors --mask mask.png --target "a red square" -o square.png
-"""
+examples: on the picture that ships with the package, with the shipped model
+  diffedit edit {image} \\
+      --source "a red circle on a gray background" --target "a blue circle on a gray background" -o blue.png
+  diffedit edit {image} \\
+      --source "a red circle on a gray background" --target "a blue circle on a gray background" \\
+      --target "a green circle on a gray background" -o out.png
+      (several targets: one inversion, one output each: out-1.png, out-2.png; or name them with {{i}} / {{target}})
+  diffedit mask {image} \\
+      --source "a red circle on a gray background" --target "a red square on a gray background" -o mask.png \\
+      --heatmap-out heat.png
+  diffedit invert {image} \\
+      --prompt "a red circle on a gray background" -o circle.safetensors
+  diffedit edit {image} \\
+      --latents circle.safetensors --mask mask.png --target "a red square on a gray background" -o square.png
+""".format(image=EXAMPLE_IMAGE)
 
 EDIT_EPILOG = """\
 several targets: --target may be given several times; the image is inverted once and each target gets its own
@@ -113,9 +117,10 @@ target's number, from 1) or {target} (the target text made file-name safe), e.g.
 reuse: `diffedit invert` saves the inversion, `diffedit mask` the mask; pass them with --latents / --mask. Steps,
 strength, image size and model must match the inversion's (taken from the file when not given).
 
-example:
-  diffedit edit bowl.png --source "a bowl of fruits" --target "a bowl of pears" -o pears.png --compare-out cmp.png
-"""
+example: on the picture that ships with the package
+  diffedit edit {image} --source "a red circle on a gray background" \\
+      --target "a blue circle on a gray background" -o blue.png --compare-out compare.png
+""".replace("{image}", str(EXAMPLE_IMAGE))
 
 
 def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
@@ -193,8 +198,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     mask = sub.add_parser("mask", help="estimate the edit mask only",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           description="Estimate where IMAGE must change to go from --source to --target.",
-                          epilog="example:\n  diffedit mask shape.png --source \"a red circle\" --target \"a red "
-                                 "square\" -o mask.png --heatmap-out heat.png\n")
+                          epilog=f"example:\n  diffedit mask {EXAMPLE_IMAGE} --source {SOURCE_EXAMPLE} --target \"a red "
+                                 "square on a gray background\" -o mask.png --heatmap-out heat.png\n")
     mask.add_argument("image", metavar="IMAGE")
     mask.add_argument("--source", metavar="TEXT", required=True, help="what the image shows (may be empty: \"\")")
     mask.add_argument("--target", metavar="TEXT", required=True, action="append",
@@ -210,8 +215,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Invert IMAGE (deterministic DDIM encoding conditioned on --prompt) and save "
                                         "every intermediate latent to a safetensors file.",
-                            epilog="example:\n  diffedit invert shape.png --prompt \"a red circle\" -o "
-                                   "shape.safetensors\n")
+                            epilog=f"example:\n  diffedit invert {EXAMPLE_IMAGE} --prompt {SOURCE_EXAMPLE} -o "
+                                   "circle.safetensors\n")
     invert.add_argument("image", metavar="IMAGE")
     invert.add_argument("--prompt", metavar="TEXT", required=True, help="what the image shows (the edit's --source)")
     invert.add_argument("-o", "--output", required=True, metavar="LATENTS", help="output .safetensors file")
@@ -257,230 +262,23 @@ class Reporter:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading the input image (and a given mask)
-
-
-def _check_input_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise BadInput(f"{what} {path} does not exist" + (" (a broken link)" if path.is_symlink() else ""))
-    if path.is_dir():
-        raise BadInput(f"{what} {path} is a folder, not a file")
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except OSError as e:
-        raise BadInput(f"cannot read {what} {path}: {e.strerror or e}") from None
-
-
-def open_image(path: Path, what: str, max_pixels: int) -> Image.Image:
-    """Open and fully decode an image, turning every way it can fail into one BadInput line."""
-    _check_input_file(path, what)
-    Image.MAX_IMAGE_PIXELS = None  # our own limit (--max-pixels) is checked before decoding
-    try:
-        img = Image.open(path)
-    except UnidentifiedImageError:
-        raise BadInput(f"{what} {path} is not an image (or not in a format Pillow reads)") from None
-    except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on corrupt headers
-        raise BadInput(f"{what} {path} is corrupt: {e}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        s = math.sqrt(max_pixels / (w * h))
-        raise BadInput(f"{what} {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), over --max-pixels {max_pixels}: "
-                       f"downscale it (to {max(1, int(w * s))}x{max(1, int(h * s))} or less) or pass "
-                       f"--max-pixels {w * h}")
-    try:
-        img.load()
-    except Exception as e:  # noqa: BLE001 - truncated data: OSError; some plugins SyntaxError, ValueError, EOFError
-        raise BadInput(f"{what} {path} is truncated or corrupt ({e})") from None
-    return img
-
-
-def read_image(path: Path, max_pixels: int, report: Reporter) -> Image.Image:
-    """The input as 8-bit RGB at its displayed orientation; every conversion is noted."""
-    img = open_image(path, "input image", max_pixels)
-    return displayed_rgb(img, path.name, report.note, png_bit_depth(path))
-
-
-def read_mask(path: Path, size: tuple[int, int], max_pixels: int) -> Image.Image:
-    """A mask file (white / non-zero = edited) of the input image's size, as a binary "L" image (0 / 255)."""
-    img = open_image(path, "mask", max_pixels)
-    if img.size != size:
-        raise BadInput(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        a = a / (a.max() or 1.0)
-    else:
-        a = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    return Image.fromarray(((a >= 0.5) * 255).astype(np.uint8), "L")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output paths
-
-
-@dataclass
-class Planned:
-    """One file the run will write: its final path and how to make it (set once the run has the data)."""
-
-    path: Path
-    what: str
-    write: Callable[[Path], None] | None = None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "empty"
-
-
-def expand_names(pattern: str, targets: list[str]) -> list[Path]:
-    """One path per target: {i} / {target} placeholders filled in, else "-1", "-2" ... before the extension when
-    there are several targets."""
-    if "{i}" in pattern or "{target}" in pattern:
-        return [Path(pattern.replace("{i}", str(i)).replace("{target}", _slug(t))) for i, t in enumerate(targets, 1)]
-    path = Path(pattern)
-    if len(targets) == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, len(targets) + 1)]
-
-
-def image_format(path: Path, what: str) -> str:
-    """The Pillow format an output's extension names, refused when Pillow cannot write it."""
-    formats = Image.registered_extensions()
-    fmt = formats.get(path.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise BadInput(f"{what} {path}: unknown image extension {path.suffix!r} (use .png, .jpg, .webp, .bmp or "
-                       ".tif)")
-    return fmt
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
-def check_outputs(planned: list[Planned], inputs: dict[str, Path], force: bool) -> None:
-    """Every output: a writable file path in an existing folder, distinct from the others, not an input (unless
-    --force)."""
-    seen: dict[str, Planned] = {}
-    for p in planned:
-        if p.path.is_dir():
-            raise BadInput(f"{p.what} {p.path} is a folder; give a file name")
-        folder = p.path.parent
-        if not folder.exists():
-            raise BadInput(f"output folder {folder} does not exist (create it first)")
-        if not folder.is_dir():
-            raise BadInput(f"{p.what} {p.path}: {folder} is not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise BadInput(f"output folder {folder} is not writable")
-        key = os.path.normcase(os.path.abspath(p.path))
-        if key in seen:
-            raise BadInput(f"{seen[key].what} and {p.what} would both be written to {p.path}")
-        seen[key] = p
-        for label, path in inputs.items():
-            if _same_file(p.path, path) and not force:
-                raise BadInput(f"{p.what} {p.path} is the {label}; pass --force to overwrite it")
-
-
-def commit(planned: list[Planned]) -> None:
-    """Write every output to a temporary file beside it, then rename them all into place; on any failure remove
-    the temporary files and leave the destinations untouched."""
-    temps: list[tuple[str, Path]] = []
-    try:
-        for p in planned:
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.path.name}.", suffix=".part", dir=p.path.parent)
-            os.close(fd)
-            temps.append((tmp, p.path))
-            p.write(Path(tmp))
-            mode = os.stat(p.path).st_mode & 0o777 if p.path.exists() else 0o666 & ~_umask()
-            os.chmod(tmp, mode)
-        for tmp, dest in temps:
-            os.replace(tmp, dest)
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def image_writer(img: Image.Image, fmt: str) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        img.save(tmp, format=fmt, **({"quality": 95} if fmt in _LOSSY else {}))
-
-    return write
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Model
 
 
 def check_model_argument(model: str | None) -> str:
-    """Cheap checks before torch is imported: a folder that exists, or something shaped like a hub repo id."""
-    if model is None:
-        if not shipped_model_installed():
-            raise BadInput(f"the shipped model is missing ({SHIPPED_MODEL}); pass --model FOLDER_OR_REPO_ID")
-        return str(SHIPPED_MODEL)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists():
-        raise BadInput(f"--model {model} is a file; give the folder that holds model_index.json")
-    if not looks_like_repo_id(model):
-        raise BadInput(f"model folder {model} does not exist (give a diffusers model folder or a hub repo id)")
-    return model
+    """Cheap checks before torch is imported: the shipped model, a folder that exists, or something shaped like a
+    hub repo id (a ModelNotFoundError otherwise: bad input)."""
+    return str(model_location(model))
 
 
-def pick_device(name: str, dtype_name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    elif name == "mps" and not torch.backends.mps.is_available():
-        raise BadInput("--device mps: no Apple GPU is available (use --device cpu or auto)")
-    if dtype_name == "auto":
-        dtype_name = "float32" if name == "cpu" else "float16"
-    return torch.device(name), getattr(torch, dtype_name)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
-
-
-def load_model(model: str, device, dtype):
-    from .models.config import ConfigError
-    from .models.weights import WeightsError
-    from .stable_diffusion import ModelNotFoundError, StableDiffusion
+def load_or_refuse(model: str, device, dtype):
+    """The model, or one line of bad input naming every way its folder is unusable."""
+    from .stable_diffusion import StableDiffusion
 
     try:
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
-    except (ModelNotFoundError, WeightsError, ConfigError) as e:  # every way a model folder can be unusable
-        raise BadInput(f"cannot load model {model}: {_one_line(e)}") from e
-
-
-def model_fingerprint(folder: Path) -> str:
-    """A cheap identity of a model folder: its configs and, for each weight file, its size and first and last
-    64 KiB. Equal for a moved or copied model, different for retrained weights."""
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*/*")):
-        if f.name.endswith(".json") and f.parent.name != "tokenizer":
-            h.update(f"{f.parent.name}/{f.name}".encode())
-            h.update(f.read_bytes())
-        elif f.suffix == ".safetensors":
-            size = f.stat().st_size
-            h.update(f"{f.parent.name}/{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(65536))
-                fh.seek(max(0, size - 65536))
-                h.update(fh.read(65536))
-    return h.hexdigest()[:16]
+    except (ModelNotFoundError, FileError) as e:  # missing, or a config or weight file it cannot use
+        raise BadInput(f"cannot load model {model}: {one_line(e)}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -505,16 +303,12 @@ def explicit_params(args) -> dict:
 
 def local_edit_defaults(model: str) -> dict:
     """A local model folder's diffedit.json, read before the model is loaded (a hub model's comes with it)."""
-    path = Path(model).expanduser() / "diffedit.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"the model's edit defaults {path} are unreadable: {e}") from None
+    from .params import read_edit_defaults
+
+    return read_edit_defaults(Path(model).expanduser())
 
 
-def resolve_params(explicit: dict, edit_defaults: dict, reference: bool, uses: tuple[str, ...]):
+def command_params(explicit: dict, edit_defaults: dict, reference: bool, uses: tuple[str, ...]):
     """The run's DiffEditParams; `uses` names the steps run ("mask", "invert", "decode") whose step counts are
     checked: a strength with int(steps x strength) = 0 would run no step."""
     from .params import CORRECTIONS, layered
@@ -522,7 +316,7 @@ def resolve_params(explicit: dict, edit_defaults: dict, reference: bool, uses: t
     try:
         p = layered(edit_defaults, explicit)
     except (TypeError, ValueError) as e:
-        raise BadInput(_one_line(e)) from None
+        raise BadInput(one_line(e)) from None
     if reference:  # the flags name no correction, so turning them all off last is the same as in between
         p = p.updated({name: False for name in CORRECTIONS.values()})
     n = p.num_inference_steps
@@ -543,31 +337,7 @@ def params_summary(p) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Saved inversions: a safetensors file with the latents and, in its metadata, what they are compatible with
-
-
-def read_latents_metadata(path: Path) -> dict:
-    """The metadata of a file written by `diffedit invert`, checked before anything heavy is loaded."""
-    _check_input_file(path, "latents file")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta, keys = f.metadata() or {}, set(f.keys())
-    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: not a safetensors file, or truncated
-        raise BadInput(f"latents file {path} is not a safetensors file or is corrupt ({_one_line(e)})") from None
-    if meta.get("format") != LATENTS_FORMAT or not {"latents", "timesteps", "clean"} <= keys:
-        raise BadInput(f"{path} is not a latents file written by `diffedit invert`")
-    if meta.get("version") != LATENTS_VERSION:
-        raise BadInput(f"latents file {path} has version {meta.get('version')}; this diffedit reads version "
-                       f"{LATENTS_VERSION} (invert again)")
-    try:
-        for key in ("steps", "width", "height"):
-            meta[key] = int(meta[key])
-        meta["strength"], meta["guidance"] = float(meta["strength"]), float(meta["guidance"])
-    except (KeyError, ValueError) as e:
-        raise BadInput(f"latents file {path} has damaged metadata ({e})") from None
-    return meta
+# Saved inversions (diffedit.saved_inversion): the file's settings become the run's
 
 
 def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, int]) -> None:
@@ -585,38 +355,12 @@ def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, 
                            f"drop {name} (the file's value is used) or invert again")
 
 
-def save_latents(inversion, meta: dict) -> Callable[[Path], None]:
-    from safetensors.torch import save_file
-
-    tensors = {"latents": inversion.latents[0].float().cpu().contiguous(),  # (T, C, h, w)
-               "timesteps": inversion.timesteps.cpu().contiguous(),  # (T,)
-               "clean": inversion.clean[0].float().cpu().contiguous()}  # (C, h, w)
-    strings = {k: str(v) for k, v in meta.items()}
-    return lambda tmp: save_file(tensors, str(tmp), metadata=strings)
-
-
-def load_latents(path: Path, sd):
-    from safetensors.torch import load_file
-
-    from .method import Inversion
-
-    try:
-        t = load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise BadInput(f"latents file {path} is truncated or corrupt ({_one_line(e)})") from None
-    latents, timesteps, clean = t["latents"], t["timesteps"], t["clean"]
-    if latents.ndim != 4 or clean.shape != latents.shape[1:] or timesteps.shape != latents.shape[:1]:
-        raise BadInput(f"latents file {path} holds tensors of unexpected shapes")
-    device, dtype = sd.device, sd.dtype
-    return Inversion(latents[None].to(device, dtype), timesteps.long(), clean[None].to(device, dtype))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # A run: what every command shares once the arguments are read
 
 
 @dataclass
-class Run:
+class CommandRun:
     args: argparse.Namespace
     report: Reporter
     started: float = field(default_factory=time.perf_counter)
@@ -639,42 +383,34 @@ class Run:
 
     def load(self, model: str, params_uses: tuple[str, ...]):
         """Device and dtype, the model, and the parameters with the model's own defaults."""
-        device, dtype = pick_device(self.args.device, self.args.dtype)
+        from .api import pick_device
+
+        try:
+            device, dtype = pick_device(self.args.device, self.args.dtype)
+        except ValueError as e:
+            raise BadInput(f"--{e}") from None
         with self.timed("load_model"):
-            self.sd = load_model(model, device, dtype)
+            self.sd = load_or_refuse(model, device, dtype)
         self.model = model
-        return resolve_params(explicit_params(self.args), self.sd.edit_defaults, self.args.reference_behaviour,
+        return command_params(explicit_params(self.args), self.sd.edit_defaults, self.args.reference_behaviour,
                               params_uses)
 
     def check_prompts(self, named: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:
         """Warn about empty and over-long prompts, and source / target pairs that say the same thing."""
-        tok = self.sd.tokenizer
-        room = tok.model_max_length - 2
-        for flag, text in named:
-            n = tok.num_tokens(text)
-            if n > room:
-                words = text.split()
-                lo, hi = 0, len(words)  # the most words that fit
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    lo, hi = (mid, hi) if tok.num_tokens(" ".join(words[:mid])) <= room else (lo, mid - 1)
-                self.report.warn(f"{flag} has {n} tokens but the text encoder reads {room}: the last {n - room} "
-                                 f"are dropped (from about {_shorten(' '.join(words[lo:]))})")
-            if flag.startswith("--target") and not text.strip():
-                self.report.warn(f"{flag} is empty: the edit has no text to steer towards")
+        from .api import prompt_warnings, same_prompt
+
+        for message in prompt_warnings(self.sd, named):
+            self.report.warn(message)
         for source, target in pairs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # over-long prompts: said above
-                same = source is not None and bool((tok(source) == tok(target)).all())
-            if same:
+            if source is not None and same_prompt(self.sd, source, target):
                 self.identical = True
                 full = " (with --reference-behaviour the mask is full instead: diffusers' 0/0, defect D3)"
-                self.report.warn(f"--source and --target say the same thing ({_shorten(target)}): nothing to "
+                self.report.warn(f"--source and --target say the same thing ({shorten(target)}): nothing to "
                                  "edit, the mask is empty" + (full if self.args.reference_behaviour else ""))
 
     def note_sizes(self) -> tuple[int, int]:
         """The working size (sides a multiple of the VAE factor), noted when it differs from the input's."""
-        from .images import working_size
+        from .image_tensors import working_size
 
         f = self.sd.vae_scale_factor
         size = working_size(self.image.size, f)
@@ -708,7 +444,7 @@ class Run:
 
         def show(message, category, filename, lineno, file=None, line=None):
             if not any(s in str(message) for s in own):
-                self.report.warn(_one_line(message))
+                self.report.warn(one_line(message))
 
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -725,6 +461,20 @@ class Run:
                "notes": self.report.notes, "warnings": self.report.warnings, "timings": self.timings}
         return out
 
+    def write_masked(self, planned: list[Planned], command: str, params, outputs: list[dict], extra: dict) -> dict:
+        """Write the planned outputs, all or nothing; say so with each mask's coverage; the JSON summary."""
+        with self.timed("write"):
+            commit(planned)
+        summary = self.summary(command, params, outputs, extra)
+        coverage = ", ".join(f"{o['mask_coverage']:.0%}" for o in outputs)
+        self.say_done([o.path for o in planned], f" (mask {coverage} of the image)")
+        return summary
+
+    def read_image(self, path: Path) -> Image.Image:
+        """The input image (--max-pixels checked), every conversion noted."""
+        self.image = read_image(path, self.report.note, self.args.max_pixels, MAX_PIXELS_FLAG)
+        return self.image
+
     def say_done(self, written: list[Path], detail: str) -> None:
         if self.report.quiet:
             return
@@ -734,60 +484,22 @@ class Run:
         print(f"{PROG}: wrote {names}{detail} in {t['total']:.1f} s ({parts})", file=sys.stderr)
 
 
-def _shorten(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def latent_mask_from_image(mask: Image.Image, working: tuple[int, int], factor: int) -> np.ndarray:
-    """A binary mask at the image's size -> (h, w) bool at latent resolution: each latent cell is in the mask when
-    at least half of its pixels are (exact for masks written by this command)."""
-    m = np.asarray(mask.resize(working, Image.Resampling.NEAREST)) >= 128
-    h, w = working[1] // factor, working[0] // factor
-    return m.reshape(h, factor, w, factor).mean(axis=(1, 3)) >= 0.5  # (h, w)
-
-
-def mask_image(latent_mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """(h, w) bool at latent resolution -> "L" mask (0 / 255) at the image's size, nearest-neighbour."""
-    return Image.fromarray(latent_mask.astype(np.uint8) * 255, "L").resize(size, Image.Resampling.NEAREST)
-
-
 def _check_model_or_latents_model(args, meta: dict | None) -> str:
     """--model, else the model a latents file was inverted with, else the shipped model."""
     if args.model is None and meta is not None and meta.get("model"):
         try:
             return check_model_argument(meta["model"])
-        except BadInput:
+        except ModelNotFoundError:
             raise BadInput(f"{args.latents} was inverted with model {meta['model']}, which is not found here; "
                            "pass --model") from None
     return check_model_argument(args.model)
-
-
-def check_model_identity(meta: dict, path: Path, model: str) -> None:
-    from .stable_diffusion import resolve_model_folder
-
-    if meta.get("model_fingerprint") != model_fingerprint(resolve_model_folder(model)):
-        raise BadInput(f"{path} was inverted with another model ({meta.get('model')}) than {model}: pass that "
-                       "--model or invert again")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Commands
 
 
-def plan_images(outs: list[tuple[str, str | None]], targets: list[str], inputs: dict[str, Path],
-                force: bool) -> dict[str, list[tuple[Path, str]]]:
-    """Image outputs by option: one (path, Pillow format) per target, checked (see `check_outputs`)."""
-    paths = {what: expand_names(pattern, targets) for what, pattern in outs if pattern is not None}
-    check_outputs([Planned(path, what) for what, ps in paths.items() for path in ps], inputs, force)
-    return {what: [(path, image_format(path, what)) for path in ps] for what, ps in paths.items()}
-
-
-def planned_image(plan: dict, what: str, i: int, img: Image.Image) -> Planned:
-    path, fmt = plan[what][i]
-    return Planned(path, what, image_writer(img, fmt))
-
-
-def run_edits(run: Run, p, targets: list[str], source: str | None, fixed_mask: np.ndarray | None,
+def edit_with_progress(run: CommandRun, p, targets: list[str], source: str | None, fixed_mask: np.ndarray | None,
               inversion=None) -> list[tuple[Image.Image, np.ndarray, np.ndarray | None]]:
     """`api.edit_each` with a progress bar and timings: (edited image at the input's size, latent mask, guidance
     map or None) per target, so the same seed gives `api.edit_targets`' images."""
@@ -822,51 +534,53 @@ def _flag_names(targets: list[str]) -> list[str]:
 
 
 def cmd_edit(args, report: Reporter) -> dict:
-    run, targets, image_path = Run(args, report), args.target, Path(args.image)
+    run, targets, image_path = CommandRun(args, report), args.target, Path(args.image)
     # Arguments and paths (no torch yet)
     if args.source is None and not (args.mask and args.latents):
         raise BadInput("edit needs --source (what the image shows; may be \"\") unless --latents and --mask give "
                        "the inversion and the mask")
-    _check_input_file(image_path, "input image")
-    meta = read_latents_metadata(Path(args.latents)) if args.latents else None
+    check_readable(image_path, "input image", ImageFileError)
+    meta = read_inversion_metadata(Path(args.latents)) if args.latents else None
     inputs = {"input image": image_path, **({"latents file": Path(args.latents)} if args.latents else {}),
               **({"mask file": Path(args.mask)} if args.mask else {})}
     plan = plan_images([("output", args.output), ("--mask-out", args.mask_out), ("--compare-out", args.compare_out)],
-                       targets, inputs, args.force)
-    if any(fmt in _LOSSY for _, fmt in plan.get("--mask-out", [])):
+                       targets, inputs, args.force, "pass --force")
+    if any(fmt in LOSSY_FORMATS for _, fmt in plan.get("--mask-out", [])):
         report.note("--mask-out in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = _check_model_or_latents_model(args, meta)
     # Inputs
-    run.image = read_image(image_path, args.max_pixels, report)
+    run.read_image(image_path)
     if meta is not None:
         apply_latents_metadata(meta, Path(args.latents), args, run.image.size)
-    given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels) if args.mask else None
+    given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG) if args.mask else None
     uses = ("decode",) + (() if given_mask is not None else ("mask",)) + (() if meta else ("invert",))
-    resolve_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, uses)
+    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, uses)
     # Model, and the checks that need it
     p = run.load(model, uses)
     if meta is not None:
-        check_model_identity(meta, Path(args.latents), model)
         if args.source is not None and args.source != meta.get("prompt"):
-            report.note(f"the inversion in {args.latents} was conditioned on {_shorten(meta.get('prompt', ''))}; "
-                        f"--source {_shorten(args.source)} is used for the mask only")
+            report.note(f"the inversion in {args.latents} was conditioned on {shorten(meta.get('prompt', ''))}; "
+                        f"--source {shorten(args.source)} is used for the mask only")
     named = ([("--source", args.source)] if args.source is not None else []) + list(zip(_flag_names(targets), targets))
     run.check_prompts(named, [] if given_mask is not None else [(args.source, t) for t in targets])
     working = run.note_sizes()
+    from . import image_tensors
+
     fixed_mask = None
     if given_mask is not None:
-        fixed_mask = latent_mask_from_image(given_mask, working, run.sd.vae_scale_factor)
+        fixed_mask = image_tensors.latent_mask_from_image(given_mask, working, run.sd.vae_scale_factor)
         if not fixed_mask.any():
             report.warn(f"the mask {args.mask} is empty: the output is the input, re-encoded")
     # The method
-    inversion = load_latents(Path(args.latents), run.sd) if meta else None
-    results = run_edits(run, p, targets, args.source, fixed_mask, inversion)
+    inversion = load_inversion(Path(args.latents), run.sd)[0] if meta else None
+    results = edit_with_progress(run, p, targets, args.source, fixed_mask, inversion)
     # Outputs, all or nothing
-    from .pictures import compare_strip
+    from .figures import compare_strip
 
     planned, outputs = [], []
     for i, (target, (edited, latent_mask, guidance)) in enumerate(zip(targets, results)):
-        full_mask = given_mask if given_mask is not None else mask_image(latent_mask, run.image.size)
+        full_mask = (given_mask if given_mask is not None
+                     else image_tensors.latent_mask_to_image(latent_mask, run.image.size))
         entry = _coverage({"target": target, "image": str(plan["output"][i][0])}, full_mask, latent_mask)
         planned.append(planned_image(plan, "output", i, edited))
         if "--mask-out" in plan:
@@ -877,32 +591,28 @@ def cmd_edit(args, report: Reporter) -> dict:
             sheet = compare_strip(run.image, edited, full_mask, guidance, target=target, guidance_vmax=1.0)
             planned.append(planned_image(plan, "--compare-out", i, sheet))
         outputs.append(entry)
-    with run.timed("write"):
-        commit(planned)
-    summary = run.summary("edit", p, outputs, {"source": args.source, "latents": args.latents, "mask": args.mask})
-    coverage = ", ".join(f"{o['mask_coverage']:.0%}" for o in outputs)
-    run.say_done([o.path for o in planned], f" (mask {coverage} of the image)")
-    return summary
+    return run.write_masked(planned, "edit", p, outputs, {"source": args.source, "latents": args.latents,
+                                                          "mask": args.mask})
 
 
 def cmd_mask(args, report: Reporter) -> dict:
-    run, targets, image_path = Run(args, report), args.target, Path(args.image)
+    run, targets, image_path = CommandRun(args, report), args.target, Path(args.image)
     # Arguments and paths (no torch yet)
-    _check_input_file(image_path, "input image")
+    check_readable(image_path, "input image", ImageFileError)
     plan = plan_images([("output", args.output), ("--heatmap-out", args.heatmap_out)], targets,
-                       {"input image": image_path}, args.force)
-    if any(fmt in _LOSSY for _, fmt in plan["output"]):
+                       {"input image": image_path}, args.force, "pass --force")
+    if any(fmt in LOSSY_FORMATS for _, fmt in plan["output"]):
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = check_model_argument(args.model)
-    run.image = read_image(image_path, args.max_pixels, report)
-    resolve_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("mask",))
+    run.read_image(image_path)
+    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("mask",))
     # Model, checks, the method
     p = run.load(model, ("mask",))
     run.check_prompts([("--source", args.source)] + list(zip(_flag_names(targets), targets)),
                       [(args.source, t) for t in targets])
     run.note_sizes()
-    from . import method
-    from .pictures import heat_map
+    from . import image_tensors, method
+    from .figures import heat_map
 
     pixels, generator = run.pixels(), run.generator()
     planned, outputs = [], []
@@ -913,7 +623,7 @@ def cmd_mask(args, report: Reporter) -> dict:
                 est = method.estimate_mask(run.sd, pixels, source_text, run.text(target, p), p, generator)
             bar.update(1)
             latent_mask = est.mask[0].cpu().numpy().astype(bool)  # (h, w)
-            full_mask = mask_image(latent_mask, run.image.size)
+            full_mask = image_tensors.latent_mask_to_image(latent_mask, run.image.size)
             entry = _coverage({"target": target, "mask": str(plan["output"][i][0])}, full_mask, latent_mask)
             planned.append(planned_image(plan, "output", i, full_mask))
             if "--heatmap-out" in plan:
@@ -921,48 +631,35 @@ def cmd_mask(args, report: Reporter) -> dict:
                 entry["heatmap"] = str(plan["--heatmap-out"][i][0])
                 planned.append(planned_image(plan, "--heatmap-out", i, heat))
             outputs.append(entry)
-    # Outputs, all or nothing
-    with run.timed("write"):
-        commit(planned)
-    summary = run.summary("mask", p, outputs, {"source": args.source})
-    coverage = ", ".join(f"{o['mask_coverage']:.0%}" for o in outputs)
-    run.say_done([o.path for o in planned], f" (mask {coverage} of the image)")
-    return summary
+    return run.write_masked(planned, "mask", p, outputs, {"source": args.source})
 
 
 def cmd_invert(args, report: Reporter) -> dict:
-    run = Run(args, report)
+    run = CommandRun(args, report)
     image_path, out = Path(args.image), Path(args.output)
-    _check_input_file(image_path, "input image")
-    check_outputs([Planned(out, "output")], {"input image": image_path}, args.force)
+    check_readable(image_path, "input image", ImageFileError)
+    check_outputs([Planned(out, "output")], {"input image": image_path}, args.force, "pass --force")
     if out.suffix.lower() != ".safetensors":
         raise BadInput(f"output {out}: latents are saved as .safetensors (name it e.g. "
                        f"{out.with_suffix('.safetensors')})")
     model = check_model_argument(args.model)
-    run.image = read_image(image_path, args.max_pixels, report)
-    resolve_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("invert",))
+    run.read_image(image_path)
+    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("invert",))
     p = run.load(model, ("invert",))
     run.check_prompts([("--prompt", args.prompt)], [])
     if not args.prompt.strip():
         report.note("empty --prompt: the inversion is unconditional")
-    working = run.note_sizes()
+    run.note_sizes()
     from . import method
-    from .stable_diffusion import resolve_model_folder
 
     T = int(p.num_inference_steps * p.inpaint_strength)
     with run.warnings_as_lines(), report.progress(T, "inversion") as bar:
         with run.timed("invert"):
             inversion = method.invert(run.sd, run.pixels(), run.text(args.prompt, p), p, run.generator(),
                                       callback=lambda *_: bar.update(1))
-    recorded = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
-    meta = {"format": LATENTS_FORMAT, "version": LATENTS_VERSION, "model": recorded,
-            "model_fingerprint": model_fingerprint(resolve_model_folder(model)), "steps": p.num_inference_steps,
-            "strength": p.inpaint_strength, "width": run.image.width, "height": run.image.height,
-            "working_width": working[0], "working_height": working[1], "prompt": args.prompt,
-            "guidance": p.inversion_guidance_scale, "seed": args.seed,
-            "mode": "reference" if args.reference_behaviour else "corrected", "diffedit_version": __version__}
     with run.timed("write"):
-        commit([Planned(out, "output", save_latents(inversion, meta))])
+        save_inversion(out, inversion, model=run.sd, params=p, image_size=run.image.size, prompt=args.prompt,
+                       seed=args.seed)
     entry = {"latents": str(out), "num_latents": int(inversion.latents.shape[1]),
              "latent_shape": list(inversion.latents.shape[2:])}
     summary = run.summary("invert", p, [entry], {"prompt": args.prompt})
@@ -991,12 +688,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if args.json:
             print(json.dumps(summary, indent=2))
         return 0
-    except BadInput as e:
+    except (BadInput, FileError, OutputPathError, ModelNotFoundError) as e:  # the input's fault: exit 2
         if debug:
             import traceback
 
             traceback.print_exception(e)
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
@@ -1007,6 +704,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         hint = ""
         if "out of memory" in str(e).lower():
             hint = " (try --dtype float16, a smaller image, or --device cpu)"
-        print(f"{PROG}: error: {type(e).__name__}: {_one_line(e)}{hint} (run with --debug for the traceback)",
+        print(f"{PROG}: error: {type(e).__name__}: {one_line(e)}{hint} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE

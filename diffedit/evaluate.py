@@ -113,7 +113,7 @@ def judge(edit: shapes.Edit, result: np.ndarray) -> tuple[bool, shapes.Classific
 # --------------------------------------------------------------------------------------------------- run
 
 
-def run_edits(model, edits: list[shapes.Edit], seed: int, params: dict, progress: bool = True) -> list[dict]:
+def score_edits(model, edits: list[shapes.Edit], seed: int, params: dict, progress: bool = True) -> list[dict]:
     """Edit each source render into its target caption; one record of metrics per edit."""
     from tqdm import tqdm
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     model = StableDiffusion.from_pretrained(folder, device=args.device)
     params = dict(args.param)
     edits = heldout_edits(args.n, args.seed)
-    records = run_edits(model, edits, args.seed, params, progress=not args.quiet)
+    records = score_edits(model, edits, args.seed, params, progress=not args.quiet)
     summary = summarize(records)
     timing_applies = args.device == "cpu" and args.threads == 1
 

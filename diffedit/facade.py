@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import images as imgs
+from . import image_tensors as imgs
 from . import method
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion

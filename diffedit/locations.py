@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "shapes-sd"  # the model that ships with the package
+EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "examples" / "red_circle.png"  # a picture of its world, 64x64
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or hub repo that cannot be found or fetched."""
 
 
 def looks_like_repo_id(text: str) -> bool:
@@ -16,3 +22,24 @@ def looks_like_repo_id(text: str) -> bool:
 
 def shipped_model_installed() -> bool:
     return (SHIPPED_MODEL / "model_index.json").is_file()
+
+
+def model_location(path_or_repo_id: str | os.PathLike | None) -> Path | str:
+    """None: the shipped model's folder; an existing folder: as a Path; something shaped like a hub repo id: as
+    is (whether the hub has it is found out when it is fetched). Anything else is a ModelNotFoundError."""
+    if path_or_repo_id is None:
+        if not shipped_model_installed():
+            raise ModelNotFoundError(f"the model that ships with diffedit is not installed (expected a diffusers "
+                                     f"model folder at {SHIPPED_MODEL}); pass a model folder or hub repo id")
+        return SHIPPED_MODEL
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists():
+        raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json")
+    if not looks_like_repo_id(text):
+        raise ModelNotFoundError(f"model folder {text} does not exist (not found here, and not shaped like a hub "
+                                 "repo id such as stabilityai/stable-diffusion-2-1): give a diffusers model folder "
+                                 "or a repo id")
+    return text

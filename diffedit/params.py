@@ -5,7 +5,7 @@ The numbers default to those of the paper as diffusers 0.42.1's `StableDiffusion
 encoding ratio r = 0.8, 50 DDIM steps; the clamp at 3x the mean difference is diffusers' way of rescaling the map to
 [0, 1] before the 0.5 threshold).
 
-The boolean fields are the corrections of the reference's defects D1-D9 (DESIGN.md §2). They are on here, which is
+The boolean fields are the corrections of the reference's defects D1-D9 (docs/design.md §2). They are on here, which is
 what the one-call API and the command line run; the diffusers-compatible facade turns them all off
 (`DiffEditParams.reference()`), so it gives diffusers' numbers for the same weights, inputs and seed.
 """
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from .validation import BOOL, POSITIVE, check_fields, int_at_least, number_at_least, number_in, optional
+import json
+from pathlib import Path
 
-# Which field corrects which defect of the reference (DESIGN.md §2).
+from .validation import BOOL, ConfigError, POSITIVE, check_fields, int_at_least, number_at_least, number_in, optional
+
+# Which field corrects which defect of the reference (docs/design.md §2).
 CORRECTIONS = {
     "D1": "paste_matching_step",
     "D2": "per_image_mask_scale",
@@ -89,6 +92,12 @@ class DiffEditParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_model(cls, model, **overrides) -> DiffEditParams:
+        """What the one-call API and the command line run with `model` (a StableDiffusion): the defaults, under
+        the model's stored editing defaults (its diffedit.json, `model.edit_defaults`), under `overrides`."""
+        return layered(model.edit_defaults, overrides)
+
 
 _RULES = {
     **{name: int_at_least(1) for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls")},
@@ -100,6 +109,24 @@ _RULES = {
     "clip_skip": optional(int_at_least(0)),
     **{name: BOOL for name in CORRECTIONS.values()},
 }
+
+
+EDIT_DEFAULTS_FILE = "diffedit.json"  # editing defaults stored in a model folder (the shipped model has them)
+
+
+def read_edit_defaults(folder: Path) -> dict:
+    """A model folder's stored editing defaults (its diffedit.json: DiffEditParams fields), {} when it has none.
+    Torch-free, so the command line reads them before loading the model."""
+    path = Path(folder) / EDIT_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: expected an object of DiffEditParams fields, got {type(defaults).__name__}")
+    return defaults
 
 
 def layered(edit_defaults: dict, overrides: dict) -> DiffEditParams:

@@ -7,14 +7,14 @@ repos ship none, so we build the inverse DDIM from the forward scheduler's confi
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .locations import looks_like_repo_id
+from .locations import ModelNotFoundError, model_location
+from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.tokenizer import CLIPTokenizer
@@ -23,12 +23,7 @@ from .models.vae import AutoencoderKL
 from .models.weights import WeightsError, component_weights, load_state
 from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 
-EDIT_DEFAULTS_FILE = "diffedit.json"  # editing defaults stored with a model (the shipped one has them)
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model folder or hub repo that cannot be found or fetched."""
 
 
 @dataclass
@@ -42,7 +37,8 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     inverse_scheduler: DDIMInverseScheduler
     edit_defaults: dict = field(default_factory=dict)
-    source: str = ""
+    source: str = ""  # what it was loaded from, as given: a folder or a hub repo id
+    folder: Path | None = None  # the local folder it was loaded from (a hub repo's cache snapshot); None if built
 
     @property
     def vae_scale_factor(self) -> int:
@@ -81,7 +77,6 @@ class StableDiffusion:
         inverse_file = folder / "inverse_scheduler" / "scheduler_config.json"
         inverse_config = (_read(inverse_file, lambda: DDIMConfig.from_file(inverse_file, inverse=True))
                           if inverse_file.is_file() else scheduler_config)
-        defaults_file = folder / EDIT_DEFAULTS_FILE
         return cls(
             tokenizer=_read(folder / "tokenizer", lambda: CLIPTokenizer.from_folder(folder / "tokenizer")),
             text_encoder=build("text_encoder", CLIPTextModel, CLIPTextConfig, "transformers"),
@@ -89,9 +84,9 @@ class StableDiffusion:
             vae=build("vae", AutoencoderKL, VAEConfig, "diffusers"),
             scheduler=DDIMScheduler(scheduler_config),
             inverse_scheduler=DDIMInverseScheduler(inverse_config),
-            edit_defaults=_read(defaults_file, lambda: json.loads(defaults_file.read_text()))
-            if defaults_file.is_file() else {},
+            edit_defaults=read_edit_defaults(folder),
             source=str(path_or_repo_id),
+            folder=folder,
         )
 
 
@@ -121,15 +116,10 @@ def _allow_patterns(variant: str | None) -> list[str]:
 def resolve_model_folder(path_or_repo_id: str | os.PathLike, revision: str | None = None,
                          variant: str | None = None) -> Path:
     """A local folder as is; otherwise a hub repo id fetched (or found in the cache) with huggingface_hub."""
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_repo_id)
-    if path.exists():
-        raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json")
-    if not looks_like_repo_id(text):
-        raise ModelNotFoundError(f"model folder {text} not found (give a diffusers model folder or a hub repo id "
-                                 "such as stabilityai/stable-diffusion-2-1)")
+    location = model_location(path_or_repo_id)
+    if isinstance(location, Path):
+        return location
+    text = location
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -43,7 +43,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -57,137 +56,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import shapes
+from .locations import SHIPPED_MODEL
 from .models.clip_text import CLIPTextModel
-from .models.config import CLIPTextConfig, UNetConfig, VAEConfig
-from .models.tokenizer import VOCAB_DIR as CLIP_VOCAB_DIR
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
-from .models.weights import save_component
 from .schedulers.ddim import DDIMConfig, DDIMScheduler
+from .shipped_model import (SCHEDULER_CONFIG, build_text_encoder, build_unet, build_vae, export, folder_size_mb,
+                            install_shipped, with_scaling_factor, write_tokenizer)
 from .stable_diffusion import StableDiffusion
-
-ASSET_DIR = Path(__file__).parent / "assets" / "shapes-sd"
-
-# --------------------------------------------------------------------------------------------------- model
-
-# The world's words, the only ones the small vocabulary spells with merges (anything else falls back to bytes).
-WORLD_WORDS = sorted({w for c in shapes.all_captions() for w in c.split()})
-
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "act_fn": "silu",
-    "block_out_channels": [32, 64, 128],  # 3 levels: downsampling factor 4, 64x64 -> 16x16 latents
-    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16,
-    "sample_size": 64, "scaling_factor": 1.0,  # set from the trained encoder's latents
-}
-UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "act_fn": "silu",
-    "attention_head_dim": 4,  # diffusers' name for the number of heads (head dims 32, 40)
-    "block_out_channels": [64, 128, 160], "layers_per_block": 1,
-    # Attention at 8x8 and 4x4 only: at 16x16 it took ~40% of a CPU edit's time (one core)
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "center_input_sample": False, "cross_attention_dim": 128, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "in_channels": 4, "out_channels": 4, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
-    "norm_num_groups": 32, "sample_size": 16,
-}
-TEXT_CONFIG = {
-    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
-    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "max_position_embeddings": 77, "layer_norm_eps": 1e-05, "projection_dim": 128, "attention_dropout": 0.0,
-    "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
-    # vocab_size, bos/eos/pad ids: filled in from the small vocabulary (see `text_config`)
-}
-SCHEDULER_CONFIG = {
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading", "clip_sample": False,
-    "trained_betas": None,
-}
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-    "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-    "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-}
-# DiffEditParams fields that suit this model, chosen with `python -m diffedit.evaluate --param ...` on the shipped
-# weights: clamping at 4x the mean and noising the mask's copies to 0.6 give tighter masks (IoU 0.536 -> 0.564 on
-# the held-out set); no guidance below t = 300 keeps regenerated squares' corners (colour-edit success 0.913 -> 0.947
-# and shape-edit success 0.853 -> 0.967 over seeds 0-2, measured with the base UNet before the shipped fine-tune).
-# The shipped diffedit.json is this dict (a test checks).
-EDIT_DEFAULTS = {
-    "num_inference_steps": 25, "inpaint_strength": 0.6, "guidance_scale": 7.5, "inversion_guidance_scale": 1.0,
-    "num_maps_per_mask": 10, "mask_encode_strength": 0.6, "mask_guidance_scale": 5.0,
-    "mask_thresholding_ratio": 4.0, "guidance_min_timestep": 300,
-}
-
-
-# --------------------------------------------------------------------------------------------------- tokenizer
-
-
-def _bpe_ranks_used(word: str, ranks: dict[tuple[str, str], int]) -> set[int]:
-    """The ranks of the merges CLIP's BPE applies to one word (lowest rank first, all occurrences left to right)."""
-    parts, used = [*word[:-1], word[-1] + "</w>"], set()
-    while len(parts) > 1:
-        rank, pair = min((ranks.get(p, math.inf), p) for p in zip(parts, parts[1:]))
-        if rank == math.inf:
-            break
-        used.add(rank)
-        merged, i = [], 0
-        while i < len(parts):
-            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
-                merged.append(parts[i] + parts[i + 1])
-                i += 2
-            else:
-                merged.append(parts[i])
-                i += 1
-        parts = merged
-    return used
-
-
-def small_clip_vocab(words=WORLD_WORDS, vocab_dir: Path = CLIP_VOCAB_DIR) -> tuple[dict[str, int], list[str]]:
-    """A CLIP-format vocabulary that spells `words` exactly as OpenAI's CLIP does, and nothing else with merges.
-
-    The 512 byte tokens (CLIP's ids 0..511), then one token per real CLIP merge that the words need, in CLIP's
-    merge order, then `<|startoftext|>`, `<|endoftext|>`; ids renumbered densely. Keeping exactly the merges that
-    fire keeps BPE's result: at every step the lowest-ranked pair present is one of them.
-    """
-    full = json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
-    merges = (vocab_dir / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
-    merges = [m for m in merges if m]
-    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
-    if not all(w.isascii() and w.isalpha() and w.islower() for w in words):
-        raise ValueError("the small vocabulary only spells lower-case ASCII words")  # byte tokens = the letters
-    used = sorted(set().union(*(_bpe_ranks_used(w, ranks) for w in words)))
-    tokens = [t for t, i in sorted(full.items(), key=lambda kv: kv[1]) if i < 512]
-    tokens += [merges[r].replace(" ", "") for r in used] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == len(tokens), "duplicate tokens"
-    return vocab, [merges[r] for r in used]
-
-
-def write_tokenizer(folder: Path) -> int:
-    """Write tokenizer/ (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) as SD 1.x ships
-    it, padding with <|endoftext|>; return the vocabulary size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = small_clip_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>"}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "add_prefix_space": False, "errors": "replace", **specials}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-    return len(vocab)
-
-
-def text_config(vocab_size: int) -> dict:
-    return {**TEXT_CONFIG, "vocab_size": vocab_size, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
-            "pad_token_id": vocab_size - 1}
-
 
 # --------------------------------------------------------------------------------------------------- settings
 
@@ -256,7 +133,7 @@ def lr_factor(step: int, progress: float, s: Settings) -> float:
 # --------------------------------------------------------------------------------------------------- run bookkeeping
 
 
-class Run:
+class TrainingRun:
     """Folders, the JSONL log, progress lines, checkpoints and the wall-clock deadlines of one command."""
 
     def __init__(self, out: Path, settings: Settings, checkpoint_dir: Path | None, resume: bool):
@@ -327,6 +204,42 @@ class Run:
         return state
 
 
+class StageClock:
+    """The wall clock of one training stage: whether it may take another step (step count and deadline), its
+    progress for the learning-rate schedule (max(step / steps, elapsed / stage budget), so a budgeted stage still
+    ends its cosine decay), its training time across resumes, and when a checkpoint is due."""
+
+    def __init__(self, steps: int, deadline: float, save_every_s: float, prior_elapsed_s: float = 0.0):
+        self.steps, self.deadline, self.save_every_s, self.prior_elapsed_s = steps, deadline, save_every_s, \
+            prior_elapsed_s
+        self.start = self.last_save = time.time()
+        self.budget = max(1e-9, deadline - self.start)
+
+    def running(self, step: int) -> bool:
+        return step < self.steps and time.time() < self.deadline
+
+    def progress(self, step: int) -> float:
+        return max(step / self.steps, (time.time() - self.start) / self.budget)
+
+    def elapsed_s(self) -> float:
+        """Training seconds of this stage, including those before a resume."""
+        return self.prior_elapsed_s + time.time() - self.start
+
+    def save_if_due(self, save) -> None:
+        """Call `save()` when `save_every_s` have passed since the last save (or the stage's start)."""
+        if time.time() - self.last_save > self.save_every_s:
+            save()
+            self.last_save = time.time()
+
+    def stopped_by(self, step: int) -> str:
+        return "steps" if step >= self.steps else "time budget"
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -341,16 +254,6 @@ def _progress(stage: str, start: int, total: int) -> tqdm:
 
 
 # --------------------------------------------------------------------------------------------------- stage 1: VAE
-
-
-def build_vae(scaling_factor: float = 1.0, init_logvar: float = -6.0) -> tuple[AutoencoderKL, dict]:
-    """A fresh VAE whose posterior starts nearly deterministic (log-variance bias `init_logvar`), so the decoder
-    is not first trained on latents drowned in unit noise."""
-    raw = {**VAE_CONFIG, "scaling_factor": scaling_factor}
-    vae = AutoencoderKL(VAEConfig.from_dict(raw))
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels:] = init_logvar  # moments = (mean, logvar)
-    return vae, raw
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, s: Settings) -> tuple[torch.Tensor, dict]:
@@ -373,7 +276,7 @@ def latent_scale(vae: AutoencoderKL, seed: int, device: torch.device, n: int = 5
     return float(f"{1.0 / z.float().std().item():.5g}")
 
 
-def train_vae(run: Run, device: torch.device) -> tuple[AutoencoderKL, dict]:
+def train_vae(run: TrainingRun, device: torch.device) -> tuple[AutoencoderKL, dict]:
     """Train (or resume, or load when finished) the VAE; return it in eval mode with its scaling factor set."""
     s = run.s
     torch.manual_seed(s.seed)
@@ -389,21 +292,18 @@ def train_vae(run: Run, device: torch.device) -> tuple[AutoencoderKL, dict]:
         if state["scaling_factor"] is not None and (step >= s.vae_steps or run.ckpt("unet").is_file()):
             run.log({"stage": "vae", "event": "loaded", "step": step, "scaling_factor": state["scaling_factor"]})
             info = {"vae_steps": step, "vae_train_s": round(prior_elapsed, 1)}
-            return _with_scale(vae, state["scaling_factor"]).eval().requires_grad_(False), info
+            return with_scaling_factor(vae, state["scaling_factor"]).eval().requires_grad_(False), info
 
     def save(scaling_factor=None):
         run.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "scaling_factor":
-                         scaling_factor, "elapsed_s": prior_elapsed + time.time() - stage_t0, "settings": asdict(s)})
+                         scaling_factor, "elapsed_s": clock.elapsed_s(), "settings": asdict(s)})
 
-    stage_t0, last_save = time.time(), time.time()
-    stage_budget = max(1e-9, run.vae_deadline - stage_t0)
+    clock = StageClock(s.vae_steps, run.vae_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "vae", "event": "start", "step": step, "params_M": _millions(vae), "batch": s.vae_batch_size})
     bar, sums, count = _progress("vae", step, s.vae_steps), {}, 0
-    while step < s.vae_steps and time.time() < run.vae_deadline:
-        progress = max(step / s.vae_steps, (time.time() - stage_t0) / stage_budget)
-        lr = s.vae_lr * lr_factor(step, progress, s)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    while clock.running(step):
+        lr = s.vae_lr * lr_factor(step, clock.progress(step), s)
+        set_lr(opt, lr)
         x, _ = scene_batch(step_rng(s.seed, "vae", step), s.vae_batch_size, device)
         with _autocast(device, s.amp):
             loss, parts = vae_loss(vae, x, step_generator(s.seed, "vae", step, device), s)
@@ -421,22 +321,15 @@ def train_vae(run: Run, device: torch.device) -> tuple[AutoencoderKL, dict]:
             psnr = 10 * math.log10(4.0 / max(means["mse"], 1e-12))  # images span 2 units
             run.log({"stage": "vae", "step": step, **means, "psnr": psnr, "lr": lr})
             sums, count = {}, 0
-        if time.time() - last_save > s.save_every_s:
-            save()
-            last_save = time.time()
+        clock.save_if_due(save)
     bar.close()
     vae.eval().requires_grad_(False)
     scale = latent_scale(vae, s.seed, device, s.scale_samples)
     save(scale)
-    info = {"vae_steps": step, "vae_train_s": round(prior_elapsed + time.time() - stage_t0, 1)}
+    info = {"vae_steps": step, "vae_train_s": round(clock.elapsed_s(), 1)}
     run.log({"stage": "vae", "event": "done", "step": step, "scaling_factor": scale,
-             "stopped_by": "steps" if step >= s.vae_steps else "time budget"})
-    return _with_scale(vae, scale), info
-
-
-def _with_scale(vae: AutoencoderKL, scale: float) -> AutoencoderKL:
-    vae.config = replace(vae.config, scaling_factor=scale)
-    return vae
+             "stopped_by": clock.stopped_by(step)})
+    return with_scaling_factor(vae, scale), info
 
 
 def _base_provenance(folder: Path) -> dict | None:
@@ -450,20 +343,6 @@ def _millions(*modules) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- stage 2: UNet
-
-
-def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(UNetConfig.from_dict(UNET_CONFIG))
-
-
-def build_text_encoder(vocab_size: int) -> CLIPTextModel:
-    """GPT-2-style init (normal 0.02, zero biases); LayerNorms at 1, 0."""
-    model = CLIPTextModel(CLIPTextConfig.from_dict(text_config(vocab_size)))
-    for name, p in model.named_parameters():
-        if "layer_norm" in name:
-            continue
-        torch.nn.init.normal_(p, std=0.02) if p.ndim > 1 else torch.nn.init.zeros_(p)
-    return model
 
 
 def draw_timesteps(s: Settings, num_train_timesteps: int, gen: torch.Generator, device: torch.device
@@ -484,8 +363,9 @@ def caption_ids(tokenizer: CLIPTokenizer) -> torch.Tensor:
     return tokenizer(shapes.all_captions() + [""])
 
 
-def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CLIPTokenizer, vocab_size: int,
-               base: StableDiffusion | None = None) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
+               vocab_size: int, base: StableDiffusion | None = None
+               ) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
     """Train (or resume) the UNet and the text encoder jointly, from scratch or from `base`'s weights (a
     fine-tune); return their EMA copies."""
     s = run.s
@@ -514,19 +394,16 @@ def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CL
     def save():
         run.save("unet", {"unet": unet.state_dict(), "text_encoder": text.state_dict(),
                           "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                          "opt": opt.state_dict(), "step": step, "elapsed_s": prior_elapsed + time.time() - stage_t0,
+                          "opt": opt.state_dict(), "step": step, "elapsed_s": clock.elapsed_s(),
                           "settings": asdict(s)})
 
-    stage_t0, last_save = time.time(), time.time()
-    stage_budget = max(1e-9, run.unet_deadline - stage_t0)
+    clock = StageClock(s.unet_steps, run.unet_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "unet", "event": "start", "step": step, "unet_params_M": _millions(unet),
              "text_params_M": _millions(text), "batch": s.batch_size})
     bar, loss_sum, count = _progress("unet", step, s.unet_steps), 0.0, 0
-    while step < s.unet_steps and time.time() < run.unet_deadline:
-        progress = max(step / s.unet_steps, (time.time() - stage_t0) / stage_budget)
-        lr = s.unet_lr * lr_factor(step, progress, s)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    while clock.running(step):
+        lr = s.unet_lr * lr_factor(step, clock.progress(step), s)
+        set_lr(opt, lr)
         # Data: scenes, captions with CFG dropout, latents, noise at uniform timesteps
         rng = step_rng(s.seed, "unet", step)
         x, caps = scene_batch(rng, s.batch_size, device)
@@ -556,43 +433,15 @@ def train_unet(run: Run, device: torch.device, vae: AutoencoderKL, tokenizer: CL
         if step % s.log_every == 0 or step == s.unet_steps:
             run.log({"stage": "unet", "step": step, "loss": float(loss_sum) / count, "lr": lr, "ema_decay": decay})
             loss_sum, count = 0.0, 0
-        if time.time() - last_save > s.save_every_s:
-            save()
-            last_save = time.time()
+        clock.save_if_due(save)
     bar.close()
     save()
-    info = {"unet_steps": step, "unet_train_s": round(prior_elapsed + time.time() - stage_t0, 1)}
-    run.log({"stage": "unet", "event": "done", "step": step,
-             "stopped_by": "steps" if step >= s.unet_steps else "time budget"})
+    info = {"unet_steps": step, "unet_train_s": round(clock.elapsed_s(), 1)}
+    run.log({"stage": "unet", "event": "done", "step": step, "stopped_by": clock.stopped_by(step)})
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), info
 
 
-# --------------------------------------------------------------------------------------------------- export
-
-
-def export(folder: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, text: CLIPTextModel,
-           provenance: dict) -> Path:
-    """Write the diffusers folder layout with fp16 safetensors weights (replacing any previous export)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    vocab_size = write_tokenizer(folder / "tokenizer")
-    save_component(vae, {**VAE_CONFIG, "scaling_factor": vae.scaling_factor}, folder / "vae", "diffusers",
-                   torch.float16)
-    save_component(unet, UNET_CONFIG, folder / "unet", "diffusers", torch.float16)
-    save_component(text, text_config(vocab_size), folder / "text_encoder", "transformers", torch.float16)
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-    (folder / "diffedit.json").write_text(json.dumps(EDIT_DEFAULTS, indent=2) + "\n")
-    (folder / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors writes 0600; the files ship with the package
-    return folder
-
-
-def folder_size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+# --------------------------------------------------------------------------------------------------- preview
 
 
 @torch.no_grad()
@@ -620,8 +469,8 @@ def _grid(images: torch.Tensor, cols: int = 8) -> np.ndarray:
 
 
 @torch.no_grad()
-def preview(run: Run, device: torch.device, vae: AutoencoderKL, unet: UNet2DConditionModel, text: CLIPTextModel,
-            tokenizer: CLIPTokenizer) -> dict:
+def preview(run: TrainingRun, device: torch.device, vae: AutoencoderKL, unet: UNet2DConditionModel,
+            text: CLIPTextModel, tokenizer: CLIPTokenizer) -> dict:
     """VAE reconstruction PSNR and classifier accuracy of generated samples; pictures of both in the run folder."""
     from PIL import Image
 
@@ -694,7 +543,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--edit-t-share", type=float,
                    help="share of each UNet batch with timesteps below --edit-t-max (default 0: uniform)")
     p.add_argument("--edit-t-max", type=int, help="see --edit-t-share (default 600)")
-    p.add_argument("--install", action="store_true", help=f"copy the model folder to {ASSET_DIR}")
+    p.add_argument("--install", action="store_true", help=f"copy the model folder to {SHIPPED_MODEL}")
     return p.parse_args(argv)
 
 
@@ -709,7 +558,7 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    run = Run(Path(out), s, checkpoint_dir, resume)
+    run = TrainingRun(Path(out), s, checkpoint_dir, resume)
     run.log({"event": "settings", **asdict(s), "torch": torch.__version__,
              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "threads": torch.get_num_threads()})
@@ -732,10 +581,7 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
     folder = export(run.out / "shapes-sd", vae.cpu(), unet.cpu(), text.cpu(), provenance)
     run.log({"event": "exported", "folder": str(folder), "size_mb": round(folder_size_mb(folder), 2), **stats})
     if install:
-        if ASSET_DIR.exists():
-            shutil.rmtree(ASSET_DIR)
-        shutil.copytree(folder, ASSET_DIR)
-        run.log({"event": "installed", "folder": str(ASSET_DIR)})
+        run.log({"event": "installed", "folder": str(install_shipped(folder))})
     run.log_file.close()
     return folder
 

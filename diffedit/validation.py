@@ -1,6 +1,6 @@
 """How every config and parameter dataclass checks its values, and the errors it raises.
 
-One family of errors (docs/design.md, "Errors"): a value given as an argument that cannot be right is a
+One family of errors (docs/design.md §5): a value given as an argument that cannot be right is a
 `ValueError` (or `TypeError` for an unknown name); a file we cannot use is a `FileError`, itself a `ValueError`,
 so one `except ValueError` catches both. `ConfigError` (a model's config.json, scheduler config, tokenizer or
 diffedit.json), `models.weights.WeightsError`, `saved_inversion.InversionFileError` and `image_files.ImageFileError`
@@ -13,6 +13,7 @@ the rest of `diffedit`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,16 @@ class FileError(ValueError):
 
 class ConfigError(FileError):
     """A config file this code cannot run, with the offending field named."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its lines joined with "; "), as the command line prints it."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """A text (a prompt) quoted for a message, cut with "..." past `limit` characters."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,3 +100,16 @@ def check_keys(kind: str, raw: dict[str, Any], read: Iterable[str], ignored: Ite
         allowed = pinned[key]
         if not (value in allowed if isinstance(allowed, tuple) else value == allowed):
             raise ConfigError(f"{kind} config: unsupported value {key}={value!r} (supported: {allowed!r})")
+
+
+def check_readable(path: Path, what: str, error: type[FileError] = FileError) -> None:
+    """A file that exists, is not a folder, and can be opened for reading; else `error` naming it as `what`."""
+    if not path.exists():
+        raise error(f"{what} {path} does not exist" + (" (a broken link)" if path.is_symlink() else ""))
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror or e}") from None

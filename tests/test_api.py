@@ -69,7 +69,7 @@ def test_edit_each_stages_wrap_mask_and_decode_per_target_and_one_inversion(sd):
     step, and a stage-wrapped run gives `edit_targets`' pictures."""
     import contextlib
 
-    image, p = photo(seed=2), api.resolve_params(sd, **FAST)
+    image, p = photo(seed=2), DiffEditParams.for_model(sd, **FAST)
     events = []
 
     @contextlib.contextmanager
@@ -111,7 +111,7 @@ def test_model_defaults_apply_under_explicit_params(sd1_folder, tmp_path):
     model = StableDiffusion.from_pretrained(folder)
     model.edit_defaults = {"no_such_field": 1}
     with pytest.raises(ValueError, match="diffedit.json"):
-        api.resolve_params(model)
+        DiffEditParams.for_model(model)
 
 
 def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):

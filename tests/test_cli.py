@@ -23,7 +23,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffedit import cli
+from diffedit import DiffEditParams, cli
+from diffedit.image_tensors import latent_mask_from_image
+from diffedit.saved_inversion import load_inversion
 
 torch.set_num_threads(1)
 
@@ -180,7 +182,7 @@ def test_invert_saves_latents_with_the_metadata_that_guards_reuse(steps_run):
 
 def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
     from diffedit import method
-    from diffedit.images import to_output
+    from diffedit.image_tensors import to_output
     from diffedit import api
 
     folder, mask, _, reuse = steps_run
@@ -193,9 +195,9 @@ def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
     coverage = json.loads(mask.stdout)["outputs"][0]["latent_mask_coverage"]
     assert summary["outputs"][0]["latent_mask_coverage"] == coverage
     # The same numbers as decoding the file's latents under the file's mask in-process
-    inversion = cli.load_latents(folder / "in.safetensors", sd)
-    latent_mask = cli.latent_mask_from_image(Image.open(folder / "mask.png").convert("L"), (64, 64), 4)
-    p = api.resolve_params(sd, num_inference_steps=4)  # the model's stored defaults, the file's step count
+    inversion, _ = load_inversion(folder / "in.safetensors", sd)
+    latent_mask = latent_mask_from_image(Image.open(folder / "mask.png").convert("L"), (64, 64), 4)
+    p = DiffEditParams.for_model(sd, num_inference_steps=4)  # the model's stored defaults, the file's step count
     text = method.encode_text(sd, [TARGETS[0]], [""])
     latents = method.decode(sd, inversion, torch.from_numpy(latent_mask).float()[None, None], text, p,
                             torch.Generator().manual_seed(0))
@@ -276,30 +278,6 @@ def test_odd_input_is_accepted_with_a_note(name, odd_folder, model_folder):
     assert Image.open(folder / out).size == size and Image.open(folder / f"mask-{out}").size == size
 
 
-def _png_16_bit_rgb(path: Path, width: int, height: int) -> None:
-    """Pillow cannot write 16-bit RGB PNGs: the chunks by hand."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" + np.full((width, 3), 40000, ">u2").tobytes()  # filter byte, then big-endian samples
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
-                     + chunk(b"IEND", b""))
-
-
-def test_16_bit_rgb_and_exif_turned_images_are_read_with_a_note(tmp_path):
-    _png_16_bit_rgb(tmp_path / "rgb16.png", 6, 4)
-    report = cli.Reporter(quiet=True)
-    img = cli.read_image(tmp_path / "rgb16.png", 10**6, report)
-    assert img.mode == "RGB" and img.size == (6, 4)
-    assert report.notes == ["rgb16.png has 16 bits per channel: reduced to 8"]
-    assert abs(int(np.asarray(img)[0, 0, 0]) - 40000 // 257) <= 1
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    shape_image((40, 24)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
-    report = cli.Reporter(quiet=True)
-    assert cli.read_image(tmp_path / "turned.jpg", 10**6, report).size == (24, 40)
-    assert report.notes == ["turned.jpg is turned as its EXIF orientation (6) says: 40x24 -> 24x40"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,6 +485,23 @@ def test_version_help_and_both_entry_points(tmp_path):
     assert same.stdout == version.stdout
 
 
+def test_every_example_in_the_help_runs_as_written(tmp_path):
+    """The examples of `diffedit --help` (and each subcommand's) name the bundled picture and run in order: the
+    invert and mask examples make the files the reuse example reads."""
+    import shlex
+
+    texts = [diffedit(*cmd, "--help", cwd=tmp_path).stdout for cmd in ([], ["edit"], ["mask"], ["invert"])]
+    commands = []
+    for text in texts:
+        lines = text[text.index("example"):].replace("\\\n", " ").splitlines()[1:]
+        commands += [shlex.split(line) for line in lines if line.strip().startswith("diffedit ")]
+    assert len(commands) == 8 and all(str(cli.EXAMPLE_IMAGE) in c for c in commands)
+    for command in commands:
+        assert_ok(diffedit(*command[1:], "--steps", "4", "--quiet", cwd=tmp_path))
+    assert {"blue.png", "out-1.png", "out-2.png", "mask.png", "heat.png", "circle.safetensors", "square.png",
+            "compare.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pure helpers, in-process
 
@@ -523,31 +518,3 @@ def test_guidance_flags_set_the_steps_they_name():
     assert cli.explicit_params(parse(invert)) == {"inversion_guidance_scale": 3.0}
     mask = ["mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--guidance", "4"]
     assert cli.explicit_params(parse(mask))["mask_guidance_scale"] == 4.0
-
-
-def test_output_names_for_several_targets():
-    assert cli.expand_names("out.png", ["a"]) == [Path("out.png")]
-    assert cli.expand_names("d/out.png", ["a", "b"]) == [Path("d/out-1.png"), Path("d/out-2.png")]
-    assert cli.expand_names("{i}_{target}.jpg", ["A Red Circle!", ""]) == [Path("1_a-red-circle.jpg"),
-                                                                           Path("2_empty.jpg")]
-
-
-@pytest.mark.parametrize("size", [(64, 64), (50, 70), (13, 9), (200, 120)])
-def test_a_written_mask_reads_back_as_the_same_latent_mask(size):
-    from diffedit.images import working_size
-
-    working = working_size(size, 8)
-    grid = np.random.default_rng(sum(size)).random((working[1] // 8, working[0] // 8)) > 0.5
-    written = cli.mask_image(grid, size)
-    assert written.size == size
-    assert np.array_equal(cli.latent_mask_from_image(written, working, 8), grid)
-
-
-def test_model_fingerprint_follows_the_weights_not_the_path(tmp_path, model_folder):
-    copy = shutil.copytree(model_folder, tmp_path / "copy")
-    assert cli.model_fingerprint(copy) == cli.model_fingerprint(model_folder)
-    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-4:] = bytes(4)
-    weights.write_bytes(bytes(data))
-    assert cli.model_fingerprint(copy) != cli.model_fingerprint(model_folder)

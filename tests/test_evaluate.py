@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffedit import evaluate, shapes, train
+from diffedit import evaluate, shapes, shipped_model, train
 
 torch.set_num_threads(1)
 
@@ -65,10 +65,11 @@ def test_latent_mask_ceiling():
 
 def test_command_prints_each_goal_and_writes_a_report(tmp_path, capsys):
     torch.manual_seed(0)
-    vae, _ = train.build_vae()
-    vocab_size = len(train.small_clip_vocab()[0])
-    folder = train.export(tmp_path / "model", train._with_scale(vae, 1.0).eval(), train.build_unet().eval(),
-                          train.build_text_encoder(vocab_size).eval(), {"note": "untrained"})
+    vae, _ = shipped_model.build_vae()
+    vocab_size = len(shipped_model.small_clip_vocab()[0])
+    text = shipped_model.build_text_encoder(vocab_size).eval()
+    folder = shipped_model.export(tmp_path / "model", shipped_model.with_scaling_factor(vae, 1.0).eval(),
+                                  shipped_model.build_unet().eval(), text, {"note": "untrained"})
     code = evaluate.main(["--model", str(folder), "--n", "2", "--json", str(tmp_path / "r.json"),
                           "--grid", str(tmp_path / "g.png"), "--quiet", "--param", "num_inference_steps=5",
                           "--param", "num_maps_per_mask=2"])
@@ -103,7 +104,7 @@ def test_shipped_model_meets_the_goals_on_20_heldout_edits_with_an_iou_floor():
 
     model = StableDiffusion.from_pretrained(SHIPPED_MODEL)
     assert model.vae_scale_factor == 4 and model.edit_defaults
-    records = evaluate.run_edits(model, evaluate.heldout_edits(20, seed=0), seed=0, params={}, progress=False)
+    records = evaluate.score_edits(model, evaluate.heldout_edits(20, seed=0), seed=0, params={}, progress=False)
     summary = evaluate.summarize(records)
     for goal in evaluate.GOALS:
         if goal.metric == "mask_iou":

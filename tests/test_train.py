@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffedit import shapes, train
+import diffedit
+from diffedit import DiffEditParams, shapes, shipped_model, train
 from diffedit.models.tokenizer import CLIPTokenizer
 
 torch.set_num_threads(1)
@@ -31,10 +32,10 @@ def smoke_run(tmp_path_factory):
 
 
 def test_small_vocabulary_spells_the_world_like_full_clip(tmp_path):
-    train.write_tokenizer(tmp_path)
+    shipped_model.write_tokenizer(tmp_path)
     small, full = CLIPTokenizer.from_folder(tmp_path), CLIPTokenizer.default()
     small_vocab = {i: t for t, i in json.loads((tmp_path / "vocab.json").read_text()).items()}
-    full_vocab = {i: t for t, i in json.loads((train.CLIP_VOCAB_DIR / "vocab.json").read_text()).items()}
+    full_vocab = {i: t for t, i in json.loads((shipped_model.CLIP_VOCAB_DIR / "vocab.json").read_text()).items()}
     world = shapes.all_captions() + ["", "A  RED Circle on a  gray background", "orange triangle"]
     for prompt, a, b in zip(world, small(world), full(world)):
         assert [small_vocab[int(i)] for i in a] == [full_vocab[int(i)] for i in b], prompt
@@ -45,16 +46,16 @@ def test_small_vocabulary_spells_the_world_like_full_clip(tmp_path):
                    for tok, vocab in ((small, small_vocab), (full, full_vocab))]
         assert spelled[0] == spelled[1], prompt
     # Each world word is one token, as in CLIP; the vocabulary is bytes + the merges they need + 2 specials
-    for word in train.WORLD_WORDS:
+    for word in shipped_model.WORLD_WORDS:
         assert small.num_tokens(word) == 1
-    assert len(small_vocab) == 512 + len(train.small_clip_vocab()[1]) + 2
+    assert len(small_vocab) == 512 + len(shipped_model.small_clip_vocab()[1]) + 2
     assert small.pad_token_id == small.eos_token_id == len(small_vocab) - 1
 
 
 def test_small_vocabulary_matches_transformers_tokenizer(tmp_path):
     from transformers import CLIPTokenizer as ReferenceTokenizer
 
-    train.write_tokenizer(tmp_path)
+    shipped_model.write_tokenizer(tmp_path)
     prompts = shapes.all_captions()[:10] + ["", "a yellow blob?"]
     ref = ReferenceTokenizer.from_pretrained(str(tmp_path))(prompts, padding="max_length", max_length=77,
                                                             truncation=True, return_tensors="pt").input_ids
@@ -70,7 +71,7 @@ def test_smoke_run_writes_a_diffusers_folder_within_size(smoke_run):
                     "text_encoder/model.safetensors"):
         with safe_open(str(folder / weights), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, weights
-    assert train.folder_size_mb(folder) <= 30
+    assert shipped_model.folder_size_mb(folder) <= 30
     assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] > 0
     assert (smoke_run / "samples.png").is_file() and (smoke_run / "vae_reconstructions.png").is_file()
 
@@ -86,12 +87,11 @@ def test_smoke_run_logs_losses_with_elapsed_time(smoke_run):
 
 def test_smoke_folder_loads_through_from_pretrained(smoke_run):
     from diffedit import StableDiffusion
-    from diffedit.api import resolve_params
 
     sd = StableDiffusion.from_pretrained(smoke_run / "shapes-sd")
     assert sd.vae_scale_factor == 4 and sd.dtype == torch.float32
-    params = resolve_params(sd)  # the stored edit defaults are valid DiffEditParams fields
-    assert params.num_inference_steps == train.EDIT_DEFAULTS["num_inference_steps"]
+    params = DiffEditParams.for_model(sd)  # the stored edit defaults are valid DiffEditParams fields
+    assert params.num_inference_steps == shipped_model.EDIT_DEFAULTS["num_inference_steps"]
     ids = sd.tokenizer(["a red circle on a white background"])
     with torch.no_grad():
         context = sd.text_encoder(ids)
@@ -224,4 +224,4 @@ def test_edit_timestep_share_draws_that_share_below_the_edit_level():
 
 def test_shipped_edit_defaults_are_what_training_exports():
     # a retrain with --install must reproduce the shipped diffedit.json; tuning one and not the other fails here
-    assert json.loads((train.ASSET_DIR / "diffedit.json").read_text()) == train.EDIT_DEFAULTS
+    assert json.loads((diffedit.SHIPPED_MODEL / "diffedit.json").read_text()) == shipped_model.EDIT_DEFAULTS

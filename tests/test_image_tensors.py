@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffedit import images as imgs
+from diffedit import image_tensors as imgs
 
 torch.set_num_threads(1)
 
@@ -110,3 +110,12 @@ def test_api_inputs_become_rgb_and_sizes_round_to_the_nearest_multiple():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         imgs.load_rgb(photo(mode="L"))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 70), (13, 9), (200, 120)])
+def test_a_written_mask_reads_back_as_the_same_latent_mask(size):
+    working = imgs.working_size(size, 8)
+    grid = np.random.default_rng(sum(size)).random((working[1] // 8, working[0] // 8)) > 0.5
+    written = imgs.latent_mask_to_image(grid, size)
+    assert written.size == size
+    assert np.array_equal(imgs.latent_mask_from_image(written, working, 8), grid)

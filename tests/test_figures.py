@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffedit.pictures import colorize, compare_strip, display_scale, heat_map, mask_overlay, strip
+from diffedit.figures import colorize, compare_strip, display_scale, heat_map, mask_overlay, strip
 
 
 def box_mask(size, box):

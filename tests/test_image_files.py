@@ -1,11 +1,15 @@
 """Reading any image Pillow opens as the 8-bit RGB picture a person sees."""
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 from PIL import Image
 
-from diffedit.images import load_rgb
-from diffedit.reading import to_rgb
+from diffedit.image_files import read_image, to_rgb
+from diffedit.image_tensors import load_rgb
 
 
 def shape_image(size=(64, 64)):
@@ -43,3 +47,29 @@ def test_api_reads_transparent_and_animated_images_like_the_command_line(tmp_pat
     first = np.asarray(load_rgb(tmp_path / "anim.gif"))
     assert first[0, 0, 0] > 150 and first[0, 0, 1] < 50
     assert isinstance(load_rgb(PIL.Image.fromarray(rgba, "RGBA")), PIL.Image.Image)
+
+
+def _png_16_bit_rgb(path: Path, width: int, height: int) -> None:
+    """Pillow cannot write 16-bit RGB PNGs: the chunks by hand."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + np.full((width, 3), 40000, ">u2").tobytes()  # filter byte, then big-endian samples
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_rgb_and_exif_turned_images_are_read_with_a_note(tmp_path):
+    _png_16_bit_rgb(tmp_path / "rgb16.png", 6, 4)
+    notes = []
+    img = read_image(tmp_path / "rgb16.png", notes.append, 10**6)
+    assert img.mode == "RGB" and img.size == (6, 4)
+    assert notes == ["rgb16.png has 16 bits per channel: reduced to 8"]
+    assert abs(int(np.asarray(img)[0, 0, 0]) - 40000 // 257) <= 1
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    shape_image((40, 24)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    notes = []
+    assert read_image(tmp_path / "turned.jpg", notes.append, 10**6).size == (24, 40)
+    assert notes == ["turned.jpg is turned as its EXIF orientation (6) says: 40x24 -> 24x40"]

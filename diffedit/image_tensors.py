@@ -1,6 +1,7 @@
-"""Images in and out of the VAE: PIL / numpy / torch in, (B, 3, H, W) in [-1, 1] with sides a multiple of the VAE
-factor; [-1, 1] tensors out as numpy, PIL or torch. Number for number diffusers' `VaeImageProcessor` defaults
-(and the DiffEdit pipeline's `preprocess_mask`), so the compatible facade sees the same pixels.
+"""Pictures to the model's tensors and back: PIL / numpy / torch in, (B, 3, H, W) in [-1, 1] with sides a multiple
+of the VAE factor; [-1, 1] tensors out as numpy, PIL or torch; binary masks between latent grids and pictures.
+Number for number diffusers' `VaeImageProcessor` defaults (and the DiffEdit pipeline's `preprocess_mask`), so the
+compatible facade sees the same pixels.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .reading import displayed_rgb, png_bit_depth
+from .image_files import displayed_rgb, read_image
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -127,12 +128,11 @@ def prepare_mask(mask, batch_size: int = 1) -> torch.Tensor:
 
 
 def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | Path) -> PIL.Image.Image:
-    """A path or a PIL image (read as the command line reads files: `reading.displayed_rgb`), a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor in
-    [0, 1] -> an RGB PIL image."""
+    """A path or a PIL image (read as the command line reads files: `image_files.read_image`,
+    `image_files.displayed_rgb`), a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor
+    in [0, 1] -> an RGB PIL image."""
     if isinstance(image, (str, Path)):
-        with PIL.Image.open(image) as im:
-            im.load()
-            return displayed_rgb(im, Path(image).name, png_bits=png_bit_depth(Path(image)))
+        return read_image(Path(image))
     if isinstance(image, PIL.Image.Image):
         return displayed_rgb(image, "image")
     if isinstance(image, torch.Tensor):
@@ -159,3 +159,18 @@ def fit_to_multiple(image: PIL.Image.Image, factor: int) -> PIL.Image.Image:
     """Resize (Lanczos) so both sides are multiples of `factor`; unchanged when they already are."""
     size = working_size(image.size, factor)
     return image if size == image.size else image.resize(size, resample=PIL.Image.LANCZOS)
+
+
+def latent_mask_to_image(latent_mask: np.ndarray, size: tuple[int, int]) -> PIL.Image.Image:
+    """(h, w) bool at latent resolution -> "L" mask (0 / 255) at the image's `size`, nearest-neighbour."""
+    mask = PIL.Image.fromarray(np.asarray(latent_mask).astype(np.uint8) * 255, "L")
+    return mask.resize(size, PIL.Image.Resampling.NEAREST)
+
+
+def latent_mask_from_image(mask: PIL.Image.Image, working: tuple[int, int], factor: int) -> np.ndarray:
+    """A binary mask at the image's size -> (h, w) bool at latent resolution: each latent cell is in the mask when
+    at least half of its pixels are, after a nearest-neighbour resize to the `working` size (exact for masks
+    written by `latent_mask_to_image`)."""
+    m = np.asarray(mask.resize(working, PIL.Image.Resampling.NEAREST)) >= 128
+    h, w = working[1] // factor, working[0] // factor
+    return m.reshape(h, factor, w, factor).mean(axis=(1, 3)) >= 0.5  # (h, w)

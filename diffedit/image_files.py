@@ -1,0 +1,133 @@
+"""Image and mask files in: any image Pillow opens, as the 8-bit RGB picture a person sees (first frame, EXIF
+orientation applied, alpha composited onto white, 16-bit and float samples scaled), and masks as binary images.
+
+Every way a file can be unusable (missing, a folder, unreadable, not an image, over the pixel limit, truncated,
+corrupt, a mask of the wrong size) is one `ImageFileError` line naming the file. Torch-free: the command line reads
+its input before it loads torch, and the one-call API uses the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .validation import FileError, check_readable
+
+Note = Callable[[str], None]
+DEFAULT_MAX_PIXELS = 2048 * 2048  # the command line's limit (--max-pixels)
+
+
+class ImageFileError(FileError):
+    """An image or mask file that cannot be used, with the file named."""
+
+
+def open_image(path: Path, what: str = "image", max_pixels: int | None = None,
+               limit_name: str = "max_pixels") -> Image.Image:
+    """Open and fully decode an image file; every way it can fail is one ImageFileError line. `max_pixels` is
+    checked before decoding (`limit_name` is how the message names it: the command line's flag); without it,
+    Pillow's own decompression-bomb limit applies."""
+    check_readable(Path(path), what, ImageFileError)
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = None  # our own limit is checked before decoding
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{what} {path} is not an image (or not in a format Pillow reads)") from None
+    except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on corrupt headers
+        raise ImageFileError(f"{what} {path} is corrupt: {e}") from None
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        s = math.sqrt(max_pixels / (w * h))
+        raise ImageFileError(f"{what} {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), over {limit_name} "
+                             f"{max_pixels}: downscale it (to {max(1, int(w * s))}x{max(1, int(h * s))} or less) "
+                             f"or pass {limit_name} {w * h}")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - truncated data: OSError; some plugins SyntaxError, ValueError, EOFError
+        raise ImageFileError(f"{what} {path} is truncated or corrupt ({e})") from None
+    return img
+
+
+def read_image(path: Path, note: Note | None = None, max_pixels: int | None = None,
+               limit_name: str = "max_pixels") -> Image.Image:
+    """An image file as 8-bit RGB at its displayed orientation; `note` hears every conversion."""
+    path = Path(path)
+    img = open_image(path, "input image", max_pixels, limit_name)
+    return displayed_rgb(img, path.name, note or _silent, png_bit_depth(path))
+
+
+def read_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None,
+              limit_name: str = "max_pixels") -> Image.Image:
+    """A mask file (white / non-zero = edited) of the image's `size`, as a binary "L" image (0 / 255); a
+    16-bit or float mask is read relative to its maximum."""
+    img = open_image(Path(path), "mask", max_pixels, limit_name)
+    if img.size != size:
+        raise ImageFileError(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
+    if img.mode in _WIDE_MODES:
+        a = np.asarray(img, dtype=np.float64)
+        a = a / (a.max() or 1.0)
+    else:
+        a = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+    return Image.fromarray(((a >= 0.5) * 255).astype(np.uint8), "L")
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float samples
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def displayed_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: int | None = None) -> Image.Image:
+    """The first frame, turned as its EXIF orientation says, converted to 8-bit RGB; each change noted."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        note(f"{name} has {frames} frames: using the first")
+        img.seek(0)
+        img.load()
+    orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation not in (1, None):
+        size = img.size
+        img = ImageOps.exif_transpose(img)
+        note(f"{name} is turned as its EXIF orientation ({orientation}) says: {size[0]}x{size[1]} -> "
+             f"{img.width}x{img.height}")
+    return to_rgb(img, name, note, png_bits)
+
+
+def to_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: int | None = None) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; `note` hears what was changed. Transparency is composited onto white."""
+    mode = img.mode
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if mode in _WIDE_MODES:
+        a = np.asarray(img, dtype=np.float64)
+        top = 1.0 if mode == "F" and a.max(initial=0) <= 1.0 else 65535.0 if a.max(initial=0) > 255 else 255.0
+        depth = "32-bit float" if mode == "F" else "16-bit" if top == 65535.0 else "32-bit integer"
+        note(f"{name} is {depth} greyscale: converted to 8-bit RGB")
+        return Image.fromarray(np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8), "L").convert("RGB")
+    if png_bits == 16 and mode in ("RGB", "RGBA", "LA", "L"):
+        note(f"{name} has 16 bits per channel: reduced to 8")
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            note(f"{name} has transparent pixels: composited onto white (the output has no alpha)")
+        else:
+            note(f"{name} has an alpha channel (fully opaque): dropped")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    described = {"L": "greyscale", "1": "black-and-white (1-bit)", "P": "a palette image", "CMYK": "CMYK",
+                 "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV"}.get(mode, f"mode {mode}")
+    note(f"{name} is {described}: converted to RGB")
+    return img.convert("RGB")
+
+
+def png_bit_depth(path: Path) -> int | None:
+    """Bits per sample of a PNG file (Pillow reads 16-bit RGB PNGs as 8-bit without saying so); None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else None

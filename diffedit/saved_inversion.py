@@ -1,0 +1,156 @@
+"""A DiffEdit inversion saved to disk, so that one encoding serves any number of later edits.
+
+The file is safetensors: `latents` (T, C, h, w), every inverted level, noisiest first; `timesteps` (T,), the level
+of each; `clean` (C, h, w), the image latents the encoding started from. Its string metadata says what the latents
+are compatible with: the model (its path or repo id and a fingerprint of its files), the step count, the encoding
+ratio, the inversion's guidance scale, the image's size and working size, the prompt, the seed and the mode
+(`format` "diffedit-latents", `version` "1"). Files written by `diffedit invert` since version 0.1.0 have this
+layout and load here.
+
+`read_inversion_metadata` is torch-free and cheap (the command line checks a file before it loads anything);
+`load_inversion` checks the tensors and, given a model, that they come from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .outputs import Planned, commit
+from .validation import FileError, check_readable, one_line
+
+FORMAT = "diffedit-latents"
+VERSION = "1"
+
+
+class InversionFileError(FileError):
+    """A saved inversion that cannot be used (not one, damaged, from another version or model), with the file
+    named."""
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A cheap identity of a model folder: its configs and, for each weight file, its size and first and last
+    64 KiB. Equal for a moved or copied model, different for retrained weights."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*/*")):
+        if f.name.endswith(".json") and f.parent.name != "tokenizer":
+            h.update(f"{f.parent.name}/{f.name}".encode())
+            h.update(f.read_bytes())
+        elif f.suffix == ".safetensors":
+            size = f.stat().st_size
+            h.update(f"{f.parent.name}/{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(65536))
+                fh.seek(max(0, size - 65536))
+                h.update(fh.read(65536))
+    return h.hexdigest()[:16]
+
+
+def read_inversion_metadata(path: Path) -> dict:
+    """The metadata of a saved inversion, checked, with `steps`, `width`, `height` as ints and `strength`,
+    `guidance` as floats. Reads only the file's header."""
+    path = Path(path)
+    check_readable(path, "latents file", InversionFileError)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: not a safetensors file, or truncated
+        raise InversionFileError(f"latents file {path} is not a safetensors file or is corrupt "
+                                 f"({one_line(e)})") from None
+    if meta.get("format") != FORMAT or not {"latents", "timesteps", "clean"} <= keys:
+        raise InversionFileError(f"{path} is not a latents file written by `diffedit invert`")
+    if meta.get("version") != VERSION:
+        raise InversionFileError(f"latents file {path} has version {meta.get('version')}; this diffedit reads "
+                                 f"version {VERSION} (invert again)")
+    try:
+        for key in ("steps", "width", "height"):
+            meta[key] = int(meta[key])
+        meta["strength"], meta["guidance"] = float(meta["strength"]), float(meta["guidance"])
+    except (KeyError, ValueError) as e:
+        raise InversionFileError(f"latents file {path} has damaged metadata ({e})") from None
+    return meta
+
+
+def recorded_model(sd) -> str:
+    """How a file names the model: the absolute folder when it was loaded from one, else its repo id."""
+    local = Path(sd.source).expanduser()
+    return str(local.resolve()) if sd.source and local.is_dir() else sd.source
+
+
+def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
+                       seed: int | None = None) -> dict:
+    """What a saved inversion records (all strings once written). `model` is the StableDiffusion that inverted,
+    `params` the DiffEditParams, `image_size` the input image's (width, height)."""
+    from . import __version__
+    from .params import CORRECTIONS
+
+    if model.folder is None:
+        raise ValueError("model: an inversion is saved with the model folder it came from; load the model with "
+                         "StableDiffusion.from_pretrained")
+    corrections = {getattr(params, name) for name in CORRECTIONS.values()}
+    mode = "corrected" if corrections == {True} else "reference" if corrections == {False} else "mixed"
+    h, w = inversion.latents.shape[-2:]
+    f = model.vae_scale_factor
+    return {"format": FORMAT, "version": VERSION, "model": recorded_model(model),
+            "model_fingerprint": model_fingerprint(model.folder), "steps": params.num_inference_steps,
+            "strength": params.inpaint_strength, "width": image_size[0], "height": image_size[1],
+            "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
+            "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
+            "diffedit_version": __version__}
+
+
+def inversion_writer(inversion, metadata: dict):
+    """A `Planned.write` that saves one image's inversion (batch row 0) with `metadata`."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": inversion.latents[0].float().cpu().contiguous(),  # (T, C, h, w)
+               "timesteps": inversion.timesteps.cpu().contiguous(),  # (T,)
+               "clean": inversion.clean[0].float().cpu().contiguous()}  # (C, h, w)
+    strings = {k: str(v) for k, v in metadata.items()}
+    return lambda tmp: save_file(tensors, str(tmp), metadata=strings)
+
+
+def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
+                   seed: int | None = None) -> dict:
+    """Save the inversion of one image (`method.invert`'s result) to `path` (.safetensors), written to a
+    temporary file and renamed, so an existing file is replaced whole or not at all. Returns the metadata."""
+    path = Path(path)
+    if inversion.latents.shape[0] != 1:
+        raise ValueError(f"inversion: a file holds one image's inversion, got a batch of "
+                         f"{inversion.latents.shape[0]}")
+    meta = inversion_metadata(inversion, model=model, params=params, image_size=image_size, prompt=prompt,
+                              seed=seed)
+    commit([Planned(path, "latents file", inversion_writer(inversion, meta))])
+    return meta
+
+
+def load_inversion(path: Path, model=None):
+    """A saved inversion -> (method.Inversion with a batch of one, metadata). With a model (a StableDiffusion
+    loaded from a folder) the file must come from that model (same fingerprint) and the tensors go to its device
+    and dtype; without one they stay float32 on the CPU."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .method import Inversion
+
+    path = Path(path)
+    meta = read_inversion_metadata(path)
+    if model is not None and model.folder is not None:
+        if meta.get("model_fingerprint") != model_fingerprint(model.folder):
+            raise InversionFileError(f"{path} was inverted with another model ({meta.get('model')}) than "
+                                     f"{model.source}: load that model or invert again")
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise InversionFileError(f"latents file {path} is truncated or corrupt ({one_line(e)})") from None
+    latents, timesteps, clean = t["latents"], t["timesteps"], t["clean"]
+    if latents.ndim != 4 or clean.shape != latents.shape[1:] or timesteps.shape != latents.shape[:1]:
+        raise InversionFileError(f"latents file {path} holds tensors of unexpected shapes")
+    if model is not None and latents.shape[1] != model.vae.config.latent_channels:
+        raise InversionFileError(f"latents file {path} has {latents.shape[1]} latent channels but the model's "
+                                 f"VAE has {model.vae.config.latent_channels}")
+    device, dtype = (model.device, model.dtype) if model is not None else (torch.device("cpu"), torch.float32)
+    inversion = Inversion(latents[None].to(device, dtype), timesteps.long(), clean[None].to(device, dtype))
+    return inversion, meta

@@ -1,0 +1,145 @@
+"""Saved inversions: the public save / load pair, the file layout `diffedit invert` has always written, and every
+check that keeps a file from being reused with the wrong model or settings."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import diffedit
+from diffedit import DiffEditParams, StableDiffusion, method
+from diffedit.image_tensors import to_tensor
+from diffedit.saved_inversion import (InversionFileError, load_inversion, model_fingerprint, read_inversion_metadata,
+                                      save_inversion)
+from diffedit.validation import FileError
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return StableDiffusion.from_pretrained(diffedit.SHIPPED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def inverted(sd):
+    """A 4-step inversion of a 64x64 picture with the shipped model, and its parameters."""
+    params = DiffEditParams.for_model(sd, num_inference_steps=STEPS)
+    image = to_tensor(torch.linspace(0, 1, 3 * 64 * 64).reshape(3, 64, 64), sd.vae_scale_factor)
+    text = method.encode_text(sd, ["a red circle on a gray background"], [""])
+    return method.invert(sd, image, text, params, torch.Generator().manual_seed(0)), params
+
+
+def test_save_then_load_gives_the_same_tensors_and_the_settings(sd, inverted, tmp_path):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    written = save_inversion(path, inversion, model=sd, params=params, image_size=(70, 64), prompt="a", seed=5)
+    loaded, meta = load_inversion(path, sd)
+    assert torch.equal(loaded.latents, inversion.latents) and torch.equal(loaded.clean, inversion.clean)
+    assert torch.equal(loaded.timesteps, inversion.timesteps)
+    assert len(inversion.timesteps) == int(STEPS * params.inpaint_strength)  # 4 x 0.6 -> 2 levels
+    assert (meta["steps"], meta["strength"], meta["guidance"]) == (STEPS, params.inpaint_strength,
+                                                                   params.inversion_guidance_scale)
+    assert (meta["width"], meta["height"], meta["working_width"], meta["working_height"]) == (70, 64, "64", "64")
+    assert meta["prompt"] == "a" and meta["seed"] == "5" and meta["mode"] == "corrected"
+    assert meta["model"] == str(diffedit.SHIPPED_MODEL.resolve()) and written["model_fingerprint"] == \
+        model_fingerprint(diffedit.SHIPPED_MODEL) == meta["model_fingerprint"]
+    # without a model: float32 on the CPU, no model check
+    alone, _ = load_inversion(path)
+    assert alone.latents.dtype == torch.float32 and alone.latents.device.type == "cpu"
+
+
+def test_the_mode_names_the_corrections_that_ran(sd, inverted, tmp_path):
+    inversion, params = inverted
+    for p, mode in ((DiffEditParams.reference(num_inference_steps=STEPS), "reference"),
+                    (params.updated({"paste_matching_step": False}), "mixed")):
+        save_inversion(tmp_path / f"{mode}.safetensors", inversion, model=sd, params=p, image_size=(64, 64))
+        assert read_inversion_metadata(tmp_path / f"{mode}.safetensors")["mode"] == mode
+
+
+def test_a_file_in_the_layout_invert_has_always_written_loads(sd, inverted, tmp_path):
+    """Built by hand, key by key, as `diffedit invert` 0.1.0 wrote it: not by save_inversion."""
+    inversion, _ = inverted
+    meta = {"format": "diffedit-latents", "version": "1", "model": "/somewhere/shapes-sd",
+            "model_fingerprint": model_fingerprint(diffedit.SHIPPED_MODEL), "steps": "4", "strength": "0.6",
+            "width": "64", "height": "64", "working_width": "64", "working_height": "64", "prompt": "a red circle",
+            "guidance": "1.0", "seed": "0", "mode": "corrected", "diffedit_version": "0.1.0"}
+    tensors = {"latents": inversion.latents[0].clone(), "timesteps": inversion.timesteps.clone(),
+               "clean": inversion.clean[0].clone()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded, read = load_inversion(tmp_path / "old.safetensors", sd)
+    assert torch.equal(loaded.latents, inversion.latents) and torch.equal(loaded.clean, inversion.clean)
+    assert (read["steps"], read["strength"], read["guidance"], read["width"]) == (4, 0.6, 1.0, 64)
+
+
+def test_a_file_from_another_model_is_refused(sd, inverted, tmp_path):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    other_folder = shutil.copytree(diffedit.SHIPPED_MODEL, tmp_path / "other")
+    weights = other_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state["conv_out.bias"] = state["conv_out.bias"] + 1  # a retrained model: same shapes, other weights
+    save_file(state, str(weights))
+    other = StableDiffusion.from_pretrained(other_folder)
+    with pytest.raises(InversionFileError, match="inverted with another model"):
+        load_inversion(path, other)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"format": "something-else"}, "is not a latents file"),
+    ({"version": "2"}, "has version 2; this diffedit reads version 1"),
+    ({"steps": "four"}, "damaged metadata"),
+    ({"guidance": None}, "damaged metadata"),
+])
+def test_damaged_or_foreign_metadata_is_one_file_error(sd, inverted, tmp_path, damage, message):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = {k: str(v) for k, v in save_inversion(path, inversion, model=sd, params=params,
+                                                  image_size=(64, 64)).items()}
+    meta = {k: v for k, v in {**meta, **damage}.items() if v is not None}
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(InversionFileError, match=message) as e:
+        load_inversion(path, sd)
+    assert isinstance(e.value, FileError) and isinstance(e.value, ValueError) and str(path) in str(e.value)
+
+
+def test_not_a_safetensors_file_and_tensors_of_wrong_shapes_are_refused(sd, inverted, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InversionFileError, match="is not a safetensors file"):
+        read_inversion_metadata(tmp_path / "notes.txt")
+    with pytest.raises(InversionFileError, match="does not exist"):
+        read_inversion_metadata(tmp_path / "missing.safetensors")
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    save_file({"latents": inversion.latents[0], "timesteps": inversion.timesteps[:1], "clean": inversion.clean[0]},
+              str(path), metadata={k: str(v) for k, v in meta.items()})
+    with pytest.raises(InversionFileError, match="unexpected shapes"):
+        load_inversion(path, sd)
+
+
+def test_only_one_image_of_a_loaded_model_is_saved(sd, inverted, tmp_path):
+    inversion, params = inverted
+    with pytest.raises(ValueError, match="one image's inversion, got a batch of 2"):
+        save_inversion(tmp_path / "two.safetensors", inversion.repeat_interleave(2), model=sd, params=params,
+                       image_size=(64, 64))
+    built = StableDiffusion(**{**sd.__dict__, "folder": None})
+    with pytest.raises(ValueError, match="from_pretrained"):
+        save_inversion(tmp_path / "built.safetensors", inversion, model=built, params=params, image_size=(64, 64))
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_model_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    copy = shutil.copytree(diffedit.SHIPPED_MODEL, tmp_path / "copy")
+    assert model_fingerprint(copy) == model_fingerprint(diffedit.SHIPPED_MODEL)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(diffedit.SHIPPED_MODEL)
