@@ -98,6 +98,21 @@ def same_prompt(sd: StableDiffusion, source: str, target: str) -> bool:
         return bool((sd.tokenizer(source) == sd.tokenizer(target)).all())
 
 
+def size_notes(sd: StableDiffusion, size: tuple[int, int]) -> tuple[tuple[int, int], list[str]]:
+    """The working size of a picture of `size` (sides rounded to a multiple of the VAE factor) and what is odd
+    about it: not a multiple (outputs are restored to `size`), or far from the size the model was trained at."""
+    f = sd.vae_scale_factor
+    working = imgs.working_size(size, f)
+    notes = []
+    if working != size:
+        notes.append(f"{size[0]}x{size[1]} is not a multiple of {f}: the model works at {working[0]}x{working[1]}, "
+                     f"outputs are restored to {size[0]}x{size[1]}")
+    native = sd.unet.config.sample_size * f
+    if max(working) > 4 * native or max(working) * 4 < native:
+        notes.append(f"the model was trained at {native}x{native}; {working[0]}x{working[1]} is far from it")
+    return working, notes
+
+
 def model_pixels(sd: StableDiffusion, picture: PIL.Image.Image) -> torch.Tensor:
     """An RGB picture of any size as the model's input: (1, 3, H, W) in [-1, 1], sides a multiple of the VAE factor."""
     return imgs.to_tensor(imgs.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)

@@ -1,9 +1,6 @@
 """The `diffedit` command: edit an image with a text query (DiffEdit), or run one step of the method alone.
 
-    diffedit edit cat.png --source "a cat" --target "a dog" -o dog.png
-    diffedit mask cat.png --source "a cat" --target "a dog" -o mask.png --heatmap-out heat.png
-    diffedit invert cat.png --prompt "a cat" -o cat.safetensors
-    diffedit edit cat.png --latents cat.safetensors --mask mask.png --target "a dog" -o dog.png
+    diffedit edit IMAGE --source TEXT --target TEXT -o OUT.png      (examples that run: `diffedit --help`)
 
 Order of work, so that a mistake costs as little as possible: arguments, the input files and the output paths are
 checked first (without importing torch or loading a model), then the model is loaded, then the method runs. Outputs
@@ -30,83 +27,41 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .console import (COUNT, GUIDANCE, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP, BadInput, Parser, Reporter,
+                      guarded)
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
-from .outputs import LOSSY_FORMATS, OutputPathError, Planned, check_outputs, commit, plan_images, planned_image
+from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, plan_images, planned_image
 from .saved_inversion import load_inversion, read_inversion_metadata, save_inversion
+from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
 
-PROG = "diffedit"
 DELEGATED = {"train": "train", "evaluate": "evaluate"}  # subcommands whose modules parse their own arguments
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
 MAX_PIXELS_FLAG = "--max-pixels"
-
-
-class BadInput(Exception):
-    """A problem with what the user gave (arguments, files, model): one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (`diffedit: error: ...`), so they read like every other bad input."""
-
-    def error(self, message):
-        raise BadInput(f"{message} (see `{self.prog} --help`)")
-
-
-def _number(kind: type, lo=None, hi=None, lo_open=False):
-    """An argparse type: an int or float (finite) in a range, refused with the valid range named."""
-    if hi is not None:
-        what = f" in {'(' if lo_open else '['}{lo}, {hi}]"
-    else:
-        what = f" {'>' if lo_open else '>='} {lo}"
-    noun = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun}{what}, got {text!r}") from None
-        too_low = value <= lo if lo_open else value < lo
-        if (kind is float and not math.isfinite(value)) or too_low or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"expected {noun}{what}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
-    return parse
+# The help's examples, in an order that runs as written (a test does) on the bundled picture with the shipped model.
+_RED, _BLUE, _SQUARE = ('"a red circle on a gray background"', '"a blue circle on a gray background"',
+                        '"a red square on a gray background"')
+EXAMPLES = [
+    ("edit", f"--source {_RED} --target {_BLUE} -o blue.png --compare-out compare.png"),
+    ("edit", f'--source {_RED} --target {_BLUE} --target "a green circle on a gray background" -o out.png'),
+    ("mask", f"--source {_RED} --target {_SQUARE} -o mask.png --heatmap-out heat.png"),
+    ("invert", f"--prompt {_RED} -o circle.safetensors"),
+    ("edit", f"--latents circle.safetensors --mask mask.png --target {_SQUARE} -o square.png"),
+]
 
 
-STEPS = _number(int, 1)
-RATIO = _number(float, 0, 1, lo_open=True)
-COUNT = _number(int, 1)
-POSITIVE = _number(float, 0, lo_open=True)
-GUIDANCE = _number(float, 0)
-TIMESTEP = _number(int, 0)
-SEED = _number(int, 0, 2**63 - 1)
+def examples(command: str | None = None) -> str:
+    """The help's example lines (of one command, or all)."""
+    picked = [(c, a) for c, a in EXAMPLES if command in (None, c)]
+    lines = "".join(f"  diffedit {c} {EXAMPLE_IMAGE} \\\n      {a}\n" for c, a in picked)
+    return f"{'examples' if command is None else 'example'}: on the picture that ships with the package\n{lines}"
 
-# The help's examples run as written on the bundled picture with the shipped model.
-SOURCE_EXAMPLE = '"a red circle on a gray background"'
-EXAMPLES = """\
-examples: on the picture that ships with the package, with the shipped model
-  diffedit edit {image} \\
-      --source "a red circle on a gray background" --target "a blue circle on a gray background" -o blue.png
-  diffedit edit {image} \\
-      --source "a red circle on a gray background" --target "a blue circle on a gray background" \\
-      --target "a green circle on a gray background" -o out.png
-      (several targets: one inversion, one output each: out-1.png, out-2.png; or name them with {{i}} / {{target}})
-  diffedit mask {image} \\
-      --source "a red circle on a gray background" --target "a red square on a gray background" -o mask.png \\
-      --heatmap-out heat.png
-  diffedit invert {image} \\
-      --prompt "a red circle on a gray background" -o circle.safetensors
-  diffedit edit {image} \\
-      --latents circle.safetensors --mask mask.png --target "a red square on a gray background" -o square.png
-""".format(image=EXAMPLE_IMAGE)
 
 EDIT_EPILOG = """\
 several targets: --target may be given several times; the image is inverted once and each target gets its own
@@ -117,10 +72,7 @@ target's number, from 1) or {target} (the target text made file-name safe), e.g.
 reuse: `diffedit invert` saves the inversion, `diffedit mask` the mask; pass them with --latents / --mask. Steps,
 strength, image size and model must match the inversion's (taken from the file when not given).
 
-example: on the picture that ships with the package
-  diffedit edit {image} --source "a red circle on a gray background" \\
-      --target "a blue circle on a gray background" -o blue.png --compare-out compare.png
-""".replace("{image}", str(EXAMPLE_IMAGE))
+"""
 
 
 def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
@@ -159,16 +111,17 @@ def _add_mask_options(p: argparse.ArgumentParser, defaults_note: str) -> None:
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     note = " (default: the model's, else the paper's)"
-    parser = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="DiffEdit (Couairon et al., ICLR 2023): edit an image by describing the change. "
                                  "The mask of what to change is found automatically from the difference between "
                                  "the two texts.",
-                     epilog=EXAMPLES)
+                     epilog=examples())
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate}", parser_class=Parser)
 
     edit = sub.add_parser("edit", help="edit an image: mask, inversion and masked decoding",
-                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EDIT_EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=EDIT_EPILOG + examples("edit"),
                           description="Edit IMAGE from what it shows (--source) to what it should show (--target).")
     edit.add_argument("image", metavar="IMAGE")
     edit.add_argument("--source", metavar="TEXT", help="what the image shows (may be empty: \"\"; not needed with "
@@ -198,8 +151,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     mask = sub.add_parser("mask", help="estimate the edit mask only",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           description="Estimate where IMAGE must change to go from --source to --target.",
-                          epilog=f"example:\n  diffedit mask {EXAMPLE_IMAGE} --source {SOURCE_EXAMPLE} --target \"a red "
-                                 "square on a gray background\" -o mask.png --heatmap-out heat.png\n")
+                          epilog=examples("mask"))
     mask.add_argument("image", metavar="IMAGE")
     mask.add_argument("--source", metavar="TEXT", required=True, help="what the image shows (may be empty: \"\")")
     mask.add_argument("--target", metavar="TEXT", required=True, action="append",
@@ -215,8 +167,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             description="Invert IMAGE (deterministic DDIM encoding conditioned on --prompt) and save "
                                         "every intermediate latent to a safetensors file.",
-                            epilog=f"example:\n  diffedit invert {EXAMPLE_IMAGE} --prompt {SOURCE_EXAMPLE} -o "
-                                   "circle.safetensors\n")
+                            epilog=examples("invert"))
     invert.add_argument("image", metavar="IMAGE")
     invert.add_argument("--prompt", metavar="TEXT", required=True, help="what the image shows (the edit's --source)")
     invert.add_argument("-o", "--output", required=True, metavar="LATENTS", help="output .safetensors file")
@@ -232,43 +183,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Messages
-
-
-class Reporter:
-    """Notes (odd but valid input), warnings, progress bars and the summary, all on stderr; --json owns stdout."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.notes: list[str] = []
-        self.warnings: list[str] = []
-        self.bars = not quiet and sys.stderr.isatty()
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-        if not self.quiet:
-            print(f"{PROG}: note: {message}", file=sys.stderr)
-
-    def warn(self, message: str) -> None:
-        if message not in self.warnings:
-            self.warnings.append(message)
-            print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-    def progress(self, total: int, desc: str):
-        """A tqdm bar on stderr, or a stand-in when stderr is not a terminal or with --quiet."""
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.bars, leave=False, unit="step")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Model
-
-
-def check_model_argument(model: str | None) -> str:
-    """Cheap checks before torch is imported: the shipped model, a folder that exists, or something shaped like a
-    hub repo id (a ModelNotFoundError otherwise: bad input)."""
-    return str(model_location(model))
 
 
 def load_or_refuse(model: str, device, dtype):
@@ -308,16 +223,17 @@ def local_edit_defaults(model: str) -> dict:
     return read_edit_defaults(Path(model).expanduser())
 
 
-def command_params(explicit: dict, edit_defaults: dict, reference: bool, uses: tuple[str, ...]):
-    """The run's DiffEditParams; `uses` names the steps run ("mask", "invert", "decode") whose step counts are
-    checked: a strength with int(steps x strength) = 0 would run no step."""
+def command_params(args, edit_defaults: dict, uses: tuple[str, ...]):
+    """The run's DiffEditParams: the flags over the model's `edit_defaults`; `uses` names the steps run ("mask",
+    "invert", "decode") whose step counts are checked: a strength with int(steps x strength) = 0 would run no step.
+    Called before the model is loaded (with a local folder's diffedit.json) and again after."""
     from .params import CORRECTIONS, layered
 
     try:
-        p = layered(edit_defaults, explicit)
+        p = layered(edit_defaults, explicit_params(args))
     except (TypeError, ValueError) as e:
         raise BadInput(one_line(e)) from None
-    if reference:  # the flags name no correction, so turning them all off last is the same as in between
+    if args.reference_behaviour:  # the flags name no correction, so turning them all off last is the same as in between
         p = p.updated({name: False for name in CORRECTIONS.values()})
     n = p.num_inference_steps
     checks = [("--mask-strength", p.mask_encode_strength)] if "mask" in uses else []
@@ -330,10 +246,9 @@ def command_params(explicit: dict, edit_defaults: dict, reference: bool, uses: t
 
 
 def params_summary(p) -> dict:
-    return {"steps": p.num_inference_steps, "strength": p.inpaint_strength, "guidance": p.guidance_scale,
-            "mask_guidance": p.mask_guidance_scale, "inversion_guidance": p.inversion_guidance_scale,
-            "mask_strength": p.mask_encode_strength, "num_maps": p.num_maps_per_mask,
-            "threshold_ratio": p.mask_thresholding_ratio, "guidance_min_timestep": p.guidance_min_timestep}
+    """The run's settings under the flags' names (--guidance's second field as mask_guidance), for --json."""
+    return {**{flag: getattr(p, names[0]) for flag, names in FLAG_FIELDS.items()},
+            "mask_guidance": p.mask_guidance_scale}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,18 +285,11 @@ class CommandRun:
     image: Image.Image | None = None
     identical: bool = False
 
-    @contextmanager
     def timed(self, key: str):
         """Add the block's wall time to timings[key] (after the GPU's queued work is done)."""
-        start = time.perf_counter()
-        yield
-        if self.sd is not None and self.sd.device.type == "cuda":
-            import torch
+        return timed(self.timings, key, None if self.sd is None else self.sd.device)
 
-            torch.cuda.synchronize()
-        self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - start, 4)
-
-    def load(self, model: str, params_uses: tuple[str, ...]):
+    def load_model_and_params(self, model: str, params_uses: tuple[str, ...]):
         """Device and dtype, the model, and the parameters with the model's own defaults."""
         from .api import pick_device
 
@@ -392,8 +300,7 @@ class CommandRun:
         with self.timed("load_model"):
             self.sd = load_or_refuse(model, device, dtype)
         self.model = model
-        return command_params(explicit_params(self.args), self.sd.edit_defaults, self.args.reference_behaviour,
-                              params_uses)
+        return command_params(self.args, self.sd.edit_defaults, params_uses)
 
     def check_prompts(self, named: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:
         """Warn about empty and over-long prompts, and source / target pairs that say the same thing."""
@@ -409,33 +316,22 @@ class CommandRun:
                                  "edit, the mask is empty" + (full if self.args.reference_behaviour else ""))
 
     def note_sizes(self) -> tuple[int, int]:
-        """The working size (sides a multiple of the VAE factor), noted when it differs from the input's."""
-        from .image_tensors import working_size
+        """The working size (sides a multiple of the VAE factor); each way it is odd, noted."""
+        from .api import size_notes
 
-        f = self.sd.vae_scale_factor
-        size = working_size(self.image.size, f)
-        if size != self.image.size:
-            self.report.note(f"{self.image.width}x{self.image.height} is not a multiple of {f}: the model works at "
-                             f"{size[0]}x{size[1]}, outputs are restored to {self.image.width}x{self.image.height}")
-        native = self.sd.unet.config.sample_size * f
-        if max(size) > 4 * native or max(size) * 4 < native:
-            self.report.note(f"the model was trained at {native}x{native}; {size[0]}x{size[1]} is far from it")
+        size, notes = size_notes(self.sd, self.image.size)
+        for message in notes:
+            self.report.note(message)
         return size
 
-    def pixels(self):
-        from .api import model_pixels
-
-        return model_pixels(self.sd, self.image)
-
-    def text(self, prompt: str, p):
-        from .api import prompt_text
-
-        return prompt_text(self.sd, prompt, p)
-
-    def generator(self):
+    def method_inputs(self, p, prompts: list[str | None]):
+        """The image as the model's pixels, each prompt's embeddings (None stays None), the seeded generator."""
         import torch
 
-        return torch.Generator().manual_seed(self.args.seed)
+        from .api import model_pixels, prompt_text
+
+        texts = [None if prompt is None else prompt_text(self.sd, prompt, p) for prompt in prompts]
+        return model_pixels(self.sd, self.image), texts, torch.Generator().manual_seed(self.args.seed)
 
     @contextmanager
     def warnings_as_lines(self):
@@ -488,11 +384,11 @@ def _check_model_or_latents_model(args, meta: dict | None) -> str:
     """--model, else the model a latents file was inverted with, else the shipped model."""
     if args.model is None and meta is not None and meta.get("model"):
         try:
-            return check_model_argument(meta["model"])
+            return str(model_location(meta["model"]))
         except ModelNotFoundError:
             raise BadInput(f"{args.latents} was inverted with model {meta['model']}, which is not found here; "
                            "pass --model") from None
-    return check_model_argument(args.model)
+    return str(model_location(args.model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,14 +415,20 @@ def edit_with_progress(run: CommandRun, p, targets: list[str], source: str | Non
             if name == "mask":
                 bar.update(1)
 
-        source_text = run.text(source, p) if source is not None else None
-        return list(edit_each(run.sd, run.pixels(), run.image.size, source_text, [run.text(t, p) for t in targets],
-                              p, run.generator(), fixed_mask, inversion, stage))
+        pixels, (source_text, *target_texts), generator = run.method_inputs(p, [source, *targets])
+        return list(edit_each(run.sd, pixels, run.image.size, source_text, target_texts, p, generator, fixed_mask,
+                              inversion, stage))
 
 
 def _coverage(entry: dict, full_mask: Image.Image, latent_mask: np.ndarray) -> dict:
     return {**entry, "mask_coverage": round(float(np.asarray(full_mask).mean() / 255), 4),
             "latent_mask_coverage": round(float(latent_mask.mean()), 4)}
+
+
+def _add_output(planned: list[Planned], entry: dict, key: str, plan: dict, what: str, i: int, img: Image.Image):
+    """Plan target i's output of kind `what` and name it under `key` in the target's --json entry."""
+    entry[key] = str(plan[what][i][0])
+    planned.append(planned_image(plan, what, i, img))
 
 
 def _flag_names(targets: list[str]) -> list[str]:
@@ -554,9 +456,9 @@ def cmd_edit(args, report: Reporter) -> dict:
         apply_latents_metadata(meta, Path(args.latents), args, run.image.size)
     given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG) if args.mask else None
     uses = ("decode",) + (() if given_mask is not None else ("mask",)) + (() if meta else ("invert",))
-    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, uses)
+    command_params(args, local_edit_defaults(model), uses)
     # Model, and the checks that need it
-    p = run.load(model, uses)
+    p = run.load_model_and_params(model, uses)
     if meta is not None:
         if args.source is not None and args.source != meta.get("prompt"):
             report.note(f"the inversion in {args.latents} was conditioned on {shorten(meta.get('prompt', ''))}; "
@@ -584,12 +486,10 @@ def cmd_edit(args, report: Reporter) -> dict:
         entry = _coverage({"target": target, "image": str(plan["output"][i][0])}, full_mask, latent_mask)
         planned.append(planned_image(plan, "output", i, edited))
         if "--mask-out" in plan:
-            entry["mask"] = str(plan["--mask-out"][i][0])
-            planned.append(planned_image(plan, "--mask-out", i, full_mask))
+            _add_output(planned, entry, "mask", plan, "--mask-out", i, full_mask)
         if "--compare-out" in plan:
-            entry["compare"] = str(plan["--compare-out"][i][0])
             sheet = compare_strip(run.image, edited, full_mask, guidance, target=target, guidance_vmax=1.0)
-            planned.append(planned_image(plan, "--compare-out", i, sheet))
+            _add_output(planned, entry, "compare", plan, "--compare-out", i, sheet)
         outputs.append(entry)
     return run.write_masked(planned, "edit", p, outputs, {"source": args.source, "latents": args.latents,
                                                           "mask": args.mask})
@@ -603,24 +503,23 @@ def cmd_mask(args, report: Reporter) -> dict:
                        {"input image": image_path}, args.force, "pass --force")
     if any(fmt in LOSSY_FORMATS for _, fmt in plan["output"]):
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
-    model = check_model_argument(args.model)
+    model = str(model_location(args.model))
     run.read_image(image_path)
-    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("mask",))
+    command_params(args, local_edit_defaults(model), ("mask",))
     # Model, checks, the method
-    p = run.load(model, ("mask",))
+    p = run.load_model_and_params(model, ("mask",))
     run.check_prompts([("--source", args.source)] + list(zip(_flag_names(targets), targets)),
                       [(args.source, t) for t in targets])
     run.note_sizes()
     from . import image_tensors, method
     from .figures import heat_map
 
-    pixels, generator = run.pixels(), run.generator()
     planned, outputs = [], []
     with run.warnings_as_lines(), report.progress(len(targets), "mask") as bar:
-        source_text = run.text(args.source, p)
+        pixels, (source_text, *target_texts), generator = run.method_inputs(p, [args.source, *targets])
         for i, target in enumerate(targets):
             with run.timed("mask"):
-                est = method.estimate_mask(run.sd, pixels, source_text, run.text(target, p), p, generator)
+                est = method.estimate_mask(run.sd, pixels, source_text, target_texts[i], p, generator)
             bar.update(1)
             latent_mask = est.mask[0].cpu().numpy().astype(bool)  # (h, w)
             full_mask = image_tensors.latent_mask_to_image(latent_mask, run.image.size)
@@ -628,8 +527,7 @@ def cmd_mask(args, report: Reporter) -> dict:
             planned.append(planned_image(plan, "output", i, full_mask))
             if "--heatmap-out" in plan:
                 heat = heat_map(est.guidance_map[0].float().cpu().numpy(), run.image.size, vmax=1.0)
-                entry["heatmap"] = str(plan["--heatmap-out"][i][0])
-                planned.append(planned_image(plan, "--heatmap-out", i, heat))
+                _add_output(planned, entry, "heatmap", plan, "--heatmap-out", i, heat)
             outputs.append(entry)
     return run.write_masked(planned, "mask", p, outputs, {"source": args.source})
 
@@ -642,10 +540,10 @@ def cmd_invert(args, report: Reporter) -> dict:
     if out.suffix.lower() != ".safetensors":
         raise BadInput(f"output {out}: latents are saved as .safetensors (name it e.g. "
                        f"{out.with_suffix('.safetensors')})")
-    model = check_model_argument(args.model)
+    model = str(model_location(args.model))
     run.read_image(image_path)
-    command_params(explicit_params(args), local_edit_defaults(model), args.reference_behaviour, ("invert",))
-    p = run.load(model, ("invert",))
+    command_params(args, local_edit_defaults(model), ("invert",))
+    p = run.load_model_and_params(model, ("invert",))
     run.check_prompts([("--prompt", args.prompt)], [])
     if not args.prompt.strip():
         report.note("empty --prompt: the inversion is unconditional")
@@ -655,8 +553,8 @@ def cmd_invert(args, report: Reporter) -> dict:
     T = int(p.num_inference_steps * p.inpaint_strength)
     with run.warnings_as_lines(), report.progress(T, "inversion") as bar:
         with run.timed("invert"):
-            inversion = method.invert(run.sd, run.pixels(), run.text(args.prompt, p), p, run.generator(),
-                                      callback=lambda *_: bar.update(1))
+            pixels, (text,), generator = run.method_inputs(p, [args.prompt])
+            inversion = method.invert(run.sd, pixels, text, p, generator, callback=lambda *_: bar.update(1))
     with run.timed("write"):
         save_inversion(out, inversion, model=run.sd, params=p, image_size=run.image.size, prompt=args.prompt,
                        seed=args.seed)
@@ -678,32 +576,13 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         return importlib.import_module(f".{DELEGATED[argv[0]]}", __package__).main(argv[1:])
-    debug = "--debug" in argv
-    try:
+
+    def run() -> None:
         args = build_parser(prog).parse_args(argv)
         if args.command is None:
             raise BadInput("give a command: edit, mask or invert (see `diffedit --help`)")
-        report = Reporter(args.quiet)
-        summary = COMMANDS[args.command](args, report)
+        summary = COMMANDS[args.command](args, Reporter(args.quiet))
         if args.json:
             print(json.dumps(summary, indent=2))
-        return 0
-    except (BadInput, FileError, OutputPathError, ModelNotFoundError) as e:  # the input's fault: exit 2
-        if debug:
-            import traceback
 
-            traceback.print_exception(e)
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
-        if debug:
-            raise
-        hint = ""
-        if "out of memory" in str(e).lower():
-            hint = " (try --dtype float16, a smaller image, or --device cpu)"
-        print(f"{PROG}: error: {type(e).__name__}: {one_line(e)}{hint} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+    return guarded(run, debug="--debug" in argv)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .params import DiffEditParams
+from .stable_diffusion import StableDiffusion
 from .models.vae import DiagonalGaussian
 from .schedulers.noise import randn
 
@@ -51,11 +52,11 @@ class TextEmbeddings:
         return TextEmbeddings(self.cond.repeat_interleave(n, dim=0), uncond)
 
 
-def encode_text(model, prompts: list[str], negative_prompts: list[str] | None = None, clip_skip: int | None = None,
-                negative_clip_skip: int | None = None) -> TextEmbeddings:
+def encode_text(sd: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None = None,
+                clip_skip: int | None = None, negative_clip_skip: int | None = None) -> TextEmbeddings:
     """CLIP text states of the prompts (and of the negative prompts, when given)."""
     def states(texts: list[str], skip: int | None) -> torch.Tensor:
-        return model.text_encoder(model.tokenizer(list(texts)).to(model.device), clip_skip=skip)
+        return sd.text_encoder(sd.tokenizer(list(texts)).to(sd.device), clip_skip=skip)
 
     uncond = None if negative_prompts is None else states(negative_prompts, negative_clip_skip)
     return TextEmbeddings(states(prompts, clip_skip), uncond)
@@ -66,13 +67,14 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
-def predict_noise(model, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings, scale: float) -> torch.Tensor:
+def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
+                  scale: float) -> torch.Tensor:
     """The UNet's output at timestep t; guided, with one call on [uncond, cond], when scale > 1."""
     if scale <= 1:
-        return model.unet(x, t, text.cond)
+        return sd.unet(x, t, text.cond)
     if text.uncond is None:
         raise ValueError(f"guidance_scale {scale} > 1 needs negative prompt embeddings")
-    uncond, cond = model.unet(torch.cat([x, x]), t, torch.cat([text.uncond, text.cond])).chunk(2)
+    uncond, cond = sd.unet(torch.cat([x, x]), t, torch.cat([text.uncond, text.cond])).chunk(2)
     return guide(uncond, cond, scale)
 
 
@@ -86,7 +88,7 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float, nam
     return scheduler.timesteps(num_inference_steps)[num_inference_steps - n:]
 
 
-def encode_images(model, image: torch.Tensor, generator: Generator, repeats: int = 1, once: bool = True,
+def encode_images(sd: StableDiffusion, image: torch.Tensor, generator: Generator, repeats: int = 1, once: bool = True,
                   rows: int | None = None) -> torch.Tensor:
     """Latents sampled from the VAE posterior, times the scaling factor (Rombach et al. 2022, §3.1):
     (B * repeats, C, h, w), each image's `repeats` rows together, from one draw of that shape.
@@ -94,14 +96,14 @@ def encode_images(model, image: torch.Tensor, generator: Generator, repeats: int
     `once=False` encodes each repeat separately, as diffusers' `generate_mask` does (D8); the numbers are the same.
     `rows`, a multiple of the sampled rows, tiles the samples (diffusers' deprecated image-to-prompt broadcast).
     A batch with the latent channel count is taken as latents and only repeated."""
-    image = image.to(device=model.device, dtype=model.dtype)
-    if image.shape[1] == model.vae.config.latent_channels:
+    image = image.to(device=sd.device, dtype=sd.dtype)
+    if image.shape[1] == sd.vae.config.latent_channels:
         latents = image.repeat_interleave(repeats, dim=0)
     else:
-        post = model.vae.encode(image if once else image.repeat_interleave(repeats, dim=0))
+        post = sd.vae.encode(image if once else image.repeat_interleave(repeats, dim=0))
         if once:
             post = DiagonalGaussian(post.moments.repeat_interleave(repeats, dim=0))  # (B * repeats, 2C, h, w)
-        latents = model.vae.scaling_factor * post.sample(generator)
+        latents = sd.vae.scaling_factor * post.sample(generator)
     rows = rows or latents.shape[0]
     if rows % latents.shape[0]:
         raise ValueError(f"cannot repeat {latents.shape[0] // repeats} image(s) over {rows // repeats} prompts")
@@ -120,24 +122,25 @@ class MaskEstimate:
 
 
 @torch.no_grad()
-def estimate_mask(model, image: torch.Tensor, source: TextEmbeddings, target: TextEmbeddings,
+def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddings, target: TextEmbeddings,
                   params: DiffEditParams, generator: Generator = None) -> MaskEstimate:
     """DiffEdit §3.2 step 1: the region where the reference text R (`source`) and the query Q (`target`) predict
     different noise. image (B, 3, H, W) in [-1, 1]; one prompt pair per image."""
     B, n, N = len(target), params.num_maps_per_mask, params.num_inference_steps
-    t = strength_timesteps(model.scheduler, N, params.mask_encode_strength, "mask_encode_strength")[0]
+    t = strength_timesteps(sd.scheduler, N, params.mask_encode_strength, "mask_encode_strength")[0]
     # n posterior samples per image (draw 1), noised to the mask strength (draw 2)
-    x0 = encode_images(model, image, generator, n, params.encode_image_once, rows=B * n)
-    xt = model.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)
+    x0 = encode_images(sd, image, generator, n, params.encode_image_once, rows=B * n)
+    xt = sd.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)
     # Noise predictions for both texts, one UNet call
-    eps_source, eps_target = _text_pair_noise(model, xt, t, source.repeat_interleave(n),
+    eps_source, eps_target = _text_pair_noise(sd, xt, t, source.repeat_interleave(n),
                                               target.repeat_interleave(n), params)
     # |eps_Q - eps_R| averaged over the n draws and the latent channels
     difference = (eps_target - eps_source).abs().reshape(B, n, *eps_target.shape[1:]).mean([1, 2])  # (B, h, w)
     return threshold_map(difference, params)
 
 
-def _text_pair_noise(model, xt, t, source: TextEmbeddings, target: TextEmbeddings, params: DiffEditParams):
+def _text_pair_noise(sd: StableDiffusion, xt: torch.Tensor, t: torch.Tensor, source: TextEmbeddings,
+                     target: TextEmbeddings, params: DiffEditParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(eps_R, eps_Q) from one UNet call on [R-, R, Q-, Q] (guided) or [R, Q].
 
     diffusers unpacks `encode_prompt`'s (prompt, negative) as (negative, prompt), so it guides from the prompt
@@ -149,11 +152,11 @@ def _text_pair_noise(model, xt, t, source: TextEmbeddings, target: TextEmbedding
         if not params.mask_without_guidance:
             raise TypeError("expected Tensor as element 0 in argument 0, but got NoneType (diffusers 0.42.1's "
                             "generate_mask fails when guidance_scale <= 1; mask_without_guidance=True fixes it)")
-        return model.unet(torch.cat([xt] * 2), t, torch.cat([source.cond, target.cond])).chunk(2)
+        return sd.unet(torch.cat([xt] * 2), t, torch.cat([source.cond, target.cond])).chunk(2)
     pairs = [(text.uncond, text.cond) for text in (source, target)]
     if not params.mask_without_guidance:
         pairs = [(cond, uncond) for uncond, cond in pairs]
-    out = model.unet(torch.cat([xt] * 4), t, torch.cat([e for pair in pairs for e in pair]))
+    out = sd.unet(torch.cat([xt] * 4), t, torch.cat([e for pair in pairs for e in pair]))
     a_source, b_source, a_target, b_target = out.chunk(4)
     return guide(a_source, b_source, scale), guide(a_target, b_target, scale)
 
@@ -195,25 +198,25 @@ class Inversion:
 
 
 @torch.no_grad()
-def invert(model, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams, generator: Generator = None,
-           callback: StepCallback | None = None) -> Inversion:
+def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams,
+           generator: Generator = None, callback: StepCallback | None = None) -> Inversion:
     """DiffEdit §3.2 step 2: deterministic DDIM encoding (Song et al. 2021, eq. 13 run backwards) of the image up
     to the encoding ratio r = `inpaint_strength`, keeping every intermediate latent. The network is conditioned
     on `text` (the reference R) with `inversion_guidance_scale`; image (B, 3, H, W) in [-1, 1] or latents."""
     N = params.num_inference_steps
-    n = len(strength_timesteps(model.scheduler, N, params.inpaint_strength, "inpaint_strength"))
-    steps = model.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
-    x = clean = encode_images(model, image, generator, rows=len(text))
+    n = len(strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength"))
+    steps = sd.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
+    x = clean = encode_images(sd, image, generator, rows=len(text))
     guided = params.inversion_guidance_scale > 1
     latents = []
     for i, t in enumerate(steps):
-        eps = predict_noise(model, x, t, text, params.inversion_guidance_scale)
+        eps = predict_noise(sd, x, t, text, params.inversion_guidance_scale)
         if params.num_reg_steps > 0:
             # diffusers converts v to eps against the guided batch [x, x] (D5); the fix uses x itself
             sample = torch.cat([x, x]) if guided and not params.portable_regularizer else x
-            eps = regularize_noise(eps, sample, model.inverse_scheduler.alphas_cumprod[t],
-                                   model.inverse_scheduler.config.prediction_type, params, generator)
-        x = model.inverse_scheduler.step(eps, t, x, N).prev_sample
+            eps = regularize_noise(eps, sample, sd.inverse_scheduler.alphas_cumprod[t],
+                                   sd.inverse_scheduler.config.prediction_type, params, generator)
+        x = sd.inverse_scheduler.step(eps, t, x, N).prev_sample
         latents.append(x)
         if callback is not None:
             callback(i, t, x)
@@ -296,7 +299,7 @@ def regularize_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha: to
 
 
 @torch.no_grad()
-def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None, text: TextEmbeddings,
+def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None, text: TextEmbeddings,
            params: DiffEditParams, generator: Generator = None,
            callback: StepCallback | None = None) -> torch.Tensor:
     """DiffEdit §3.2 step 3: DDIM decoding from x_r conditioned on the query Q (`text`, `guidance_scale`, or no
@@ -305,13 +308,13 @@ def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None
     mask (B, 1, h, w) of 0 / 1, or None for plain DDIM decoding (the paper's "Encode-Decode" baseline).
     Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
     N = params.num_inference_steps
-    steps = strength_timesteps(model.scheduler, N, params.inpaint_strength, "inpaint_strength")
-    start, backgrounds = pasted_latents(model, inversion, steps, params)
+    steps = strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")
+    start, backgrounds = pasted_latents(sd, inversion, steps, params)
     x = start.clone()
     for i, t in enumerate(steps):
         scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
-        eps = predict_noise(model, x, t, text, scale)
-        x = model.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
+        eps = predict_noise(sd, x, t, text, scale)
+        x = sd.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
         if mask is not None:
             x = x * mask + backgrounds[i] * (1 - mask)
         if callback is not None:
@@ -319,7 +322,7 @@ def decode(model, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None
     return x
 
 
-def pasted_latents(model, inversion: Inversion | torch.Tensor, steps: torch.Tensor,
+def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, steps: torch.Tensor,
                    params: DiffEditParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The starting latent and, for each decoding step, the inverted latent pasted outside the mask.
 
@@ -341,7 +344,7 @@ def pasted_latents(model, inversion: Inversion | torch.Tensor, steps: torch.Tens
     elif isinstance(inversion, Inversion):
         levels = inversion.timesteps.tolist()
     else:
-        levels = model.scheduler.timesteps(params.num_inference_steps)[-latents.shape[1]:].tolist()
+        levels = sd.scheduler.timesteps(params.num_inference_steps)[-latents.shape[1]:].tolist()
     by_level = {t: latents[:, k] for k, t in enumerate(levels)}
 
     def at(t: int) -> torch.Tensor:
@@ -351,7 +354,7 @@ def pasted_latents(model, inversion: Inversion | torch.Tensor, steps: torch.Tens
                              "(or one whose timesteps include these) and an inpaint_strength at least as large")
         return by_level[t]
 
-    stride = model.scheduler.config.num_train_timesteps // params.num_inference_steps
+    stride = sd.scheduler.config.num_train_timesteps // params.num_inference_steps
     steps = steps.tolist()
     if not params.paste_matching_step:
         return at(steps[0]), [at(t) for t in steps]
@@ -360,6 +363,6 @@ def pasted_latents(model, inversion: Inversion | torch.Tensor, steps: torch.Tens
 
 
 @torch.no_grad()
-def to_pixels(model, latents: torch.Tensor) -> torch.Tensor:
+def to_pixels(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
-    return model.vae.decode(latents / model.vae.scaling_factor)
+    return sd.vae.decode(latents / sd.vae.scaling_factor)

@@ -164,7 +164,7 @@ class TrainingRun:
     def ckpt(self, stage: str) -> Path:
         return self.ckpt_dir / f"{stage}.safetensors"
 
-    def save(self, stage: str, state: dict) -> None:
+    def save_checkpoint(self, stage: str, state: dict) -> None:
         """One safetensors file per stage (written atomically): module state dicts and the optimizer's tensors as
         tensors, everything else (step, settings, the optimizer's param_groups) as JSON metadata. No pickles."""
         tensors, meta = {}, {"modules": []}
@@ -182,8 +182,8 @@ class TrainingRun:
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
         os.replace(tmp, self.ckpt(stage))
 
-    def load(self, stage: str) -> dict | None:
-        """What `save` wrote, as the same dict (None when the stage has no checkpoint)."""
+    def load_checkpoint(self, stage: str) -> dict | None:
+        """What `save_checkpoint` wrote, as the same dict (None when the stage has no checkpoint)."""
         path = self.ckpt(stage)
         if not path.is_file():
             return None
@@ -210,15 +210,15 @@ class StageClock:
     ends its cosine decay), its training time across resumes, and when a checkpoint is due."""
 
     def __init__(self, steps: int, deadline: float, save_every_s: float, prior_elapsed_s: float = 0.0):
-        self.steps, self.deadline, self.save_every_s, self.prior_elapsed_s = steps, deadline, save_every_s, \
-            prior_elapsed_s
+        self.steps, self.deadline, self.save_every_s = steps, deadline, save_every_s
+        self.prior_elapsed_s = prior_elapsed_s  # seconds this stage trained before a resume
         self.start = self.last_save = time.time()
         self.budget = max(1e-9, deadline - self.start)
 
     def running(self, step: int) -> bool:
         return step < self.steps and time.time() < self.deadline
 
-    def progress(self, step: int) -> float:
+    def fraction_done(self, step: int) -> float:
         return max(step / self.steps, (time.time() - self.start) / self.budget)
 
     def elapsed_s(self) -> float:
@@ -284,7 +284,7 @@ def train_vae(run: TrainingRun, device: torch.device) -> tuple[AutoencoderKL, di
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, prior_elapsed = 0, 0.0
-    state = run.load("vae")
+    state = run.load_checkpoint("vae")
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -295,14 +295,15 @@ def train_vae(run: TrainingRun, device: torch.device) -> tuple[AutoencoderKL, di
             return with_scaling_factor(vae, state["scaling_factor"]).eval().requires_grad_(False), info
 
     def save(scaling_factor=None):
-        run.save("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "scaling_factor":
-                         scaling_factor, "elapsed_s": clock.elapsed_s(), "settings": asdict(s)})
+        run.save_checkpoint("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                    "scaling_factor": scaling_factor, "elapsed_s": clock.elapsed_s(),
+                                    "settings": asdict(s)})
 
     clock = StageClock(s.vae_steps, run.vae_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "vae", "event": "start", "step": step, "params_M": _millions(vae), "batch": s.vae_batch_size})
     bar, sums, count = _progress("vae", step, s.vae_steps), {}, 0
     while clock.running(step):
-        lr = s.vae_lr * lr_factor(step, clock.progress(step), s)
+        lr = s.vae_lr * lr_factor(step, clock.fraction_done(step), s)
         set_lr(opt, lr)
         x, _ = scene_batch(step_rng(s.seed, "vae", step), s.vae_batch_size, device)
         with _autocast(device, s.amp):
@@ -384,7 +385,7 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
     ids = caption_ids(tokenizer).to(device)
     empty = ids.shape[0] - 1
     step, prior_elapsed = 0, 0.0
-    state = run.load("unet")
+    state = run.load_checkpoint("unet")
     if state is not None:
         for module, key in ((unet, "unet"), (text, "text_encoder"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
             module.load_state_dict(state[key])
@@ -392,17 +393,17 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
         step, prior_elapsed = state["step"], state["elapsed_s"]
 
     def save():
-        run.save("unet", {"unet": unet.state_dict(), "text_encoder": text.state_dict(),
-                          "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                          "opt": opt.state_dict(), "step": step, "elapsed_s": clock.elapsed_s(),
-                          "settings": asdict(s)})
+        run.save_checkpoint("unet", {"unet": unet.state_dict(), "text_encoder": text.state_dict(),
+                                     "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                                     "opt": opt.state_dict(), "step": step, "elapsed_s": clock.elapsed_s(),
+                                     "settings": asdict(s)})
 
     clock = StageClock(s.unet_steps, run.unet_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "unet", "event": "start", "step": step, "unet_params_M": _millions(unet),
              "text_params_M": _millions(text), "batch": s.batch_size})
     bar, loss_sum, count = _progress("unet", step, s.unet_steps), 0.0, 0
     while clock.running(step):
-        lr = s.unet_lr * lr_factor(step, clock.progress(step), s)
+        lr = s.unet_lr * lr_factor(step, clock.fraction_done(step), s)
         set_lr(opt, lr)
         # Data: scenes, captions with CFG dropout, latents, noise at uniform timesteps
         rng = step_rng(s.seed, "unet", step)
@@ -445,8 +446,9 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
 
 
 @torch.no_grad()
-def sample(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, ids: torch.Tensor,
-           uncond: torch.Tensor, generator: torch.Generator, steps: int = 25, guidance: float = 5.0) -> torch.Tensor:
+def generate(unet: UNet2DConditionModel, text: CLIPTextModel, vae: AutoencoderKL, ids: torch.Tensor,
+             uncond: torch.Tensor, generator: torch.Generator, steps: int = 25, guidance: float = 5.0
+             ) -> torch.Tensor:
     """Text-to-image with DDIM and classifier-free guidance -> uint8 (B, 3, 64, 64)."""
     scheduler = DDIMScheduler(DDIMConfig.from_dict(SCHEDULER_CONFIG))
     device, b = ids.device, ids.shape[0]
@@ -486,8 +488,8 @@ def preview(run: TrainingRun, device: torch.device, vae: AutoencoderKL, unet: UN
         arrays = shapes.sample_arrays(np.random.default_rng([s.seed, 3]), n)
         captions = np.array(shapes.all_captions())[shapes.caption_indices(arrays)]
         ids = tokenizer(list(captions)).to(device)
-        images = torch.cat([sample(unet, text, vae, ids[i:i + 64], tokenizer([""]).to(device),
-                                   torch.Generator().manual_seed(s.seed + i)) for i in range(0, n, 64)])
+        images = torch.cat([generate(unet, text, vae, ids[i:i + 64], tokenizer([""]).to(device),
+                                     torch.Generator().manual_seed(s.seed + i)) for i in range(0, n, 64)])
         Image.fromarray(_grid(images)).save(run.out / "samples.png")
         scenes = shapes.scenes_from_arrays(arrays)
         judged = [shapes.classify(img.permute(1, 2, 0).cpu().numpy()) for img in images]

@@ -122,3 +122,38 @@ def test_missing_shipped_model_is_a_clear_error(monkeypatch, tmp_path):
         edit(photo(), "a cat", "a dog")
     with pytest.raises(TypeError, match="model must be"):
         api.load_model(3)
+
+
+def test_pick_device_resolves_auto_and_refuses_what_is_not_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert api.pick_device() == (torch.device("cpu"), torch.float32)
+    assert api.pick_device("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    for device, dtype, message in [("cuda", "auto", "no CUDA device"), ("mps", "auto", "no Apple GPU"),
+                                   ("tpu", "auto", "expected auto, cpu, cuda or mps"),
+                                   ("cpu", "float64", "expected auto, float32, float16 or bfloat16")]:
+        with pytest.raises(ValueError, match=message):
+            api.pick_device(device, dtype)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert api.pick_device() == (torch.device("cuda"), torch.float16)  # auto on a GPU: half precision
+
+
+def test_size_notes_name_a_size_off_the_vae_grid_and_one_far_from_training(sd):
+    f, native = sd.vae_scale_factor, sd.unet.config.sample_size * sd.vae_scale_factor
+    assert api.size_notes(sd, (native, native)) == ((native, native), [])
+    working, notes = api.size_notes(sd, (native + 1, native))
+    assert working == (native, native) and len(notes) == 1 and f"not a multiple of {f}" in notes[0]
+    assert api.size_notes(sd, (4 * native, native))[1] == []  # 4x the trained size: at the cut-off, no note
+    far = api.size_notes(sd, (4 * native + f, native))[1]
+    assert len(far) == 1 and "far from it" in far[0]
+
+
+def test_prompt_warnings_name_over_long_and_empty_target_prompts(sd):
+    room = sd.tokenizer.model_max_length - 2
+    fits, over = " ".join(["a"] * room), " ".join(["a"] * (room + 3))
+    assert api.prompt_warnings(sd, [("--source", fits), ("--target", "b")]) == []
+    long, empty = api.prompt_warnings(sd, [("--source", over), ("--target 2", " ")])
+    assert long.startswith(f"--source has {room + 3} tokens but the text encoder reads {room}: the last 3 are dropped")
+    assert empty == "--target 2 is empty: the edit has no text to steer towards"
+    assert api.prompt_warnings(sd, [("--source", "")]) == []  # an empty source is allowed: unconditional
+    assert api.same_prompt(sd, "a cat", "A  cat") and not api.same_prompt(sd, "a cat", "a dog")

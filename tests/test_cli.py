@@ -495,7 +495,7 @@ def test_every_example_in_the_help_runs_as_written(tmp_path):
     for text in texts:
         lines = text[text.index("example"):].replace("\\\n", " ").splitlines()[1:]
         commands += [shlex.split(line) for line in lines if line.strip().startswith("diffedit ")]
-    assert len(commands) == 8 and all(str(cli.EXAMPLE_IMAGE) in c for c in commands)
+    assert len(commands) == 10 and all(str(cli.EXAMPLE_IMAGE) in c for c in commands)
     for command in commands:
         assert_ok(diffedit(*command[1:], "--steps", "4", "--quiet", cwd=tmp_path))
     assert {"blue.png", "out-1.png", "out-2.png", "mask.png", "heat.png", "circle.safetensors", "square.png",

@@ -1,5 +1,5 @@
-"""Training the shapes model: the small CLIP vocabulary, a smoke run of both stages into a folder that loads (ours
-and the reference libraries), resuming equal to not stopping, and the wall-clock budget."""
+"""Training the shapes model: a smoke run of both stages into a folder that loads (ours and the reference
+libraries), resuming equal to not stopping, the wall-clock budget and each stage's clock."""
 
 import json
 from dataclasses import replace
@@ -10,9 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import diffedit
-from diffedit import DiffEditParams, shapes, shipped_model, train
-from diffedit.models.tokenizer import CLIPTokenizer
+from diffedit import DiffEditParams, shipped_model, train
 
 torch.set_num_threads(1)
 
@@ -29,37 +27,6 @@ def smoke_run(tmp_path_factory):
                          "--time-budget-s", "0", "--threads", "1"])
     assert code == 0
     return out
-
-
-def test_small_vocabulary_spells_the_world_like_full_clip(tmp_path):
-    shipped_model.write_tokenizer(tmp_path)
-    small, full = CLIPTokenizer.from_folder(tmp_path), CLIPTokenizer.default()
-    small_vocab = {i: t for t, i in json.loads((tmp_path / "vocab.json").read_text()).items()}
-    full_vocab = {i: t for t, i in json.loads((shipped_model.CLIP_VOCAB_DIR / "vocab.json").read_text()).items()}
-    world = shapes.all_captions() + ["", "A  RED Circle on a  gray background", "orange triangle"]
-    for prompt, a, b in zip(world, small(world), full(world)):
-        assert [small_vocab[int(i)] for i in a] == [full_vocab[int(i)] for i in b], prompt
-    # Other words fall back to smaller pieces (down to bytes) that spell the same text: never an unknown token
-    other = ["a cat on a mat!", "été 2024", "an ORANGE hexagon"]
-    for prompt in other:
-        spelled = ["".join(vocab[i] for i in tok(prompt)[0, 1:1 + tok.num_tokens(prompt)].tolist())
-                   for tok, vocab in ((small, small_vocab), (full, full_vocab))]
-        assert spelled[0] == spelled[1], prompt
-    # Each world word is one token, as in CLIP; the vocabulary is bytes + the merges they need + 2 specials
-    for word in shipped_model.WORLD_WORDS:
-        assert small.num_tokens(word) == 1
-    assert len(small_vocab) == 512 + len(shipped_model.small_clip_vocab()[1]) + 2
-    assert small.pad_token_id == small.eos_token_id == len(small_vocab) - 1
-
-
-def test_small_vocabulary_matches_transformers_tokenizer(tmp_path):
-    from transformers import CLIPTokenizer as ReferenceTokenizer
-
-    shipped_model.write_tokenizer(tmp_path)
-    prompts = shapes.all_captions()[:10] + ["", "a yellow blob?"]
-    ref = ReferenceTokenizer.from_pretrained(str(tmp_path))(prompts, padding="max_length", max_length=77,
-                                                            truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(CLIPTokenizer.from_folder(tmp_path)(prompts), ref)
 
 
 def test_smoke_run_writes_a_diffusers_folder_within_size(smoke_run):
@@ -222,6 +189,22 @@ def test_edit_timestep_share_draws_that_share_below_the_edit_level():
     assert 0.62 < (half < 300).float().mean() < 0.68 and half.max() >= 900
 
 
-def test_shipped_edit_defaults_are_what_training_exports():
-    # a retrain with --install must reproduce the shipped diffedit.json; tuning one and not the other fails here
-    assert json.loads((diffedit.SHIPPED_MODEL / "diffedit.json").read_text()) == shipped_model.EDIT_DEFAULTS
+def test_stage_clock_stops_at_the_step_count_or_the_deadline_and_saves_when_due(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+    clock = train.StageClock(steps=10, deadline=1100.0, save_every_s=30.0, prior_elapsed_s=5.0)
+    assert clock.running(9) and not clock.running(10)  # the step count is a bound: step 10 of 10 does not run
+    assert clock.stopped_by(10) == "steps" and clock.stopped_by(9) == "time budget"
+    assert clock.fraction_done(5) == 0.5  # by steps, while the clock has not moved
+    now[0] = 1075.0
+    assert clock.fraction_done(1) == 0.75 and clock.elapsed_s() == 80.0  # by time (75 of 100 s); resumed seconds count
+    saves = []
+    clock.save_if_due(lambda: saves.append(now[0]))  # 75 s since the start > 30: saves
+    now[0] = 1105.0
+    clock.save_if_due(lambda: saves.append(now[0]))  # exactly 30 s later: not yet (strictly more is due)
+    now[0] = 1105.5
+    clock.save_if_due(lambda: saves.append(now[0]))
+    assert saves == [1075.0, 1105.5]
+    assert not clock.running(0)  # past the deadline (1100)
+    now[0] = 1100.0
+    assert not clock.running(0)  # at the deadline: stopped

@@ -1,0 +1,129 @@
+"""What every `diffedit` command shares with the person at the terminal: the contract for bad input and failures,
+flag types that name their valid range, and notes, warnings and progress bars on stderr (stdout is for --json).
+
+The contract (docs/design.md §5): bad input (arguments, files, models, output paths) is one line
+`diffedit: error: ...` and exit status 2; a failure inside is one line and exit status 1; an interrupt is exit
+status 130; a traceback only with --debug. Torch-free, so a command refuses bad arguments in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from collections.abc import Callable
+
+from .locations import ModelNotFoundError
+from .outputs import OutputPathError
+from .validation import FileError, one_line
+
+PROG = "diffedit"
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """A problem with what the user gave (arguments, files, model): one line, exit status 2."""
+
+
+# What is the input's fault, whichever layer noticed it: exit status 2
+BAD_INPUT = (BadInput, FileError, OutputPathError, ModelNotFoundError)
+
+
+def guarded(run: Callable[[], None], debug: bool = False) -> int:
+    """Run a command under the contract: 0 when it returns, else the exit status of what it raised, said in one
+    line on stderr (a traceback too with `debug`)."""
+    try:
+        run()
+        return 0
+    except BAD_INPUT as e:
+        if debug:
+            traceback.print_exception(e)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if debug:
+            raise
+        hint = ""
+        if "out of memory" in str(e).lower():
+            hint = " (try --dtype float16, a smaller image, or --device cpu)"
+        print(f"{PROG}: error: {type(e).__name__}: {one_line(e)}{hint} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`diffedit: error: ...`), so they read like every other bad input."""
+
+    def error(self, message):
+        raise BadInput(f"{message} (see `{self.prog} --help`)")
+
+
+def number(kind: type, lo=None, hi=None, lo_open=False):
+    """An argparse type: an int or float (finite) in a range, refused with the valid range named."""
+    if hi is not None:
+        what = f" in {'(' if lo_open else '['}{lo}, {hi}]"
+    else:
+        what = f" {'>' if lo_open else '>='} {lo}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}{what}, got {text!r}") from None
+        too_low = value <= lo if lo_open else value < lo
+        if (kind is float and not math.isfinite(value)) or too_low or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {noun}{what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
+
+
+STEPS = number(int, 1)
+RATIO = number(float, 0, 1, lo_open=True)
+COUNT = number(int, 1)
+POSITIVE = number(float, 0, lo_open=True)
+GUIDANCE = number(float, 0)
+TIMESTEP = number(int, 0)
+SEED = number(int, 0, 2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages
+
+
+class Reporter:
+    """Notes (odd but valid input), warnings, progress bars and the summary, all on stderr; --json owns stdout."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.bars = not quiet and sys.stderr.isatty()
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        if not self.quiet:
+            print(f"{PROG}: note: {message}", file=sys.stderr)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+    def progress(self, total: int, desc: str):
+        """A tqdm bar on stderr, or a stand-in when stderr is not a terminal or with --quiet."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.bars, leave=False, unit="step")

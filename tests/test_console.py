@@ -1,0 +1,68 @@
+"""The command-line contract every command runs under: exit 0 / 1 / 2 / 130, one line, a traceback only with
+--debug; and flag types that name their valid range at its boundaries."""
+
+import argparse
+
+import pytest
+
+from diffedit.console import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, RATIO, SEED, STEPS, BadInput, Reporter,
+                              guarded)
+from diffedit.image_files import ImageFileError
+from diffedit.locations import ModelNotFoundError
+from diffedit.outputs import OutputPathError
+
+
+def raising(error: BaseException):
+    def run():
+        raise error
+    return run
+
+
+@pytest.mark.parametrize("error", [BadInput("bad --steps"), ImageFileError("input image x.png is corrupt"),
+                                   OutputPathError("output folder d does not exist"),
+                                   ModelNotFoundError("model folder m does not exist")])
+def test_the_inputs_fault_is_one_line_and_exit_2(error, capsys):
+    assert guarded(raising(error)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err == f"diffedit: error: {error}\n"
+
+
+def test_a_failure_inside_is_one_line_and_exit_1_with_the_traceback_only_under_debug(capsys):
+    assert guarded(raising(RuntimeError("boom\nsecond line"))) == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err == "diffedit: error: RuntimeError: boom; second line (run with --debug for the traceback)\n"
+    assert guarded(raising(RuntimeError("CUDA out of memory"))) == EXIT_FAILURE
+    assert "(try --dtype float16, a smaller image, or --device cpu)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="boom"):
+        guarded(raising(RuntimeError("boom")), debug=True)
+    assert guarded(raising(BadInput("bad")), debug=True) == EXIT_BAD_INPUT
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_an_interrupt_is_exit_130_and_success_is_0(capsys):
+    assert guarded(raising(KeyboardInterrupt())) == EXIT_INTERRUPTED == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert guarded(lambda: None) == 0
+
+
+def test_flag_types_accept_their_bounds_and_name_the_range_past_them():
+    assert STEPS("1") == 1 and RATIO("1") == 1.0 and SEED(str(2**63 - 1)) == 2**63 - 1
+    for parse, text, message in [(STEPS, "0", "expected an integer >= 1, got 0"),
+                                 (STEPS, "ten", "expected an integer >= 1, got 'ten'"),
+                                 (RATIO, "0", "expected a number in (0, 1], got 0"),  # open at 0
+                                 (RATIO, "1.0001", "expected a number in (0, 1], got 1.0001"),
+                                 (RATIO, "nan", "expected a number in (0, 1], got nan"),
+                                 (SEED, str(2**63), "expected an integer in [0, 9223372036854775807]")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            parse(text)
+
+
+def test_notes_are_kept_and_said_unless_quiet_and_warnings_are_said_once(capsys):
+    loud, quiet = Reporter(quiet=False), Reporter(quiet=True)
+    for report in (loud, quiet):
+        report.note("odd input")
+        report.warn("careful")
+        report.warn("careful")
+    assert loud.notes == quiet.notes == ["odd input"] and loud.warnings == quiet.warnings == ["careful"]
+    err = capsys.readouterr().err
+    assert err == "diffedit: note: odd input\ndiffedit: warning: careful\ndiffedit: warning: careful\n"
