@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import image_tensors as imgs
+from . import image_tensors
 from . import method
 from .locations import model_location
 from .params import DiffEditParams
@@ -102,7 +102,7 @@ def size_notes(sd: StableDiffusion, size: tuple[int, int]) -> tuple[tuple[int, i
     """The working size of a picture of `size` (sides rounded to a multiple of the VAE factor) and what is odd
     about it: not a multiple (outputs are restored to `size`), or far from the size the model was trained at."""
     f = sd.vae_scale_factor
-    working = imgs.working_size(size, f)
+    working = image_tensors.working_size(size, f)
     notes = []
     if working != size:
         notes.append(f"{size[0]}x{size[1]} is not a multiple of {f}: the model works at {working[0]}x{working[1]}, "
@@ -115,12 +115,12 @@ def size_notes(sd: StableDiffusion, size: tuple[int, int]) -> tuple[tuple[int, i
 
 def model_pixels(sd: StableDiffusion, picture: PIL.Image.Image) -> torch.Tensor:
     """An RGB picture of any size as the model's input: (1, 3, H, W) in [-1, 1], sides a multiple of the VAE factor."""
-    return imgs.to_tensor(imgs.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
+    return image_tensors.to_tensor(image_tensors.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
 
 
 def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]) -> PIL.Image.Image:
     """Decoded latents (1, C, h, w) as an RGB picture of `size` (the input's)."""
-    picture = imgs.to_output(method.to_pixels(sd, latents), "pil")[0]
+    picture = image_tensors.to_output(method.to_pixels(sd, latents), "pil")[0]
     return picture if picture.size == size else picture.resize(size, resample=PIL.Image.LANCZOS)
 
 
@@ -139,13 +139,13 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
     p = DiffEditParams.for_model(sd, **params)
     if isinstance(targets, str):
         raise TypeError("targets must be a list of strings (use edit() for one target)")
-    picture = imgs.load_rgb(image)
+    picture = image_tensors.load_rgb(image)
     size = picture.size
     pixels = model_pixels(sd, picture)
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
     target_texts = [prompt_text(sd, target, p) for target in targets]
-    return [EditResult(image=picture, mask=imgs.latent_mask_to_image(latent_mask, size),
+    return [EditResult(image=picture, mask=image_tensors.latent_mask_to_image(latent_mask, size),
                        guidance_map=guidance, latent_mask=latent_mask, params=p, seed=seed)
             for picture, latent_mask, guidance in edit_each(sd, pixels, size, prompt_text(sd, source, p),
                                                             target_texts, p, generator)]

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import image_tensors as imgs
+from . import image_tensors
 from . import method
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
@@ -176,10 +176,10 @@ class StableDiffusionDiffEdit:
                             target_negative_prompt_embeds, guided, clip_skip, in_call=False)
         source = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
                             source_negative_prompt_embeds, guided, clip_skip, in_call=False)
-        image = imgs.to_tensor(image, self.vae_scale_factor)
+        image = image_tensors.to_tensor(image, self.vae_scale_factor)
         est = method.estimate_mask(self.model, image, source, target, params, generator)
         if output_type == "pil":
-            mask = imgs.mask_to_pil(est.mask)
+            mask = image_tensors.mask_to_pil(est.mask)
         elif output_type == "pt" and fixed:
             mask = est.mask
         else:
@@ -206,14 +206,14 @@ class StableDiffusionDiffEdit:
                          inversion_guidance_scale=guidance_scale, lambda_auto_corr=lambda_auto_corr,
                          lambda_kl=lambda_kl, num_reg_steps=num_reg_steps, num_auto_corr_rolls=num_auto_corr_rolls,
                          clip_skip=clip_skip)
-        image = imgs.to_tensor(image, self.vae_scale_factor)
+        image = image_tensors.to_tensor(image, self.vae_scale_factor)
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
                           clip_skip, in_call=False)
         inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
             pixels = self.model.vae.decode(1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
-            images = imgs.to_output(pixels, "pil" if output_type == "pil" else "np")
+            images = image_tensors.to_output(pixels, "pil" if output_type == "pil" else "np")
         if not return_dict:
             return inv.latents, images
         return DiffEditInversionOutput(inv.latents, images, inv.timesteps, inv.clean)
@@ -242,7 +242,7 @@ class StableDiffusionDiffEdit:
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
                           clip_skip, in_call=True, num_images_per_prompt=num_images_per_prompt)
         # Mask (B, 1, h, w); diffusers tiles it over num_images_per_prompt while prompts and latents repeat (D6)
-        mask = imgs.prepare_mask(mask_image, batch_size)
+        mask = image_tensors.prepare_mask(mask_image, batch_size)
         if self.params.pair_repeated_masks:
             mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
         else:
@@ -255,7 +255,7 @@ class StableDiffusionDiffEdit:
         if output_type == "latent":
             images = x
         else:
-            images = imgs.to_output(self.model.vae.decode(x / self.model.vae.scaling_factor),
+            images = image_tensors.to_output(self.model.vae.decode(x / self.model.vae.scaling_factor),
                                     output_type if output_type in ("pt", "np") else "pil")
         return DiffEditPipelineOutput(images) if return_dict else (images, None)
 
