@@ -8,6 +8,7 @@ both run `edit_each` (the command line does too), which composes `method.estimat
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import random
 import warnings
@@ -23,7 +24,7 @@ from . import method
 from .locations import model_location
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
-from .validation import shorten
+from .validation import one_line, shorten
 
 
 
@@ -118,28 +119,78 @@ def model_pixels(sd: StableDiffusion, picture: PIL.Image.Image) -> torch.Tensor:
     return image_tensors.to_tensor(image_tensors.fit_to_multiple(picture, sd.vae_scale_factor), sd.vae_scale_factor)
 
 
-def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]) -> PIL.Image.Image:
-    """Decoded latents (1, C, h, w) as an RGB picture of `size` (the input's)."""
+def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int],
+               source: torch.Tensor | None = None) -> PIL.Image.Image:
+    """Decoded latents (1, C, h, w) as an RGB picture of `size` (the input's). A picture of one colour from a
+    `source` (the input pixels) of several is an ImpossibleResultError: no edit erases a whole picture."""
     picture = image_tensors.to_output(method.to_pixels(sd, latents), "pil")[0]
+    one_colour = all(lo == hi for lo, hi in picture.getextrema())
+    if one_colour and source is not None and bool(source.amax() > source.amin()):
+        raise method.ImpossibleResultError(f"the edit decoded to a picture of one colour "
+                                           f"{picture.getpixel((0, 0))}: the model's weights or numbers are broken")
     return picture if picture.size == size else picture.resize(size, resample=PIL.Image.LANCZOS)
 
 
 def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,
          seed: int | None = None, **params) -> EditResult:
-    """Edit `image` (a path, PIL image, numpy (H, W, 3) or torch (3, H, W) in [0, 1]) from the text `source`
-    (what it shows; may be "") to `target`. `params` are `DiffEditParams` fields; unknown names raise TypeError."""
+    """Edit `image` from the text `source` (what it shows; may be "") to `target`.
+
+    image: a path, a PIL image, a numpy (H, W, 3) array or a torch (3, H, W) tensor, uint8 0-255 or floats in
+    [0, 1] (`image_tensors.load_rgb`); model: None (the shipped model), a folder or hub repo id, or a loaded
+    `StableDiffusion`; seed: None (a random one, returned in the result) or an int in [0, 2**63); `params`:
+    `DiffEditParams` fields. Every argument is checked before any work: a wrong type is a TypeError, a wrong value
+    a ValueError, each naming the argument."""
+    _check_prompt(target, "target")
     return edit_targets(image, source, [target], model, seed, **params)[0]
+
+
+def _check_prompt(text, name: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a string (a prompt; may be \"\"), got {type(text).__name__}")
+
+
+def check_arguments(source, targets, seed, params: dict) -> None:
+    """What `edit_targets` can check before it loads anything: prompt types, the seed, the parameters' names and
+    values (against the paper's defaults; the model's own defaults are layered in after loading)."""
+    _check_prompt(source, "source")
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        raise TypeError(f"targets: expected a list of strings (use edit() for one target), got "
+                        f"{type(targets).__name__}")
+    if not targets:
+        raise ValueError("targets: expected at least one target prompt, got none")
+    for i, target in enumerate(targets):
+        _check_prompt(target, f"targets[{i}]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+    DiffEditParams().updated(params)
+
+
+def check_params_for_model(sd: StableDiffusion, p: DiffEditParams,
+                           uses: tuple[str, ...] = ("mask", "invert", "decode")) -> None:
+    """The parameters that depend on the model, checked before any work: the step count fits its schedules, and
+    the strength of each step in `uses` runs at least one step."""
+    try:
+        sd.scheduler.timesteps(p.num_inference_steps)
+        sd.inverse_scheduler.timesteps(p.num_inference_steps)
+    except ValueError as e:
+        raise ValueError(f"num_inference_steps={p.num_inference_steps} does not fit the model's schedule: "
+                         f"{one_line(e)}") from None
+    names = (["mask_encode_strength"] if "mask" in uses else []) + \
+        (["inpaint_strength"] if {"invert", "decode"} & set(uses) else [])
+    for name in names:
+        method.strength_timesteps(sd.scheduler, p.num_inference_steps, getattr(p, name), name)
 
 
 def edit_targets(image, source: str, targets: list[str], model: StableDiffusion | str | os.PathLike | None = None,
                  seed: int | None = None, **params) -> list[EditResult]:
     """`edit` for several targets: one inversion of the image, one mask and one decoding per target. The
     first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+    check_arguments(source, targets, seed, params)
+    picture = image_tensors.load_rgb(image)
     sd = load_model(model)
     p = DiffEditParams.for_model(sd, **params)
-    if isinstance(targets, str):
-        raise TypeError("targets must be a list of strings (use edit() for one target)")
-    picture = image_tensors.load_rgb(image)
+    check_params_for_model(sd, p)
     size = picture.size
     pixels = model_pixels(sd, picture)
     seed = random.randrange(2**63) if seed is None else int(seed)
@@ -183,5 +234,5 @@ def edit_each(sd: StableDiffusion, pixels: torch.Tensor, size: tuple[int, int],
         with stage("decode", i) as step:
             m = torch.from_numpy(latent_mask).to(sd.device, sd.dtype)[None, None]  # (1, 1, h, w)
             latents = method.decode(sd, inversion, m, target, p, generator, callback=step)
-            picture = to_picture(sd, latents, size)
+            picture = to_picture(sd, latents, size, source=pixels)
         yield picture, latent_mask, guidance

@@ -300,7 +300,14 @@ class CommandRun:
         with self.timed("load_model"):
             self.sd = load_or_refuse(model, device, dtype)
         self.model = model
-        return command_params(self.args, self.sd.edit_defaults, params_uses)
+        from .api import check_params_for_model
+
+        p = command_params(self.args, self.sd.edit_defaults, params_uses)
+        try:
+            check_params_for_model(self.sd, p, params_uses)
+        except ValueError as e:
+            raise BadInput(f"--steps {p.num_inference_steps}: {one_line(e).split(': ', 1)[-1]}") from None
+        return p
 
     def check_prompts(self, named: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:
         """Warn about empty and over-long prompts, and source / target pairs that say the same thing."""
@@ -442,11 +449,12 @@ def cmd_edit(args, report: Reporter) -> dict:
         raise BadInput("edit needs --source (what the image shows; may be \"\") unless --latents and --mask give "
                        "the inversion and the mask")
     check_readable(image_path, "input image", ImageFileError)
-    meta = read_inversion_metadata(Path(args.latents)) if args.latents else None
+    meta = read_inversion_metadata(Path(args.latents)) if args.latents else None  # torch-free: the header only
     inputs = {"input image": image_path, **({"latents file": Path(args.latents)} if args.latents else {}),
               **({"mask file": Path(args.mask)} if args.mask else {})}
     plan = plan_images([("output", args.output), ("--mask-out", args.mask_out), ("--compare-out", args.compare_out)],
-                       targets, inputs, args.force, "pass --force")
+                       targets, inputs, args.force, "pass --force",
+                       {"--mask-out": "L"})
     if any(fmt in LOSSY_FORMATS for _, fmt in plan.get("--mask-out", [])):
         report.note("--mask-out in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = _check_model_or_latents_model(args, meta)
@@ -500,7 +508,7 @@ def cmd_mask(args, report: Reporter) -> dict:
     # Arguments and paths (no torch yet)
     check_readable(image_path, "input image", ImageFileError)
     plan = plan_images([("output", args.output), ("--heatmap-out", args.heatmap_out)], targets,
-                       {"input image": image_path}, args.force, "pass --force")
+                       {"input image": image_path}, args.force, "pass --force", {"output": "L"})
     if any(fmt in LOSSY_FORMATS for _, fmt in plan["output"]):
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = str(model_location(args.model))

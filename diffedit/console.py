@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,7 @@ PROG = "diffedit"
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by writing to a closed pipe
 
 
 class BadInput(Exception):
@@ -32,12 +34,13 @@ class BadInput(Exception):
 BAD_INPUT = (BadInput, FileError, OutputPathError, ModelNotFoundError)
 
 
-def guarded(run: Callable[[], None], debug: bool = False) -> int:
-    """Run a command under the contract: 0 when it returns, else the exit status of what it raised, said in one
-    line on stderr (a traceback too with `debug`)."""
+def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
+    """Run a command under the contract: what it returns (None: 0), else the exit status of what it raised, said in
+    one line on stderr (a traceback too with `debug`)."""
     try:
-        run()
-        return 0
+        status = run()
+        sys.stdout.flush()  # a closed pipe shows here, inside the contract, not at the interpreter's exit
+        return status or 0
     except BAD_INPUT as e:
         if debug:
             traceback.print_exception(e)
@@ -46,6 +49,9 @@ def guarded(run: Callable[[], None], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `diffedit ... --json | head -1`: the reader left; end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:
             raise

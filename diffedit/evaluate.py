@@ -32,6 +32,11 @@ import torch
 from PIL import Image
 
 from . import shapes
+from .console import COUNT, SEED, BadInput, Parser, guarded
+from .locations import model_location
+from .outputs import Planned, check_outputs, commit, image_format
+from .params import DiffEditParams
+from .validation import one_line
 
 # The held-out edits' generator is seeded by (EVAL_STREAM, seed); training draws from (seed, 1 or 2, step).
 EVAL_STREAM = 0x5EED_E7A1
@@ -171,15 +176,16 @@ def report_lines(summary: dict, timing_applies: bool) -> list[tuple[str, str, st
     return rows
 
 
-def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2) -> None:
-    """One row per edit: source | ground-truth region | predicted mask | result."""
+def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2, fmt: str | None = None) -> None:
+    """One row per edit: source | ground-truth region | predicted mask | result (in Pillow format `fmt`, or as
+    the path's extension says)."""
     rows = []
     for r in records[:count]:
         source, region, pred, result = r["_images"]
         as_rgb = lambda m: np.repeat((m * 255).astype(np.uint8)[:, :, None], 3, axis=2)
         rows.append(np.concatenate([source, as_rgb(region), as_rgb(pred), result], axis=1))
     grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path, format=fmt)
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -193,28 +199,51 @@ def parse_param(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffedit.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model folder (default: the model shipped with the package)")
-    p.add_argument("--n", type=int, default=100, help="number of edits, half colour, half shape (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="held-out set and edit seeds (default 0)")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="diffedit evaluate", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder or hub repo id (default: the model shipped with the package)")
+    p.add_argument("--n", type=COUNT, default=100, help="number of edits, half colour, half shape (default 100)")
+    p.add_argument("--seed", type=SEED, default=0, help="held-out set and edit seeds (default 0)")
     p.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="override a DiffEditParams field (repeatable)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
     p.add_argument("--json", type=Path, help="write the summary and per-edit records here")
     p.add_argument("--grid", type=Path, help="write a PNG of the first 16 edits (source, truth, mask, result)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
 
-    from .locations import SHIPPED_MODEL
+
+def evaluate(args: argparse.Namespace) -> int:
+    """The command: every argument and output location checked before the model loads and the edits run; the
+    report printed; 0 when every goal is met, 1 when one is not."""
+    from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
-    torch.set_num_threads(args.threads)
-    folder = args.model or SHIPPED_MODEL
-    model = StableDiffusion.from_pretrained(folder, device=args.device)
+    # Before any work: parameters, outputs, model location, device
     params = dict(args.param)
+    try:
+        DiffEditParams().updated(params)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"--param: {one_line(e)}") from None
+    planned = ([Planned(args.json, "--json")] if args.json else []) + \
+        ([Planned(args.grid, "--grid")] if args.grid else [])
+    check_outputs(planned, {})
+    grid_format = image_format(args.grid, "--grid") if args.grid else None
+    folder = model_location(args.model)
+    try:
+        device, _ = pick_device(args.device, "float32")
+    except ValueError as e:
+        raise BadInput(f"--{e}") from None
+    torch.set_num_threads(args.threads)
+    model = StableDiffusion.from_pretrained(folder, device=device)
+    try:
+        check_params_for_model(model, DiffEditParams.for_model(model, **params))
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"--param: {one_line(e)}") from None
+    # The edits
     edits = heldout_edits(args.n, args.seed)
     records = score_edits(model, edits, args.seed, params, progress=not args.quiet)
     summary = summarize(records)
@@ -229,15 +258,20 @@ def main(argv=None) -> int:
     verdicts = [r[3] for r in rows if r[3] in ("PASS", "FAIL")]
     print("all goals met" if all(v == "PASS" for v in verdicts) else
           f"{verdicts.count('FAIL')} goal(s) not met")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "model": str(folder), "seed": args.seed, "params": {**model.edit_defaults, **params},
-            "device": args.device, "threads": args.threads, "summary": summary,
-            "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
-            "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n")
-    if args.grid:
-        save_grid(records, args.grid)
+    report = json.dumps({
+        "model": str(folder), "seed": args.seed, "params": {**model.edit_defaults, **params},
+        "device": args.device, "threads": args.threads, "summary": summary,
+        "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
+        "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n"
+    writers = {"--json": lambda tmp: Path(tmp).write_text(report), "--grid": lambda tmp: save_grid(records, tmp, fmt=grid_format)}
+    commit([Planned(p.path, p.what, writers[p.what]) for p in planned])
     return 0 if all(v == "PASS" for v in verdicts) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffedit evaluate` under the command-line contract (`console.guarded`): bad input is one line, exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    return guarded(lambda: evaluate(parse_args(argv)), debug="--debug" in argv)
 
 
 if __name__ == "__main__":

@@ -255,8 +255,8 @@ class StableDiffusionDiffEdit:
         if output_type == "latent":
             images = x
         else:
-            images = image_tensors.to_output(self.model.vae.decode(x / self.model.vae.scaling_factor),
-                                    output_type if output_type in ("pt", "np") else "pil")
+            images = image_tensors.to_output(method.to_pixels(self.model, x),
+                                             output_type if output_type in ("pt", "np") else "pil")
         return DiffEditPipelineOutput(images) if return_dict else (images, None)
 
     def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):

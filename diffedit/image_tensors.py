@@ -6,6 +6,7 @@ compatible facade sees the same pixels.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -127,27 +128,45 @@ def prepare_mask(mask, batch_size: int = 1) -> torch.Tensor:
 # The one-call API's input and output: any size in, the same size out
 
 
-def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | Path) -> PIL.Image.Image:
-    """A path or a PIL image (read as the command line reads files: `image_files.read_image`,
-    `image_files.displayed_rgb`), a numpy (H, W, 3) array (uint8, or floats in [0, 1]) or a torch (3, H, W) tensor
-    in [0, 1] -> an RGB PIL image."""
-    if isinstance(image, (str, Path)):
+def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike) -> PIL.Image.Image:
+    """The one-call API's image argument -> an RGB PIL image. Accepted, and nothing else:
+    - a path (str or os.PathLike) or a PIL image, read as the command line reads files (`image_files`);
+    - a numpy array (H, W, 3), (H, W, 1) or (H, W): uint8 (or any integer type) with values 0-255, or floats in
+      [0, 1];
+    - a torch tensor (3, H, W) or (1, H, W), with the same dtypes and ranges.
+    Anything else is a TypeError or ValueError naming `image`, its shape, dtype or range, and the fix: values are
+    never clipped or rescaled silently."""
+    if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image))
     if isinstance(image, PIL.Image.Image):
         return displayed_rgb(image, "image")
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"a tensor image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
-        image = image.detach().cpu().float().permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3):
-            raise ValueError(f"an array image must be (H, W, 3), got shape {image.shape}")
-        if image.dtype != np.uint8:
-            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-        return PIL.Image.fromarray(image.repeat(3, axis=2) if image.shape[2] == 1 else image)
-    raise TypeError(f"image must be a path, a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
+            raise ValueError(f"image: a tensor must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0)  # (H, W, C)
+        image = (image.double() if image.is_floating_point() else image).numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image: expected a path, a PIL image, a numpy array or a torch tensor, got "
+                        f"{type(image).__name__}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3) or 0 in image.shape:
+        raise ValueError(f"image: an array must be (H, W, 3), (H, W, 1) or (H, W) with H, W >= 1, got shape "
+                         f"{image.shape}")
+    if image.dtype == np.bool_ or not (np.issubdtype(image.dtype, np.integer)
+                                       or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"image: expected uint8 values 0-255 or floats in [0, 1], got dtype {image.dtype}")
+    lo, hi = image.min(), image.max()
+    if np.issubdtype(image.dtype, np.floating):
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo and hi <= 1):
+            raise ValueError(f"image: float values must be in [0, 1], got [{lo:g}, {hi:g}] (values 0-255: divide "
+                             "by 255 or pass uint8; values in [-1, 1]: pass (x + 1) / 2)")
+        image = (image.astype(np.float64) * 255).round()
+    elif lo < 0 or hi > 255:
+        raise ValueError(f"image: integer values must be 0-255, got [{lo}, {hi}] (16-bit pictures: scale them to "
+                         "8 bits, or pass floats in [0, 1])")
+    image = image.astype(np.uint8)
+    return PIL.Image.fromarray(image.repeat(3, axis=2) if image.shape[2] == 1 else image)
 
 
 def working_size(size: tuple[int, int], factor: int) -> tuple[int, int]:

@@ -32,6 +32,31 @@ Generator = torch.Generator | list[torch.Generator] | None
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
 
 
+class ImpossibleResultError(RuntimeError):
+    """A result that cannot be right, so no result: latents or pixels that stopped being numbers (NaN or inf), or
+    an edit that decoded to a constant picture."""
+
+
+class FirstNonFinite:
+    """Where a loop's latents first stopped being finite: one check per step boundary, kept on the device (no
+    host sync inside the loop); `check` reads it once, after the loop."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def see(self, i: int, x: torch.Tensor) -> None:
+        self.step = torch.where((self.step < 0) & ~torch.isfinite(x).all(), i, self.step)
+
+    def check(self, what: str, timesteps: torch.Tensor) -> None:
+        k = int(self.step)
+        if k >= 0:
+            raise ImpossibleResultError(f"the {what} latents became non-finite (NaN or inf) at step {k + 1} of "
+                                 f"{len(timesteps)} (t={int(timesteps[k])}); {_OVERFLOW_HINT}")
+
+
+_OVERFLOW_HINT = "the model's numbers overflowed or its weights are broken: try float32 weights and activations"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Text conditioning and classifier-free guidance, shared by the three steps
 
@@ -134,6 +159,8 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     # Noise predictions for both texts, one UNet call
     eps_source, eps_target = _text_pair_noise(sd, xt, t, source.repeat_interleave(n),
                                               target.repeat_interleave(n), params)
+    if not bool(torch.isfinite(eps_source).all() & torch.isfinite(eps_target).all()):
+        raise ImpossibleResultError(f"the mask step's noise predictions are non-finite (NaN or inf); {_OVERFLOW_HINT}")
     # |eps_Q - eps_R| averaged over the n draws and the latent channels
     difference = (eps_target - eps_source).abs().reshape(B, n, *eps_target.shape[1:]).mean([1, 2])  # (B, h, w)
     return threshold_map(difference, params)
@@ -208,7 +235,7 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     steps = sd.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
     x = clean = encode_images(sd, image, generator, rows=len(text))
     guided = params.inversion_guidance_scale > 1
-    latents = []
+    latents, watch = [], FirstNonFinite(x.device)
     for i, t in enumerate(steps):
         eps = predict_noise(sd, x, t, text, params.inversion_guidance_scale)
         if params.num_reg_steps > 0:
@@ -218,8 +245,10 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
                                    sd.inverse_scheduler.config.prediction_type, params, generator)
         x = sd.inverse_scheduler.step(eps, t, x, N).prev_sample
         latents.append(x)
+        watch.see(i, x)
         if callback is not None:
             callback(i, t, x)
+    watch.check("inversion's", steps)
     return Inversion(torch.stack(latents[::-1], dim=1), steps.flip(0), clean)  # (B, T, C, h, w)
 
 
@@ -310,15 +339,17 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     N = params.num_inference_steps
     steps = strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")
     start, backgrounds = pasted_latents(sd, inversion, steps, params)
-    x = start.clone()
+    x, watch = start.clone(), FirstNonFinite(start.device)
     for i, t in enumerate(steps):
         scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
         eps = predict_noise(sd, x, t, text, scale)
         x = sd.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
         if mask is not None:
             x = x * mask + backgrounds[i] * (1 - mask)
+        watch.see(i, x)
         if callback is not None:
             callback(i, t, x)
+    watch.check("decoding's", steps)
     return x
 
 
@@ -359,10 +390,15 @@ def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, ste
     if not params.paste_matching_step:
         return at(steps[0]), [at(t) for t in steps]
     last = clean if clean is not None else at(steps[-1])
-    return at(steps[0]), [at(t - stride) if t - stride >= 0 else last for t in steps]
+    # A step's target level t - stride; at or below 0 (and not itself inverted: steps_offset 0 inverts level 0) it
+    # is the clean end of the schedule, whose latent is the image's own
+    return at(steps[0]), [at(t - stride) if t - stride in by_level or t - stride > 0 else last for t in steps]
 
 
 @torch.no_grad()
 def to_pixels(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]."""
-    return sd.vae.decode(latents / sd.vae.scaling_factor)
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]; non-finite pixels are an error."""
+    pixels = sd.vae.decode(latents / sd.vae.scaling_factor)
+    if not bool(torch.isfinite(pixels).all()):
+        raise ImpossibleResultError(f"the decoded pixels are non-finite (NaN or inf); {_OVERFLOW_HINT}")
+    return pixels

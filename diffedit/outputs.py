@@ -8,6 +8,7 @@ place. A failure at any point leaves every existing file as it was and no partia
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from PIL import Image
+
+from .validation import one_line
 
 LOSSY_FORMATS = {"JPEG", "WEBP"}  # a binary mask written in these is no longer exactly binary
 
@@ -49,12 +52,19 @@ def expand_names(pattern: str, targets: list[str]) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, len(targets) + 1)]
 
 
-def image_format(path: Path, what: str) -> str:
-    """The Pillow format an output's extension names, refused when Pillow cannot write it."""
+def image_format(path: Path, what: str, mode: str = "RGB") -> str:
+    """The Pillow format an output's extension names, refused when Pillow cannot write it, or cannot write it in
+    `mode` ("RGB" pictures, "L" masks): tried on a 1x1 picture in memory, so the refusal comes before any work."""
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise OutputPathError(f"{what} {path}: unknown image extension {path.suffix!r} (use .png, .jpg, .webp, "
                               ".bmp or .tif)")
+    try:
+        Image.new(mode, (1, 1)).save(io.BytesIO(), format=fmt)
+    except Exception as e:  # noqa: BLE001 - each plugin refuses in its own way (OSError, KeyError, ValueError)
+        kind = {"RGB": "colour pictures", "L": "greyscale masks"}.get(mode, f"mode {mode}")
+        raise OutputPathError(f"{what} {path}: Pillow cannot write {kind} as {fmt} ({one_line(e)}); use .png, .jpg, "
+                              ".webp, .bmp or .tif") from None
     return fmt
 
 
@@ -73,6 +83,9 @@ def check_outputs(planned: list[Planned], inputs: dict[str, Path], overwrite_inp
     for p in planned:
         if p.path.is_dir():
             raise OutputPathError(f"{p.what} {p.path} is a folder; give a file name")
+        if p.path.exists() and not p.path.is_file():  # renaming over /dev/null or a pipe would replace it
+            raise OutputPathError(f"{p.what} {p.path} is not a regular file (a device, pipe or socket); give a "
+                                  "file name")
         folder = p.path.parent
         if not folder.exists():
             raise OutputPathError(f"output folder {folder} does not exist (create it first)")
@@ -90,14 +103,17 @@ def check_outputs(planned: list[Planned], inputs: dict[str, Path], overwrite_inp
 
 
 def plan_images(outs: list[tuple[str, str | None]], targets: list[str], inputs: dict[str, Path],
-                overwrite_inputs: bool = False, overwrite_hint: str = "pass overwrite_inputs=True"
-                ) -> dict[str, list[tuple[Path, str]]]:
+                overwrite_inputs: bool = False, overwrite_hint: str = "pass overwrite_inputs=True",
+                modes: dict[str, str] | None = None) -> dict[str, list[tuple[Path, str]]]:
     """Image outputs by kind: for each (kind, name pattern or None), one (path, Pillow format) per target
-    (`expand_names`), every path checked (`check_outputs`, `image_format`) before any work."""
+    (`expand_names`), every path checked (`check_outputs`, `image_format` in the kind's mode from `modes`, "RGB"
+    when not named) before any work."""
     paths = {what: expand_names(pattern, targets) for what, pattern in outs if pattern is not None}
     check_outputs([Planned(path, what) for what, ps in paths.items() for path in ps], inputs, overwrite_inputs,
                   overwrite_hint)
-    return {what: [(path, image_format(path, what)) for path in ps] for what, ps in paths.items()}
+    modes = modes or {}
+    return {what: [(path, image_format(path, what, modes.get(what, "RGB"))) for path in ps]
+            for what, ps in paths.items()}
 
 
 def planned_image(plan: dict[str, list[tuple[Path, str]]], what: str, i: int, img: Image.Image) -> Planned:

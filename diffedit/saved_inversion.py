@@ -148,9 +148,26 @@ def load_inversion(path: Path, model=None):
     latents, timesteps, clean = t["latents"], t["timesteps"], t["clean"]
     if latents.ndim != 4 or clean.shape != latents.shape[1:] or timesteps.shape != latents.shape[:1]:
         raise InversionFileError(f"latents file {path} holds tensors of unexpected shapes")
-    if model is not None and latents.shape[1] != model.vae.config.latent_channels:
-        raise InversionFileError(f"latents file {path} has {latents.shape[1]} latent channels but the model's "
-                                 f"VAE has {model.vae.config.latent_channels}")
+    expected = int(meta["steps"] * meta["strength"])
+    if len(timesteps) != expected or not bool((timesteps[:-1] > timesteps[1:]).all()):
+        raise InversionFileError(f"latents file {path} holds {len(timesteps)} levels but its metadata says "
+                                 f"steps {meta['steps']} x strength {meta['strength']:g} = {expected}, noisiest "
+                                 "first: the file and its metadata disagree (invert again)")
+    if not latents.is_floating_point() or not clean.is_floating_point():
+        raise InversionFileError(f"latents file {path} holds tensors of unexpected types (invert again)")
+    if not all(bool(torch.isfinite(t).all()) for t in (latents, clean)):
+        raise InversionFileError(f"latents file {path} holds non-finite values (NaN or inf): it is damaged; "
+                                 "invert again")
+    if model is not None:
+        f, (h, w) = model.vae_scale_factor, latents.shape[-2:]
+        if latents.shape[1] != model.vae.config.latent_channels:
+            raise InversionFileError(f"latents file {path} has {latents.shape[1]} latent channels but the model's "
+                                     f"VAE has {model.vae.config.latent_channels}")
+        if (meta.get("working_width"), meta.get("working_height")) not in ((None, None), (str(w * f), str(h * f))):
+            raise InversionFileError(f"latents file {path} holds {w}x{h} latents ({w * f}x{h * f} pixels) but its "
+                                     f"metadata says {meta.get('working_width')}x{meta.get('working_height')}")
+        if int(timesteps.max()) >= model.scheduler.config.num_train_timesteps or int(timesteps.min()) < 0:
+            raise InversionFileError(f"latents file {path} holds levels outside the model's schedule")
     device, dtype = (model.device, model.dtype) if model is not None else (torch.device("cpu"), torch.float32)
     inversion = Inversion(latents[None].to(device, dtype), timesteps.long(), clean[None].to(device, dtype))
     return inversion, meta

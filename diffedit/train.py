@@ -56,7 +56,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import shapes
-from .locations import SHIPPED_MODEL
+from .console import COUNT, POSITIVE, RATIO, SEED, BadInput, Parser, guarded, number
+from .locations import SHIPPED_MODEL, model_location
 from .models.clip_text import CLIPTextModel
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
@@ -64,7 +65,12 @@ from .models.vae import AutoencoderKL
 from .schedulers.ddim import DDIMConfig, DDIMScheduler
 from .shipped_model import (SCHEDULER_CONFIG, build_text_encoder, build_unet, build_vae, export, folder_size_mb,
                             install_shipped, with_scaling_factor, write_tokenizer)
+from .outputs import OutputPathError
 from .stable_diffusion import StableDiffusion
+
+STEPS_OR_NONE = number(int, 0)  # a count that may be 0 (no steps, no samples)
+FRACTION = number(float, 0, 1)
+FINITE = number(float, -math.inf)  # any finite number (--time-budget-s <= 0: no budget)
 
 # --------------------------------------------------------------------------------------------------- settings
 
@@ -140,8 +146,8 @@ class TrainingRun:
         self.out, self.s, self.t0 = out, settings, time.time()
         self.ckpt_dir = checkpoint_dir or out / "checkpoints"
         if not resume and any(self.ckpt_dir.glob("*.safetensors")):
-            raise SystemExit(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
-                             "or choose another --out / --checkpoint-dir")
+            raise OutputPathError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  "or choose another --out / --checkpoint-dir")
         out.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = (out / "log.jsonl").open("a")
@@ -512,41 +518,61 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return replace(base, **{**overrides, "device": args.device})
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diffedit.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"CPU defaults: {CPU_DEFAULTS}\nCUDA defaults: {CUDA_DEFAULTS}")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="diffedit train", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"CPU defaults: {CPU_DEFAULTS}\nCUDA defaults: {CUDA_DEFAULTS}")
     p.add_argument("--out", type=Path, required=True, help="run folder (log, checkpoints, shapes-sd/ model)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--vae-steps", type=int)
-    p.add_argument("--unet-steps", type=int)
-    p.add_argument("--batch-size", type=int, help="UNet stage batch size")
-    p.add_argument("--vae-batch-size", type=int)
-    p.add_argument("--vae-lr", type=float)
-    p.add_argument("--unet-lr", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--ema-decay", type=float)
-    p.add_argument("--time-budget-s", type=float,
+    p.add_argument("--vae-steps", type=STEPS_OR_NONE)
+    p.add_argument("--unet-steps", type=STEPS_OR_NONE)
+    p.add_argument("--batch-size", type=COUNT, help="UNet stage batch size")
+    p.add_argument("--vae-batch-size", type=COUNT)
+    p.add_argument("--vae-lr", type=POSITIVE)
+    p.add_argument("--unet-lr", type=POSITIVE)
+    p.add_argument("--warmup-steps", type=STEPS_OR_NONE)
+    p.add_argument("--ema-decay", type=FRACTION)
+    p.add_argument("--time-budget-s", type=FINITE,
                    help="wall-clock budget of the whole command; each stage stops at its share and still saves "
                         "(<= 0: none). Default: CPU 6900, CUDA 450")
-    p.add_argument("--vae-budget-fraction", type=float,
+    p.add_argument("--vae-budget-fraction", type=RATIO,
                    help="share of the budget for the VAE stage (CPU 0.2, CUDA 0.3)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--save-every-s", type=float)
-    p.add_argument("--preview-n", type=int, help="generated samples to score at the end (0: none)")
-    p.add_argument("--scale-samples", type=int, help="scenes whose latents set the VAE scaling factor (512)")
+    p.add_argument("--threads", type=COUNT, help="torch CPU threads")
+    p.add_argument("--log-every", type=COUNT)
+    p.add_argument("--save-every-s", type=POSITIVE)
+    p.add_argument("--preview-n", type=STEPS_OR_NONE, help="generated samples to score at the end (0: none)")
+    p.add_argument("--scale-samples", type=COUNT, help="scenes whose latents set the VAE scaling factor (512)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on cuda")
     p.add_argument("--checkpoint-dir", type=Path, help="where checkpoints go (default OUT/checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     p.add_argument("--init-from", help="model folder to fine-tune: its VAE is kept (no VAE stage), its UNet and "
                                        "text encoder are the starting point")
-    p.add_argument("--edit-t-share", type=float,
+    p.add_argument("--edit-t-share", type=FRACTION,
                    help="share of each UNet batch with timesteps below --edit-t-max (default 0: uniform)")
-    p.add_argument("--edit-t-max", type=int, help="see --edit-t-share (default 600)")
+    p.add_argument("--edit-t-max", type=COUNT, help="see --edit-t-share (default 600)")
     p.add_argument("--install", action="store_true", help=f"copy the model folder to {SHIPPED_MODEL}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
+
+
+def check_command(args: argparse.Namespace) -> None:
+    """What `diffedit train` checks before any work: the device, the run folder, the model to fine-tune."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise BadInput(f"--device {args.device}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {args.device}: training runs on cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise BadInput(f"--device {args.device}: no such CUDA device is available (use --device cpu)")
+    for flag, path in (("--out", args.out), ("--checkpoint-dir", args.checkpoint_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise BadInput(f"{flag} {path} is a file; give a folder (it is created when missing)")
+    if args.init_from is not None:
+        model_location(args.init_from)  # a ModelNotFoundError is bad input
+    if args.edit_t_max is not None and args.edit_t_max > 1000:
+        raise BadInput(f"--edit-t-max {args.edit_t_max}: the schedule has 1000 timesteps")
 
 
 def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, resume: bool = False,
@@ -588,11 +614,17 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
     return folder
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    command = "python -m diffedit.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    train(settings_from_args(args), args.out, args.checkpoint_dir, args.resume, args.install, command)
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    """`diffedit train` under the command-line contract (`console.guarded`): bad input is one line, exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def run() -> None:
+        args = parse_args(argv)
+        check_command(args)
+        train(settings_from_args(args), args.out, args.checkpoint_dir, args.resume, args.install,
+              "diffedit train " + " ".join(argv))
+
+    return guarded(run, debug="--debug" in argv)
 
 
 if __name__ == "__main__":

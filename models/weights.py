@@ -120,6 +120,12 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     ready = {k: state[k].reshape(expected[k].shape).to(device=device, dtype=_cast(state[k], dtype))
              for k in expected}
     assert len(ready) == len(expected), "every key of the model is copied exactly once"
+    # A result that cannot be right is an error: NaN / inf weights give black pictures and full masks downstream.
+    bad = sorted(k for k, t in ready.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        shown = ", ".join(bad[:6]) + (f", ... ({len(bad)} in all)" if len(bad) > 6 else "")
+        raise WeightsError(f"{source}: non-finite values (NaN or inf) in {shown}: a damaged file, a diverged "
+                           f"training run, or values too large for {str(dtype).removeprefix('torch.')}")
     module.load_state_dict(ready, strict=True, assign=True)
     for name, buf in module.named_buffers():
         if buf.is_meta:

@@ -162,8 +162,9 @@ def ddim_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor
         t = np.linspace(0, T - 1, N).round()[::-1]
     t = t.astype(np.int64)
     if t[0] >= T:
+        fits = max(n for n in range(1, N) if (n - 1) * (T // n) + config.steps_offset < T)
         raise ValueError(f"steps_offset={config.steps_offset} with {N} 'leading' steps gives timestep {t[0]} "
-                         f">= num_train_timesteps={T}")
+                         f">= num_train_timesteps={T} (at most {fits} steps fit this schedule)")
     return torch.from_numpy(t.copy())
 
 

@@ -157,3 +157,52 @@ def test_prompt_warnings_name_over_long_and_empty_target_prompts(sd):
     assert empty == "--target 2 is empty: the edit has no text to steer towards"
     assert api.prompt_warnings(sd, [("--source", "")]) == []  # an empty source is allowed: unconditional
     assert api.same_prompt(sd, "a cat", "A  cat") and not api.same_prompt(sd, "a cat", "a dog")
+
+
+def test_an_edit_that_decodes_to_one_colour_is_an_error_unless_the_input_is_one_colour(sd, monkeypatch):
+    from diffedit import method
+
+    latents = torch.zeros(1, 4, 8, 8)
+    monkeypatch.setattr(method, "to_pixels", lambda sd, x: torch.full((1, 3, 64, 64), 0.5))  # a flat picture
+    busy, flat = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
+    with pytest.raises(method.ImpossibleResultError, match="one colour"):
+        api.to_picture(sd, latents, (64, 64), source=busy)
+    assert api.to_picture(sd, latents, (64, 64), source=flat).getextrema() == ((191, 191),) * 3
+    almost = torch.full((1, 3, 64, 64), 0.5).index_fill(3, torch.tensor([0]), 0.4)
+    monkeypatch.setattr(method, "to_pixels", lambda sd, x: almost)
+    assert api.to_picture(sd, latents, (64, 64), source=busy).size == (64, 64)  # one column differs: a picture
+
+
+def test_arguments_are_checked_by_name_before_the_model_loads(monkeypatch):
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cases = [
+        (dict(source=["a cat"]), TypeError, "source: expected a string"),
+        (dict(target=None), TypeError, "target: expected a string"),
+        (dict(seed=-1), ValueError, r"seed: expected None or an int in \[0, 2\*\*63\)"),
+        (dict(seed=2**63), ValueError, "seed"),
+        (dict(seed=1.5), ValueError, "seed"),
+        (dict(seed=True), ValueError, "seed"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps: expected an int >= 1"),
+        (dict(strenght=0.5), TypeError, "unknown DiffEdit parameter"),
+        (dict(image=np.zeros((8, 8, 3), np.float32) + 2), ValueError, "image: float values"),
+    ]
+    for change, error, message in cases:
+        args = {"image": photo(), "source": "a cat", "target": "a dog", **change}
+        with pytest.raises(error, match=message):
+            edit(**args)
+    with pytest.raises(ValueError, match="targets: expected at least one"):
+        edit_targets(photo(), "a cat", [])
+    with pytest.raises(TypeError, match=r"targets\[1\]: expected a string"):
+        edit_targets(photo(), "a cat", ["a dog", 3])
+
+
+def test_steps_that_do_not_fit_the_models_schedule_are_refused_before_work(sd, monkeypatch):
+    from diffedit import method
+
+    monkeypatch.setattr(method, "estimate_mask", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="num_inference_steps=1001 does not fit the model's schedule"):
+        edit(photo(), "a cat", "a dog", model=sd, num_inference_steps=1001)
+    with pytest.raises(ValueError, match="inpaint_strength=0.001 .* runs no step"):
+        edit(photo(), "a cat", "a dog", model=sd, inpaint_strength=0.001)
+    monkeypatch.undo()
+    assert edit(photo(), "a cat", "a dog", model=sd, seed=np.int64(3), **FAST).seed == 3  # numpy ints are ints

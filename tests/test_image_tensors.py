@@ -119,3 +119,30 @@ def test_a_written_mask_reads_back_as_the_same_latent_mask(size):
     written = imgs.latent_mask_to_image(grid, size)
     assert written.size == size
     assert np.array_equal(imgs.latent_mask_from_image(written, working, 8), grid)
+
+
+def test_api_images_take_uint8_0_255_or_floats_0_1_and_refuse_the_rest_by_name():
+    array = np.asarray(photo((6, 4)))  # (4, 6, 3) uint8
+    want = np.asarray(imgs.load_rgb(array))
+    as_tensor = torch.from_numpy(array).permute(2, 0, 1)
+    for same in (as_tensor, as_tensor.to(torch.int64), array.astype(np.int32), array / 255.0,
+                 as_tensor.float() / 255, (as_tensor.float() / 255).to(torch.bfloat16).float()):
+        assert np.array_equal(np.asarray(imgs.load_rgb(same)), want), type(same)
+    # the bounds themselves are fine: 0 and 255, 0.0 and 1.0
+    assert np.asarray(imgs.load_rgb(np.array([[0, 255]], np.uint8))).tolist() == [[[0] * 3, [255] * 3]]
+    assert np.asarray(imgs.load_rgb(np.array([[0.0, 1.0]]))).tolist() == [[[0] * 3, [255] * 3]]
+    refused = [
+        (array.astype(np.float32), ValueError, r"image: float values must be in \[0, 1\], got \[4, 252\]"),
+        (as_tensor.float() / 127.5 - 1, ValueError, r"got \[-0.968627, 0.976471\].*pass \(x \+ 1\) / 2"),
+        (np.full((4, 6, 3), np.nan), ValueError, "float values must be in"),
+        (array.astype(np.int32) * 300, ValueError, "integer values must be 0-255"),
+        (np.zeros((4, 6, 3), np.int16) - 1, ValueError, r"integer values must be 0-255, got \[-1, -1\]"),
+        (array > 0, ValueError, "dtype bool"),
+        (np.zeros((4, 6, 4), np.uint8), ValueError, r"\(H, W, 3\)"),
+        (np.zeros((0, 6, 3), np.uint8), ValueError, "H, W >= 1"),
+        (torch.zeros(2, 3, 4, 6), ValueError, r"image: a tensor must be \(3, H, W\)"),
+        ([array], TypeError, "image: expected a path"),
+    ]
+    for image, error, message in refused:
+        with pytest.raises(error, match=message):
+            imgs.load_rgb(image)

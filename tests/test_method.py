@@ -240,3 +240,60 @@ def test_mask_needs_a_strength_that_runs_a_step(sd):
         method.estimate_mask(sd, images(1), texts(sd, ["a"]), texts(sd, ["b"]),
                              dataclasses.replace(FAST, mask_encode_strength=0.01), None)
     assert np.isclose(FAST.mask_encode_strength, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results that cannot be right are errors, never results
+
+
+def nan_after(sd, monkeypatch, calls: int):
+    """Make the UNet return NaN from its `calls`-th call on (1-based)."""
+    forward, seen = sd.unet.forward, [0]
+
+    def broken(*args, **kwargs):
+        seen[0] += 1
+        out = forward(*args, **kwargs)
+        return out * float("nan") if seen[0] >= calls else out
+
+    monkeypatch.setattr(sd.unet, "forward", broken)
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+def test_non_finite_inversion_latents_are_an_error_naming_the_first_bad_step(sd, monkeypatch, calls):
+    params = dataclasses.replace(FAST, inversion_guidance_scale=1.0)  # one UNet call per step
+    nan_after(sd, monkeypatch, calls)
+    steps = sd.inverse_scheduler.timesteps(5)[:4]
+    with pytest.raises(method.ImpossibleResultError, match=f"inversion's latents .* at step {calls} of 4 "
+                                                           f"\\(t={int(steps[calls - 1])}\\)"):
+        method.invert(sd, images(1), texts(sd, ["a cat"]), params, torch.Generator().manual_seed(0))
+
+
+def test_non_finite_decoding_mask_and_pixels_are_errors(sd, monkeypatch):
+    params = dataclasses.replace(FAST, guidance_scale=1.0)
+    inversion = method.invert(sd, images(1), texts(sd, ["a cat"]), params, torch.Generator().manual_seed(0))
+    nan_after(sd, monkeypatch, 2)
+    with pytest.raises(method.ImpossibleResultError, match="decoding's latents .* at step 2 of 4"):
+        method.decode(sd, inversion, None, texts(sd, ["a dog"]), params)
+    with pytest.raises(method.ImpossibleResultError, match="mask step's noise predictions are non-finite"):
+        method.estimate_mask(sd, images(1), texts(sd, ["a cat"]), texts(sd, ["a dog"]), params,
+                             torch.Generator().manual_seed(0))
+    with pytest.raises(method.ImpossibleResultError, match="decoded pixels are non-finite"):
+        method.to_pixels(sd, torch.full((1, 4, 8, 8), float("inf")))
+
+
+def test_the_reference_modes_nan_map_is_not_an_error(sd):
+    """D3: identical prompts give a 0/0 map in diffusers, hence a full mask; the noise itself is finite."""
+    same = texts(sd, ["a cat"])
+    est = method.estimate_mask(sd, images(1), same, same, DiffEditParams.reference(num_inference_steps=5,
+                                                                                   num_maps_per_mask=2),
+                               torch.Generator().manual_seed(0))
+    assert bool(est.mask.eq(1).all())
+
+
+@pytest.mark.parametrize("steps", [999, 500])  # stride 1: the last step's target level is exactly 0; stride 2: -1
+def test_the_last_step_pastes_the_clean_latents_when_its_target_level_is_zero_or_below(sd, steps):
+    params = dataclasses.replace(FAST, num_inference_steps=steps, inpaint_strength=4.5 / steps)  # 4 steps
+    inversion = method.invert(sd, images(1), texts(sd, ["a cat"]), params, torch.Generator().manual_seed(0))
+    assert len(inversion.timesteps) == 4 and int(inversion.timesteps[-1]) == 1
+    out = method.decode(sd, inversion, torch.zeros(1, 1, 8, 8), texts(sd, ["a dog"]), params)
+    assert torch.equal(out, inversion.clean)  # nothing edited: the image's own latents, not an error

@@ -143,3 +143,31 @@ def test_model_fingerprint_follows_the_weights_not_the_path(tmp_path):
     data[-4:] = bytes(4)
     weights.write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(diffedit.SHIPPED_MODEL)
+
+
+def test_a_file_holding_non_finite_latents_is_refused(sd, inverted, tmp_path):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    latents = inversion.latents[0].clone()
+    latents[0, 0, 0, 0] = float("nan")
+    save_file({"latents": latents, "timesteps": inversion.timesteps, "clean": inversion.clean[0]}, str(path),
+              metadata={k: str(v) for k, v in meta.items()})
+    with pytest.raises(InversionFileError, match="holds non-finite values"):
+        load_inversion(path, sd)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": "5"}, r"holds 2 levels but its metadata says steps 5 x strength 0.6 = 3"),
+    ({"strength": "0.25"}, r"steps 4 x strength 0.25 = 1"),
+    ({"working_width": "68"}, r"holds 16x16 latents \(64x64 pixels\) but its metadata says 68x64"),
+])
+def test_a_file_whose_tensors_disagree_with_its_own_metadata_is_refused(sd, inverted, tmp_path, change, message):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = {k: str(v) for k, v in save_inversion(path, inversion, model=sd, params=params,
+                                                  image_size=(64, 64)).items()}
+    save_file({"latents": inversion.latents[0], "timesteps": inversion.timesteps, "clean": inversion.clean[0]},
+              str(path), metadata={**meta, **change})
+    with pytest.raises(InversionFileError, match=message):
+        load_inversion(path, sd)

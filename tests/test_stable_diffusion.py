@@ -139,6 +139,31 @@ def test_missing_unexpected_and_misshaped_keys_fail_in_one_message(sd1_folder, t
     assert "mis-shaped: conv_out.bias (5,) != (4,)" in msg
 
 
+@pytest.mark.parametrize("component, key, value", [("unet", "conv_in.bias", float("nan")),
+                                                   ("vae", "decoder.conv_out.weight", float("inf")),
+                                                   ("text_encoder", "final_layer_norm.weight", float("-inf"))])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(sd1_folder, tmp_path, component, key, value):
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    f = next((folder / component).glob("*.safetensors"))
+    state = load_file(f)
+    state[key] = state[key].clone()
+    state[key].view(-1)[-1] = value  # one value of one tensor is enough
+    save_file(state, f)
+    with pytest.raises(WeightsError, match=f"{component}/: non-finite values .* in .*{key}"):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_float32_weights_too_large_for_float16_are_refused_in_float16_only(sd1_folder, tmp_path):
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    f = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], 70000.0)  # float16 tops out at 65504
+    save_file(state, f)
+    StableDiffusion.from_pretrained(folder)  # float32: fine
+    with pytest.raises(WeightsError, match="conv_out.bias: .*too large for float16"):
+        StableDiffusion.from_pretrained(folder, dtype=torch.float16)
+
+
 def test_truncated_weight_file_is_named(sd1_folder, tmp_path):
     folder = shutil.copytree(sd1_folder, tmp_path / "m")
     f = folder / "vae" / "diffusion_pytorch_model.safetensors"

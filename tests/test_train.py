@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from diffedit import DiffEditParams, shipped_model, train
+from diffedit.outputs import OutputPathError
 
 torch.set_num_threads(1)
 
@@ -97,7 +98,7 @@ def test_smoke_folder_loads_in_diffusers_with_the_same_numbers(smoke_run):
 
 
 def test_existing_checkpoints_need_resume(smoke_run):
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(OutputPathError, match="--resume"):
         train.train(SMOKE, smoke_run)
 
 
