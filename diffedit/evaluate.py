@@ -263,7 +263,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "device": args.device, "threads": args.threads, "summary": summary,
         "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
         "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n"
-    writers = {"--json": lambda tmp: Path(tmp).write_text(report), "--grid": lambda tmp: save_grid(records, tmp, fmt=grid_format)}
+    writers = {"--json": lambda tmp: Path(tmp).write_text(report),
+               "--grid": lambda tmp: save_grid(records, tmp, fmt=grid_format)}
     commit([Planned(p.path, p.what, writers[p.what]) for p in planned])
     return 0 if all(v == "PASS" for v in verdicts) else 1
 

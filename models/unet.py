@@ -244,7 +244,8 @@ class UNet2DConditionModel(nn.Module):
                                               config.transformer_layers_per_block[i], downsample=not last))
             skip_chs += [chs[i]] * (config.layers_per_block + (0 if last else 1))
 
-        self.mid_block = CrossAttnMidBlock(config, chs[-1], config.num_heads[-1], config.transformer_layers_per_block[-1])
+        self.mid_block = CrossAttnMidBlock(config, chs[-1], config.num_heads[-1],
+                                           config.transformer_layers_per_block[-1])
 
         # Decoder: levels in reverse, each consuming layers_per_block + 1 skips from the end
         self.up_blocks = nn.ModuleList()

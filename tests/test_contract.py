@@ -63,35 +63,51 @@ COMMANDS = {
     "edit": [EXAMPLE, "--source", RED, "--target", BLUE, "-o", "out.png"],
     "mask": [EXAMPLE, "--source", RED, "--target", BLUE, "-o", "mask.png"],
     "invert": [EXAMPLE, "--prompt", RED, "-o", "inv.safetensors"],
+    "evaluate": ["--json", "report.json"],
+    "train": ["--out", "run"],
 }
-ACCEPTS = {"edit": set(NUMERIC_FLAGS), "invert": {"--steps", "--strength", "--seed", "--max-pixels"},
-           "mask": set(NUMERIC_FLAGS) - {"--strength", "--inversion-guidance", "--guidance-min-timestep"}}
+TRAIN_FLAGS = {"--vae-steps": {"0"}, "--unet-steps": {"0"}, "--batch-size": set(), "--vae-batch-size": set(),
+               "--vae-lr": set(), "--unet-lr": set(), "--warmup-steps": {"0"}, "--ema-decay": {"0"},
+               "--vae-budget-fraction": set(), "--threads": set(), "--log-every": set(), "--save-every-s": set(),
+               "--preview-n": {"0"}, "--scale-samples": set(), "--edit-t-share": {"0"}, "--edit-t-max": set(),
+               "--seed": {"0"}}
+ACCEPTS = {"edit": NUMERIC_FLAGS, "invert": {f: NUMERIC_FLAGS[f] for f in ("--steps", "--strength", "--seed",
+                                                                           "--max-pixels")},
+           "mask": {f: v for f, v in NUMERIC_FLAGS.items()
+                    if f not in ("--strength", "--inversion-guidance", "--guidance-min-timestep")},
+           "evaluate": {"--n": set(), "--seed": {"0"}, "--threads": set()}, "train": TRAIN_FLAGS}
 # Outputs each command must refuse ("INPUT": the input image itself, without --force)
-BAD_OUTPUTS = {"edit": ["out.xbm", "out.txt", "nope/out.png", "out", ".", "/dev/null", "INPUT"],
-               "invert": ["inv.png", "inv.txt", "nope/inv.safetensors", "inv", ".", "/dev/null", "INPUT"]}
+BAD_OUTPUTS = {"edit": ("-o", ["out.xbm", "out.txt", "nope/out.png", "out", ".", "/dev/null", "INPUT"]),
+               "invert": ("-o", ["inv.png", "inv.txt", "nope/inv.safetensors", "inv", ".", "/dev/null", "INPUT"]),
+               "evaluate": ("--json", ["nope/r.json", ".", "/dev/null"]),
+               "train": ("--out", ["INPUT", "/dev/null"])}
 BAD_OUTPUTS["mask"] = BAD_OUTPUTS["edit"]
 
 
 @st.composite
 def bad_argument_vectors(draw):
-    """A command line of `edit`, `mask` or `invert` on the picture `in.png`, with one to four bad parts: numeric
-    values out of range or unparsable, an output that cannot be written, an unknown flag."""
+    """A command line of any command (on the picture `in.png` where it takes one), with one to four bad parts:
+    numeric values out of range or unparsable, an output that cannot be written, an unknown flag. Never a valid
+    one: every command would start real work (training, for one)."""
     command = draw(st.sampled_from(sorted(COMMANDS)))
     argv = [command, *COMMANDS[command]]
-    argv[1] = "in.png"
+    if command in ("edit", "mask", "invert"):
+        argv[1] = "in.png"
     bad = []
-    for flag in draw(st.lists(st.sampled_from(sorted(ACCEPTS[command])), max_size=3, unique=True)):
-        bad += [flag, draw(st.sampled_from([v for v in BAD_NUMBERS if v not in NUMERIC_FLAGS[flag]]))]
+    flags = ACCEPTS[command]
+    for flag in draw(st.lists(st.sampled_from(sorted(flags)), max_size=3, unique=True)):
+        bad += [flag, draw(st.sampled_from([v for v in BAD_NUMBERS if v not in flags[flag]]))]
     if not bad or draw(st.booleans()):
-        output = draw(st.sampled_from(BAD_OUTPUTS[command] + ["--no-such-flag"]))
+        option, outputs = BAD_OUTPUTS[command]
+        output = draw(st.sampled_from(outputs + ["--no-such-flag"]))
         if output == "--no-such-flag":
             bad.append(output)
         else:
-            argv[argv.index("-o") + 1] = "in.png" if output == "INPUT" else output
+            argv[argv.index(option) + 1] = "in.png" if output == "INPUT" else output
     return argv + bad
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=150)  # refused in milliseconds each
 @given(argv=bad_argument_vectors())
 def test_bad_arguments_are_refused_before_any_work_in_one_line(argv, capsys, monkeypatch):
     with tempfile.TemporaryDirectory() as tmp:
