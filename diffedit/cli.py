@@ -302,11 +302,11 @@ class CommandRun:
         self.model = model
         from .api import check_params_for_model
 
-        p = command_params(self.args, self.sd.edit_defaults, params_uses)
+        p = command_params(self.args, self.sd.edit_defaults, params_uses)  # the strengths, by their flags
         try:
-            check_params_for_model(self.sd, p, params_uses)
-        except ValueError as e:
-            raise BadInput(f"--steps {p.num_inference_steps}: {one_line(e).split(': ', 1)[-1]}") from None
+            check_params_for_model(self.sd, p, uses=())  # the step count against the model's schedule
+        except ValueError as e:  # the library names the field, the command line its flag
+            raise BadInput(one_line(e).replace("num_inference_steps=", "--steps ", 1)) from None
         return p
 
     def check_prompts(self, named: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:
