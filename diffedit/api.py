@@ -32,7 +32,8 @@ from .validation import one_line, shorten
 class EditResult:
     image: PIL.Image.Image  # the edited image, RGB, at the input's size
     mask: PIL.Image.Image  # "L" at the input's size, white (255) where edited
-    guidance_map: np.ndarray  # (h, w) float32 in [0, 1] at latent resolution: the map thresholded at 0.5
+    guidance_map: np.ndarray | None  # (h, w) float32 in [0, 1] at latent resolution: the map the mask was cut
+    # from (None when the mask was given)
     latent_mask: np.ndarray  # (h, w) bool at latent resolution: the mask the decoding used
     params: DiffEditParams  # what was run (model defaults and explicit parameters applied)
     seed: int
@@ -132,16 +133,18 @@ def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]
 
 
 def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,
-         seed: int | None = None, **params) -> EditResult:
+         seed: int | None = None, mask=None, mask_rule: str = "half", **params) -> EditResult:
     """Edit `image` from the text `source` (what it shows; may be "") to `target`.
 
     image: a path, a PIL image, a numpy (H, W, 3) array or a torch (3, H, W) tensor, uint8 0-255 or floats in
     [0, 1] (`image_tensors.load_rgb`); model: None (the shipped model), a folder or hub repo id, or a loaded
-    `StableDiffusion`; seed: None (a random one, returned in the result) or an int in [0, 2**63); `params`:
-    `DiffEditParams` fields. Every argument is checked before any work: a wrong type is a TypeError, a wrong value
-    a ValueError, each naming the argument."""
+    `StableDiffusion`; seed: None (a random one, returned in the result) or an int in [0, 2**63); mask: None (DiffEdit
+    estimates it) or the region to edit at the image's size (a path, a PIL image, or an (H, W) array of bools /
+    0-1 / 0-255: `image_tensors.load_mask`), put on the latent grid by `mask_rule` ("half" of a cell's pixels or
+    "any": `image_tensors.latent_mask_from_image`); `params`: `DiffEditParams` fields. Every argument is checked
+    before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument."""
     _check_prompt(target, "target")
-    return edit_targets(image, source, [target], model, seed, **params)[0]
+    return edit_targets(image, source, [target], model, seed, mask, mask_rule, **params)[0]
 
 
 def _check_prompt(text, name: str) -> None:
@@ -183,23 +186,28 @@ def check_params_for_model(sd: StableDiffusion, p: DiffEditParams,
 
 
 def edit_targets(image, source: str, targets: list[str], model: StableDiffusion | str | os.PathLike | None = None,
-                 seed: int | None = None, **params) -> list[EditResult]:
-    """`edit` for several targets: one inversion of the image, one mask and one decoding per target. The
-    first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+                 seed: int | None = None, mask=None, mask_rule: str = "half", **params) -> list[EditResult]:
+    """`edit` for several targets: one inversion of the image, one mask (or the given one) and one decoding per
+    target. The first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
     check_arguments(source, targets, seed, params)
+    if mask_rule not in image_tensors.MASK_CELL_RULES:
+        raise ValueError(f"mask_rule: expected one of {image_tensors.MASK_CELL_RULES}, got {mask_rule!r}")
     picture = image_tensors.load_rgb(image)
+    size = picture.size
+    given = None if mask is None else image_tensors.load_mask(mask, size)
     sd = load_model(model)
     p = DiffEditParams.for_model(sd, **params)
-    check_params_for_model(sd, p)
-    size = picture.size
+    check_params_for_model(sd, p, uses=("invert", "decode") if given is not None else ("mask", "invert", "decode"))
     pixels = model_pixels(sd, picture)
+    latent_mask = None if given is None else image_tensors.latent_mask_from_image(
+        given, (pixels.shape[-1], pixels.shape[-2]), sd.vae_scale_factor, mask_rule)  # (h, w) bool
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
     target_texts = [prompt_text(sd, target, p) for target in targets]
     return [EditResult(image=picture, mask=image_tensors.latent_mask_to_image(latent_mask, size),
                        guidance_map=guidance, latent_mask=latent_mask, params=p, seed=seed)
             for picture, latent_mask, guidance in edit_each(sd, pixels, size, prompt_text(sd, source, p),
-                                                            target_texts, p, generator)]
+                                                            target_texts, p, generator, latent_mask)]
 
 
 Stage = Callable[[str, int], contextlib.AbstractContextManager]  # (step name, target index) -> context

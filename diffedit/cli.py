@@ -32,6 +32,7 @@ from .console import (COUNT, GUIDANCE, POSITIVE, PROG, RATIO, SEED, STEPS, TIMES
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
 from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, plan_images, planned_image
+from .params import THRESHOLD_RULES
 from .saved_inversion import load_inversion, read_inversion_metadata, save_inversion
 from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
@@ -106,7 +107,10 @@ def _add_mask_options(p: argparse.ArgumentParser, defaults_note: str) -> None:
                    help=f"noise level of the mask's noised copies, in (0, 1]{defaults_note}")
     g.add_argument("--num-maps", type=COUNT, metavar="N", help=f"noise draws averaged per mask{defaults_note}")
     g.add_argument("--threshold-ratio", type=POSITIVE, metavar="R",
-                   help=f"the map is clamped at R x its mean, rescaled to [0, 1], cut at 0.5{defaults_note}")
+                   help=f"the map is clamped at R x its mean and rescaled to [0, 1]{defaults_note}")
+    g.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                   help="where the rescaled map is cut: ratio (at 0.5, the paper's way) or otsu (Otsu's threshold, "
+                        f"per image){defaults_note}")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -207,6 +211,7 @@ FLAG_FIELDS = {
     "mask_strength": ("mask_encode_strength",),
     "num_maps": ("num_maps_per_mask",),
     "threshold_ratio": ("mask_thresholding_ratio",),
+    "threshold_rule": ("mask_threshold_rule",),
     "guidance_min_timestep": ("guidance_min_timestep",),
 }
 

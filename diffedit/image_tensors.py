@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_files import displayed_rgb, read_image
+from .image_files import displayed_rgb, read_image, read_mask
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -186,10 +186,42 @@ def latent_mask_to_image(latent_mask: np.ndarray, size: tuple[int, int]) -> PIL.
     return mask.resize(size, PIL.Image.Resampling.NEAREST)
 
 
-def latent_mask_from_image(mask: PIL.Image.Image, working: tuple[int, int], factor: int) -> np.ndarray:
-    """A binary mask at the image's size -> (h, w) bool at latent resolution: each latent cell is in the mask when
-    at least half of its pixels are, after a nearest-neighbour resize to the `working` size (exact for masks
-    written by `latent_mask_to_image`)."""
-    m = np.asarray(mask.resize(working, PIL.Image.Resampling.NEAREST)) >= 128
+MASK_CELL_RULES = ("half", "any")
+
+
+def latent_mask_from_image(mask: PIL.Image.Image, working: tuple[int, int], factor: int,
+                           rule: str = "half") -> np.ndarray:
+    """A binary mask at the image's size -> (h, w) bool on the latent grid, after a nearest-neighbour resize to
+    the `working` size: a latent cell (factor x factor pixels) is in the mask when at least half of its pixels are
+    ("half", what the command line's --mask does; exact for masks written by `latent_mask_to_image`) or when any
+    of them is ("any": the region is covered whole, at the price of a coarser edge)."""
+    if rule not in MASK_CELL_RULES:
+        raise ValueError(f"rule: expected one of {MASK_CELL_RULES}, got {rule!r}")
+    m = np.asarray(mask.convert("L").resize(working, PIL.Image.Resampling.NEAREST)) >= 128
     h, w = working[1] // factor, working[0] // factor
-    return m.reshape(h, factor, w, factor).mean(axis=(1, 3)) >= 0.5  # (h, w)
+    cells = m.reshape(h, factor, w, factor).mean(axis=(1, 3))  # (h, w): the share of each cell's pixels
+    return cells >= 0.5 if rule == "half" else cells > 0
+
+
+def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
+    """The one-call API's mask argument -> a binary "L" picture (0 / 255) of the image's `size` (width, height):
+    a path or a PIL image (white or non-zero: edit), a numpy array or torch tensor (H, W) of bools, 0 / 1 or
+    0-255 values. Another size, shape or type is an error naming `mask`."""
+    if isinstance(mask, (str, os.PathLike)):
+        return read_mask(Path(mask), size)
+    if isinstance(mask, PIL.Image.Image):
+        array = np.asarray(mask.convert("L")) >= 128
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask
+        if array.ndim != 2:
+            raise ValueError(f"mask: an array must be (H, W), got shape {array.shape}")
+        if array.dtype != np.bool_ and not (np.issubdtype(array.dtype, np.number) and np.isfinite(array).all()
+                                            and array.min() >= 0 and array.max() <= 255):
+            raise ValueError("mask: expected bools, 0 / 1 or 0-255 values")
+        array = array > (0.5 if array.dtype == np.bool_ or array.max() <= 1 else 127)
+    else:
+        raise TypeError(f"mask: expected a path, a PIL image, a numpy array or a torch tensor, got "
+                        f"{type(mask).__name__}")
+    if array.shape[::-1] != tuple(size):
+        raise ValueError(f"mask: {array.shape[1]}x{array.shape[0]} but the image is {size[0]}x{size[1]}")
+    return PIL.Image.fromarray(array.astype(np.uint8) * 255, "L")

@@ -189,7 +189,12 @@ def _text_pair_noise(sd: StableDiffusion, xt: torch.Tensor, t: torch.Tensor, sou
 
 
 def threshold_map(difference: torch.Tensor, params: DiffEditParams) -> MaskEstimate:
-    """Clamp the map at `mask_thresholding_ratio` times its mean, rescale to [0, 1], binarize at 0.5.
+    """Clamp the map at `mask_thresholding_ratio` times its mean, rescale to [0, 1] (the guidance map), and
+    binarize it by `mask_threshold_rule`:
+    - "ratio" (the default, diffusers' and the paper's way): edit where the rescaled map is > 0.5;
+    - "otsu": edit where it is above Otsu's threshold (Otsu, "A threshold selection method from gray-level
+      histograms", 1979): per image, the cut between two of its distinct values that maximizes the between-class
+      variance w0 w1 (mu0 - mu1)^2, the lowest such cut on a tie; a map of one value has no cut: an empty mask.
 
     The mean is the batch's in diffusers (D2) and each image's when `per_image_mask_scale`. A zero map (the two
     texts give the same noise) is 0/0 = NaN in diffusers, hence a full mask (D3); `empty_mask_when_equal` makes
@@ -203,8 +208,25 @@ def threshold_map(difference: torch.Tensor, params: DiffEditParams) -> MaskEstim
                       "(nothing would be edited)", stacklevel=3)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     guidance_map = torch.minimum(difference.clamp(min=0), scale) / scale
-    mask = torch.where(guidance_map <= 0.5, 0, 1)
+    cut = 0.5 if params.mask_threshold_rule == "ratio" else otsu_threshold(guidance_map)  # scalar or (B, 1, 1)
+    mask = torch.where(guidance_map <= cut, 0, 1)
     return MaskEstimate(mask, guidance_map, difference)
+
+
+def otsu_threshold(maps: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold of each map (B, h, w) -> (B, 1, 1): the value t that splits the map's values into
+    {<= t} and {> t} with the largest between-class variance w0 w1 (mu0 - mu1)^2 (the lowest t on a tie); a map of
+    one value gets its maximum, so nothing lies above it."""
+    values, _ = maps.flatten(1).double().sort(dim=1)  # (B, n), ascending
+    n = values.shape[1]
+    below = torch.arange(1, n, device=maps.device, dtype=torch.float64)  # the first k values are class 0
+    lower = values.cumsum(1)[:, :-1]  # (B, n-1) sums of the k lowest
+    mu0, mu1 = lower / below, (values.sum(1, keepdim=True) - lower) / (n - below)
+    between = (below / n) * (1 - below / n) * (mu0 - mu1) ** 2
+    between = torch.where(values[:, :-1] < values[:, 1:], between, -1.0)  # cut only between distinct values
+    best = between.argmax(1)  # the first maximum: the lowest cut on a tie
+    cut = torch.where(between.amax(1) >= 0, values.gather(1, best[:, None])[:, 0], values[:, -1])
+    return cut.to(maps.dtype)[:, None, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +360,7 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
     N = params.num_inference_steps
     steps = strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")
-    start, backgrounds = pasted_latents(sd, inversion, steps, params)
+    start, backgrounds = pasted_latents(sd, inversion, steps, params, backgrounds=mask is not None)
     x, watch = start.clone(), FirstNonFinite(start.device)
     for i, t in enumerate(steps):
         scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
@@ -354,7 +376,7 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
 
 
 def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, steps: torch.Tensor,
-                   params: DiffEditParams) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   params: DiffEditParams, backgrounds: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The starting latent and, for each decoding step, the inverted latent pasted outside the mask.
 
     diffusers pairs step i with the i-th inverted latent by position: the pasted background sits at the step's
@@ -363,7 +385,8 @@ def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, ste
     each latent is found by its level (an `Inversion` knows them; a bare tensor is taken to come from this step
     count), so any strength up to the inverted one and any step count whose levels the inversion visited work;
     with `paste_matching_step` the background is taken at the step's target level, and the clean latents after
-    the last step (a bare tensor has none: its t=1 latent stays)."""
+    the last step (a bare tensor has none: its t=1 latent stays). Without `backgrounds` (a decoding without a
+    mask) only the starting latent is looked up."""
     latents = inversion.latents if isinstance(inversion, Inversion) else inversion
     clean = inversion.clean if isinstance(inversion, Inversion) else None
     if not params.slice_inverted_latents:
@@ -387,6 +410,8 @@ def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, ste
 
     stride = sd.scheduler.config.num_train_timesteps // params.num_inference_steps
     steps = steps.tolist()
+    if not backgrounds:
+        return at(steps[0]), []
     if not params.paste_matching_step:
         return at(steps[0]), [at(t) for t in steps]
     last = clean if clean is not None else at(steps[-1])

@@ -12,12 +12,14 @@ what the one-call API and the command line run; the diffusers-compatible facade 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-
 import json
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .validation import BOOL, ConfigError, POSITIVE, check_fields, int_at_least, number_at_least, number_in, optional
+from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least, number_at_least, number_in, one_of,
+                         optional)
+
+THRESHOLD_RULES = ("ratio", "otsu")
 
 # Which field corrects which defect of the reference (docs/design.md §2).
 CORRECTIONS = {
@@ -38,8 +40,12 @@ class DiffEditParams:
     # Step 1, mask estimation (§3.2): n noise draws at this strength, |eps_Q - eps_R| clamped at ratio x its mean.
     num_maps_per_mask: int = 10
     mask_encode_strength: float = 0.5
-    mask_thresholding_ratio: float = 3.0
+    mask_thresholding_ratio: float = 3.0  # diffusers' default; the shipped model stores 4.0 (its diffedit.json)
     mask_guidance_scale: float = 7.5
+    # How the map becomes a mask (`method.threshold_map`): "ratio", diffusers' clamp at ratio x mean, rescale, cut
+    # at 0.5; "otsu", Otsu's threshold on that rescaled map, per image (Otsu 1979: the cut that maximizes the
+    # between-class variance).
+    mask_threshold_rule: str = "ratio"
     # Step 2, DDIM encoding up to the encoding ratio r (§3.2); the optional pix2pix-zero noise regularizer
     # (Parmar et al., "Zero-shot Image-to-Image Translation", arXiv 2302.03027, §3.1) is not in the paper: off (0).
     inpaint_strength: float = 0.8  # r: the fraction of the schedule that is inverted, then re-generated
@@ -104,6 +110,7 @@ _RULES = {
     **{name: int_at_least(0) for name in ("num_reg_steps", "guidance_min_timestep")},
     **{name: number_in(0, 1) for name in ("mask_encode_strength", "inpaint_strength")},
     "mask_thresholding_ratio": POSITIVE,
+    "mask_threshold_rule": one_of(THRESHOLD_RULES),
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
                                              "lambda_auto_corr", "lambda_kl", "eta")},
     "clip_skip": optional(int_at_least(0)),

@@ -206,3 +206,26 @@ def test_steps_that_do_not_fit_the_models_schedule_are_refused_before_work(sd, m
         edit(photo(), "a cat", "a dog", model=sd, inpaint_strength=0.001)
     monkeypatch.undo()
     assert edit(photo(), "a cat", "a dog", model=sd, seed=np.int64(3), **FAST).seed == 3  # numpy ints are ints
+
+
+def test_a_given_mask_replaces_the_mask_step_and_is_put_on_the_grid_by_the_rule(sd, monkeypatch):
+    from diffedit import image_tensors, method
+
+    region = np.zeros((64, 64), bool)
+    region[10:30, 20:50] = True
+    estimated = method.estimate_mask
+    monkeypatch.setattr(method, "estimate_mask", lambda *a, **k: pytest.fail("the mask step ran"))
+    half = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, **FAST)
+    grid = image_tensors.latent_mask_from_image(image_tensors.load_mask(region, (64, 64)), (64, 64), 8)
+    assert np.array_equal(half.latent_mask, grid) and half.guidance_map is None
+    anywhere = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, mask_rule="any", **FAST)
+    assert anywhere.latent_mask.sum() > half.latent_mask.sum()  # rows 10-15 and 24-31 reach into more cells
+    monkeypatch.setattr(method, "estimate_mask", estimated)
+    # the same picture as the per-target loop given that grid
+    p = DiffEditParams.for_model(sd, **FAST)
+    pixels = api.model_pixels(sd, photo())
+    picture, _, _ = next(api.edit_each(sd, pixels, (64, 64), api.prompt_text(sd, "a cat", p),
+                                       [api.prompt_text(sd, "a dog", p)], p, torch.Generator().manual_seed(0), grid))
+    assert np.array_equal(np.asarray(picture), np.asarray(half.image))
+    with pytest.raises(ValueError, match="mask_rule: expected one of"):
+        edit(photo(), "a cat", "a dog", model=sd, mask=region, mask_rule="most")

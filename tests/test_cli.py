@@ -518,3 +518,13 @@ def test_guidance_flags_set_the_steps_they_name():
     assert cli.explicit_params(parse(invert)) == {"inversion_guidance_scale": 3.0}
     mask = ["mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--guidance", "4"]
     assert cli.explicit_params(parse(mask))["mask_guidance_scale"] == 4.0
+
+
+def test_threshold_flags_set_the_ratio_and_the_rule_and_nothing_else():
+    parse = cli.build_parser().parse_args
+    mask = ["mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png"]
+    assert cli.explicit_params(parse([*mask, "--threshold-rule", "otsu", "--threshold-ratio", "2"])) == {
+        "mask_threshold_rule": "otsu", "mask_thresholding_ratio": 2.0}
+    assert cli.explicit_params(parse(mask)) == {}  # not given: the model's or the paper's
+    with pytest.raises(cli.BadInput, match="invalid choice: 'mean'"):
+        parse([*mask, "--threshold-rule", "mean"])

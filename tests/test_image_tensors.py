@@ -146,3 +146,29 @@ def test_api_images_take_uint8_0_255_or_floats_0_1_and_refuse_the_rest_by_name()
     for image, error, message in refused:
         with pytest.raises(error, match=message):
             imgs.load_rgb(image)
+
+
+def test_a_pixel_mask_goes_on_the_latent_grid_by_half_or_any_of_each_cells_pixels():
+    mask = np.zeros((8, 8), bool)  # a 2x2 grid of 4x4 cells
+    mask[0, 0] = True  # 1 of 16 pixels of the top-left cell
+    mask[0:4, 4:6] = True  # 8 of 16 of the top-right: exactly half
+    mask[4:8, 4:7] = True  # 12 of 16 of the bottom-right
+    picture = imgs.load_mask(mask, (8, 8))
+    assert imgs.latent_mask_from_image(picture, (8, 8), 4).tolist() == [[False, True], [False, True]]
+    assert imgs.latent_mask_from_image(picture, (8, 8), 4, rule="any").tolist() == [[True, True], [False, True]]
+    with pytest.raises(ValueError, match="rule: expected one of"):
+        imgs.latent_mask_from_image(picture, (8, 8), 4, rule="most")
+
+
+def test_api_masks_take_bools_0_1_or_0_255_at_the_images_size_and_refuse_the_rest():
+    want = np.zeros((4, 6), bool)
+    want[1:3, 2:5] = True
+    for given in (want, want.astype(np.uint8), want.astype(np.uint8) * 255, torch.from_numpy(want),
+                  PIL.Image.fromarray(want.astype(np.uint8) * 255)):
+        assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), type(given)
+    for given, error, message in [(want, ValueError, "mask: 6x4 but the image is 4x6"),
+                                  (want[None], ValueError, r"mask: an array must be \(H, W\)"),
+                                  (want * 300.0, ValueError, "mask: expected bools"),
+                                  ([want], TypeError, "mask: expected a path")]:
+        with pytest.raises(error, match=message):
+            imgs.load_mask(given, (4, 6) if "6x4" in message else (6, 4))

@@ -297,3 +297,28 @@ def test_the_last_step_pastes_the_clean_latents_when_its_target_level_is_zero_or
     assert len(inversion.timesteps) == 4 and int(inversion.timesteps[-1]) == 1
     out = method.decode(sd, inversion, torch.zeros(1, 1, 8, 8), texts(sd, ["a dog"]), params)
     assert torch.equal(out, inversion.clean)  # nothing edited: the image's own latents, not an error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Thresholding rules
+
+
+@pytest.mark.parametrize("values, cut, mask", [
+    ([0.0, 0.0, 1.0, 1.0], 0.0, [0, 0, 1, 1]),  # the one cut between distinct values
+    ([0.0, 0.1, 0.2, 0.9], 0.2, [0, 0, 0, 1]),  # between-class variances 0.03, 0.0625, 0.12: the last wins
+    ([0.0, 0.0, 3.0, 6.0, 6.0, 3.0], 0.0, [0, 0, 1, 1, 1, 1]),  # cuts at 0 and 3 tie (4.5 each): the lowest
+    ([0.5, 0.5, 0.5, 0.5], 0.5, [0, 0, 0, 0]),  # one value, no cut: nothing above it
+])
+def test_otsu_cuts_where_hand_computed_between_class_variance_peaks(values, cut, mask):
+    maps = torch.tensor(values, dtype=torch.float32).reshape(1, 1, -1)
+    assert method.otsu_threshold(maps).item() == pytest.approx(cut)
+    est = method.threshold_map(maps * 0.1, DiffEditParams(mask_threshold_rule="otsu", mask_thresholding_ratio=100))
+    assert est.mask.flatten().tolist() == mask  # on the rescaled map: the same cut, scaled
+
+
+def test_otsu_is_per_image_and_ratio_stays_the_default():
+    maps = torch.tensor([[[0.0, 0.1, 0.2, 0.9]], [[0.0, 0.0, 1.0, 1.0]]])
+    assert method.otsu_threshold(maps).flatten().tolist() == pytest.approx([0.2, 0.0])
+    assert DiffEditParams().mask_threshold_rule == "ratio"
+    with pytest.raises(ValueError, match="mask_threshold_rule: expected one of \\('ratio', 'otsu'\\)"):
+        DiffEditParams(mask_threshold_rule="mean")
