@@ -37,7 +37,8 @@ from .saved_inversion import load_inversion, read_inversion_metadata, save_inver
 from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
 
-DELEGATED = {"train": "train", "evaluate": "evaluate"}  # subcommands whose modules parse their own arguments
+# Subcommands whose modules parse their own arguments
+DELEGATED = {"train": "train", "evaluate": "evaluate", "experiment": "experiment"}
 MAX_PIXELS_FLAG = "--max-pixels"
 
 
@@ -121,7 +122,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                  "the two texts.",
                      epilog=examples())
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate,experiment}",
+                                parser_class=Parser)
 
     edit = sub.add_parser("edit", help="edit an image: mask, inversion and masked decoding",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -183,6 +185,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     # Listed here for --help; main() hands their arguments to their own modules' parsers.
     sub.add_parser("train", help="train the shipped shapes-world model (python -m diffedit.train; see --help)")
     sub.add_parser("evaluate", help="score a model on held-out shapes-world edits (python -m diffedit.evaluate)")
+    sub.add_parser("experiment", help="the paper's comparisons and thresholding ablations over a grid of settings")
     return parser
 
 

@@ -129,6 +129,9 @@ def test_bad_arguments_are_refused_before_any_work_in_one_line(argv, capsys, mon
     ["train", "--out", "run", "--device", "tpu"], ["train", "--out", "run", "--init-from", "nope/a/b"],
     ["train", "--out", "run", "--edit-t-share", "1.5"], ["train", "--out", "run", "--unet-lr", "nan"],
     ["train", "--out", "file.txt"], ["train"], ["nonsense"], [],
+    ["experiment", "--out", "run", "--n", "0"], ["experiment", "--out", "file.txt"], ["experiment"],
+    ["experiment", "--out", "run", "--methods", "x"], ["experiment", "--out", "run", "--edits", "file.txt"],
+    ["experiment", "--out", "run", "--sweep", "eta=-1"], ["experiment", "--out", "run", "--seeds", "-1"],
 ])
 def test_evaluate_and_train_refuse_bad_arguments_the_same_way(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,420 @@
+"""`diffedit experiment`: the paper's comparisons and mask-thresholding ablations over a grid of settings, from one
+command (Couairon et al., arXiv 2210.11427, §4).
+
+    diffedit experiment --out runs/paper --edits shapes --n 200 \\
+        --methods diffedit,diffedit-gt-mask,encode-decode,sdedit --sweep inpaint_strength=0.4,0.6,0.8
+    diffedit experiment --out runs/thr --edits shapes --n 100 --methods diffedit \\
+        --sweep mask_thresholding_ratio=1.5,2,3,4 --sweep mask_threshold_rule=ratio,otsu
+    diffedit experiment --out runs/mine --edits photos.jsonl --model stabilityai/stable-diffusion-2-1
+
+Edits come from the shapes world's held-out stream (with ground truth and a judge) or from a manifest, one JSON
+object per line: {"image": path, "source": text, "target": text, "mask": optional ground-truth region, "id":
+optional}; paths are relative to the manifest. Every (edit, method, setting, seed) is one row of `records.csv`,
+computed from its own seed (seed + the edit's index), so rows do not depend on each other: `--resume` keeps the
+finished rows and computes the rest, with the same records as an uninterrupted run. Everything is checked before any
+work (one line, exit 2). Writes `config.json`, `records.csv`, `summary.csv` and `summary.md` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .console import COUNT, SEED, BadInput, Parser, guarded
+from .evaluate import background_psnr, heldout_edits, judge, parse_param
+from .locations import model_location
+from .outputs import Planned, commit
+from .params import DiffEditParams
+from .validation import FileError, one_line
+
+METHOD_NAMES = ("diffedit", "diffedit-gt-mask", "encode-decode", "sdedit")  # = baselines.METHODS, torch-free
+NEEDS_TRUTH = {"diffedit-gt-mask"}
+METRICS = ("mask_iou", "mask_precision", "mask_recall", "mask_coverage", "best_threshold_iou", "map_auroc",
+           "background_psnr_db", "psnr_db", "edit_success", "guided_steps", "seconds")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits
+
+
+@dataclass(frozen=True)
+class Case:
+    """One edit to run: the picture, the two texts, and what it is judged against."""
+
+    id: str
+    image: Image.Image  # RGB
+    source: str
+    target: str
+    kind: str = ""  # "colour" / "shape" for the shapes world
+    truth: np.ndarray | None = None  # (H, W) bool: the ground-truth edit region at the image's size
+    edit: object = None  # the shapes world's Edit, for its judge
+
+
+def shapes_cases(n: int, seed: int) -> list[Case]:
+    """The evaluation's held-out stream: half colour, half shape edits, with ground truth and the shapes judge."""
+    from . import shapes
+
+    cases = []
+    for i, e in enumerate(heldout_edits(n, seed)):
+        source, _ = shapes.render(e.source)
+        cases.append(Case(f"shapes-{seed}-{i}", Image.fromarray(source), e.source.caption, e.target.caption, e.kind,
+                          e.region, e))
+    return cases
+
+
+class ManifestError(FileError):
+    """A manifest line that cannot be run, with the file and line named."""
+
+
+def manifest_cases(path: Path) -> list[Case]:
+    """A JSON-lines manifest: every line checked (fields, files, mask size) before any work."""
+    from .image_files import read_image, read_mask
+
+    cases, seen = [], set()
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ManifestError(f"manifest {path} holds no edits")
+    for number, line in enumerate(lines, 1):
+        where = f"manifest {path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not {"image", "source", "target"} <= set(row):
+            raise ManifestError(f"{where}: expected an object with image, source and target")
+        unknown = set(row) - {"image", "source", "target", "mask", "id"}
+        if unknown or not all(isinstance(row[k], str) for k in row):
+            raise ManifestError(f"{where}: unknown fields {sorted(unknown)}" if unknown else f"{where}: values must be "
+                           "strings")
+        image = read_image(path.parent / row["image"])
+        truth = None
+        if "mask" in row:
+            truth = np.asarray(read_mask(path.parent / row["mask"], image.size)) > 0
+        case_id = row.get("id", f"line-{number}")
+        if case_id in seen:
+            raise ManifestError(f"{where}: id {case_id!r} is used twice")
+        seen.add(case_id)
+        cases.append(Case(case_id, image, row["source"], row["target"], truth=truth))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """FIELD=V1,V2,... with each value read as JSON when it parses, else as a string."""
+    key, sep, values = text.partition("=")
+    if not sep or not values:
+        raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2,..., got {text!r}")
+    return key.strip(), [parse_param(f"{key}={v}")[1] for v in values.split(",")]
+
+
+def settings_grid(sweeps: list[tuple[str, list]]) -> list[dict]:
+    """Every combination of the swept values, in the order given (the last sweep varies fastest)."""
+    names = [name for name, _ in sweeps]
+    return [dict(zip(names, values)) for values in itertools.product(*(v for _, v in sweeps))]
+
+
+def check_grid(fixed: dict, grid: list[dict], edit_defaults: dict) -> None:
+    """Every setting is a valid DiffEditParams under the model's stored defaults, before any work."""
+    from .params import layered
+
+    for setting in grid:
+        try:
+            layered(edit_defaults, {**fixed, **setting})
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"setting {setting or fixed}: {one_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    union = np.logical_or(pred, truth).sum()
+    return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
+
+
+def best_threshold_iou(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The best IoU any threshold on the continuous map reaches (the map nearest-upsampled to the image)."""
+    return max(iou(scores >= t, truth) for t in np.unique(scores))
+
+
+def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve of the map as a detector of the region: the probability that a region pixel
+    scores above a background pixel, ties counting half (Mann-Whitney U / (n_pos n_neg))."""
+    pos, neg = int(truth.sum()), int((~truth).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    values, inverse = np.unique(scores.ravel(), return_inverse=True)
+    counts = np.bincount(inverse)
+    ranks = np.cumsum(counts) - (counts - 1) / 2.0  # the mean rank of each distinct value, 1-based
+    rank_sum = ranks[inverse][truth.ravel()].sum()
+    return float((rank_sum - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else float(10 * math.log10(255.0**2 / mse))
+
+
+def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, guidance: np.ndarray | None
+                ) -> dict:
+    """The metrics of one edited picture (uint8 (H, W, 3) at the input's size) against its case."""
+    source = np.asarray(case.image)
+    size = case.image.size
+    out = {"psnr_db": psnr(result, source)}
+    if latent_mask is not None:
+        pred = np.asarray(Image.fromarray(latent_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        out["mask_coverage"] = float(pred.mean())
+    if case.truth is not None:
+        out["background_psnr_db"] = background_psnr(result, source, case.truth)
+        if latent_mask is not None:
+            inter = np.logical_and(pred, case.truth).sum()
+            out.update(mask_iou=iou(pred, case.truth), mask_recall=float(inter / max(case.truth.sum(), 1)),
+                       mask_precision=float(inter / pred.sum()) if pred.sum() else 0.0)
+        if guidance is not None:
+            scores = np.asarray(Image.fromarray(guidance.astype(np.float32), "F").resize(size, Image.NEAREST))
+            out.update(best_threshold_iou=best_threshold_iou(scores, case.truth), map_auroc=auroc(scores, case.truth))
+    if case.edit is not None:
+        out["edit_success"] = float(judge(case.edit, result)[0])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def row_key(edit: str, method: str, seed: int, setting: dict) -> str:
+    return json.dumps([edit, method, seed, setting], sort_keys=True)
+
+
+def run_row(sd, case: Case, index: int, method_name: str, seed: int, params) -> dict:
+    """One (edit, method, setting, seed): its picture and metrics. The generator is seeded by seed + the edit's
+    index, so a row is the same whichever rows ran before it."""
+    import torch
+
+    from . import api, baselines, method
+
+    start = time.perf_counter()
+    pixels = api.model_pixels(sd, case.image)
+    working = (pixels.shape[-1], pixels.shape[-2])
+    truth = None
+    if case.truth is not None:
+        from .image_tensors import latent_mask_from_image
+
+        region = Image.fromarray(case.truth.astype(np.uint8) * 255)
+        truth = torch.from_numpy(latent_mask_from_image(region, working, sd.vae_scale_factor))[None]
+    edited = baselines.METHODS[method_name](sd, pixels, api.prompt_text(sd, case.source, params),
+                                            api.prompt_text(sd, case.target, params), params,
+                                            torch.Generator().manual_seed(seed + index), truth)
+    picture = api.to_picture(sd, edited.latents, case.image.size, source=pixels)
+    seconds = time.perf_counter() - start
+    latent_mask = None if edited.latent_mask is None else edited.latent_mask[0].cpu().numpy()
+    guidance = None if edited.guidance_map is None else edited.guidance_map[0].float().cpu().numpy()
+    decoding = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
+                                         "inpaint_strength")
+    guided = int((decoding >= params.guidance_min_timestep).sum()) if params.guidance_scale > 1 else 0
+    return {**row_metrics(case, np.asarray(picture.convert("RGB")), latent_mask, guidance),
+            "guided_steps": guided, "seconds": seconds}
+
+
+def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
+    """The rows of a records.csv written so far. A last line cut by an interruption is dropped from the file
+    (rewritten whole, by rename), so that rows appended after it start on a line of their own."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        commit([Planned(path, "records", lambda tmp: Path(tmp).write_text(text))])
+    rows = list(csv.DictReader(text.splitlines()))
+    if columns is not None and rows and list(rows[0]) != columns:
+        raise BadInput(f"--resume: {path} has the columns {list(rows[0])}, this run writes {columns}")
+    return rows
+
+
+def experiment(args: argparse.Namespace) -> int:
+    """The command: check everything, then run the rows not done yet, then summarize."""
+    from .api import check_params_for_model, pick_device
+    from .stable_diffusion import StableDiffusion
+
+    # Before any work: methods, edits, the grid, the model, the output folder
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHOD_NAMES))
+    if unknown or not methods:
+        raise BadInput(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                       f"{', '.join(METHOD_NAMES)}")
+    if args.edits == "shapes":
+        cases = shapes_cases(args.n, args.edit_seed)
+    elif Path(args.edits).is_file():
+        cases = manifest_cases(Path(args.edits))
+    else:
+        raise BadInput(f"--edits {args.edits}: give `shapes` or a .jsonl manifest that exists")
+    if NEEDS_TRUTH & set(methods) and any(c.truth is None for c in cases):
+        raise BadInput("--methods diffedit-gt-mask needs a ground-truth mask for every edit (a `mask` in each "
+                       "manifest line)")
+    fixed = dict(args.param)
+    grid = settings_grid(args.sweep)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if any(s < 0 for s in seeds):
+        raise BadInput(f"--seeds {args.seeds}: seeds are ints >= 0")
+    location = model_location(args.model)
+    from .params import read_edit_defaults
+
+    local_defaults = read_edit_defaults(Path(location)) if isinstance(location, Path) else {}
+    check_grid(fixed, grid, local_defaults)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; give a folder")
+    config = {"edits": args.edits, "n": args.n, "edit_seed": args.edit_seed, "methods": methods, "param": fixed,
+              "sweep": [[k, v] for k, v in args.sweep], "seeds": seeds, "model": str(location),
+              "device": args.device, "diffedit_version": __version__}
+    config_file = out / "config.json"
+    if config_file.is_file():
+        if not args.resume:
+            raise BadInput(f"{out} holds a run already: pass --resume to continue it, or choose another --out")
+        before = json.loads(config_file.read_text())
+        if {k: v for k, v in before.items() if k != "model_fingerprint"} != config:
+            raise BadInput(f"--resume: {out} was run with other settings ({config_file}); choose another --out")
+    device, _ = pick_device(args.device, "float32")
+    sd = StableDiffusion.from_pretrained(location, device=device)
+    for setting in grid:
+        try:
+            check_params_for_model(sd, DiffEditParams.for_model(sd, **fixed, **setting))
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"setting {setting or fixed}: {one_line(e)}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    if sd.folder is not None:
+        from .saved_inversion import model_fingerprint
+
+        config["model_fingerprint"] = model_fingerprint(sd.folder)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+    # The rows not done yet, each appended (and flushed) as it finishes
+    swept = [name for name, _ in args.sweep]
+    columns = ["edit", "kind", "method", "seed", *swept, *METRICS]
+    records_file = out / "records.csv"
+    done = read_records(records_file, columns)
+    done_keys = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}) for r in done}
+    todo = [(i, case, method, seed, setting) for i, case in enumerate(cases) for seed in seeds
+            for setting in grid for method in methods
+            if row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()}) not in done_keys]
+    from tqdm import tqdm
+
+    fresh = not records_file.is_file() or not records_file.read_text()
+    with open(records_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush each
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if fresh:
+            writer.writeheader()
+        bar = tqdm(todo, desc="experiment", disable=args.quiet or not sys.stderr.isatty())
+        for i, case, method, seed, setting in bar:
+            params = DiffEditParams.for_model(sd, **fixed, **setting)
+            metrics = run_row(sd, case, i, method, seed, params)
+            writer.writerow({"edit": case.id, "kind": case.kind, "method": method, "seed": seed, **setting,
+                             **{k: _cell(metrics.get(k)) for k in METRICS}})
+            f.flush()
+    rows = read_records(records_file)
+    write_summary(rows, swept, out)
+    if not args.quiet:
+        print(f"diffedit: wrote {len(rows)} rows ({len(todo)} new) to {records_file}, summary in "
+              f"{out / 'summary.md'}", file=sys.stderr)
+    return 0
+
+
+def _cell(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of the normal 95% confidence interval 1.96 s / sqrt(n), n)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = float(np.mean(values))
+    half = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return mean, half, n
+
+
+def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
+    """summary.csv and summary.md: per method x setting, each metric's mean and 95% CI over edits and seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], *(r[k] for k in swept)), []).append(r)
+    header = ["method", *swept, "n"] + [f"{m}{s}" for m in METRICS for s in ("", "_ci95")]
+    lines = []
+    for key, members in groups.items():
+        cells = list(key) + [str(len(members))]
+        for m in METRICS:
+            mean, half, _ = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
+            cells += [_cell(mean), _cell(half)]
+        lines.append(cells)
+    with open(out / "summary.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *lines])
+    shown = ("mask_iou", "best_threshold_iou", "background_psnr_db", "edit_success", "seconds")
+    md = ["| method | " + " | ".join(swept) + (" | " if swept else "") + "n | " + " | ".join(shown) + " |",
+          "| --- " * (len(swept) + 2 + len(shown)) + "|"]
+    for key, members in groups.items():
+        stats = []
+        for m in shown:
+            mean, half, n = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
+            stats.append("" if n == 0 else f"{mean:.3g}" + (f" ± {half:.2g}" if not math.isnan(half) else ""))
+        md.append("| " + " | ".join([*key, str(len(members)), *stats]) + " |")
+    (out / "summary.md").write_text("Mean ± 95% confidence interval over edits and seeds.\n\n" + "\n".join(md) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="diffedit experiment", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: config.json, records.csv, summary.csv, summary.md")
+    p.add_argument("--edits", default="shapes", help="`shapes` (the held-out stream, with ground truth) or a .jsonl "
+                                                     "manifest")
+    p.add_argument("--n", type=COUNT, default=40, help="shapes edits (default 40)")
+    p.add_argument("--edit-seed", type=SEED, default=0, help="which held-out draw of shapes edits (default 0)")
+    p.add_argument("--methods", default="diffedit", help=f"comma-separated: {', '.join(METHOD_NAMES)}")
+    p.add_argument("--sweep", type=parse_sweep, action="append", default=[], metavar="FIELD=V1,V2",
+                   help="a DiffEditParams field and its values (repeatable: the grid is every combination)")
+    p.add_argument("--param", type=parse_param, action="append", default=[], metavar="FIELD=V",
+                   help="fix a DiffEditParams field for every row (repeatable)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out: finished rows are kept")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    try:
+        [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise BadInput(f"--seeds {args.seeds}: expected comma-separated ints") from None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffedit experiment` under the command-line contract (`console.guarded`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return guarded(lambda: experiment(parse_args(argv)), debug="--debug" in argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

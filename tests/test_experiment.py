@@ -1,0 +1,149 @@
+"""`diffedit experiment`: rows that equal the one-call API's edits scored independently, resumable to the same
+records, every bad configuration refused before work, manifests of the user's own pictures, and the metrics'
+arithmetic on hand-built inputs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffedit import cli, evaluate, experiment
+
+torch.set_num_threads(1)
+
+SMALL = ["--n", "2", "--param", "num_inference_steps=8", "--param", "num_maps_per_mask=2", "--quiet"]
+
+
+def records(folder) -> list[dict]:
+    with open(folder / "records.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    code = cli.main(["experiment", "--out", str(out), "--methods", "diffedit,diffedit-gt-mask,encode-decode,sdedit",
+                     "--sweep", "inpaint_strength=0.4,0.6", "--seeds", "0,3", *SMALL])
+    assert code == 0
+    return out
+
+
+def test_a_grid_writes_one_row_per_edit_method_setting_and_seed(grid_run):
+    rows = records(grid_run)
+    assert len(rows) == 2 * 4 * 2 * 2
+    assert list(rows[0]) == ["edit", "kind", "method", "seed", "inpaint_strength", *experiment.METRICS]
+    config = json.loads((grid_run / "config.json").read_text())
+    assert config["methods"] == list(experiment.METHOD_NAMES) and config["model_fingerprint"]
+    by_method = {m: [r for r in rows if r["method"] == m] for m in experiment.METHOD_NAMES}
+    assert all(r["mask_iou"] == "" for r in by_method["encode-decode"] + by_method["sdedit"])  # no mask
+    assert all(0 <= float(r["mask_iou"]) <= 1 and 0 <= float(r["map_auroc"]) <= 1 for r in by_method["diffedit"])
+    assert {r["guided_steps"] for r in rows if r["inpaint_strength"] == "0.6"} == {"1"}  # t=376 only, of 376..1
+    summary = (grid_run / "summary.md").read_text()
+    assert summary.count("| diffedit |") == 2 and "± " in summary
+
+
+def test_a_diffedit_row_is_the_one_call_apis_edit_scored_independently(grid_run):
+    row = next(r for r in records(grid_run) if r["method"] == "diffedit" and r["seed"] == "3"
+               and r["inpaint_strength"] == "0.6" and r["edit"] == "shapes-0-1")
+    edit = evaluate.heldout_edits(2, 0)[1]
+    source, _ = __import__("diffedit").shapes.render(edit.source)
+    from diffedit import edit as diffedit_edit
+
+    result = diffedit_edit(Image.fromarray(source), edit.source.caption, edit.target.caption, seed=3 + 1,
+                           num_inference_steps=8, num_maps_per_mask=2, inpaint_strength=0.6)
+    pred = np.asarray(result.mask) > 127
+    assert float(row["mask_iou"]) == pytest.approx(evaluate.iou(pred, edit.region), abs=1e-6)
+    assert float(row["background_psnr_db"]) == pytest.approx(
+        evaluate.background_psnr(np.asarray(result.image), source, edit.region), abs=1e-4)
+    assert row["edit_success"] == str(int(evaluate.judge(edit, np.asarray(result.image))[0]))
+
+
+def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["experiment", "--out", str(out), "--methods", "diffedit,diffedit-gt-mask,encode-decode,sdedit",
+            "--sweep", "inpaint_strength=0.4,0.6", "--seeds", "0,3", *SMALL]
+    run_row, calls = experiment.run_row, [0]
+
+    def dies_at_the_fifth(*args):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return run_row(*args)
+
+    monkeypatch.setattr(experiment, "run_row", dies_at_the_fifth)
+    assert cli.main(argv) == 130 and len(records(out)) == 4
+    with open(out / "records.csv", "a") as f:
+        f.write("shapes-0-0,colour,sdedit,0,0.4,0.5")  # a row cut mid-line
+    monkeypatch.setattr(experiment, "run_row", run_row)
+    assert cli.main(argv) == 2  # not without --resume
+    assert cli.main([*argv, "--resume"]) == 0
+    assert without_seconds(records(out)) == without_seconds(records(grid_run))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sweep", "strenght=0.4,0.6"], "unknown DiffEdit parameter"),
+    (["--sweep", "inpaint_strength=0.4,1.5"], "inpaint_strength: expected a number in [0, 1]"),
+    (["--param", "num_inference_steps=1001"], "does not fit the model's schedule"),
+    (["--methods", "diffedit,magic"], "--methods: unknown magic"),
+    (["--sweep", "inpaint_strength"], "expected FIELD=V1,V2"),
+    (["--seeds", "0,x"], "--seeds 0,x"),
+    (["--edits", "nope.jsonl"], "nope.jsonl"),
+])
+def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiment, "run_row", lambda *a: pytest.fail("work started"))
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), *SMALL, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run" / "records.csv").exists()
+
+
+def test_a_manifest_runs_the_users_own_pictures_and_needs_masks_for_the_ground_truth_method(tmp_path, capsys):
+    from diffedit import shapes
+
+    edit = evaluate.heldout_edits(1, 5)[0]
+    source, _ = shapes.render(edit.source)
+    Image.fromarray(source).save(tmp_path / "a.png")
+    Image.fromarray(edit.region.astype(np.uint8) * 255).save(tmp_path / "a-mask.png")
+    lines = [{"image": "a.png", "source": edit.source.caption, "target": edit.target.caption, "mask": "a-mask.png",
+              "id": "mine"},
+             {"image": "a.png", "source": edit.source.caption, "target": edit.target.caption}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    argv = ["experiment", "--out", str(tmp_path / "run"), "--edits", str(tmp_path / "m.jsonl"), *SMALL]
+    assert cli.main([*argv, "--methods", "diffedit-gt-mask"]) == 2
+    assert "needs a ground-truth mask for every edit" in capsys.readouterr().err
+    assert cli.main([*argv, "--methods", "diffedit"]) == 0
+    mine, second = records(tmp_path / "run")
+    assert mine["edit"] == "mine" and mine["mask_iou"] != "" and second["edit"] == "line-2"
+    assert second["mask_iou"] == "" and second["edit_success"] == "" and second["psnr_db"] != ""  # no truth, no judge
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 1: not JSON"), ('{"image": "a.png"}', "expected an object with image, source and target"),
+    ('{"image": "missing.png", "source": "a", "target": "b"}', "missing.png does not exist"),
+    ('{"image": "a.png", "source": "a", "target": "b", "colour": "red"}', "unknown fields ['colour']"),
+])
+def test_a_bad_manifest_line_is_named(line, message, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        experiment.manifest_cases(tmp_path / "m.jsonl")
+
+
+def test_metrics_on_hand_built_maps():
+    truth = np.array([[True, True, False, False]])
+    assert experiment.auroc(np.array([[0.9, 0.8, 0.1, 0.2]]), truth) == 1.0  # every region pixel above
+    assert experiment.auroc(np.array([[0.1, 0.2, 0.9, 0.8]]), truth) == 0.0
+    assert experiment.auroc(np.array([[0.5, 0.5, 0.5, 0.5]]), truth) == 0.5  # ties count half
+    assert experiment.auroc(np.array([[0.9, 0.1, 0.5, 0.2]]), truth) == 0.5  # pairs won: 2 of 4
+    assert np.isnan(experiment.auroc(np.zeros((1, 4)), np.zeros((1, 4), bool)))  # no region: undefined
+    # thresholds 0.1, 0.2, 0.5, 0.9 give IoU 2/4, 1/4, 1/3, 1/2: the best is 0.5, a tie of the lowest and highest
+    assert experiment.best_threshold_iou(np.array([[0.9, 0.1, 0.5, 0.2]]), truth) == 0.5
+    mean, half, n = experiment.mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(1.96 * 1.0 / 3**0.5)
