@@ -12,7 +12,8 @@ object per line: {"image": path, "source": text, "target": text, "mask": optiona
 optional}; paths are relative to the manifest. Every (edit, method, setting, seed) is one row of `records.csv`,
 computed from its own seed (seed + the edit's index), so rows do not depend on each other: `--resume` keeps the
 finished rows and computes the rest, with the same records as an uninterrupted run. Everything is checked before any
-work (one line, exit 2). Writes `config.json`, `records.csv`, `summary.csv` and `summary.md` into --out.
+work (one line, exit 2). Writes `config.json`, `records.csv`, `summary.csv`, `summary.md` and `plots/` (with the
+optional matplotlib: `diffedit.plots`) into --out.
 """
 
 from __future__ import annotations
@@ -328,6 +329,12 @@ def experiment(args: argparse.Namespace) -> int:
             f.flush()
     rows = read_records(records_file)
     write_summary(rows, swept, out)
+    from . import plots
+
+    if plots.available():
+        plots.write_plots(rows, swept, out)
+    else:
+        print("diffedit: note: no plots: matplotlib is not installed (pip install -e \".[plots]\")", file=sys.stderr)
     if not args.quiet:
         print(f"diffedit: wrote {len(rows)} rows ({len(todo)} new) to {records_file}, summary in "
               f"{out / 'summary.md'}", file=sys.stderr)

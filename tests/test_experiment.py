@@ -147,3 +147,19 @@ def test_metrics_on_hand_built_maps():
     assert experiment.best_threshold_iou(np.array([[0.9, 0.1, 0.5, 0.2]]), truth) == 0.5
     mean, half, n = experiment.mean_ci([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and half == pytest.approx(1.96 * 1.0 / 3**0.5)
+
+
+def test_plots_show_the_tradeoff_and_the_mask_ablation_and_are_optional(grid_run, tmp_path, capsys, monkeypatch):
+    assert (grid_run / "plots" / "tradeoff.png").is_file()  # inpaint_strength was swept
+    out = tmp_path / "thr"
+    argv = ["experiment", "--out", str(out), "--sweep", "mask_thresholding_ratio=2,4",
+            "--sweep", "mask_threshold_rule=ratio,otsu", *SMALL]
+    assert cli.main(argv) == 0
+    picture = Image.open(out / "plots" / "mask_iou_vs_mask_thresholding_ratio.png")
+    assert picture.size == (768, 576) and len(picture.getcolors(2**20)) > 50  # drawn, not blank
+    from diffedit import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    assert cli.main(["experiment", "--out", str(tmp_path / "bare"), *SMALL]) == 0
+    assert 'no plots: matplotlib is not installed (pip install -e ".[plots]")' in capsys.readouterr().err
+    assert not (tmp_path / "bare" / "plots").exists() and (tmp_path / "bare" / "summary.md").is_file()
