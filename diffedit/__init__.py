@@ -23,6 +23,7 @@ _EXPORTS = {
     "save_inversion": "saved_inversion",
     "load_inversion": "saved_inversion",
     "read_inversion_metadata": "saved_inversion",
+    "run_experiment": "experiment",
 }
 
 

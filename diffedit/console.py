@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool killed by writing to a closed pipe
 
 
-class BadInput(Exception):
+class BadInput(ValueError):
     """A problem with what the user gave (arguments, files, model): one line, exit status 2."""
 
 

@@ -23,6 +23,7 @@ import csv
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -247,86 +248,107 @@ def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def experiment(args: argparse.Namespace) -> int:
-    """The command: check everything, then run the rows not done yet, then summarize."""
+def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40, edit_seed: int = 0,
+                   methods: list[str] | tuple[str, ...] = ("diffedit",), sweep: list[tuple[str, list]] = (),
+                   param: dict | None = None, seeds: list[int] | tuple[int, ...] = (0,), model=None,
+                   device: str = "cpu", resume: bool = False, quiet: bool = True) -> Path:
+    """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
+
+    edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
+    `baselines.METHODS`; sweep: [(DiffEditParams field, [values])], every combination; param: fields fixed for every
+    row; seeds: each row's generator is seeded by seed + the edit's index. Every check comes before any work; a bad
+    value is a ValueError naming it."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
     # Before any work: methods, edits, the grid, the model, the output folder
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(methods)
     unknown = sorted(set(methods) - set(METHOD_NAMES))
     if unknown or not methods:
         raise BadInput(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
                        f"{', '.join(METHOD_NAMES)}")
-    if args.edits == "shapes":
-        cases = shapes_cases(args.n, args.edit_seed)
-    elif Path(args.edits).is_file():
-        cases = manifest_cases(Path(args.edits))
+    if edits == "shapes":
+        cases = shapes_cases(n, edit_seed)
+    elif Path(edits).is_file():
+        cases = manifest_cases(Path(edits))
     else:
-        raise BadInput(f"--edits {args.edits}: give `shapes` or a .jsonl manifest that exists")
+        raise BadInput(f"--edits {edits}: give `shapes` or a .jsonl manifest that exists")
     if NEEDS_TRUTH & set(methods) and any(c.truth is None for c in cases):
         raise BadInput("--methods diffedit-gt-mask needs a ground-truth mask for every edit (a `mask` in each "
                        "manifest line)")
-    fixed = dict(args.param)
-    grid = settings_grid(args.sweep)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if any(s < 0 for s in seeds):
-        raise BadInput(f"--seeds {args.seeds}: seeds are ints >= 0")
-    location = model_location(args.model)
+    fixed, sweep, seeds = dict(param or {}), list(sweep), list(seeds)
+    grid = settings_grid(sweep)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise BadInput(f"--seeds {','.join(map(str, seeds))}: seeds are ints >= 0")
+    location = model_location(model)
     from .params import read_edit_defaults
 
     local_defaults = read_edit_defaults(Path(location)) if isinstance(location, Path) else {}
     check_grid(fixed, grid, local_defaults)
-    out = Path(args.out)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
-    config = {"edits": args.edits, "n": args.n, "edit_seed": args.edit_seed, "methods": methods, "param": fixed,
-              "sweep": [[k, v] for k, v in args.sweep], "seeds": seeds, "model": str(location),
-              "device": args.device, "diffedit_version": __version__}
+    config = {"edits": edits, "n": n, "edit_seed": edit_seed, "methods": methods, "param": fixed,
+              "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
+              "device": device, "diffedit_version": __version__}
     config_file = out / "config.json"
     if config_file.is_file():
-        if not args.resume:
+        if not resume:
             raise BadInput(f"{out} holds a run already: pass --resume to continue it, or choose another --out")
         before = json.loads(config_file.read_text())
         if {k: v for k, v in before.items() if k != "model_fingerprint"} != config:
             raise BadInput(f"--resume: {out} was run with other settings ({config_file}); choose another --out")
-    device, _ = pick_device(args.device, "float32")
-    sd = StableDiffusion.from_pretrained(location, device=device)
+    torch_device, _ = pick_device(device, "float32")
+    sd = StableDiffusion.from_pretrained(location, device=torch_device)
     for setting in grid:
         try:
             check_params_for_model(sd, DiffEditParams.for_model(sd, **fixed, **setting))
         except (TypeError, ValueError) as e:
             raise BadInput(f"setting {setting or fixed}: {one_line(e)}") from None
+    rank, world = distributed()  # after every check: joining the group waits for every rank's checks
     out.mkdir(parents=True, exist_ok=True)
     if sd.folder is not None:
         from .saved_inversion import model_fingerprint
 
         config["model_fingerprint"] = model_fingerprint(sd.folder)
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    if rank == 0:
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
 
-    # The rows not done yet, each appended (and flushed) as it finishes
-    swept = [name for name, _ in args.sweep]
+    # The rows not done yet (this rank's share of them), each appended and flushed as it finishes
+    swept = [name for name, _ in sweep]
     columns = ["edit", "kind", "method", "seed", *swept, *METRICS]
     records_file = out / "records.csv"
-    done = read_records(records_file, columns)
+    shard_file = records_file if world == 1 else out / "shards" / f"records-{rank}.csv"
+    shard_file.parent.mkdir(exist_ok=True)
+    done = read_records(records_file, columns) + (read_records(shard_file, columns) if world > 1 else [])
     done_keys = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}) for r in done}
-    todo = [(i, case, method, seed, setting) for i, case in enumerate(cases) for seed in seeds
-            for setting in grid for method in methods
-            if row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()}) not in done_keys]
+    rows_in_order = [(i, case, method, seed, setting) for i, case in enumerate(cases) for seed in seeds
+                     for setting in grid for method in methods]
+    keys = [row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()})
+            for i, case, method, seed, setting in rows_in_order]
+    todo = [row for position, (row, key) in enumerate(zip(rows_in_order, keys))
+            if key not in done_keys and position % world == rank]
     from tqdm import tqdm
 
-    fresh = not records_file.is_file() or not records_file.read_text()
-    with open(records_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush each
+    fresh = not shard_file.is_file() or not shard_file.read_text()
+    with open(shard_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush each
         writer = csv.DictWriter(f, fieldnames=columns)
         if fresh:
             writer.writeheader()
-        bar = tqdm(todo, desc="experiment", disable=args.quiet or not sys.stderr.isatty())
+        bar = tqdm(todo, desc="experiment", disable=quiet or not sys.stderr.isatty())
         for i, case, method, seed, setting in bar:
             params = DiffEditParams.for_model(sd, **fixed, **setting)
             metrics = run_row(sd, case, i, method, seed, params)
             writer.writerow({"edit": case.id, "kind": case.kind, "method": method, "seed": seed, **setting,
                              **{k: _cell(metrics.get(k)) for k in METRICS}})
             f.flush()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every shard is complete
+        if rank != 0:
+            return records_file
+        merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), columns, swept, keys)
     rows = read_records(records_file)
     write_summary(rows, swept, out)
     from . import plots
@@ -335,10 +357,44 @@ def experiment(args: argparse.Namespace) -> int:
         plots.write_plots(rows, swept, out)
     else:
         print("diffedit: note: no plots: matplotlib is not installed (pip install -e \".[plots]\")", file=sys.stderr)
-    if not args.quiet:
+    if not quiet:
         print(f"diffedit: wrote {len(rows)} rows ({len(todo)} new) to {records_file}, summary in "
               f"{out / 'summary.md'}", file=sys.stderr)
-    return 0
+    return records_file
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) under torch's launcher (`torchrun --nproc-per-node K -m diffedit experiment ...`, which
+    sets WORLD_SIZE, RANK and the rendezvous), joining its process group (gloo: CPU ranks too); (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def merge_shards(records_file: Path, shards: list[Path], columns: list[str], swept: list[str],
+                 order: list[str]) -> None:
+    """Rank 0: records.csv and every rank's shard, in the single-process run's row order, written whole (by
+    rename); the shards are removed once merged."""
+    rows = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}): r
+            for path in [records_file, *shards] for r in read_records(path, columns)}
+    merged = [rows[key] for key in order if key in rows]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(merged)
+
+    commit([Planned(records_file, "records", write)])
+    for path in shards:
+        path.unlink()
+    if not any(records_file.parent.joinpath("shards").iterdir()):
+        records_file.parent.joinpath("shards").rmdir()
 
 
 def _cell(value) -> str:
@@ -396,7 +452,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder: config.json, records.csv, summary.csv, summary.md")
     p.add_argument("--edits", default="shapes", help="`shapes` (the held-out stream, with ground truth) or a .jsonl "
                                                      "manifest")
-    p.add_argument("--n", type=COUNT, default=40, help="shapes edits (default 40)")
+    p.add_argument("--n", "--num-edits", dest="n", type=COUNT, default=40,
+                   help="shapes edits (default 40; under torchrun write --num-edits: torchrun takes --n for its own)")
     p.add_argument("--edit-seed", type=SEED, default=0, help="which held-out draw of shapes edits (default 0)")
     p.add_argument("--methods", default="diffedit", help=f"comma-separated: {', '.join(METHOD_NAMES)}")
     p.add_argument("--sweep", type=parse_sweep, action="append", default=[], metavar="FIELD=V1,V2",
@@ -420,7 +477,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """`diffedit experiment` under the command-line contract (`console.guarded`)."""
     argv = sys.argv[1:] if argv is None else argv
-    return guarded(lambda: experiment(parse_args(argv)), debug="--debug" in argv)
+
+    def run() -> None:
+        args = parse_args(argv)
+        run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
+                       methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
+                       param=dict(args.param), seeds=[int(s) for s in args.seeds.split(",")], model=args.model,
+                       device=args.device, resume=args.resume, quiet=args.quiet)
+
+    return guarded(run, debug="--debug" in argv)
 
 
 if __name__ == "__main__":
