@@ -277,6 +277,10 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         raise BadInput("--methods diffedit-gt-mask needs a ground-truth mask for every edit (a `mask` in each "
                        "manifest line)")
     fixed, sweep, seeds = dict(param or {}), list(sweep), list(seeds)
+    swept = [name for name, _ in sweep]
+    twice = sorted({f for f in swept if swept.count(f) > 1} | (set(swept) & set(fixed)))
+    if twice:
+        raise BadInput(f"--sweep / --param: {', '.join(twice)} given twice; sweep a field once, or fix it")
     grid = settings_grid(sweep)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise BadInput(f"--seeds {','.join(map(str, seeds))}: seeds are ints >= 0")
@@ -288,7 +292,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
-    config = {"edits": edits, "n": n, "edit_seed": edit_seed, "methods": methods, "param": fixed,
+    config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "param": fixed,
               "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
               "device": device, "diffedit_version": __version__}
     config_file = out / "config.json"
@@ -315,7 +319,6 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
     # The rows not done yet (this rank's share of them), each appended and flushed as it finishes
-    swept = [name for name, _ in sweep]
     columns = ["edit", "kind", "method", "seed", *swept, *METRICS]
     records_file = out / "records.csv"
     shard_file = records_file if world == 1 else out / "shards" / f"records-{rank}.csv"

@@ -95,6 +95,8 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
     (["--sweep", "inpaint_strength"], "expected FIELD=V1,V2"),
     (["--seeds", "0,x"], "--seeds 0,x"),
     (["--edits", "nope.jsonl"], "nope.jsonl"),
+    (["--sweep", "eta=0,0.5", "--sweep", "eta=1"], "eta given twice"),
+    (["--sweep", "eta=0,0.5", "--param", "eta=1"], "eta given twice"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run_row", lambda *a: pytest.fail("work started"))
