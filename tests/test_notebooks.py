@@ -61,3 +61,20 @@ def test_step_by_step_notebook_runs_and_shows_images(tmp_path, monkeypatch, requ
     printed = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "IoU with the true edit region" in printed
     assert "same mask from method.estimate_mask: True" in printed
+
+
+def test_thresholding_notebook_runs_on_a_small_grid_and_draws_its_plots(tmp_path, monkeypatch):
+    """notebooks/02_mask_thresholding.ipynb on the shipped model with 4 edits (20 by default)."""
+    if not shipped_model_installed():
+        pytest.skip("the thresholding notebook measures the shipped model, which is not installed")
+    monkeypatch.setenv("DIFFEDIT_NOTEBOOK_EDITS", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(NOTEBOOKS / "02_mask_thresholding.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    assert sum("image/png" in out.get("data", {}) for out in outputs) == 2  # the thresholding and the maps plots
+    text = "".join(out.get("text", "") for out in outputs)
+    assert "4 held-out edits" in text and "otsu 1.5:" in text and "best threshold per image:" in text
