@@ -76,6 +76,14 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
+def mask_agreement(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """A predicted mask against the truth, both (H, W) bool: IoU, recall (share of the truth found; 0 of an empty
+    truth counts as 0 / 1) and precision (share of the prediction that is true; an empty prediction scores 0)."""
+    inter = np.logical_and(pred, truth).sum()
+    return {"iou": iou(pred, truth), "recall": float(inter / max(truth.sum(), 1)),
+            "precision": float(inter / pred.sum()) if pred.sum() else 0.0}
+
+
 def dilate(m: np.ndarray, radius: int) -> np.ndarray:
     """Binary dilation by a Euclidean disk of `radius` pixels."""
     out = m.copy()
@@ -135,11 +143,10 @@ def score_edits(model, edits: list[shapes.Edit], seed: int, params: dict, progre
         result = np.asarray(out.image.convert("RGB").resize(source.shape[1::-1], Image.LANCZOS))
         pred = np.asarray(out.mask.convert("L").resize(source.shape[1::-1], Image.NEAREST)) > 127
         ok, c = judge(e, result)
-        inter = np.logical_and(pred, region).sum()
+        agreement = mask_agreement(pred, region)
         records.append({
             "index": i, "kind": e.kind, "source": e.source.caption, "target": e.target.caption,
-            "iou": iou(pred, region), "recall": float(inter / max(region.sum(), 1)),
-            "precision": float(inter / pred.sum()) if pred.sum() else 0.0,
+            "iou": agreement["iou"], "recall": agreement["recall"], "precision": agreement["precision"],
             "ceiling": latent_mask_ceiling(region, source.shape[0] // out.latent_mask.shape[0]),
             "success": bool(ok), "judged_colour": c.colour, "judged_shape": c.shape,
             "fill_ratio": round(c.fill_ratio, 4), "background_psnr_db": background_psnr(result, source, region),

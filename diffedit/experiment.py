@@ -34,7 +34,7 @@ from PIL import Image
 
 from . import __version__
 from .console import COUNT, SEED, BadInput, Parser, guarded
-from .evaluate import background_psnr, heldout_edits, judge, parse_param
+from .evaluate import background_psnr, heldout_edits, iou, judge, mask_agreement, parse_param
 from .locations import model_location
 from .outputs import Planned, commit
 from .params import DiffEditParams
@@ -144,11 +144,6 @@ def check_grid(fixed: dict, grid: list[dict], edit_defaults: dict) -> None:
 # Metrics
 
 
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    union = np.logical_or(pred, truth).sum()
-    return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
-
-
 def best_threshold_iou(scores: np.ndarray, truth: np.ndarray) -> float:
     """The best IoU any threshold on the continuous map reaches (the map nearest-upsampled to the image)."""
     return max(iou(scores >= t, truth) for t in np.unique(scores))
@@ -184,9 +179,7 @@ def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, 
     if case.truth is not None:
         out["background_psnr_db"] = background_psnr(result, source, case.truth)
         if latent_mask is not None:
-            inter = np.logical_and(pred, case.truth).sum()
-            out.update(mask_iou=iou(pred, case.truth), mask_recall=float(inter / max(case.truth.sum(), 1)),
-                       mask_precision=float(inter / pred.sum()) if pred.sum() else 0.0)
+            out.update({f"mask_{k}": v for k, v in mask_agreement(pred, case.truth).items()})
         if guidance is not None:
             scores = np.asarray(Image.fromarray(guidance.astype(np.float32), "F").resize(size, Image.NEAREST))
             out.update(best_threshold_iou=best_threshold_iou(scores, case.truth), map_auroc=auroc(scores, case.truth))

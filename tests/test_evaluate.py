@@ -111,3 +111,13 @@ def test_shipped_model_meets_the_goals_on_20_heldout_edits_with_an_iou_floor():
             assert summary["mask_iou"] >= IOU_FLOOR_ON_20, summary
         elif goal.metric != "seconds_per_edit":
             assert goal.passed(summary[goal.metric]), (goal, summary)
+
+
+def test_mask_agreement_counts_on_hand_built_masks():
+    truth = np.array([[True, True, True, False]])
+    pred = np.array([[True, False, False, True]])
+    assert evaluate.mask_agreement(pred, truth) == pytest.approx({"iou": 1 / 4, "recall": 1 / 3, "precision": 1 / 2})
+    none = np.zeros((1, 4), bool)
+    assert evaluate.mask_agreement(none, truth) == {"iou": 0.0, "recall": 0.0, "precision": 0.0}  # found nothing
+    assert evaluate.mask_agreement(pred, none) == {"iou": 0.0, "recall": 0.0, "precision": 0.0}  # nothing to find
+    assert evaluate.mask_agreement(none, none)["iou"] == 1.0  # both empty: they agree
