@@ -42,6 +42,7 @@ from .validation import FileError, one_line
 
 METHOD_NAMES = ("diffedit", "diffedit-gt-mask", "encode-decode", "sdedit")  # = baselines.METHODS, torch-free
 NEEDS_TRUTH = {"diffedit-gt-mask"}
+EXAMPLES = 4  # edits whose pictures are kept (first seed), for examples_METHOD.png
 METRICS = ("mask_iou", "mask_precision", "mask_recall", "mask_coverage", "best_threshold_iou", "map_auroc",
            "background_psnr_db", "psnr_db", "edit_success", "guided_steps", "seconds")
 
@@ -192,13 +193,48 @@ def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, 
 # Running
 
 
+def example_name(method_name: str, setting: dict) -> str:
+    return "__".join([method_name, *(f"{k}={v}" for k, v in setting.items())])
+
+
+def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]:
+    """examples_METHOD.png: a row per kept edit, the input then the method's result under each setting (Pillow
+    only, so there whether or not matplotlib is)."""
+    from .figures import display_scale, strip
+
+    written = []
+    folders = sorted((out / "examples").glob("*"), key=lambda p: (len(p.name), p.name))  # edit 2 before edit 10
+    for method_name in methods:
+        rows = []
+        for folder in folders:
+            labels = [", ".join(f"{k}={v}" for k, v in s.items()) or method_name for s in grid]
+            files = [("input", folder / "input.png")] + [
+                (label, folder / f"{example_name(method_name, s)}.png") for label, s in zip(labels, grid)]
+            if not all(path.is_file() for _, path in files):
+                continue
+            pictures = [(label, Image.open(path).convert("RGB")) for label, path in files]
+            scale = display_scale(pictures[0][1].height, 128, 256)
+            size = (round(pictures[0][1].width * scale), round(pictures[0][1].height * scale))
+            rows.append(strip([(f"{folder.name}: {label}" if label == "input" else label,
+                                picture.resize(size, Image.NEAREST)) for label, picture in pictures], font_size=12))
+        if rows:
+            sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+            y = 0
+            for row in rows:
+                sheet.paste(row, (0, y))
+                y += row.height
+            sheet.save(out / f"examples_{method_name}.png")
+            written.append(out / f"examples_{method_name}.png")
+    return written
+
+
 def row_key(edit: str, method: str, seed: int, setting: dict) -> str:
     return json.dumps([edit, method, seed, setting], sort_keys=True)
 
 
-def run_row(sd, case: Case, index: int, method_name: str, seed: int, params) -> dict:
-    """One (edit, method, setting, seed): its picture and metrics. The generator is seeded by seed + the edit's
-    index, so a row is the same whichever rows ran before it."""
+def run_row(sd, case: Case, index: int, method_name: str, seed: int, params) -> tuple[dict, Image.Image]:
+    """One (edit, method, setting, seed): its metrics and edited picture. The generator is seeded by seed + the
+    edit's index, so a row is the same whichever rows ran before it."""
     import torch
 
     from . import api, baselines, method
@@ -222,8 +258,8 @@ def run_row(sd, case: Case, index: int, method_name: str, seed: int, params) -> 
     decoding = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
                                          "inpaint_strength")
     guided = int((decoding >= params.guidance_min_timestep).sum()) if params.guidance_scale > 1 else 0
-    return {**row_metrics(case, np.asarray(picture.convert("RGB")), latent_mask, guidance),
-            "guided_steps": guided, "seconds": seconds}
+    metrics = row_metrics(case, np.asarray(picture.convert("RGB")), latent_mask, guidance)
+    return {**metrics, "guided_steps": guided, "seconds": seconds}, picture
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
@@ -334,7 +370,12 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         bar = tqdm(todo, desc="experiment", disable=quiet or not sys.stderr.isatty())
         for i, case, method, seed, setting in bar:
             params = DiffEditParams.for_model(sd, **fixed, **setting)
-            metrics = run_row(sd, case, i, method, seed, params)
+            metrics, picture = run_row(sd, case, i, method, seed, params)
+            if i < EXAMPLES and seed == seeds[0]:  # kept for the examples grid
+                folder = out / "examples" / case.id
+                folder.mkdir(parents=True, exist_ok=True)
+                case.image.save(folder / "input.png")
+                picture.save(folder / f"{example_name(method, setting)}.png")
             writer.writerow({"edit": case.id, "kind": case.kind, "method": method, "seed": seed, **setting,
                              **{k: _cell(metrics.get(k)) for k in METRICS}})
             f.flush()
@@ -347,6 +388,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), columns, swept, keys)
     rows = read_records(records_file)
     write_summary(rows, swept, out)
+    example_grids(out, methods, grid)
     from . import plots
 
     if plots.available():

@@ -153,6 +153,9 @@ def test_metrics_on_hand_built_maps():
 
 def test_plots_show_the_tradeoff_and_the_mask_ablation_and_are_optional(grid_run, tmp_path, capsys, monkeypatch):
     assert (grid_run / "plots" / "tradeoff.png").is_file()  # inpaint_strength was swept
+    for method in experiment.METHOD_NAMES:  # a row per edit (2), the input and one column per setting (2)
+        sheet = Image.open(grid_run / f"examples_{method}.png")
+        assert sheet.width > 3 * 128 and sheet.height > 2 * 128
     out = tmp_path / "thr"
     argv = ["experiment", "--out", str(out), "--sweep", "mask_thresholding_ratio=2,4",
             "--sweep", "mask_threshold_rule=ratio,otsu", *SMALL]
