@@ -98,11 +98,16 @@ def dilate(m: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB, peak 255) between two uint8 arrays of pixels; 100 when they are equal."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else float(10 * math.log10(255.0**2 / mse))
+
+
 def background_psnr(result: np.ndarray, source: np.ndarray, region: np.ndarray, ring: int = RING_PX) -> float:
     """PSNR (dB, peak 255) between two uint8 images over the pixels farther than `ring` px from `region`."""
     keep = ~dilate(region, ring)
-    mse = np.mean((result[keep].astype(np.float64) - source[keep].astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10 * math.log10(255.0**2 / mse))
+    return psnr(result[keep], source[keep])
 
 
 def latent_mask_ceiling(region: np.ndarray, factor: int) -> float:

@@ -34,7 +34,8 @@ from PIL import Image
 
 from . import __version__
 from .console import COUNT, SEED, BadInput, Parser, guarded
-from .evaluate import background_psnr, heldout_edits, iou, judge, mask_agreement, parse_param
+from .evaluate import background_psnr, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
+from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
 from .params import DiffEditParams
@@ -163,11 +164,6 @@ def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
     return float((rank_sum - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10 * math.log10(255.0**2 / mse))
-
-
 def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, guidance: np.ndarray | None
                 ) -> dict:
     """The metrics of one edited picture (uint8 (H, W, 3) at the input's size) against its case."""
@@ -175,7 +171,7 @@ def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, 
     size = case.image.size
     out = {"psnr_db": psnr(result, source)}
     if latent_mask is not None:
-        pred = np.asarray(Image.fromarray(latent_mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        pred = np.asarray(latent_mask_to_image(latent_mask, size)) > 0
         out["mask_coverage"] = float(pred.mean())
     if case.truth is not None:
         out["background_psnr_db"] = background_psnr(result, source, case.truth)
@@ -331,7 +327,10 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         before = json.loads(config_file.read_text())
         if {k: v for k, v in before.items() if k != "model_fingerprint"} != config:
             raise BadInput(f"--resume: {out} was run with other settings ({config_file}); choose another --out")
-    torch_device, _ = pick_device(device, "float32")
+    try:
+        torch_device, _ = pick_device(device, "float32")
+    except ValueError as e:
+        raise BadInput(f"--{e}") from None
     sd = StableDiffusion.from_pretrained(location, device=torch_device)
     for setting in grid:
         try:
