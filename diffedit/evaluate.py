@@ -1,8 +1,9 @@
 """Score DiffEdit with a model on held-out shapes-world edits, against the goals of the shipped model.
 
-A fixed set of edits (half colour, half shape; `shapes.sample_edits`) is drawn from a seed stream that training
-never uses, each run through `diffedit.edit` at the model's defaults (plus any --param overrides), and judged
-against the exact ground truth the world gives:
+A fixed set of edits (half colour, half shape; `shapes.sample_edit` with one generator per edit, so the first k
+of a longer draw are the k-edit draw) comes from a seed stream that training never uses; each is run through
+`diffedit.edit` at the model's defaults (plus any --param overrides) and judged against the exact ground truth the
+world gives:
 
 - mask IoU: the edit's mask against the ground-truth edit region (source object | target object); also recall,
   precision, and the ceiling a 16x16 latent mask can reach (best block threshold, per edit);
@@ -64,8 +65,11 @@ GOALS = (
 
 
 def heldout_edits(n: int = 100, seed: int = 0) -> list[shapes.Edit]:
-    """The evaluation set: n edits alternating colour and shape, from a stream training never draws from."""
-    return shapes.sample_edits(np.random.default_rng([EVAL_STREAM, seed]), n)
+    """The evaluation set: n edits alternating colour and shape, from a stream training never draws from. Edit i
+    has its own generator (EVAL_STREAM, seed, i), so the stream is prefix-stable: the first k edits of
+    `heldout_edits(n, seed)` are `heldout_edits(k, seed)` for every k <= n."""
+    return [shapes.sample_edit(np.random.default_rng([EVAL_STREAM, seed, i]), "colour" if i % 2 == 0 else "shape")
+            for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -108,6 +112,38 @@ def background_psnr(result: np.ndarray, source: np.ndarray, region: np.ndarray, 
     """PSNR (dB, peak 255) between two uint8 images over the pixels farther than `ring` px from `region`."""
     keep = ~dilate(region, ring)
     return psnr(result[keep], source[keep])
+
+
+SSIM_SIGMA = 1.5  # Wang et al. 2004's Gaussian window: sigma 1.5 px, cut at 3.5 sigma (11 taps)
+
+
+def ssim_map(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> np.ndarray:
+    """SSIM at every pixel (Wang, Bovik, Sheikh, Simoncelli, "Image quality assessment: from error visibility to
+    structural similarity", 2004, eq. 13) between two (H, W, C) images, averaged over the channels: local means,
+    variances and covariance under the Gaussian window (the picture mirrored at its borders, edge pixel repeated),
+    C1 = (0.01 peak)^2, C2 = (0.03 peak)^2. 1 where the two agree. In float64."""
+    radius = int(3.5 * SSIM_SIGMA + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / SSIM_SIGMA) ** 2)
+    taps /= taps.sum()
+
+    def smooth(x: np.ndarray) -> np.ndarray:  # separable Gaussian filter of (H, W, C)
+        x = np.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="symmetric")
+        x = sum(w * x[k : k + x.shape[0] - 2 * radius] for k, w in enumerate(taps))  # along H
+        return sum(w * x[:, k : k + x.shape[1] - 2 * radius] for k, w in enumerate(taps))  # along W
+
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    mx, my = smooth(x), smooth(y)
+    vx, vy, cxy = smooth(x * x) - mx * mx, smooth(y * y) - my * my, smooth(x * y) - mx * my
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))  # (H, W, C)
+    return s.mean(axis=2)
+
+
+def background_ssim(result: np.ndarray, source: np.ndarray, region: np.ndarray, ring: int = RING_PX) -> float:
+    """Mean SSIM between two (H, W, 3) images over the pixels farther than `ring` px from `region` (each pixel's
+    window still sees up to 5 px around it, so pixels next to the ring feel the edit)."""
+    keep = ~dilate(region, ring)
+    return float(ssim_map(result, source)[keep].mean()) if keep.any() else float("nan")
 
 
 def latent_mask_ceiling(region: np.ndarray, factor: int) -> float:

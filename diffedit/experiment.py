@@ -34,7 +34,7 @@ from PIL import Image
 
 from . import __version__
 from .console import COUNT, SEED, BadInput, Parser, guarded
-from .evaluate import background_psnr, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
+from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
@@ -45,7 +45,7 @@ METHOD_NAMES = ("diffedit", "diffedit-gt-mask", "encode-decode", "sdedit")  # = 
 NEEDS_TRUTH = {"diffedit-gt-mask"}
 EXAMPLES = 4  # edits whose pictures are kept (first seed), for examples_METHOD.png
 METRICS = ("mask_iou", "mask_precision", "mask_recall", "mask_coverage", "best_threshold_iou", "map_auroc",
-           "background_psnr_db", "psnr_db", "edit_success", "guided_steps", "seconds")
+           "background_psnr_db", "background_ssim", "psnr_db", "edit_success", "guided_steps", "seconds")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,6 +175,7 @@ def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, 
         out["mask_coverage"] = float(pred.mean())
     if case.truth is not None:
         out["background_psnr_db"] = background_psnr(result, source, case.truth)
+        out["background_ssim"] = background_ssim(result, source, case.truth)
         if latent_mask is not None:
             out.update({f"mask_{k}": v for k, v in mask_agreement(pred, case.truth).items()})
         if guidance is not None:
@@ -228,34 +229,89 @@ def row_key(edit: str, method: str, seed: int, setting: dict) -> str:
     return json.dumps([edit, method, seed, setting], sort_keys=True)
 
 
-def run_row(sd, case: Case, index: int, method_name: str, seed: int, params) -> tuple[dict, Image.Image]:
-    """One (edit, method, setting, seed): its metrics and edited picture. The generator is seeded by seed + the
-    edit's index, so a row is the same whichever rows ran before it."""
+@dataclass(frozen=True)
+class Job:
+    """Rows computed together: a batch of edits under one method and seed, every setting of the grid."""
+
+    cases: tuple[tuple[int, Case], ...]  # (the edit's index, the edit)
+    method: str
+    seed: int
+
+
+def batchable(params: DiffEditParams) -> bool:
+    """Whether edits under these settings can share a batch and keep their numbers: not when the mask's clamp is
+    the batch's mean (D2's reference behaviour) or the noise regularizer pools or draws for the batch as a whole
+    (D5's)."""
+    return params.per_image_mask_scale and (params.num_reg_steps == 0 or params.portable_regularizer)
+
+
+def plan_jobs(cases: list[Case], methods: list[str], seeds: list[int], batch_size: int) -> list[Job]:
+    """Batches of `batch_size` consecutive edits of one working size (a manifest's pictures may differ), then
+    every seed, then every method: the order rows are computed in. It depends on nothing but its arguments, so
+    every rank of a sharded run and every resumed run batches the edits alike (batching moves numbers by ~1e-6)."""
+    batches: list[list[tuple[int, Case]]] = []
+    for i, case in enumerate(cases):
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[-1][1].image.size == case.image.size:
+            last.append((i, case))
+        else:
+            batches.append([(i, case)])
+    return [Job(tuple(batch), method, seed) for batch in batches for seed in seeds for method in methods]
+
+
+def job_rows(job: Job, grid: list[dict]) -> list[tuple[int, Case, dict]]:
+    return [(i, case, setting) for i, case in job.cases for setting in grid]
+
+
+def run_job(sd, job: Job, grid: list[dict], fixed: dict) -> list[tuple[dict, Image.Image]]:
+    """Every row of a job, in `job_rows` order: (metrics, edited picture). The edits run as one batch through the
+    method's steps, each with its own generator seeded by seed + the edit's index, so an edit draws what it draws
+    alone; settings share the difference map and the inversion where only thresholding or decoding differs
+    (`reuse.SharedSteps`, exact). A row's `seconds` is its share of the job's time."""
     import torch
 
     from . import api, baselines, method
+    from .image_tensors import latent_mask_from_image
+    from .reuse import SharedSteps
 
     start = time.perf_counter()
-    pixels = api.model_pixels(sd, case.image)
+    all_params = [DiffEditParams.for_model(sd, **fixed, **setting) for setting in grid]
+    pixels = torch.cat([api.model_pixels(sd, case.image) for _, case in job.cases])  # (B, 3, H, W)
     working = (pixels.shape[-1], pixels.shape[-2])
     truth = None
-    if case.truth is not None:
-        from .image_tensors import latent_mask_from_image
+    if all(case.truth is not None for _, case in job.cases):
+        truth = torch.cat([torch.from_numpy(latent_mask_from_image(Image.fromarray(case.truth.astype(np.uint8) * 255),
+                                                                   working, sd.vae_scale_factor))[None]
+                           for _, case in job.cases])  # (B, h, w)
+    steps = SharedSteps(deepest_strength=max(p.inpaint_strength for p in all_params))
+    texts: dict[tuple, method.TextEmbeddings] = {}
 
-        region = Image.fromarray(case.truth.astype(np.uint8) * 255)
-        truth = torch.from_numpy(latent_mask_from_image(region, working, sd.vae_scale_factor))[None]
-    edited = baselines.METHODS[method_name](sd, pixels, api.prompt_text(sd, case.source, params),
-                                            api.prompt_text(sd, case.target, params), params,
-                                            torch.Generator().manual_seed(seed + index), truth)
-    picture = api.to_picture(sd, edited.latents, case.image.size, source=pixels)
-    seconds = time.perf_counter() - start
-    latent_mask = None if edited.latent_mask is None else edited.latent_mask[0].cpu().numpy()
-    guidance = None if edited.guidance_map is None else edited.guidance_map[0].float().cpu().numpy()
-    decoding = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
-                                         "inpaint_strength")
-    guided = int((decoding >= params.guidance_min_timestep).sum()) if params.guidance_scale > 1 else 0
-    metrics = row_metrics(case, np.asarray(picture.convert("RGB")), latent_mask, guidance)
-    return {**metrics, "guided_steps": guided, "seconds": seconds}, picture
+    def text(prompts: list[str], params: DiffEditParams) -> method.TextEmbeddings:
+        key = (tuple(prompts), params.clip_skip)
+        if key not in texts:
+            texts[key] = method.encode_text(sd, prompts, [""] * len(prompts), params.clip_skip, params.clip_skip)
+        return texts[key]
+
+    by_setting = []
+    for params in all_params:
+        generators = [torch.Generator().manual_seed(job.seed + i) for i, _ in job.cases]
+        edited = baselines.METHODS[job.method](
+            sd, pixels, text([c.source for _, c in job.cases], params), text([c.target for _, c in job.cases], params),
+            params, generators if len(generators) > 1 else generators[0], truth, steps)
+        decoding = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
+                                             "inpaint_strength")
+        guided = int((decoding >= params.guidance_min_timestep).sum()) if params.guidance_scale > 1 else 0
+        by_setting.append((edited, guided))
+    rows = []
+    for b, (_, case) in enumerate(job.cases):
+        for edited, guided in by_setting:
+            picture = api.to_picture(sd, edited.latents[b : b + 1], case.image.size, source=pixels[b : b + 1])
+            latent_mask = None if edited.latent_mask is None else edited.latent_mask[b].cpu().numpy()
+            guidance = None if edited.guidance_map is None else edited.guidance_map[b].float().cpu().numpy()
+            metrics = row_metrics(case, np.asarray(picture.convert("RGB")), latent_mask, guidance)
+            rows.append(({**metrics, "guided_steps": guided}, picture))
+    seconds = (time.perf_counter() - start) / len(rows)
+    return [({**metrics, "seconds": seconds}, picture) for metrics, picture in rows]
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
@@ -276,12 +332,14 @@ def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
 def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40, edit_seed: int = 0,
                    methods: list[str] | tuple[str, ...] = ("diffedit",), sweep: list[tuple[str, list]] = (),
                    param: dict | None = None, seeds: list[int] | tuple[int, ...] = (0,), model=None,
-                   device: str = "cpu", resume: bool = False, quiet: bool = True) -> Path:
+                   device: str = "cpu", batch_size: int = 1, resume: bool = False, quiet: bool = True) -> Path:
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
     edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
     `baselines.METHODS`; sweep: [(DiffEditParams field, [values])], every combination; param: fields fixed for every
-    row; seeds: each row's generator is seeded by seed + the edit's index. Every check comes before any work; a bad
+    row; seeds: each row's generator is seeded by seed + the edit's index; batch_size: edits run together through
+    the three steps (the same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide
+    mask clamp or regularizer run one at a time). Every check comes before any work; a bad
     value is a ValueError naming it."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
@@ -309,6 +367,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     grid = settings_grid(sweep)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise BadInput(f"--seeds {','.join(map(str, seeds))}: seeds are ints >= 0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
     location = model_location(model)
     from .params import read_edit_defaults
 
@@ -319,7 +379,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         raise BadInput(f"--out {out} is a file; give a folder")
     config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "param": fixed,
               "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
-              "device": device, "diffedit_version": __version__}
+              "device": device, "batch_size": batch_size, "diffedit_version": __version__}
     config_file = out / "config.json"
     if config_file.is_file():
         if not resume:
@@ -346,45 +406,58 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     if rank == 0:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
-    # The rows not done yet (this rank's share of them), each appended and flushed as it finishes
+    # The jobs not done yet (this rank's share of them); each job's rows appended and flushed when it finishes
     columns = ["edit", "kind", "method", "seed", *swept, *METRICS]
     records_file = out / "records.csv"
     shard_file = records_file if world == 1 else out / "shards" / f"records-{rank}.csv"
     shard_file.parent.mkdir(exist_ok=True)
     done = read_records(records_file, columns) + (read_records(shard_file, columns) if world > 1 else [])
     done_keys = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}) for r in done}
-    rows_in_order = [(i, case, method, seed, setting) for i, case in enumerate(cases) for seed in seeds
-                     for setting in grid for method in methods]
-    keys = [row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()})
-            for i, case, method, seed, setting in rows_in_order]
-    todo = [row for position, (row, key) in enumerate(zip(rows_in_order, keys))
-            if key not in done_keys and position % world == rank]
+    together = batch_size if all(batchable(DiffEditParams.for_model(sd, **fixed, **s)) for s in grid) else 1
+    jobs = plan_jobs(cases, methods, seeds, together)
+
+    def key(job: Job, case: Case, setting: dict) -> str:
+        return row_key(case.id, job.method, job.seed, {k: str(v) for k, v in setting.items()})
+
+    order = [row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()})  # records.csv's, any batching
+             for case in cases for seed in seeds for method in methods for setting in grid]
+    todo = [job for position, job in enumerate(jobs) if position % world == rank
+            and any(key(job, case, setting) not in done_keys for _, case, setting in job_rows(job, grid))]
     from tqdm import tqdm
 
     fresh = not shard_file.is_file() or not shard_file.read_text()
-    with open(shard_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush each
+    new_rows = 0
+    with open(shard_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush per job
         writer = csv.DictWriter(f, fieldnames=columns)
         if fresh:
             writer.writeheader()
-        bar = tqdm(todo, desc="experiment", disable=quiet or not sys.stderr.isatty())
-        for i, case, method, seed, setting in bar:
-            params = DiffEditParams.for_model(sd, **fixed, **setting)
-            metrics, picture = run_row(sd, case, i, method, seed, params)
-            if i < EXAMPLES and seed == seeds[0]:  # kept for the examples grid
-                folder = out / "examples" / case.id
-                folder.mkdir(parents=True, exist_ok=True)
-                case.image.save(folder / "input.png")
-                picture.save(folder / f"{example_name(method, setting)}.png")
-            writer.writerow({"edit": case.id, "kind": case.kind, "method": method, "seed": seed, **setting,
-                             **{k: _cell(metrics.get(k)) for k in METRICS}})
+        bar = tqdm(total=sum(len(job_rows(job, grid)) for job in todo), desc="experiment", unit="row",
+                   disable=quiet or not sys.stderr.isatty())
+        for job in todo:
+            results = run_job(sd, job, grid, fixed)
+            for (i, case, setting), (metrics, picture) in zip(job_rows(job, grid), results):
+                if key(job, case, setting) in done_keys:
+                    continue  # kept from before the interruption
+                if i < EXAMPLES and job.seed == seeds[0]:  # kept for the examples grid
+                    folder = out / "examples" / case.id
+                    folder.mkdir(parents=True, exist_ok=True)
+                    case.image.save(folder / "input.png")
+                    picture.save(folder / f"{example_name(job.method, setting)}.png")
+                writer.writerow({"edit": case.id, "kind": case.kind, "method": job.method, "seed": job.seed,
+                                 **setting, **{k: _cell(metrics.get(k)) for k in METRICS}})
+                new_rows += 1
             f.flush()
+            bar.update(len(results))
+        bar.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()  # every shard is complete
         if rank != 0:
             return records_file
-        merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), columns, swept, keys)
+    # records.csv in edit, seed, method, setting order, whatever order the rows were written in (batches, ranks,
+    # resumed runs)
+    merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), columns, swept, order)
     rows = read_records(records_file)
     write_summary(rows, swept, out)
     example_grids(out, methods, grid)
@@ -395,7 +468,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     else:
         print("diffedit: note: no plots: matplotlib is not installed (pip install -e \".[plots]\")", file=sys.stderr)
     if not quiet:
-        print(f"diffedit: wrote {len(rows)} rows ({len(todo)} new) to {records_file}, summary in "
+        print(f"diffedit: wrote {len(rows)} rows ({new_rows} new) to {records_file}, summary in "
               f"{out / 'summary.md'}", file=sys.stderr)
     return records_file
 
@@ -415,8 +488,8 @@ def distributed() -> tuple[int, int]:
 
 def merge_shards(records_file: Path, shards: list[Path], columns: list[str], swept: list[str],
                  order: list[str]) -> None:
-    """Rank 0: records.csv and every rank's shard, in the single-process run's row order, written whole (by
-    rename); the shards are removed once merged."""
+    """Rank 0: records.csv and every rank's shard (none in a one-process run), in the `order` of their keys,
+    written whole (by rename); the shards are removed once merged."""
     rows = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}): r
             for path in [records_file, *shards] for r in read_records(path, columns)}
     merged = [rows[key] for key in order if key in rows]
@@ -430,8 +503,9 @@ def merge_shards(records_file: Path, shards: list[Path], columns: list[str], swe
     commit([Planned(records_file, "records", write)])
     for path in shards:
         path.unlink()
-    if not any(records_file.parent.joinpath("shards").iterdir()):
-        records_file.parent.joinpath("shards").rmdir()
+    folder = records_file.parent / "shards"
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _cell(value) -> str:
@@ -467,7 +541,7 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
         lines.append(cells)
     with open(out / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *lines])
-    shown = ("mask_iou", "best_threshold_iou", "background_psnr_db", "edit_success", "seconds")
+    shown = ("mask_iou", "best_threshold_iou", "background_psnr_db", "background_ssim", "edit_success", "seconds")
     md = ["| method | " + " | ".join(swept) + (" | " if swept else "") + "n | " + " | ".join(shown) + " |",
           "| --- " * (len(swept) + 2 + len(shown)) + "|"]
     for key, members in groups.items():
@@ -500,6 +574,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--batch-size", type=COUNT, default=1,
+                   help="edits run together through the three steps (default 1; 16 is about N times faster per edit "
+                        "on one CPU thread)")
     p.add_argument("--resume", action="store_true", help="continue a run in --out: finished rows are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -520,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
                        methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
                        param=dict(args.param), seeds=[int(s) for s in args.seeds.split(",")], model=args.model,
-                       device=args.device, resume=args.resume, quiet=args.quiet)
+                       device=args.device, batch_size=args.batch_size, resume=args.resume, quiet=args.quiet)
 
     return guarded(run, debug="--debug" in argv)
 

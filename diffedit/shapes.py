@@ -216,17 +216,22 @@ class Edit:
         return mask(self.source) | mask(self.target)
 
 
+def sample_edit(rng: np.random.Generator, kind: str) -> Edit:
+    """One random edit of `kind` ("colour" or "shape"): the target differs from the source in exactly that
+    attribute."""
+    scene = sample_scenes(rng, 1)[0]
+    if kind == "colour":
+        others = [c for c in COLOURS if c != scene.colour]
+        return Edit("colour", scene, scene.replace(colour=others[rng.integers(len(others))]))
+    if kind == "shape":
+        others = [s for s in SHAPES if s != scene.shape]
+        return Edit("shape", scene, scene.replace(shape=others[rng.integers(len(others))]))
+    raise ValueError(f"unknown edit kind {kind!r}: colour or shape")
+
+
 def sample_edits(rng: np.random.Generator, n: int) -> list[Edit]:
-    """n edits alternating colour, shape, colour, ...; the target differs from the source in exactly one attribute."""
-    edits = []
-    for i, scene in enumerate(sample_scenes(rng, n)):
-        if i % 2 == 0:
-            others = [c for c in COLOURS if c != scene.colour]
-            edits.append(Edit("colour", scene, scene.replace(colour=others[rng.integers(len(others))])))
-        else:
-            others = [s for s in SHAPES if s != scene.shape]
-            edits.append(Edit("shape", scene, scene.replace(shape=others[rng.integers(len(others))])))
-    return edits
+    """n edits alternating colour, shape, colour, ..., all from the one generator."""
+    return [sample_edit(rng, "colour" if i % 2 == 0 else "shape") for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------- classifier
@@ -292,4 +297,4 @@ def classify(image: np.ndarray, background: np.ndarray | None = None) -> Classif
 __all__ = ["Scene", "Edit", "Classification", "SIZE", "BACKGROUNDS", "COLOURS", "SHAPES", "STYLES", "caption",
            "all_captions", "sample_arrays", "sample_scenes", "scenes_from_arrays", "arrays_from_scenes",
            "caption_indices", "render_batch", "render", "render_background", "mask", "to_model_range",
-           "sample_edits", "classify", "segment", "estimate_background"]
+           "sample_edit", "sample_edits", "classify", "segment", "estimate_background"]

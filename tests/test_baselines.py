@@ -39,7 +39,7 @@ def run(name, sd, params, truth=None, seed=0):
 
 def test_every_method_has_the_one_signature():
     signatures = {name: list(inspect.signature(f).parameters) for name, f in baselines.METHODS.items()}
-    assert all(s == ["sd", "pixels", "source", "target", "params", "generator", "truth"] for s in signatures.values())
+    assert all(s == ["sd", "pixels", "source", "target", "params", "generator", "truth", "steps"] for s in signatures.values())
     assert set(baselines.METHODS) == {"diffedit", "diffedit-gt-mask", "encode-decode", "sdedit"}
 
 
@@ -79,3 +79,28 @@ def test_sdedit_matches_diffusers_img2img_with_ddim(sd, sd1_folder, strength, gu
     params = dataclasses.replace(FAST, inpaint_strength=strength, guidance_scale=guidance)
     ours = run("sdedit", sd, params).latents  # scaled latents, as output_type="latent" returns them
     assert ((ours - ref).norm() / ref.norm()).item() < LATENT_TOL
+
+
+BATCH_TOL = 1e-4  # largest |difference| of the latents relative to their largest |value|; measured 2e-5 (eta 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+def test_a_batch_with_a_generator_per_image_gives_each_images_own_edit(sd, name):
+    """Two pictures and prompt pairs in one batch against each alone (eta > 0, so the decoding draws too): the
+    same masks, latents equal up to the batch's arithmetic."""
+    params = dataclasses.replace(FAST, eta=0.5)
+    pixels = torch.cat([api.model_pixels(sd, picture(s)) for s in (0, 1)])
+    sources, targets = ["a cat", "a red car"], ["a dog", "a blue car"]
+    truth = torch.zeros(2, 8, 8, dtype=torch.bool)
+    truth[0, 2:6, 2:6] = truth[1, 1:4, 3:8] = True
+    batch = baselines.METHODS[name](sd, pixels, method.encode_text(sd, sources, ["", ""]),
+                                    method.encode_text(sd, targets, ["", ""]), params,
+                                    [torch.Generator().manual_seed(10 + i) for i in range(2)], truth)
+    for i in range(2):
+        alone = baselines.METHODS[name](sd, pixels[i : i + 1], api.prompt_text(sd, sources[i], params),
+                                        api.prompt_text(sd, targets[i], params), params,
+                                        torch.Generator().manual_seed(10 + i), truth[i : i + 1])
+        error = (alone.latents - batch.latents[i : i + 1]).abs().max() / alone.latents.abs().max()
+        assert error <= BATCH_TOL
+        if alone.latent_mask is not None:
+            assert torch.equal(alone.latent_mask, batch.latent_mask[i : i + 1])

@@ -69,19 +69,19 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
     out = tmp_path / "run"
     argv = ["experiment", "--out", str(out), "--methods", "diffedit,diffedit-gt-mask,encode-decode,sdedit",
             "--sweep", "inpaint_strength=0.4,0.6", "--seeds", "0,3", *SMALL]
-    run_row, calls = experiment.run_row, [0]
+    run_job, calls = experiment.run_job, [0]
 
-    def dies_at_the_fifth(*args):
+    def dies_at_the_third(*args):
         calls[0] += 1
-        if calls[0] == 5:
+        if calls[0] == 3:
             raise KeyboardInterrupt
-        return run_row(*args)
+        return run_job(*args)
 
-    monkeypatch.setattr(experiment, "run_row", dies_at_the_fifth)
-    assert cli.main(argv) == 130 and len(records(out)) == 4
+    monkeypatch.setattr(experiment, "run_job", dies_at_the_third)
+    assert cli.main(argv) == 130 and len(records(out)) == 4  # two jobs of one edit and two settings
     with open(out / "records.csv", "a") as f:
         f.write("shapes-0-0,colour,sdedit,0,0.4,0.5")  # a row cut mid-line
-    monkeypatch.setattr(experiment, "run_row", run_row)
+    monkeypatch.setattr(experiment, "run_job", run_job)
     assert cli.main(argv) == 2  # not without --resume
     assert cli.main([*argv, "--resume"]) == 0
     assert without_seconds(records(out)) == without_seconds(records(grid_run))
@@ -99,7 +99,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
     (["--sweep", "eta=0,0.5", "--param", "eta=1"], "eta given twice"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(experiment, "run_row", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("work started"))
     code = cli.main(["experiment", "--out", str(tmp_path / "run"), *SMALL, *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
@@ -200,3 +200,21 @@ def test_torchrun_shards_the_rows_and_rank_0_merges_what_one_process_writes(grid
     assert done.returncode == 0, done.stderr[-2000:]
     assert without_seconds(records(out)) == without_seconds(records(grid_run))
     assert not (out / "shards").exists() and (out / "summary.md").is_file()
+
+
+def test_a_batched_run_gives_the_one_at_a_time_records_within_tolerance(grid_run, tmp_path):
+    """--batch-size 2: both edits through the three steps together. Masks, verdicts and guided steps are equal;
+    the pictures move by the batch's arithmetic (~1e-5 in the latents), so PSNR and SSIM agree to a tolerance."""
+    out = tmp_path / "batched"
+    assert cli.main(["experiment", "--out", str(out), "--methods", "diffedit,diffedit-gt-mask,encode-decode,sdedit",
+                     "--sweep", "inpaint_strength=0.4,0.6", "--seeds", "0,3", "--batch-size", "2", *SMALL]) == 0
+    one, batched = records(grid_run), records(out)
+    assert [(r["edit"], r["method"], r["seed"], r["inpaint_strength"]) for r in batched] == \
+        [(r["edit"], r["method"], r["seed"], r["inpaint_strength"]) for r in one]
+    for a, b in zip(one, batched):
+        for name in ("mask_iou", "mask_precision", "mask_recall", "mask_coverage", "best_threshold_iou",
+                     "edit_success", "guided_steps"):
+            assert a[name] == b[name], (name, a, b)
+        assert float(b["background_psnr_db"]) == pytest.approx(float(a["background_psnr_db"]), abs=0.05)
+        assert float(b["psnr_db"]) == pytest.approx(float(a["psnr_db"]), abs=0.05)
+        assert float(b["background_ssim"]) == pytest.approx(float(a["background_ssim"]), abs=1e-3)
