@@ -111,6 +111,16 @@ def strip(panels: Sequence[tuple[str, Image.Image]], gap: int = 8, font_size: in
     return sheet
 
 
+def titled(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) -> Image.Image:
+    """The picture under a line of text (cut to the picture's width)."""
+    font = _font(font_size)
+    sheet = Image.new("RGB", (picture.width, picture.height + font_size + 2 * gap), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, gap), _fit_text(draw, title, font, picture.width - 2 * gap), fill=TEXT_COLOUR, font=font)
+    sheet.paste(picture, (0, font_size + 2 * gap))
+    return sheet
+
+
 def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, guidance=None,
                   target: str | None = None, guidance_vmax: float | None = None,
                   min_height: int = 256, max_height: int = 768) -> Image.Image:

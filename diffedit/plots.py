@@ -3,7 +3,7 @@ curve and the mask ablations. matplotlib is an optional extra (`pip install -e "
 experiment writes everything else and says how to get these.
 
 - `tradeoff.png` (when `inpaint_strength` is swept): for each method, mean edit success against mean background
-  PSNR, one point per encoding ratio r, joined in r's order (Couairon et al., arXiv 2210.11427, Fig. 4's shape:
+  PSNR, one point per encoding ratio r (its marker), joined in r's order (Couairon et al., arXiv 2210.11427, Fig. 4's shape:
   the further up and right, the better).
 - `mask_iou_vs_{field}.png` (when a mask field is swept: the thresholding ratio, the number of maps, the mask
   noise): DiffEdit's mean mask IoU with its 95% confidence interval against the field, one line per value of the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per encoding ratio in the trade-off plot
 MASK_FIELDS = ("mask_thresholding_ratio", "num_maps_per_mask", "mask_encode_strength", "mask_guidance_scale")
 LABELS = {"mask_thresholding_ratio": "thresholding ratio (clamp at ratio x mean)",
           "num_maps_per_mask": "noise draws averaged per map (n)", "mask_encode_strength": "mask noise level",
@@ -49,11 +50,11 @@ def tradeoff(rows: list[dict], path: Path) -> bool:
         if not points:
             continue
         drawn = True
-        line = ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=[p[3] for p in points], marker="o",
-                           capsize=3, label=method)
-        for k, (ratio, x, y, _) in enumerate(points):  # labels alternate above and below: near points stay legible
-            ax.annotate(f"r={ratio:g}", (x, y), textcoords="offset points", xytext=(5, 4 if k % 2 == 0 else -11),
-                        fontsize=8, color=line[0].get_color())
+        colour = ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
+                             capsize=3, label=method)[0].get_color()
+        for ratio, x, y, _ in points:  # the marker tells r (a legend of its own): no labels to collide
+            ax.plot([x], [y], linestyle="none", marker=MARKERS[ratios.index(ratio) % len(MARKERS)], markersize=7,
+                    color=colour)
     if not drawn:
         plt.close(fig)
         return False
@@ -62,7 +63,11 @@ def tradeoff(rows: list[dict], path: Path) -> bool:
     ax.set_title("Edit success against background preservation\n(one point per encoding ratio r; bars: 95% CI)",
                  fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(title="method")
+    methods = ax.legend(title="method", loc="lower left")
+    ax.add_artist(methods)
+    ax.legend(handles=[plt.Line2D([], [], linestyle="none", marker=MARKERS[k % len(MARKERS)], color="gray",
+                                  label=f"{ratio:g}") for k, ratio in enumerate(ratios)],
+              title="encoding ratio r", loc="lower center")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -218,3 +218,26 @@ def test_a_batched_run_gives_the_one_at_a_time_records_within_tolerance(grid_run
         assert float(b["background_psnr_db"]) == pytest.approx(float(a["background_psnr_db"]), abs=0.05)
         assert float(b["psnr_db"]) == pytest.approx(float(a["psnr_db"]), abs=0.05)
         assert float(b["background_ssim"]) == pytest.approx(float(a["background_ssim"]), abs=1e-3)
+
+
+def test_each_rank_gets_a_share_of_every_method_and_all_jobs_are_dealt_once():
+    cases = experiment.shapes_cases(5, 0)
+    methods = list(experiment.METHOD_NAMES)
+    jobs = experiment.plan_jobs(cases, methods, [0], 2)  # 3 batches (2, 2, 1) x 4 methods
+    assert [len(job.cases) for job in jobs[::4]] == [2, 2, 1]
+    shares = [experiment.shard(jobs, methods, rank, 2) for rank in range(2)]
+    assert sorted(map(id, shares[0] + shares[1])) == sorted(map(id, jobs))
+    for share in shares:
+        assert {job.method for job in share} == set(methods)
+    one_batch = experiment.plan_jobs(cases[:2], methods, [0], 2)  # one job per method: two methods each
+    assert [len(experiment.shard(one_batch, methods, rank, 2)) for rank in range(2)] == [2, 2]
+
+
+def test_batches_hold_consecutive_edits_of_one_size():
+    sizes = [(64, 64), (64, 64), (48, 64), (64, 64), (64, 64), (64, 64)]
+    cases = [experiment.Case(f"c{i}", Image.new("RGB", size), "a", "b") for i, size in enumerate(sizes)]
+    jobs = experiment.plan_jobs(cases, ["diffedit"], [0], 2)
+    assert [[i for i, _ in job.cases] for job in jobs] == [[0, 1], [2], [3, 4], [5]]
+    jobs = experiment.plan_jobs(cases, ["diffedit", "sdedit"], [0, 7], 16)
+    assert [(len(job.cases), job.seed, job.method) for job in jobs][:4] == [
+        (2, 0, "diffedit"), (2, 0, "sdedit"), (2, 7, "diffedit"), (2, 7, "sdedit")]
