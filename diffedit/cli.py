@@ -38,7 +38,7 @@ from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
 
 # Subcommands whose modules parse their own arguments
-DELEGATED = {"train": "train", "evaluate": "evaluate", "experiment": "experiment"}
+DELEGATED = {"train": "train", "evaluate": "evaluate", "experiment": "experiment", "bench": "bench"}
 MAX_PIXELS_FLAG = "--max-pixels"
 
 
@@ -186,6 +186,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sub.add_parser("train", help="train the shipped shapes-world model (python -m diffedit.train; see --help)")
     sub.add_parser("evaluate", help="score a model on held-out shapes-world edits (python -m diffedit.evaluate)")
     sub.add_parser("experiment", help="the paper's comparisons and thresholding ablations over a grid of settings")
+    sub.add_parser("bench", help="time the default edit, ours against diffusers' pipeline on the same weights")
     return parser
 
 

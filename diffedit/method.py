@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
+from .models.unet import TextKV
 from .models.vae import DiagonalGaussian
 from .schedulers.noise import randn
 
@@ -92,14 +93,26 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tenso
     return uncond + scale * (cond - uncond)
 
 
-def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
+class LoopText:
+    """A text batch as a sampling loop feeds it to the UNet, [uncond; cond] for guided steps and cond alone for
+    the others, each a `TextKV`: the text's cross-attention keys and values are made at the first step and reused
+    at every later one (diffusers makes them at every step; the numbers are the same). Made per loop, so it never
+    outlives the weights it was computed with."""
+
+    def __init__(self, text: TextEmbeddings):
+        self.guided = None if text.uncond is None else TextKV(torch.cat([text.uncond, text.cond]))  # (2B, 77, D)
+        self.plain = TextKV(text.cond)  # (B, 77, D)
+
+
+def predict_noise(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings | LoopText,
                   scale: float) -> torch.Tensor:
     """The UNet's output at timestep t; guided, with one call on [uncond, cond], when scale > 1."""
+    text = text if isinstance(text, LoopText) else LoopText(text)
     if scale <= 1:
-        return sd.unet(x, t, text.cond)
-    if text.uncond is None:
+        return sd.unet(x, t, text.plain)
+    if text.guided is None:
         raise ValueError(f"guidance_scale {scale} > 1 needs negative prompt embeddings")
-    uncond, cond = sd.unet(torch.cat([x, x]), t, torch.cat([text.uncond, text.cond])).chunk(2)
+    uncond, cond = sd.unet(torch.cat([x, x]), t, text.guided).chunk(2)
     return guide(uncond, cond, scale)
 
 
@@ -168,7 +181,7 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
 
 def _text_pair_noise(sd: StableDiffusion, xt: torch.Tensor, t: torch.Tensor, source: TextEmbeddings,
                      target: TextEmbeddings, params: DiffEditParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps_R, eps_Q) from one UNet call on [R-, R, Q-, Q] (guided) or [R, Q].
+    """(eps_R, eps_Q) from one UNet call on [R-, R, Q-, Q] (guided; R- computed once when it equals Q-) or [R, Q].
 
     diffusers unpacks `encode_prompt`'s (prompt, negative) as (negative, prompt), so it guides from the prompt
     towards the negative prompt, and without guidance it has no second element to unpack (D9, TypeError). The
@@ -183,9 +196,24 @@ def _text_pair_noise(sd: StableDiffusion, xt: torch.Tensor, t: torch.Tensor, sou
     pairs = [(text.uncond, text.cond) for text in (source, target)]
     if not params.mask_without_guidance:
         pairs = [(cond, uncond) for uncond, cond in pairs]
-    out = sd.unet(torch.cat([xt] * 4), t, torch.cat([e for pair in pairs for e in pair]))
-    a_source, b_source, a_target, b_target = out.chunk(4)
+    a_source, b_source, a_target, b_target = _noise_under(sd, xt, t, [e for pair in pairs for e in pair])
     return guide(a_source, b_source, scale), guide(a_target, b_target, scale)
+
+
+def _noise_under(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor,
+                 contexts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The UNet's output for x under each context, from one call in which a context equal to an earlier one (the
+    two negative prompts, both "" by default) is computed once: three rows per draw instead of four."""
+    distinct: list[torch.Tensor] = []
+    index = []
+    for c in contexts:
+        k = next((i for i, d in enumerate(distinct) if d is c or (d.shape == c.shape and torch.equal(d, c))), None)
+        if k is None:
+            distinct.append(c)
+            k = len(distinct) - 1
+        index.append(k)
+    out = sd.unet(torch.cat([x] * len(distinct)), t, torch.cat(distinct)).chunk(len(distinct))
+    return [out[k] for k in index]
 
 
 def threshold_map(difference: torch.Tensor, params: DiffEditParams) -> MaskEstimate:
@@ -257,9 +285,9 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     steps = sd.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
     x = clean = encode_images(sd, image, generator, rows=len(text))
     guided = params.inversion_guidance_scale > 1
-    latents, watch = [], FirstNonFinite(x.device)
+    latents, watch, loop_text = [], FirstNonFinite(x.device), LoopText(text)
     for i, t in enumerate(steps):
-        eps = predict_noise(sd, x, t, text, params.inversion_guidance_scale)
+        eps = predict_noise(sd, x, t, loop_text, params.inversion_guidance_scale)
         if params.num_reg_steps > 0:
             # diffusers converts v to eps against the guided batch [x, x] (D5); the fix uses x itself
             sample = torch.cat([x, x]) if guided and not params.portable_regularizer else x
@@ -361,10 +389,10 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     N = params.num_inference_steps
     steps = strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")
     start, backgrounds = pasted_latents(sd, inversion, steps, params, backgrounds=mask is not None)
-    x, watch = start.clone(), FirstNonFinite(start.device)
+    x, watch, loop_text = start.clone(), FirstNonFinite(start.device), LoopText(text)
     for i, t in enumerate(steps):
         scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
-        eps = predict_noise(sd, x, t, text, scale)
+        eps = predict_noise(sd, x, t, loop_text, scale)
         x = sd.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
         if mask is not None:
             x = x * mask + backgrounds[i] * (1 - mask)

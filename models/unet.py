@@ -47,6 +47,21 @@ class TimestepEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------------- transformer
 
 
+class TextKV:
+    """Text states whose cross-attention keys and values are computed once per attention layer and then reused:
+    passed as the UNet's `encoder_hidden_states` at every step of a sampling loop, the text's projections are made
+    at the first step only (diffusers makes them at every step; the numbers are the same)."""
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states  # (B, T, cross_attention_dim)
+        self._kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def kv(self, attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn not in self._kv:
+            self._kv[attn] = (attn.to_k(self.states), attn.to_v(self.states))
+        return self._kv[attn]
+
+
 class Attention(nn.Module):
     """Multi-head attention; `context_dim` set makes it cross-attention (keys and values from the text states)."""
 
@@ -60,10 +75,13 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # checkpoint index 1 was a dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
-        return self.to_out[0](out)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | TextKV | None = None) -> torch.Tensor:
+        if isinstance(context, TextKV):
+            k, v = context.kv(self)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads, self.upcast))
 
 
 class GEGLU(nn.Module):
@@ -101,7 +119,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | TextKV) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))  # Self attention
         x = x + self.attn2(self.norm2(x), context)  # Cross attention
         return x + self.ff(self.norm3(x))  # FFN
@@ -124,7 +142,7 @@ class Transformer2DModel(nn.Module):
             BasicTransformerBlock(channels, heads, context_dim, upcast) for _ in range(layers))
         self.proj_out = proj(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | TextKV) -> torch.Tensor:
         b, c, h, w = x.shape
         # Project in and flatten to tokens
         t = self.norm(x)
@@ -161,7 +179,7 @@ class DownBlock(nn.Module):
                                cfg.use_linear_projection, cfg.upcast_attention) for _ in range(cfg.layers_per_block))
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | TextKV
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
@@ -185,7 +203,7 @@ class CrossAttnMidBlock(nn.Module):
             channels, heads, layers, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
             cfg.upcast_attention)])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | TextKV) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
         return self.resnets[1](x, temb)
@@ -209,7 +227,7 @@ class UpBlock(nn.Module):
                                cfg.use_linear_projection, cfg.upcast_attention) for _ in skip_chs)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor | TextKV,
                 size: tuple[int, int] | None) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
@@ -268,9 +286,9 @@ class UNet2DConditionModel(nn.Module):
         return self.time_embedding(emb)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | TextKV) -> torch.Tensor:
         """sample (B, in_channels, H, W), timestep scalar or (B,), encoder_hidden_states (B, T, cross_attention_dim)
-        -> (B, out_channels, H, W)."""
+        or a `TextKV` of them (a loop's projections made once) -> (B, out_channels, H, W)."""
         temb = self.time_embed(sample, timestep)
         # Encoder, keeping every intermediate state for the skip connections
         x = self.conv_in(sample)

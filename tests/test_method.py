@@ -322,3 +322,34 @@ def test_otsu_is_per_image_and_ratio_stays_the_default():
     assert DiffEditParams().mask_threshold_rule == "ratio"
     with pytest.raises(ValueError, match="mask_threshold_rule: expected one of \\('ratio', 'otsu'\\)"):
         DiffEditParams(mask_threshold_rule="mean")
+
+
+def test_the_mask_step_computes_the_shared_unconditional_rows_once(sd):
+    """Both negative prompts are "": three UNet rows per draw instead of four, with the four-row call's numbers
+    (up to the batch's arithmetic); different negatives keep all four."""
+    params = dataclasses.replace(FAST, num_maps_per_mask=3)
+    rows, unet = [], sd.unet.forward
+
+    def counting(x, t, context):
+        rows.append(x.shape[0])
+        return unet(x, t, context)
+
+    image, source, target = images(1), texts(sd, ["a cat"]), texts(sd, ["a dog"])
+    sd.unet.forward = counting
+    try:
+        got = method.estimate_mask(sd, image, source, target, params, torch.Generator().manual_seed(0))
+        other = method.TextEmbeddings(target.cond, method.encode_text(sd, ["a dog"], ["blurry"]).uncond)
+        method.estimate_mask(sd, image, source, other, params, torch.Generator().manual_seed(0))
+    finally:
+        sd.unet.forward = unet
+    assert rows == [9, 12]
+    # the four-row call, built by hand: [R-, R, Q-, Q] on the same noised latents
+    g = torch.Generator().manual_seed(0)
+    t = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.mask_encode_strength, "m")[0]
+    x0 = method.encode_images(sd, image, g, 3, rows=3)
+    xt = sd.scheduler.add_noise(x0, method.randn(tuple(x0.shape), g, x0.device, x0.dtype), t)
+    s3, t3 = source.repeat_interleave(3), target.repeat_interleave(3)
+    out = sd.unet(torch.cat([xt] * 4), t, torch.cat([s3.uncond, s3.cond, t3.uncond, t3.cond])).chunk(4)
+    scale = params.mask_guidance_scale
+    want = (method.guide(out[2], out[3], scale) - method.guide(out[0], out[1], scale)).abs().mean([0, 1])[None]
+    torch.testing.assert_close(got.difference, want, rtol=1e-5, atol=1e-6)

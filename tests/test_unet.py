@@ -132,3 +132,26 @@ def test_full_size_state_dict_keys_and_shapes_equal_diffusers(raw):
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     our_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert our_shapes == ref_shapes
+
+
+def test_text_kv_gives_the_same_output_and_projects_the_text_once_per_layer(pair):
+    """A sampling loop passes `TextKV`: bit-identical outputs, and each cross-attention layer's to_k / to_v run
+    at the first call only."""
+    from diffedit.models.unet import BasicTransformerBlock, TextKV
+
+    name, _, ours = pair
+    sample, context = _inputs(name)
+    projected = []
+    hooks = [m.attn2.to_k.register_forward_hook(lambda *a: projected.append(1))
+             for m in ours.modules() if isinstance(m, BasicTransformerBlock)]
+    text = TextKV(context)
+    with torch.no_grad():
+        ours(sample, 21, text)
+        after_first = len(projected)
+        second = ours(sample, 981, text)
+        after_second = len(projected)
+        plain = ours(sample, 981, context)
+    for h in hooks:
+        h.remove()
+    assert after_first == len(hooks) > 0 and after_second == after_first  # once per layer, at the first step
+    assert torch.equal(second, plain)

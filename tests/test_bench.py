@@ -1,0 +1,53 @@
+"""`diffedit bench`: ours and diffusers' pipeline on the same weights in one process, per-stage times and ratios,
+agreement of the outputs, and bad input refused in one line."""
+
+import json
+
+import pytest
+import torch
+
+from diffedit import bench, cli
+
+torch.set_num_threads(1)
+
+
+def test_bench_times_both_sides_and_their_outputs_agree(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--runs", "2", "--steps", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report["sides"]) == {"ours", "diffusers"} and report["diffusers"] == "0.42.1"
+    for side in report["sides"].values():
+        stages = side["stages"]
+        assert set(stages) == {"mask", "invert", "decode", "total"}
+        assert all(0 < s["min_s"] <= s["median_s"] <= s["max_s"] for s in stages.values())
+        assert side["edit_tflop"] > 0 and side["achieved_tflops"] > 0
+    # ours computes the mask step's shared unconditional rows once: fewer FLOPs for the same edit
+    assert report["sides"]["ours"]["edit_tflop"] < report["sides"]["diffusers"]["edit_tflop"]
+    assert set(report["ratio"]) == {"mask", "invert", "decode", "total"} and report["agreement"]["agree"]
+    assert report["agreement"]["mask_agreement"] == 1.0 and report["agreement"]["latent_relative_error"] < 1e-5
+    assert "ours / diffusers" in printed and "outputs agree" in printed
+
+
+def test_bench_without_the_reference_times_ours_only(capsys):
+    report = bench.run_bench(None, runs=1, settings=bench.Settings(num_inference_steps=3), reference=False)
+    assert set(report["sides"]) == {"ours"} and "ratio" not in report and "agreement" not in report
+    assert "no reference" in bench.render(report)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "--runs"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--dtype", "float64"], "cuda"
+     if not torch.cuda.is_available() else "--dtype"),
+    (["--model", "/no/such/folder"], "/no/such/folder"),
+])
+def test_bad_bench_input_is_one_line_and_exit_2(args, message, capsys):
+    assert cli.main(["bench", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("work started"))
+    assert cli.main(["bench", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
