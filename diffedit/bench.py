@@ -2,7 +2,8 @@
 `StableDiffusionDiffEditPipeline`, on the same weights, inputs and seed, in one process, measured side by side.
 
     diffedit bench                                  # the shipped model at diffusers' defaults, one CPU thread
-    diffedit bench --model FOLDER_OR_REPO --device cuda --dtype float16 --runs 5 --json bench.json
+    diffedit bench --config sd15 --device cuda --dtype float16 --runs 5 --json bench.json
+    diffedit bench --model FOLDER_OR_REPO --device cuda --dtype float16 --batch-size 16
 
 Ours is the diffusers-compatible facade (`StableDiffusionDiffEdit`, every correction off), called exactly as the
 reference is called, so both do the same work and their outputs must agree (mask, inverted latents, picture; the
@@ -135,9 +136,24 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def run_bench(model=None, *, device: str = "cpu", dtype: str = "float32", runs: int = 3, threads: int | None = 1,
-              settings: Settings = Settings(), reference: bool = True, seed: int = 0) -> dict:
-    """Measure ours (and the reference, when installed and asked for) and return the report as a dict."""
+def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dtype: str = "float32", runs: int = 3,
+              threads: int | None = 1, settings: Settings = Settings(), reference: bool = True, seed: int = 0) -> dict:
+    """Measure ours (and the reference, when installed and asked for) and return the report as a dict. `config`
+    (sd15, sd21, shapes, tiny: `random_models.PRESETS`) measures random weights in that shape instead of `model`."""
+    import tempfile
+
+    from .random_models import PRESETS, write_random_model
+
+    if config is not None:
+        if model is not None:
+            raise BadInput("--model and --config: give one (a folder to measure, or a shape to fill at random)")
+        if config not in PRESETS:
+            raise BadInput(f"--config {config}: choose from {', '.join(PRESETS)}")
+        with tempfile.TemporaryDirectory(prefix=f"diffedit-bench-{config}-") as folder:
+            write_random_model(config, Path(folder))
+            report = run_bench(folder, device=device, dtype=dtype, runs=runs, threads=threads, settings=settings,
+                               reference=reference, seed=seed)
+        return {**report, "model": f"random weights, {config} shapes"}
     import torch
     from PIL import Image
 
@@ -177,6 +193,7 @@ def run_bench(model=None, *, device: str = "cpu", dtype: str = "float32", runs: 
         summary, tflop = summarize(times[name]), flop_count(pipe, image, settings, torch_device) / 1e12
         report["sides"][name] = {
             "stages": summary, "edit_tflop": tflop, "achieved_tflops": tflop / summary["total"]["median_s"],
+            "seconds_per_edit": summary["total"]["median_s"] / settings.batch_size,
             "peak_memory_mib": (peaks[name] / 2**20 if name in peaks else None)}
     if torch_device.type != "cuda":
         report["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -206,8 +223,8 @@ def render(report: dict) -> str:
     for name, s in report["sides"].items():
         memory = (f"peak memory {s['peak_memory_mib']:.0f} MiB" if s["peak_memory_mib"] is not None
                   else f"process max RSS {report['process_max_rss_mib']:.0f} MiB (both sides)")
-        lines.append(f"{name}: {s['achieved_tflops']:.3f} TFLOP/s achieved ({s['edit_tflop']:.3f} TFLOP per edit), "
-                     f"{memory}")
+        lines.append(f"{name}: {s['seconds_per_edit']:.3f} s per edit, {s['achieved_tflops']:.3f} TFLOP/s achieved "
+                     f"({s['edit_tflop']:.3f} TFLOP per edit), {memory}")
     if "agreement" in report:
         a = report["agreement"]
         lines.append(f"outputs {'agree' if a['agree'] else 'DISAGREE'}: masks {a['mask_agreement']:.4f} equal "
@@ -220,6 +237,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="diffedit bench", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
+    p.add_argument("--config", choices=("sd15", "sd21", "shapes", "tiny"),
+                   help="measure random weights in these official shapes instead of a model folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--runs", type=COUNT, default=3, help="timed runs of each side after the warm-up (default 3)")
@@ -239,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         planned = [Planned(Path(args.json), "--json")] if args.json else []
         check_outputs(planned, {})  # before any work: a file path in a writable folder
-        report = run_bench(args.model, device=args.device, dtype=args.dtype, runs=args.runs, threads=args.threads,
+        report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs, threads=args.threads,
                            settings=Settings(num_inference_steps=args.steps, batch_size=args.batch_size),
                            reference=not args.no_reference)
         print(render(report))

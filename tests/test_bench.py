@@ -51,3 +51,32 @@ def test_a_json_path_that_is_a_folder_is_refused_before_any_work(tmp_path, capsy
     monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("work started"))
     assert cli.main(["bench", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_random_weights_in_a_preset_shape_are_measured_on_both_sides_in_batches(tmp_path):
+    out = tmp_path / "tiny.json"
+    assert cli.main(["bench", "--config", "tiny", "--runs", "1", "--steps", "3", "--batch-size", "2",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == "random weights, tiny shapes" and report["settings"]["batch_size"] == 2
+    ours = report["sides"]["ours"]
+    assert ours["seconds_per_edit"] == pytest.approx(ours["stages"]["total"]["median_s"] / 2)
+    assert report["agreement"]["agree"]
+
+
+def test_model_and_config_together_are_refused(capsys):
+    assert cli.main(["bench", "--model", "x", "--config", "tiny"]) == 2
+    assert "give one" in capsys.readouterr().err
+
+
+def test_random_model_folders_load_with_the_presets_shapes(tmp_path):
+    from diffedit import StableDiffusion, random_models
+
+    for name in ("tiny", "shapes"):
+        sd = StableDiffusion.from_pretrained(random_models.write_random_model(name, tmp_path / name))
+        preset = random_models.PRESETS[name]
+        assert sd.unet.config.block_out_channels == tuple(preset.unet["block_out_channels"])
+        assert sd.scheduler.config.prediction_type == preset.prediction_type
+    assert random_models.PRESETS["sd21"].prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="unknown model config"):
+        random_models.write_random_model("sd3", tmp_path / "x")

@@ -8,7 +8,7 @@ import transformers
 
 from diffedit.models.clip_text import CLIPTextModel
 from diffedit.models.config import CLIPTextConfig
-from official_configs import SD15_TEXT, SD21_TEXT
+from diffedit.official_configs import SD15_TEXT, SD21_TEXT
 
 torch.set_num_threads(1)
 

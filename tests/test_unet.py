@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffedit.models.config import UNetConfig
-from official_configs import SD15_UNET, SD21_UNET
+from diffedit.official_configs import SD15_UNET, SD21_UNET
 from diffedit.models.unet import UNet2DConditionModel
 
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from diffedit.models.config import VAEConfig
-from official_configs import SD_VAE
+from diffedit.official_configs import SD_VAE
 from diffedit.models.vae import AutoencoderKL, DiagonalGaussian
 
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
-"""The config.json contents of the official SD 1.5 / SD 2.1 checkpoints, for tests that need full-size shapes
-without weights (built on the meta device)."""
+"""The config.json contents of the official SD 1.5 / SD 2.1 checkpoints: full-size shapes without weights, for the
+tests (built on the meta device) and for `diffedit bench --config sd15|sd21` (random weights)."""
 
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
