@@ -546,7 +546,8 @@ def mean_ci(values: list[float]) -> tuple[float, float, int]:
 
 
 def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
-    """summary.csv and summary.md: per method x setting, each metric's mean and 95% CI over edits and seeds."""
+    """summary.csv and summary.md: per method x setting, each metric's mean and 95% CI over edits and seeds;
+    written together (all or none: a run that fails while writing them keeps the previous pair)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], *(r[k] for k in swept)), []).append(r)
@@ -558,8 +559,10 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
             mean, half, _ = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
             cells += [_cell(mean), _cell(half)]
         lines.append(cells)
-    with open(out / "summary.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *lines])
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header, *lines])
+
     shown = ("mask_iou", "best_threshold_iou", "background_psnr_db", "background_ssim", "edit_success", "seconds")
     md = ["| method | " + " | ".join(swept) + (" | " if swept else "") + "n | " + " | ".join(shown) + " |",
           "| --- " * (len(swept) + 2 + len(shown)) + "|"]
@@ -569,7 +572,9 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
             mean, half, n = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
             stats.append("" if n == 0 else f"{mean:.3g}" + (f" ± {half:.2g}" if not math.isnan(half) else ""))
         md.append("| " + " | ".join([*key, str(len(members)), *stats]) + " |")
-    (out / "summary.md").write_text("Mean ± 95% confidence interval over edits and seeds.\n\n" + "\n".join(md) + "\n")
+    text = "Mean ± 95% confidence interval over edits and seeds.\n\n" + "\n".join(md) + "\n"
+    commit([Planned(out / "summary.csv", "summary", write_csv),  # both or neither
+            Planned(out / "summary.md", "summary", lambda tmp: Path(tmp).write_text(text))])
 
 
 # ---------------------------------------------------------------------------------------------------------------

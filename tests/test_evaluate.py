@@ -164,3 +164,28 @@ def test_mask_agreement_counts_on_hand_built_masks():
     assert evaluate.mask_agreement(none, truth) == {"iou": 0.0, "recall": 0.0, "precision": 0.0}  # found nothing
     assert evaluate.mask_agreement(pred, none) == {"iou": 0.0, "recall": 0.0, "precision": 0.0}  # nothing to find
     assert evaluate.mask_agreement(none, none)["iou"] == 1.0  # both empty: they agree
+
+
+def test_goals_pass_at_exactly_their_value():
+    at_least = evaluate.Goal("mask_iou", ">=", 0.55)
+    at_most = evaluate.Goal("seconds_per_edit", "<=", 3.0)
+    assert at_least.passed(0.55) and not at_least.passed(np.nextafter(0.55, 0))
+    assert at_most.passed(3.0) and not at_most.passed(np.nextafter(3.0, 4))
+
+
+def test_psnr_on_hand_computed_errors():
+    a = np.zeros((2, 2, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 12  # squared error 144 over 12 values: mse 12
+    assert evaluate.psnr(a, b) == pytest.approx(10 * np.log10(255**2 / 12), abs=1e-12)
+    assert evaluate.psnr(a, np.full_like(a, 255)) == 0.0  # the largest error: 0 dB
+    assert evaluate.psnr(a, a) == 100.0  # equal pictures: the cap
+
+
+def test_the_background_ring_reaches_exactly_its_radius():
+    """Pixels at distance exactly 3 from the region are in the ring (not scored); at sqrt(10) > 3 they are scored."""
+    region = np.zeros((9, 9), bool)
+    region[4, 4] = True
+    ring = evaluate.dilate(region, 3)
+    assert ring[4, 7] and ring[1, 4] and ring[6, 6]  # distances 3, 3, sqrt(8)
+    assert not ring[5, 7] and not ring[7, 7]  # sqrt(10), sqrt(18)

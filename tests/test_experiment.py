@@ -241,3 +241,32 @@ def test_batches_hold_consecutive_edits_of_one_size():
     jobs = experiment.plan_jobs(cases, ["diffedit", "sdedit"], [0, 7], 16)
     assert [(len(job.cases), job.seed, job.method) for job in jobs][:4] == [
         (2, 0, "diffedit"), (2, 0, "sdedit"), (2, 7, "diffedit"), (2, 7, "sdedit")]
+
+
+def test_the_summary_pair_is_written_whole_or_not_at_all(grid_run, tmp_path, monkeypatch):
+    """The second of the two summary files fails to write: the first keeps its previous contents."""
+    import shutil
+
+    from diffedit import outputs
+
+    out = tmp_path / "copy"
+    shutil.copytree(grid_run, out)
+    before = {name: (out / name).read_text() for name in ("summary.csv", "summary.md")}
+    rows = records(out)
+    for r in rows:
+        r["mask_iou"] = "0.123"  # a different summary, if it were written
+    real = outputs.Path.write_text
+
+    def fails_for_md(self, *args, **kwargs):
+        if ".summary.md." in self.name:
+            raise OSError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.Path, "write_text", fails_for_md)
+    with pytest.raises(OSError, match="disk full"):
+        experiment.write_summary(rows, ["inpaint_strength"], out)
+    monkeypatch.undo()
+    assert {name: (out / name).read_text() for name in before} == before
+    assert not list(out.glob(".summary*"))  # no temporary file left behind
+    experiment.write_summary(rows, ["inpaint_strength"], out)
+    assert "0.123" in (out / "summary.csv").read_text()

@@ -73,3 +73,15 @@ def test_16_bit_rgb_and_exif_turned_images_are_read_with_a_note(tmp_path):
     notes = []
     assert read_image(tmp_path / "turned.jpg", notes.append, 10**6).size == (24, 40)
     assert notes == ["turned.jpg is turned as its EXIF orientation (6) says: 40x24 -> 24x40"]
+
+
+def test_an_image_of_exactly_max_pixels_is_read_and_one_pixel_more_is_refused(tmp_path):
+    import pytest
+
+    from diffedit.image_files import ImageFileError, open_image
+
+    path = tmp_path / "a.png"
+    shape_image((50, 40)).save(path)  # 2,000 pixels
+    assert open_image(path, max_pixels=2000).size == (50, 40)
+    with pytest.raises(ImageFileError, match="over max_pixels 1999: downscale it"):
+        open_image(path, max_pixels=1999)

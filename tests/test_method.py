@@ -148,6 +148,11 @@ def test_guidance_interval_guides_only_timesteps_at_or_above_its_start(sd):
     for t in steps[5:]:  # the rest, by hand, on the target prompt alone
         x = sd.scheduler.step(method.predict_noise(sd, x, torch.tensor(t), target, 1.0), t, x, 10).prev_sample
     assert torch.equal(x, split[-1])
+    # At the cut-off: a step whose timestep equals guidance_min_timestep (501) is guided; one past it is not
+    at = trajectory(dataclasses.replace(params, guidance_min_timestep=501))
+    past = trajectory(dataclasses.replace(params, guidance_min_timestep=502))
+    assert steps[4] == 501 and torch.equal(at[4], guided[4]) and torch.equal(past[3], guided[3])
+    assert not torch.equal(past[4], guided[4])
 
 
 def test_inversion_records_each_level_noisiest_first(sd):
@@ -353,3 +358,29 @@ def test_the_mask_step_computes_the_shared_unconditional_rows_once(sd):
     scale = params.mask_guidance_scale
     want = (method.guide(out[2], out[3], scale) - method.guide(out[0], out[1], scale)).abs().mean([0, 1])[None]
     torch.testing.assert_close(got.difference, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_map_value_of_exactly_half_is_not_edited_and_the_clamp_is_at_ratio_times_the_mean():
+    """Map [0, 0, 1, 2, 4, 8]: mean 2.5, ratio 0.8 -> clamp at 2.0 (exact in float32); rescaled
+    [0, 0, 0.5, 1, 1, 1]: the value at exactly 0.5 stays out ("> 0.5" edits), the value at exactly the clamp is 1."""
+    difference = torch.tensor([[[0.0, 0.0, 1.0, 2.0, 4.0, 8.0]]])  # (1, 1, 6)
+    params = dataclasses.replace(FAST, mask_thresholding_ratio=0.8)
+    est = method.threshold_map(difference, params)
+    assert est.guidance_map.tolist() == [[[0.0, 0.0, 0.5, 1.0, 1.0, 1.0]]]
+    assert est.mask.tolist() == [[[0, 0, 0, 1, 1, 1]]]
+    just_over = method.threshold_map(difference + torch.tensor([0, 0, 1e-6, 0, 0, 0]), params)
+    assert just_over.mask.tolist() == [[[0, 0, 1, 1, 1, 1]]]
+
+
+@pytest.mark.parametrize("steps, strength, n", [(10, 0.1, 1), (10, 0.19, 1), (10, 0.2, 2), (50, 0.8, 40),
+                                                (25, 0.6, 15), (10, 1.0, 10), (10, 0.3, 3)])
+def test_a_strength_runs_int_steps_times_strength_of_the_last_timesteps(sd, steps, strength, n):
+    """diffusers' `get_timesteps`: int(N * strength), the last of the schedule (10 * 0.3 = 3.0000000000000004)."""
+    got = method.strength_timesteps(sd.scheduler, steps, strength, "s")
+    assert got.tolist() == sd.scheduler.timesteps(steps).tolist()[steps - n:] and len(got) == n
+
+
+def test_a_strength_under_one_step_is_refused_at_the_cut_off(sd):
+    with pytest.raises(ValueError, match=r"int\(10 \* 0.099\) = 0"):
+        method.strength_timesteps(sd.scheduler, 10, 0.099, "inpaint_strength")
+    assert len(method.strength_timesteps(sd.scheduler, 10, 0.1, "inpaint_strength")) == 1

@@ -171,3 +171,37 @@ def test_rendering_on_another_device_matches_cpu_when_available():
     gpu_images, gpu_masks = shapes.render_batch(arrays, "cuda")
     assert (gpu_masks.cpu() != cpu_masks).sum() <= 2  # float64 geometry: at most a boundary pixel or two
     assert (gpu_images.cpu().int() - cpu_images.int()).abs().le(1).float().mean() > 0.999
+
+
+def _red_block(removed: int, size: int = 10) -> np.ndarray:
+    """A red size x size block on white with `removed` pixels punched out of its inside (its extent unchanged)."""
+    image = np.full((32, 32, 3), 255, np.uint8)
+    block = np.ones((size, size), bool)
+    inside = [(r, c) for r in range(1, size - 1) for c in range(1, size - 1)]
+    for r, c in inside[:removed]:
+        block[r, c] = False
+    image[5 : 5 + size, 5 : 5 + size][block] = shapes.COLOURS["red"]
+    return image
+
+
+@pytest.mark.parametrize("removed, shape", [
+    (0, "square"), (10, "square"),  # fill 0.90: above the square / circle midpoint (1 + pi/4) / 2 = 0.8927
+    (11, "circle"),  # 0.89: below it
+    (35, "circle"),  # 0.65: above the circle / triangle midpoint (pi/4 + 1/2) / 2 = 0.6427
+    (36, "triangle"),  # 0.64: below it
+])
+def test_the_judge_cuts_fill_ratios_at_the_midpoints_between_shapes(removed, shape):
+    """Hand-built objects on either side of each class boundary; the fill ratio is the object's pixels over its
+    bounding box's, extents counted inclusively (a 10 x 10 box holds 100 pixels)."""
+    white = np.full((32, 32, 3), 255, np.uint8)
+    found = shapes.classify(_red_block(removed), white)
+    assert found.fill_ratio == (100 - removed) / 100
+    assert (found.shape, found.colour) == (shape, "red")
+
+
+def test_four_object_pixels_are_an_object_and_three_are_none():
+    white = np.full((32, 32, 3), 255, np.uint8)
+    for n, expected in ((3, None), (4, "square")):
+        image = white.copy()
+        image[10, 10 : 10 + n] = shapes.COLOURS["red"]  # a 1 x n bar: fill 1
+        assert shapes.classify(image, white).shape == expected
