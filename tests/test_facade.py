@@ -413,3 +413,80 @@ def test_facade_invert_output_feeds_call_whole_or_as_latents(sd1):
     assert torch.equal(ours(**kw, image_latents=flat).images, ours(**kw, image_latents=inv.latents).images)
     with pytest.raises(ValueError, match="must have shape"):
         ours(**kw, image_latents=inv.latents[..., :4])
+
+
+def _embeds(pipe, text: str) -> torch.Tensor:
+    ids = pipe.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+# Every argument of the three calls that changes numbers, each with a non-default value, against diffusers: (call,
+# arguments). `inpaint_strength` goes to both invert and __call__, as a caller must pass it.
+ONE_ARGUMENT = [
+    ("mask", dict(num_maps_per_mask=3)), ("mask", dict(mask_encode_strength=0.7)),
+    ("mask", dict(num_inference_steps=20)), ("mask", dict(guidance_scale=4.0)),
+    ("mask", dict(mask_thresholding_ratio=1.5)), ("mask", dict(source_negative_prompt="blurry")),
+    ("mask", dict(target_negative_prompt="a drawing")), ("mask", "target_prompt_embeds"),
+    ("mask", "source_prompt_embeds"), ("mask", "target_negative_prompt_embeds"), ("mask", "source_negative_prompt_embeds"),
+    ("invert", dict(guidance_scale=3.0)), ("invert", dict(negative_prompt="blurry")),
+    ("invert", dict(num_reg_steps=1, num_auto_corr_rolls=2, lambda_auto_corr=5.0, lambda_kl=7.0)),
+    ("invert", "prompt_embeds"), ("invert", "negative_prompt_embeds"),
+    ("both", dict(inpaint_strength=0.5)),
+    ("call", dict(guidance_scale=3.0)), ("call", dict(negative_prompt="a drawing")), ("call", dict(eta=0.3)),
+    ("call", dict(num_images_per_prompt=2)), ("call", "prompt_embeds"),
+    ("call", "negative_prompt_embeds"),
+]
+
+
+@pytest.mark.parametrize("call, change", ONE_ARGUMENT, ids=lambda v: v if isinstance(v, str) else
+                         ",".join(f"{k}={x}" for k, x in v.items()))
+def test_each_argument_with_a_non_default_value_matches_diffusers(sd1, call, change):
+    ref, ours, _ = sd1
+    image = picture(6)
+
+    def run(pipe):
+        if isinstance(change, str):  # an embeddings argument: the reference's own encoder's states, given to both
+            text = {"target_prompt_embeds": "a dog", "source_prompt_embeds": "a cat",
+                    "source_negative_prompt_embeds": "blurry", "target_negative_prompt_embeds": "a drawing",
+                    "prompt_embeds": "a cat" if call == "invert" else "a dog",
+                    "negative_prompt_embeds": "blurry"}[change]
+            extra = {change: _embeds(ref, text)}
+        else:
+            extra = dict(change)
+        mask_kw = extra if call == "mask" else {}
+        inv_kw = extra if call in ("invert", "both") else {}
+        call_kw = extra if call in ("call", "both") else {}
+        g = gen(7)
+        mask_prompts = dict(source_prompt="a cat", target_prompt="a dog")
+        for side in ("source", "target"):
+            if f"{side}_prompt_embeds" in mask_kw:
+                del mask_prompts[f"{side}_prompt"]
+        mask = pipe.generate_mask(image=image, **mask_prompts, generator=g, **mask_kw)
+        inv = pipe.invert(**({} if "prompt_embeds" in inv_kw else {"prompt": "a cat"}), image=image,
+                          num_inference_steps=STEPS, generator=g, **inv_kw)
+        out = pipe(**({} if "prompt_embeds" in call_kw else {"prompt": "a dog"}), mask_image=mask,
+                   image_latents=inv.latents, num_inference_steps=STEPS, generator=g, output_type="np", **call_kw)
+        return mask, inv.latents, out.images
+
+    (m_ref, l_ref, i_ref), (m, l, i) = run(ref), run(ours)
+    assert m.shape == m_ref.shape and (m == m_ref).mean() >= MASK_TOL
+    assert l.shape == l_ref.shape and rel(l, l_ref) < LATENT_TOL
+    assert i.shape == i_ref.shape and max_abs(i, i_ref) < IMAGE_TOL
+
+
+def test_every_argument_that_changes_numbers_is_in_the_one_argument_table():
+    """The table above names every numeric or text argument of the three calls (the rest choose output forms,
+    callbacks, or are unused by diffusers too). clip_skip: diffusers' generate_mask has none and its invert and
+    __call__ fail with transformers 5, so it is compared through embeddings in
+    test_call_with_clip_skip_and_a_pil_mask_matches_reference and test_d4_pil_masks_and_clip_skip_in_every_call."""
+    import inspect
+
+    named = {k for _, change in ONE_ARGUMENT for k in ([change] if isinstance(change, str) else change)}
+    forms = {"self", "image", "generator", "output_type", "return_dict", "callback", "callback_steps",
+             "cross_attention_kwargs", "decode_latents", "latents", "mask_image", "image_latents", "return_guidance_map",
+             "prompt", "source_prompt", "target_prompt", "num_inference_steps",  # prompts and steps: every test
+             "clip_skip"}
+    for f in (StableDiffusionDiffEdit.generate_mask, StableDiffusionDiffEdit.invert, StableDiffusionDiffEdit.__call__):
+        missing = set(inspect.signature(f).parameters) - named - forms
+        assert not missing, (f.__name__, missing)
