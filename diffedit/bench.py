@@ -137,7 +137,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dtype: str = "float32", runs: int = 3,
-              threads: int | None = 1, settings: Settings = Settings(), reference: bool = True, seed: int = 0) -> dict:
+              threads: int | None = 1, settings: Settings = Settings(), reference: bool = True, seed: int = 0,
+              compile_unet: bool = False) -> dict:
     """Measure ours (and the reference, when installed and asked for) and return the report as a dict. `config`
     (sd15, sd21, shapes, tiny: `random_models.PRESETS`) measures random weights in that shape instead of `model`."""
     import tempfile
@@ -152,7 +153,7 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
         with tempfile.TemporaryDirectory(prefix=f"diffedit-bench-{config}-") as folder:
             write_random_model(config, Path(folder))
             report = run_bench(folder, device=device, dtype=dtype, runs=runs, threads=threads, settings=settings,
-                               reference=reference, seed=seed)
+                               reference=reference, seed=seed, compile_unet=compile_unet)
         return {**report, "model": f"random weights, {config} shapes"}
     import torch
     from PIL import Image
@@ -175,6 +176,10 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
     sides = {"ours": ours}
     if reference and reference_available():
         sides["diffusers"] = load_reference(folder, torch_device, torch_dtype)
+    if compile_unet:  # both sides' UNets, torch.compile's default mode; the warm-up pays the compilation
+        ours.model.unet = torch.compile(ours.model.unet)
+        if "diffusers" in sides:
+            sides["diffusers"].unet = torch.compile(sides["diffusers"].unet)
     for pipe in sides.values():  # warm-up
         one_edit(pipe, image, settings, seed, torch_device)
     times: dict[str, list[dict]] = {name: [] for name in sides}
@@ -188,7 +193,8 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
             if torch_device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(torch_device))
     report = {"model": str(folder), "device": str(torch_device), "dtype": dtype, "threads": torch.get_num_threads(),
-              "runs": runs, "settings": settings.__dict__, "torch": torch.__version__, "sides": {}}
+              "runs": runs, "settings": settings.__dict__, "torch": torch.__version__, "compiled": compile_unet,
+              "sides": {}}
     for name, pipe in sides.items():
         summary, tflop = summarize(times[name]), flop_count(pipe, image, settings, torch_device) / 1e12
         report["sides"][name] = {
@@ -212,7 +218,8 @@ def render(report: dict) -> str:
     lines = [f"model {report['model']}", f"device {report['device']}, {report['dtype']}, {report['threads']} "
              f"thread(s), torch {report['torch']}" + (f", diffusers {report['diffusers']}" if "diffusers" in report
                                                        else ", no reference (diffusers not installed or turned off)"),
-             f"{report['runs']} runs after a warm-up; settings {report['settings']}",
+             f"{report['runs']} runs after a warm-up{', UNets compiled' if report['compiled'] else ''}; settings "
+             f"{report['settings']}",
              f"{'stage':<8} " + " ".join(f"{name + ' median (min-max) s':>34}" for name in report["sides"])
              + ("  ours / diffusers" if "ratio" in report else "")]
     for stage in (*STAGES, "total"):
@@ -246,6 +253,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=COUNT, default=1, help="pictures per call (default 1)")
     p.add_argument("--steps", type=COUNT, default=50, help="num_inference_steps (default 50, diffusers')")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides' UNets (the warm-up compiles)")
     p.add_argument("--json", help="also write the report here (JSON)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs(planned, {})  # before any work: a file path in a writable folder
         report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs, threads=args.threads,
                            settings=Settings(num_inference_steps=args.steps, batch_size=args.batch_size),
-                           reference=not args.no_reference)
+                           reference=not args.no_reference, compile_unet=args.compile)
         print(render(report))
         if args.json:
             text = json.dumps(report, indent=2) + "\n"

@@ -80,3 +80,16 @@ def test_random_model_folders_load_with_the_presets_shapes(tmp_path):
     assert random_models.PRESETS["sd21"].prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="unknown model config"):
         random_models.write_random_model("sd3", tmp_path / "x")
+
+
+def test_compile_wraps_both_sides_unets_before_the_warm_up(monkeypatch):
+    """The wiring only (compiling takes minutes on a CPU; the real run: README, Speed): torch.compile gets our
+    UNet and diffusers' before any timed work."""
+    from diffedit.models.unet import UNet2DConditionModel
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(type(module)) or module)
+    report = bench.run_bench(config="tiny", runs=1, settings=bench.Settings(num_inference_steps=3),
+                             compile_unet=True)
+    assert report["compiled"] and len(compiled) == 2 and compiled[0] is UNet2DConditionModel
+    assert compiled[1].__module__.startswith("diffusers")
