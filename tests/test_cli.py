@@ -528,3 +528,27 @@ def test_threshold_flags_set_the_ratio_and_the_rule_and_nothing_else():
     assert cli.explicit_params(parse(mask)) == {}  # not given: the model's or the paper's
     with pytest.raises(cli.BadInput, match="invalid choice: 'mean'"):
         parse([*mask, "--threshold-rule", "mean"])
+
+
+def test_a_failing_last_write_leaves_every_earlier_output_as_it_was(tmp_path, capsys, monkeypatch):
+    """edit writes the picture, the mask and the comparison strip all or none: the strip's write fails (after the
+    picture and the mask were written to their temporary files), and the existing picture and mask keep their
+    bytes, with no temporary file left behind."""
+    shape_image().save(tmp_path / "in.png")
+    for name in ("out.png", "mask.png", "compare.png"):
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / name)
+    before = snapshot(tmp_path)
+    save = Image.Image.save
+
+    def fails_for_the_strip(self, fp, *args, **kwargs):
+        if ".compare.png." in str(fp):
+            raise OSError("No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fails_for_the_strip)
+    code = cli.main(["edit", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGETS[0], *FAST, "-o",
+                     str(tmp_path / "out.png"), "--mask-out", str(tmp_path / "mask.png"), "--compare-out",
+                     str(tmp_path / "compare.png"), "--force", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
