@@ -1,0 +1,110 @@
+"""Multistep DPM-Solver++ (Lu, Zhou, Bao, Chen, Li, Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models", arXiv 2211.01095): second order, deterministic, in data prediction (x0) form.
+
+Gives the numbers of diffusers 0.42.1 `DPMSolverMultistepScheduler` built from an SD scheduler config (its defaults:
+algorithm "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final, final_sigmas_type "zero"),
+without its state: the caller keeps the previous step's x0 prediction and passes it back (`step(..., previous=)`).
+
+Notation: a_t = alphas_cumprod[t]; alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t); lambda_t = log(alpha_t / sigma_t),
+the half log-SNR. The schedule is kept as s_t = sigma_t / alpha_t = sqrt((1 - a_t) / a_t) per step, with s = 0 after
+the last step (the clean end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .ddim import DDIMConfig, check_num_steps, make_betas
+
+
+class DPMStep(NamedTuple):
+    prev_sample: torch.Tensor  # the latent at the next level
+    x0: torch.Tensor  # this step's data prediction: pass it as `previous` to the next step
+
+
+def dpm_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor:
+    """(N,) int64, noisiest first, as diffusers' DPM-Solver spaces them (not DDIM's spacing):
+    1. "leading": multiples of T // (N + 1), the zero dropped, plus steps_offset (SD, N=10: 901, 811, ..., 91);
+    2. "trailing": T, T - T/N, ... rounded, minus 1;
+    3. "linspace": N + 1 points over [0, T - 1], rounded, the zero dropped."""
+    check_num_steps(config, num_inference_steps)
+    T, N = config.num_train_timesteps, num_inference_steps
+    if config.timestep_spacing == "leading":
+        steps = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1].astype(np.int64) + config.steps_offset
+    elif config.timestep_spacing == "trailing":
+        steps = np.arange(T, 0, -T / N).round().astype(np.int64) - 1
+    else:
+        steps = np.linspace(0, T - 1, N + 1).round()[::-1][:-1].astype(np.int64)
+    return torch.from_numpy(steps.copy())
+
+
+def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) from s_t = sigma_t / alpha_t, on the unit circle alpha^2 + sigma^2 = 1."""
+    alpha = 1 / (s**2 + 1) ** 0.5
+    return alpha, s * alpha
+
+
+def data_prediction(model_output: torch.Tensor, sample: torch.Tensor, s: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """x0 implied by the network's output at level s: eps -> (x - sigma eps) / alpha; v -> alpha x - sigma v."""
+    alpha, sigma = alpha_sigma(s)
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    return model_output
+
+
+def dpm_update(sample: torch.Tensor, x0: torch.Tensor, previous: torch.Tensor | None, s_prev: torch.Tensor | None,
+               s_now: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    """One DPM-Solver++ update from level s_now to s_next (arXiv 2211.01095, Algorithm 2 with the midpoint rule):
+
+    1. first order (no `previous`): x' = (sigma'/sigma) x - alpha' (e^-h - 1) x0, h = lambda' - lambda (the DDIM step);
+    2. second order: the same with x0 replaced by D0 + D1 / 2, D0 = x0, D1 = (x0 - previous) h / h_prev, where
+       h_prev = lambda - lambda_prev is the previous step's length."""
+    lam = lambda s: torch.log(alpha_sigma(s)[0]) - torch.log(alpha_sigma(s)[1])  # noqa: E731
+    alpha_next, sigma_next = alpha_sigma(s_next)
+    sigma_now = alpha_sigma(s_now)[1]
+    h = lam(s_next) - lam(s_now)
+    out = (sigma_next / sigma_now) * sample - (alpha_next * (torch.exp(-h) - 1.0)) * x0
+    if previous is None:
+        return out
+    d1 = (1.0 / ((lam(s_now) - lam(s_prev)) / h)) * (x0 - previous)
+    return out - 0.5 * (alpha_next * (torch.exp(-h) - 1.0)) * d1
+
+
+@dataclass(frozen=True, eq=False)
+class DPMSolverScheduler:
+    """Denoising DPM-Solver++ (2M), number for number diffusers' `DPMSolverMultistepScheduler` on the same config,
+    without `set_timesteps` state."""
+
+    config: DDIMConfig
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)  # (T,) float32, CPU
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - make_betas(self.config), dim=0))
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        return dpm_timesteps(self.config, num_inference_steps)
+
+    def levels(self, num_inference_steps: int) -> torch.Tensor:
+        """(N + 1,) float32: s_t at each step's timestep, then 0 (the clean end)."""
+        a = self.alphas_cumprod
+        s = (((1 - a) / a) ** 0.5).numpy()  # float32, as diffusers computes it
+        at = np.interp(self.timesteps(num_inference_steps).numpy(), np.arange(len(s)), s)
+        return torch.from_numpy(np.concatenate([at, [0.0]]).astype(np.float32))
+
+    def step(self, model_output: torch.Tensor, index: int, sample: torch.Tensor, num_inference_steps: int,
+             previous: torch.Tensor | None = None) -> DPMStep:
+        """Step `index` (0-based) of N from its timestep to the next level. The first step and the last (the
+        clean end, s = 0) are first order; the others use `previous`, the last step's `DPMStep.x0`."""
+        s = self.levels(num_inference_steps)
+        x0 = data_prediction(model_output, sample, s[index], self.config.prediction_type)
+        first_order = index == 0 or index == num_inference_steps - 1 or previous is None
+        x = dpm_update(sample.to(torch.float32), x0, None if first_order else previous,
+                       None if index == 0 else s[index - 1], s[index], s[index + 1])
+        return DPMStep(x.to(model_output.dtype), x0)
