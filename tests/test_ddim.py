@@ -400,3 +400,18 @@ def test_inversion_then_sampling_with_an_exact_model_returns_every_latent(
     for t, expected in zip(forward.timesteps(n), reversed(latents[:-1])):
         x = forward.step(model(x, t), t, x, n).prev_sample
         torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_too_many_leading_steps_say_exactly_how_many_fit():
+    """T = 1000, steps_offset 1: 1000 steps reach timestep 1000; 999 steps (stride 1: 998 + 1) are the most that fit."""
+    with pytest.raises(ValueError, match=r"gives timestep 1000 >= num_train_timesteps=1000 \(at most 999 steps fit"):
+        DDIMScheduler(sd_config()).timesteps(1000)
+    assert DDIMScheduler(sd_config()).timesteps(999)[0] == 999
+
+
+def test_a_config_file_with_trained_betas_uses_them():
+    betas = np.linspace(1e-4, 0.03, 1000).tolist()
+    ours = DDIMScheduler.from_dict({**SD15_SCHEDULER, "trained_betas": betas})
+    assert ours.config.trained_betas is not None
+    assert torch.equal(ours.alphas_cumprod, reference(dataclasses.replace(sd_config(), trained_betas=tuple(betas)))
+                       .alphas_cumprod)

@@ -384,3 +384,35 @@ def test_a_strength_under_one_step_is_refused_at_the_cut_off(sd):
     with pytest.raises(ValueError, match=r"int\(10 \* 0.099\) = 0"):
         method.strength_timesteps(sd.scheduler, 10, 0.099, "inpaint_strength")
     assert len(method.strength_timesteps(sd.scheduler, 10, 0.1, "inpaint_strength")) == 1
+
+
+def _otsu_by_definition(values: np.ndarray) -> float:
+    """Otsu's cut straight from the definition: try every distinct value t, split into {<= t} and {> t}, keep the
+    largest w0 w1 (mu0 - mu1)^2 (the first on a tie); one value: that value."""
+    best, cut = -1.0, float(values.max())
+    for t in np.unique(values)[:-1]:
+        low, high = values[values <= t], values[values > t]
+        w0, w1 = len(low) / len(values), len(high) / len(values)
+        between = w0 * w1 * (low.mean() - high.mean()) ** 2
+        if between > best:
+            best, cut = between, float(t)
+    return cut
+
+
+def test_otsu_equals_the_definition_on_a_batch_of_uneven_maps():
+    """Maps of different sizes of classes, sums and repeated values, in one batch: each image its own cut."""
+    rng = np.random.default_rng(0)
+    maps = np.stack([rng.integers(0, k, 16).astype(np.float64) for k in (2, 3, 5, 9, 40)]
+                    + [np.r_[np.zeros(13), [5.0, 6.0, 7.0]], np.full(16, 2.0)])  # (7, 16): skewed; one value
+    got = method.otsu_threshold(torch.tensor(maps).reshape(7, 4, 4)).flatten().tolist()
+    assert got == [_otsu_by_definition(m) for m in maps]
+
+
+def test_guidance_between_one_and_two_is_guidance(sd):
+    """A scale of 1.5 runs the guided pair (scale <= 1 alone means no guidance)."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text, t = texts(sd, ["a cat"]), torch.tensor(500)
+    uncond, cond = sd.unet(x, t, text.uncond), sd.unet(x, t, text.cond)
+    torch.testing.assert_close(method.predict_noise(sd, x, t, text, 1.5), uncond + 1.5 * (cond - uncond),
+                               rtol=1e-4, atol=1e-5)  # one call on the pair against two: the batch's rounding
+    assert torch.equal(method.predict_noise(sd, x, t, text, 1.0), cond)
