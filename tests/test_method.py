@@ -416,3 +416,34 @@ def test_guidance_between_one_and_two_is_guidance(sd):
     torch.testing.assert_close(method.predict_noise(sd, x, t, text, 1.5), uncond + 1.5 * (cond - uncond),
                                rtol=1e-4, atol=1e-5)  # one call on the pair against two: the batch's rounding
     assert torch.equal(method.predict_noise(sd, x, t, text, 1.0), cond)
+
+
+def test_with_steps_offset_0_a_step_whose_target_is_level_0_pastes_the_inverted_level_0(sd):
+    """steps_offset 0 inverts level 0 itself (DDIM leading, 10 steps: 0, 100, ..., 900): the step from t=100 pastes
+    that latent, and only the last step (t=0, target -100) pastes the clean latents. Each inverted latent is filled
+    with its level, so what is pasted can be read off."""
+    from diffedit.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
+
+    config = dataclasses.replace(sd.scheduler.config, steps_offset=0)
+    zero = dataclasses.replace(sd, scheduler=DDIMScheduler(config), inverse_scheduler=DDIMInverseScheduler(config))
+    levels = zero.scheduler.timesteps(10)  # 900, 800, ..., 0
+    assert levels.tolist() == list(range(900, -1, -100))
+    latents = levels.float().reshape(1, 10, 1, 1, 1).expand(1, 10, 4, 2, 2)  # latent k holds its level
+    inversion = method.Inversion(latents, levels, torch.full((1, 4, 2, 2), -1.0))  # clean: -1
+    params = dataclasses.replace(FAST, num_inference_steps=10, inpaint_strength=1.0)
+    start, backgrounds = method.pasted_latents(zero, inversion, levels, params)
+    assert float(start.flatten()[0]) == 900
+    assert [float(b.flatten()[0]) for b in backgrounds] == [800, 700, 600, 500, 400, 300, 200, 100, 0, -1]
+
+
+def test_latents_given_for_the_image_are_repeated_not_encoded(sd):
+    """A batch with the latent channel count is taken as latents: each repeated `repeats` times in a row (and
+    tiled over `rows`), nothing drawn."""
+    latents = torch.arange(2 * 4 * 8 * 8, dtype=torch.float32).reshape(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    out = method.encode_images(sd, latents, g, repeats=3)
+    assert out.shape == (6, 4, 8, 8) and torch.equal(g.get_state(), state)
+    assert all(torch.equal(out[i], latents[i // 3]) for i in range(6))
+    tiled = method.encode_images(sd, latents, g, rows=4)
+    assert torch.equal(tiled, torch.cat([latents, latents]))
