@@ -403,15 +403,21 @@ def test_inversion_then_sampling_with_an_exact_model_returns_every_latent(
 
 
 def test_too_many_leading_steps_say_exactly_how_many_fit():
-    """T = 1000, steps_offset 1: 1000 steps reach timestep 1000; 999 steps (stride 1: 998 + 1) are the most that fit."""
+    """T = 1000: with steps_offset 1, 1000 steps reach timestep 1000 and 999 fit (998 + 1); with steps_offset 5,
+    995 fit (994 x 1 + 5 = 999) and 996 do not (995 + 5 = 1000)."""
     with pytest.raises(ValueError, match=r"gives timestep 1000 >= num_train_timesteps=1000 \(at most 999 steps fit"):
         DDIMScheduler(sd_config()).timesteps(1000)
-    assert DDIMScheduler(sd_config()).timesteps(999)[0] == 999
+    with pytest.raises(ValueError, match=r"gives timestep 1004 >= num_train_timesteps=1000 \(at most 995 steps fit"):
+        DDIMScheduler(sd_config(steps_offset=5)).timesteps(1000)
+    assert DDIMScheduler(sd_config(steps_offset=5)).timesteps(995)[0] == 999
+    with pytest.raises(ValueError, match="at most 995 steps fit"):
+        DDIMScheduler(sd_config(steps_offset=5)).timesteps(996)
 
 
 def test_a_config_file_with_trained_betas_uses_them():
     betas = np.linspace(1e-4, 0.03, 1000).tolist()
     ours = DDIMScheduler.from_dict({**SD15_SCHEDULER, "trained_betas": betas})
-    assert ours.config.trained_betas is not None
+    assert ours.config.trained_betas == tuple(betas)
+    hash(ours.config)  # frozen, so hashable: the betas are kept as a tuple, not the file's list
     assert torch.equal(ours.alphas_cumprod, reference(dataclasses.replace(sd_config(), trained_betas=tuple(betas)))
                        .alphas_cumprod)
