@@ -600,7 +600,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
     p.add_argument("--batch-size", type=COUNT, default=1,
                    help="edits run together through the three steps, each with its own generator (default 1; 16 "
-                        "took 0.87x the time per edit on one CPU thread)")
+                        "took 0.75x the time per edit on one CPU thread)")
     p.add_argument("--resume", action="store_true", help="continue a run in --out: finished rows are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
