@@ -171,6 +171,15 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
         raise BadInput(f"--{e}") from None
     folder = resolve_model_folder(model_location(model))
     ours = StableDiffusionDiffEdit.from_pretrained(folder, device=torch_device, dtype=torch_dtype)
+    from .api import check_params_for_model
+    from .params import DiffEditParams
+
+    try:  # before any timed work: the settings run on this model's schedule
+        check_params_for_model(ours.model, DiffEditParams.reference(
+            num_inference_steps=settings.num_inference_steps, inpaint_strength=settings.inpaint_strength,
+            mask_encode_strength=settings.mask_encode_strength, num_maps_per_mask=settings.num_maps_per_mask))
+    except ValueError as e:
+        raise BadInput(f"--steps {settings.num_inference_steps}: {e}") from None
     size = ours.model.unet.config.sample_size * ours.vae_scale_factor
     image = Image.open(EXAMPLE_IMAGE).convert("RGB").resize((size, size), Image.BICUBIC)
     sides = {"ours": ours}

@@ -40,6 +40,8 @@ def test_bench_without_the_reference_times_ours_only(capsys):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--dtype", "float64"], "cuda"
      if not torch.cuda.is_available() else "--dtype"),
     (["--model", "/no/such/folder"], "/no/such/folder"),
+    (["--steps", "1"], "--steps 1: mask_encode_strength=0.5 with num_inference_steps=1 runs no step"),
+    (["--steps", "2000"], "--steps 2000: num_inference_steps=2000 does not fit the model's schedule"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2(args, message, capsys):
     assert cli.main(["bench", *args]) == 2
