@@ -421,3 +421,16 @@ def test_a_config_file_with_trained_betas_uses_them():
     hash(ours.config)  # frozen, so hashable: the betas are kept as a tuple, not the file's list
     assert torch.equal(ours.alphas_cumprod, reference(dataclasses.replace(sd_config(), trained_betas=tuple(betas)))
                        .alphas_cumprod)
+
+
+@pytest.mark.filterwarnings("ignore:The `set_alpha_to_zero` argument is deprecated:FutureWarning")
+def test_config_files_read_the_alias_only_for_the_inverse_scheduler(tmp_path):
+    """The same file through every entry point: the inverse scheduler applies set_alpha_to_zero, the forward one and
+    a plain DDIMConfig (forward unless told) ignore it."""
+    d = {**SD15_SCHEDULER, "set_alpha_to_one": False, "set_alpha_to_zero": True}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(d))
+    assert DDIMInverseScheduler.from_config_file(tmp_path).config.set_alpha_to_one is True
+    assert DDIMConfig.from_file(tmp_path, inverse=True).set_alpha_to_one is True
+    assert DDIMScheduler.from_config_file(tmp_path / "scheduler_config.json").config.set_alpha_to_one is False
+    assert DDIMConfig.from_file(tmp_path).set_alpha_to_one is False
+    assert DDIMConfig.from_dict(d).set_alpha_to_one is False

@@ -447,3 +447,28 @@ def test_latents_given_for_the_image_are_repeated_not_encoded(sd):
     assert all(torch.equal(out[i], latents[i // 3]) for i in range(6))
     tiled = method.encode_images(sd, latents, g, rows=4)
     assert torch.equal(tiled, torch.cat([latents, latents]))
+
+
+def test_an_inversion_repeats_each_images_latents_in_a_row():
+    """(B, T, C, h, w) latents and (B, C, h, w) clean latents repeated along the batch, as prompts are repeated."""
+    latents = torch.arange(2 * 3 * 1 * 1 * 1, dtype=torch.float32).reshape(2, 3, 1, 1, 1)
+    inv = method.Inversion(latents, torch.tensor([21, 11, 1]), torch.tensor([10.0, 20.0]).reshape(2, 1, 1, 1))
+    twice = inv.repeat_interleave(2)
+    assert twice.latents.flatten().tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert twice.clean.flatten().tolist() == [10, 10, 20, 20] and torch.equal(twice.timesteps, inv.timesteps)
+
+
+def test_the_regularizer_helpers_default_to_the_portable_per_image_forms():
+    """Called directly, auto_corr_loss draws its rolls on the generator's device (portable) and kl_loss sums each
+    image's term; the reference's forms are the explicit False."""
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise[1] *= 3  # two images with different statistics: pooling them differs from summing each
+    assert method.kl_loss(noise) == method.kl_loss(noise, per_image=True) != method.kl_loss(noise, per_image=False)
+    calls = []
+    original = method._randint
+    try:
+        method._randint = lambda high, generator, portable: calls.append(portable) or 0
+        method.auto_corr_loss(noise, torch.Generator())
+    finally:
+        method._randint = original
+    assert calls and all(calls)
