@@ -75,7 +75,7 @@ def sdedit(sd: StableDiffusion, pixels: torch.Tensor, source: TextEmbeddings, ta
     """SDEdit: x_r = sqrt(a_r) x_0 + sqrt(1 - a_r) eps with fresh noise at the first decoding level r, then the
     plain decoding. The source text is not used: SDEdit knows only the target."""
     N = params.num_inference_steps
-    t = method.strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")[:1]  # (1,)
+    t = method.strength_timesteps(method.schedule(sd, params), N, params.inpaint_strength, "inpaint_strength")[:1]
     x0 = method.encode_images(sd, pixels, generator, rows=len(target))  # draw 1: the posterior sample
     xt = sd.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)  # draw 2
     noised = Inversion(xt[:, None], t.cpu().long(), x0)  # one level: nothing to paste, so found by its level

@@ -32,7 +32,7 @@ from .console import (COUNT, GUIDANCE, POSITIVE, PROG, RATIO, SEED, STEPS, TIMES
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
 from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, plan_images, planned_image
-from .params import THRESHOLD_RULES
+from .params import SAMPLERS, THRESHOLD_RULES
 from .saved_inversion import load_inversion, read_inversion_metadata, save_inversion
 from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
@@ -82,7 +82,10 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g.add_argument("--model", metavar="PATH_OR_REPO_ID",
                    help="diffusers-layout model folder or hub repo id (default: the shipped model, "
                         f"{SHIPPED_MODEL.name})")
-    g.add_argument("--steps", type=STEPS, metavar="N", help=f"DDIM steps over the whole schedule{defaults_note}")
+    g.add_argument("--steps", type=STEPS, metavar="N", help=f"sampler steps over the whole schedule{defaults_note}")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddim (the paper's) or dpmsolver++ (2nd-order multistep: fewer steps) for the encoding, the "
+                        f"decoding and the mask's noise level{defaults_note}")
     g.add_argument("--seed", type=SEED, default=0, metavar="N",
                    help="random seed (default 0: the same command gives the same result)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -216,6 +219,7 @@ FLAG_FIELDS = {
     "num_maps": ("num_maps_per_mask",),
     "threshold_ratio": ("mask_thresholding_ratio",),
     "threshold_rule": ("mask_threshold_rule",),
+    "sampler": ("sampler",),
     "guidance_min_timestep": ("guidance_min_timestep",),
 }
 
@@ -265,8 +269,8 @@ def params_summary(p) -> dict:
 
 
 def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, int]) -> None:
-    """Take steps, strength and inversion guidance from the file when not given; refuse a mismatch with the image
-    or the flags."""
+    """Take steps, strength, inversion guidance and the sampler from the file when not given; refuse a mismatch
+    with the image or the flags."""
     if (meta["width"], meta["height"]) != image_size:
         raise BadInput(f"{path} was inverted from a {meta['width']}x{meta['height']} image but {args.image} is "
                        f"{image_size[0]}x{image_size[1]}")
@@ -277,6 +281,12 @@ def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, 
         elif given != meta[key]:
             raise BadInput(f"{path} was inverted with {name} {meta[key]:g} but this run asks {name} {given:g}: "
                            f"drop {name} (the file's value is used) or invert again")
+    sampler = meta.get("sampler", "ddim")  # files from before the sampler was recorded: DDIM
+    if getattr(args, "sampler", None) is None:
+        args.sampler = sampler
+    elif args.sampler != sampler:
+        raise BadInput(f"{path} was inverted with --sampler {sampler} but this run asks --sampler {args.sampler}: "
+                       "drop --sampler (the file's is used) or invert again")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -313,8 +313,8 @@ def run_job(sd, job: Job, grid: list[dict], fixed: dict) -> list[tuple[dict, Ima
         edited = baselines.METHODS[job.method](
             sd, pixels, text([c.source for _, c in job.cases], params), text([c.target for _, c in job.cases], params),
             params, generators if len(generators) > 1 else generators[0], truth, steps)
-        decoding = method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
-                                             "inpaint_strength")
+        decoding = method.strength_timesteps(method.schedule(sd, params), params.num_inference_steps,
+                                             params.inpaint_strength, "inpaint_strength")
         guided = int((decoding >= params.guidance_min_timestep).sum()) if params.guidance_scale > 1 else 0
         by_setting.append((edited, guided))
     rows = []

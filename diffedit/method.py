@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
 from .models.unet import TextKV
+from .schedulers.dpm_solver import DPMSolverScheduler, dpm_update
+from .schedulers.dpm_solver import alpha_sigma as dpm_alpha_sigma
+from .schedulers.dpm_solver import data_prediction as dpm_data_prediction
 from .models.vae import DiagonalGaussian
 from .schedulers.noise import randn
 
@@ -126,6 +129,12 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float, nam
     return scheduler.timesteps(num_inference_steps)[num_inference_steps - n:]
 
 
+def schedule(sd: StableDiffusion, params: DiffEditParams):
+    """The denoising schedule `params.sampler` runs on: the model's DDIM scheduler, or DPM-Solver++ on the same
+    config (its own timesteps: `schedulers.dpm_solver.dpm_timesteps`)."""
+    return sd.scheduler if params.sampler == "ddim" else DPMSolverScheduler(sd.scheduler.config)
+
+
 def encode_images(sd: StableDiffusion, image: torch.Tensor, generator: Generator, repeats: int = 1, once: bool = True,
                   rows: int | None = None) -> torch.Tensor:
     """Latents sampled from the VAE posterior, times the scaling factor (Rombach et al. 2022, §3.1):
@@ -165,7 +174,7 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     """DiffEdit §3.2 step 1: the region where the reference text R (`source`) and the query Q (`target`) predict
     different noise. image (B, 3, H, W) in [-1, 1]; one prompt pair per image."""
     B, n, N = len(target), params.num_maps_per_mask, params.num_inference_steps
-    t = strength_timesteps(sd.scheduler, N, params.mask_encode_strength, "mask_encode_strength")[0]
+    t = strength_timesteps(schedule(sd, params), N, params.mask_encode_strength, "mask_encode_strength")[0]
     # n posterior samples per image (draw 1), noised to the mask strength (draw 2)
     x0 = encode_images(sd, image, generator, n, params.encode_image_once, rows=B * n)
     xt = sd.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)
@@ -280,6 +289,8 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     """DiffEdit §3.2 step 2: deterministic DDIM encoding (Song et al. 2021, eq. 13 run backwards) of the image up
     to the encoding ratio r = `inpaint_strength`, keeping every intermediate latent. The network is conditioned
     on `text` (the reference R) with `inversion_guidance_scale`; image (B, 3, H, W) in [-1, 1] or latents."""
+    if params.sampler == "dpmsolver++":
+        return invert_dpm(sd, image, text, params, generator, callback)
     N = params.num_inference_steps
     n = len(strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength"))
     steps = sd.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
@@ -386,6 +397,8 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     replaced by the inverted ones, y = M y + (1 - M) x.
     mask (B, 1, h, w) of 0 / 1, or None for plain DDIM decoding (the paper's "Encode-Decode" baseline).
     Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
+    if params.sampler == "dpmsolver++":
+        return decode_dpm(sd, inversion, mask, text, params, callback)
     N = params.num_inference_steps
     steps = strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength")
     start, backgrounds = pasted_latents(sd, inversion, steps, params, backgrounds=mask is not None)
@@ -396,6 +409,75 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
         x = sd.scheduler.step(eps, t, x, N, eta=params.eta, generator=generator).prev_sample
         if mask is not None:
             x = x * mask + backgrounds[i] * (1 - mask)
+        watch.see(i, x)
+        if callback is not None:
+            callback(i, t, x)
+    watch.check("decoding's", steps)
+    return x
+
+
+@torch.no_grad()
+def invert_dpm(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams,
+               generator: Generator = None, callback: StepCallback | None = None) -> Inversion:
+    """Step 2 with DPM-Solver++ (arXiv 2211.01095, the 2M update run towards noise): the image's latents climb the
+    decoding's own levels, cleanest first, so that the decoding finds a latent at every level it pastes. The first
+    step leaves the clean end as DDIM's inversion does (the network at the first level, on the clean latents:
+    x = alpha x0 + sigma eps); the next is first order, the rest second order on the previous x0."""
+    if params.num_reg_steps > 0:
+        raise ValueError("the noise regularizer (num_reg_steps > 0) runs with sampler='ddim' only")
+    dpm, N = schedule(sd, params), params.num_inference_steps
+    steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")  # noisiest first
+    s = dpm.levels(N)[N - len(steps) : N].flip(0)  # (n,) the levels, cleanest first
+    x = clean = encode_images(sd, image, generator, rows=len(text))
+    latents, watch, loop_text, previous = [], FirstNonFinite(x.device), LoopText(text), None
+    for k, t in enumerate(steps.flip(0)):
+        if k == 0:
+            eps = as_epsilon(predict_noise(sd, x, t, loop_text, params.inversion_guidance_scale), x,
+                             sd.scheduler.alphas_cumprod[t], sd.scheduler.config.prediction_type)
+            alpha, sigma = dpm_alpha_sigma(s[0])
+            x = alpha * clean + sigma * eps  # noise predicted at the first level, from the clean latents
+        else:
+            out = predict_noise(sd, x, steps.flip(0)[k - 1], loop_text, params.inversion_guidance_scale)
+            x0 = dpm_data_prediction(out, x, s[k - 1], sd.scheduler.config.prediction_type)
+            x = dpm_update(x, x0, previous, s[k - 2] if k >= 2 else None, s[k - 1], s[k]).to(x.dtype)
+            previous = x0
+        latents.append(x)
+        watch.see(k, x)
+        if callback is not None:
+            callback(k, t, x)
+    watch.check("inversion's", steps.flip(0))
+    return Inversion(torch.stack(latents[::-1], dim=1), steps, clean)  # (B, n, C, h, w), noisiest first
+
+
+@torch.no_grad()
+def decode_dpm(sd: StableDiffusion, inversion: Inversion, mask: torch.Tensor | None, text: TextEmbeddings,
+               params: DiffEditParams, callback: StepCallback | None = None) -> torch.Tensor:
+    """Step 3 with DPM-Solver++ (2M; first order at the first step and onto the clean end): from the inverted
+    latent at the first decoding level; after each step, outside the mask, the inverted latent at the level the
+    step reached (the clean latents after the last)."""
+    dpm, N = schedule(sd, params), params.num_inference_steps
+    steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")
+    s, first = dpm.levels(N), N - len(steps)  # s: (N + 1,) levels of the whole schedule, then 0
+    by_level = {int(t): inversion.latents[:, k] for k, t in enumerate(inversion.timesteps)}
+    needed = steps if mask is not None else steps[:1]  # without a mask only the starting latent is read
+    missing = [int(t) for t in needed if int(t) not in by_level]
+    if missing:
+        raise ValueError(f"the inverted latents hold timesteps {sorted(by_level, reverse=True)} but this decoding "
+                         f"needs {missing}: invert with the same sampler, num_inference_steps and an "
+                         "inpaint_strength at least as large")
+    x, watch, loop_text, previous = by_level[int(steps[0])].clone(), FirstNonFinite(inversion.latents.device), \
+        LoopText(text), None
+    for i, t in enumerate(steps):
+        scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
+        x0 = dpm_data_prediction(predict_noise(sd, x, t, loop_text, scale), x, s[first + i],
+                                 sd.scheduler.config.prediction_type)
+        last = i == len(steps) - 1
+        x = dpm_update(x, x0, None if i == 0 or last else previous, s[first + i - 1] if i else None,
+                       s[first + i], s[first + i + 1]).to(x0.dtype)
+        previous = x0
+        if mask is not None:
+            background = inversion.clean if last else by_level[int(steps[i + 1])]
+            x = x * mask + background * (1 - mask)
         watch.see(i, x)
         if callback is not None:
             callback(i, t, x)

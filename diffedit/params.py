@@ -20,6 +20,7 @@ from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least
                          optional)
 
 THRESHOLD_RULES = ("ratio", "otsu")
+SAMPLERS = ("ddim", "dpmsolver++")
 
 # Which field corrects which defect of the reference (docs/design.md §2).
 CORRECTIONS = {
@@ -63,6 +64,10 @@ class DiffEditParams:
     # All three steps.
     num_inference_steps: int = 50
     clip_skip: int | None = None
+    # The sampler of the encoding and the decoding (and the mask step's noise level): "ddim" (the paper's), or
+    # "dpmsolver++" (Lu et al., arXiv 2211.01095, 2nd-order multistep, as the original implementation decodes:
+    # `method.invert_dpm`, `method.decode_dpm`), which needs fewer steps.
+    sampler: str = "ddim"
 
     # Corrections of diffusers 0.42.1 (on here, off in the compatible facade).
     paste_matching_step: bool = True  # D1: background from the step's target level; the clean latents at the end
@@ -111,6 +116,7 @@ _RULES = {
     **{name: number_in(0, 1) for name in ("mask_encode_strength", "inpaint_strength")},
     "mask_thresholding_ratio": POSITIVE,
     "mask_threshold_rule": one_of(THRESHOLD_RULES),
+    "sampler": one_of(SAMPLERS),
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
                                              "lambda_auto_corr", "lambda_kl", "eta")},
     "clip_skip": optional(int_at_least(0)),

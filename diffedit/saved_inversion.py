@@ -98,6 +98,7 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
             "strength": params.inpaint_strength, "width": image_size[0], "height": image_size[1],
             "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
+            "sampler": params.sampler,
             "diffedit_version": __version__}
 
 

@@ -552,3 +552,23 @@ def test_a_failing_last_write_leaves_every_earlier_output_as_it_was(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and "Traceback" not in err
     assert snapshot(tmp_path) == before
+
+
+def test_the_sampler_flag_runs_dpm_solver_and_a_saved_inversion_keeps_its_sampler(tmp_path, capsys):
+    shape_image().save(tmp_path / "in.png")
+    common = ["--steps", "10", "--quiet"]
+    assert cli.main(["invert", str(tmp_path / "in.png"), "--prompt", SOURCE, "--sampler", "dpmsolver++", "-o",
+                     str(tmp_path / "lat.safetensors"), *common]) == 0
+    common += ["--num-maps", "2"]
+    from diffedit import read_inversion_metadata
+
+    assert read_inversion_metadata(tmp_path / "lat.safetensors")["sampler"] == "dpmsolver++"
+    # reused without --sampler: the file's sampler runs
+    assert cli.main(["edit", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGETS[0], "--latents",
+                     str(tmp_path / "lat.safetensors"), "-o", str(tmp_path / "out.png"), "--json", *common]) == 0
+    assert '"sampler": "dpmsolver++"' in capsys.readouterr().out
+    code = cli.main(["edit", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGETS[0], "--latents",
+                     str(tmp_path / "lat.safetensors"), "--sampler", "ddim", "-o", str(tmp_path / "o2.png"), *common])
+    err = capsys.readouterr().err
+    assert code == 2 and "inverted with --sampler dpmsolver++ but this run asks --sampler ddim" in err
+    assert not (tmp_path / "o2.png").exists()

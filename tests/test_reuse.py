@@ -103,7 +103,7 @@ OTHER = {"num_maps_per_mask": 3, "mask_encode_strength": 0.6, "mask_thresholding
          "mask_guidance_scale": 5.0, "mask_threshold_rule": "otsu", "inpaint_strength": 0.6,
          "inversion_guidance_scale": 3.0, "num_reg_steps": 1, "lambda_auto_corr": 5.0, "lambda_kl": 5.0,
          "num_auto_corr_rolls": 2, "guidance_scale": 3.0, "guidance_min_timestep": 500, "eta": 0.0,
-         "num_inference_steps": 20, "clip_skip": 1}
+         "num_inference_steps": 20, "clip_skip": 1, "sampler": "dpmsolver++"}
 
 
 def test_other_values_cover_every_field_but_the_corrections_which_are_flipped():
@@ -142,7 +142,8 @@ def test_the_inversion_reads_no_field_outside_its_key(sd, inputs, field):
 def test_every_keyed_field_changes_its_steps_result(sd, inputs, field):
     """The keys are not wider than they need be: each field in them moves the map or the inversion."""
     pixels, source, target = inputs
-    params = dataclasses.replace(BASE, num_reg_steps=1, num_auto_corr_rolls=1)
+    regularized = field != "sampler"  # DPM-Solver++ runs without the regularizer
+    params = dataclasses.replace(BASE, num_reg_steps=int(regularized), num_auto_corr_rolls=1)
     changed = dataclasses.replace(_changed(field), num_reg_steps=params.num_reg_steps if field != "num_reg_steps"
                                   else 2, num_auto_corr_rolls=1 if field != "num_auto_corr_rolls" else 2)
     if field in reuse.MASK_FIELDS:
