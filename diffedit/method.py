@@ -428,16 +428,17 @@ def invert_dpm(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, p
     dpm, N = schedule(sd, params), params.num_inference_steps
     steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")  # noisiest first
     s = dpm.levels(N)[N - len(steps) : N].flip(0)  # (n,) the levels, cleanest first
+    up = steps.flip(0)  # the timesteps, cleanest first
     x = clean = encode_images(sd, image, generator, rows=len(text))
     latents, watch, loop_text, previous = [], FirstNonFinite(x.device), LoopText(text), None
-    for k, t in enumerate(steps.flip(0)):
+    for k, t in enumerate(up):
         if k == 0:
             eps = as_epsilon(predict_noise(sd, x, t, loop_text, params.inversion_guidance_scale), x,
                              sd.scheduler.alphas_cumprod[t], sd.scheduler.config.prediction_type)
             alpha, sigma = dpm_alpha_sigma(s[0])
             x = alpha * clean + sigma * eps  # noise predicted at the first level, from the clean latents
         else:
-            out = predict_noise(sd, x, steps.flip(0)[k - 1], loop_text, params.inversion_guidance_scale)
+            out = predict_noise(sd, x, up[k - 1], loop_text, params.inversion_guidance_scale)  # at the source level
             x0 = dpm_data_prediction(out, x, s[k - 1], sd.scheduler.config.prediction_type)
             x = dpm_update(x, x0, previous, s[k - 2] if k >= 2 else None, s[k - 1], s[k]).to(x.dtype)
             previous = x0
@@ -445,7 +446,7 @@ def invert_dpm(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, p
         watch.see(k, x)
         if callback is not None:
             callback(k, t, x)
-    watch.check("inversion's", steps.flip(0))
+    watch.check("inversion's", up)
     return Inversion(torch.stack(latents[::-1], dim=1), steps, clean)  # (B, n, C, h, w), noisiest first
 
 
@@ -465,8 +466,8 @@ def decode_dpm(sd: StableDiffusion, inversion: Inversion, mask: torch.Tensor | N
         raise ValueError(f"the inverted latents hold timesteps {sorted(by_level, reverse=True)} but this decoding "
                          f"needs {missing}: invert with the same sampler, num_inference_steps and an "
                          "inpaint_strength at least as large")
-    x, watch, loop_text, previous = by_level[int(steps[0])].clone(), FirstNonFinite(inversion.latents.device), \
-        LoopText(text), None
+    x, previous = by_level[int(steps[0])].clone(), None
+    watch, loop_text = FirstNonFinite(x.device), LoopText(text)
     for i, t in enumerate(steps):
         scale = params.guidance_scale if t >= params.guidance_min_timestep else 1.0
         x0 = dpm_data_prediction(predict_noise(sd, x, t, loop_text, scale), x, s[first + i],
