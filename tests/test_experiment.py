@@ -270,3 +270,14 @@ def test_the_summary_pair_is_written_whole_or_not_at_all(grid_run, tmp_path, mon
     assert not list(out.glob(".summary*"))  # no temporary file left behind
     experiment.write_summary(rows, ["inpaint_strength"], out)
     assert "0.123" in (out / "summary.csv").read_text()
+
+
+def test_the_sampler_is_a_sweepable_setting(tmp_path):
+    path = experiment.run_experiment(tmp_path / "s", n=1, methods=["diffedit"], sweep=[("sampler", ["ddim",
+                                     "dpmsolver++"])], param={"num_inference_steps": 10, "num_maps_per_mask": 2})
+    rows = records(path.parent)
+    assert [r["sampler"] for r in rows] == ["ddim", "dpmsolver++"]
+    # each sampler's own decoding timesteps at r = 0.6, guided at t >= 300: DDIM 501, 401, 301 (of 501 .. 1);
+    # DPM-Solver++ 541, 451, 361 (of 541 .. 91)
+    assert rows[0]["guided_steps"] == rows[1]["guided_steps"] == "3"
+    assert rows[0]["mask_iou"] != rows[1]["mask_iou"] or rows[0]["psnr_db"] != rows[1]["psnr_db"]

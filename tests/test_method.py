@@ -533,3 +533,16 @@ def test_dpm_refuses_the_regularizer_and_ddim_inversions(sd):
     ddim = method.invert(sd, images(1), texts(sd, ["a"]), dataclasses.replace(params, sampler="ddim"))
     with pytest.raises(ValueError, match="invert with the same sampler"):
         method.decode(sd, ddim, torch.ones(1, 1, 8, 8), texts(sd, ["b"]), params)
+
+
+def test_dpm_on_a_v_prediction_model_inverts_and_decodes_with_the_mask(sd_v):
+    """SD 2.x style (v-prediction): the data prediction alpha x - sigma v in both directions; the masked decoding
+    keeps the inverted latents outside the mask exactly and ends on the clean latents there."""
+    params = dataclasses.replace(FAST, sampler="dpmsolver++", num_inference_steps=10, inpaint_strength=0.5)
+    inversion = method.invert(sd_v, images(1), texts(sd_v, ["a cat"]), params, torch.Generator().manual_seed(0))
+    assert inversion.timesteps.tolist() == [451, 361, 271, 181, 91]
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    out = method.decode(sd_v, inversion, mask, texts(sd_v, ["a dog"]), params)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., 4:], inversion.clean[..., 4:]) and not torch.equal(out[..., :4], inversion.clean[..., :4])
