@@ -546,3 +546,13 @@ def test_dpm_on_a_v_prediction_model_inverts_and_decodes_with_the_mask(sd_v):
     out = method.decode(sd_v, inversion, mask, texts(sd_v, ["a dog"]), params)
     assert torch.isfinite(out).all()
     assert torch.equal(out[..., 4:], inversion.clean[..., 4:]) and not torch.equal(out[..., :4], inversion.clean[..., :4])
+
+
+def test_a_step_whose_target_level_1_was_not_inverted_is_refused_not_pasted_clean(sd):
+    """Level 1 is a real level (above the clean end): a decoding step that lands on it needs its inverted latent;
+    an inversion that lacks it is refused rather than pasting the clean latents."""
+    levels = sd.scheduler.timesteps(10)  # 901, 801, ..., 101, 1
+    inversion = method.Inversion(torch.zeros(1, 9, 4, 2, 2), levels[:-1], torch.zeros(1, 4, 2, 2))  # no level 1
+    params = dataclasses.replace(FAST, num_inference_steps=10, inpaint_strength=0.9)  # 801 .. 1
+    with pytest.raises(ValueError, match="needs timestep 1"):
+        method.pasted_latents(sd, inversion, method.strength_timesteps(sd.scheduler, 10, 0.9, "s"), params)
