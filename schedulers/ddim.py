@@ -220,7 +220,10 @@ def ddim_sigma(alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> tor
 
 
 @dataclass(frozen=True, eq=False)
-class _Schedule:
+class NoiseSchedule:
+    """A scheduler config plus its `alphas_cumprod` table, and the level arithmetic every sampler shares (the
+    DDIM schedulers here, DPM-Solver++ in `dpm_solver.py`)."""
+
     config: DDIMConfig
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)  # (T,) float32, CPU
     _inverse: ClassVar[bool] = False
@@ -270,7 +273,7 @@ class _Schedule:
         return sqrt_a * noise - sqrt_b * sample
 
 
-class DDIMScheduler(_Schedule):
+class DDIMScheduler(NoiseSchedule):
     """Denoising DDIM, number for number diffusers' `DDIMScheduler`, without `set_timesteps` state."""
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -302,7 +305,7 @@ class DDIMScheduler(_Schedule):
         return DDIMInverseScheduler(self.config)
 
 
-class DDIMInverseScheduler(_Schedule):
+class DDIMInverseScheduler(NoiseSchedule):
     """Deterministic DDIM inversion (eq. 12 with sigma = 0, run from clean to noisy), number for number diffusers'
     `DDIMInverseScheduler`. Note its convention: at timestep t the network is evaluated at t while the latent still
     sits at level t - T // N (the clean edge, `edge_alpha`, for the first step); the step lands at level t."""

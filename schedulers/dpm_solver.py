@@ -12,13 +12,12 @@ the last step (the clean end).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .ddim import DDIMConfig, check_num_steps, make_betas
+from .ddim import DDIMConfig, NoiseSchedule, check_num_steps
 
 
 class DPMStep(NamedTuple):
@@ -77,16 +76,9 @@ def dpm_update(sample: torch.Tensor, x0: torch.Tensor, previous: torch.Tensor | 
     return out - 0.5 * (alpha_next * (torch.exp(-h) - 1.0)) * d1
 
 
-@dataclass(frozen=True, eq=False)
-class DPMSolverScheduler:
+class DPMSolverScheduler(NoiseSchedule):
     """Denoising DPM-Solver++ (2M), number for number diffusers' `DPMSolverMultistepScheduler` on the same config,
     without `set_timesteps` state."""
-
-    config: DDIMConfig
-    alphas_cumprod: torch.Tensor = field(init=False, repr=False)  # (T,) float32, CPU
-
-    def __post_init__(self):
-        object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - make_betas(self.config), dim=0))
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return dpm_timesteps(self.config, num_inference_steps)
