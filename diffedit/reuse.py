@@ -71,27 +71,30 @@ class SharedSteps(Steps):
             difference = self._recall(key, generator)
         else:
             difference = method.estimate_mask(sd, image, source, target, params, generator).difference
-            self.done[key] = _Done(difference, [g.get_state() for g in _generators(generator)])
+            self._remember(key, difference, generator)
         return method.threshold_map(difference, params)
 
     def invert(self, sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams,
                generator: Generator = None, callback: method.StepCallback | None = None) -> Inversion:
+        if callback is not None:  # a caller watching the steps gets them run
+            return method.invert(sd, image, text, params, generator, callback)
         deepest = params.inpaint_strength
         if params.num_reg_steps == 0 and self.deepest_strength is not None:
             deepest = max(deepest, self.deepest_strength)
-        key = ("inversion", _content(image, text.cond, text.uncond), _fields(params, INVERSION_FIELDS),
-               deepest if params.num_reg_steps == 0 else params.inpaint_strength, _states(generator))
-        if callback is not None:  # a caller watching the steps gets them run
-            return method.invert(sd, image, text, params, generator, callback)
+        key = ("inversion", _content(image, text.cond, text.uncond), _fields(params, INVERSION_FIELDS), deepest,
+               _states(generator))
         if key in self.done:
             self.hits["inversion"] += 1
             inversion = self._recall(key, generator)
         else:
             inversion = method.invert(sd, image, text, _replace_strength(params, deepest), generator)
-            self.done[key] = _Done(inversion, [g.get_state() for g in _generators(generator)])
+            self._remember(key, inversion, generator)
         n = len(method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
                                           "inpaint_strength"))
         return Inversion(inversion.latents[:, -n:], inversion.timesteps[-n:], inversion.clean)  # the r-inversion
+
+    def _remember(self, key: tuple, value, generator: Generator) -> None:
+        self.done[key] = _Done(value, [g.get_state() for g in _generators(generator)])
 
     def _recall(self, key: tuple, generator: Generator):
         done = self.done[key]
