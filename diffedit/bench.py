@@ -143,8 +143,20 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
     (sd15, sd21, shapes, tiny: `random_models.PRESETS`) measures random weights in that shape instead of `model`."""
     import tempfile
 
-    from .random_models import PRESETS, write_random_model
+    import torch
+    from PIL import Image
 
+    from .api import check_params_for_model, pick_device
+    from .facade import StableDiffusionDiffEdit
+    from .locations import EXAMPLE_IMAGE, model_location
+    from .params import DiffEditParams
+    from .random_models import PRESETS, write_random_model
+    from .stable_diffusion import resolve_model_folder
+
+    try:  # before anything is written or loaded
+        torch_device, torch_dtype = pick_device(device, dtype)
+    except ValueError as e:
+        raise BadInput(f"--{e}") from None
     if config is not None:
         if model is not None:
             raise BadInput("--model and --config: give one (a folder to measure, or a shape to fill at random)")
@@ -155,25 +167,10 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
             report = run_bench(folder, device=device, dtype=dtype, runs=runs, threads=threads, settings=settings,
                                reference=reference, seed=seed, compile_unet=compile_unet)
         return {**report, "model": f"random weights, {config} shapes"}
-    import torch
-    from PIL import Image
-
-    from .api import pick_device
-    from .facade import StableDiffusionDiffEdit
-    from .locations import EXAMPLE_IMAGE, model_location
-    from .stable_diffusion import resolve_model_folder
-
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        torch_device, torch_dtype = pick_device(device, dtype)
-    except ValueError as e:
-        raise BadInput(f"--{e}") from None
     folder = resolve_model_folder(model_location(model))
     ours = StableDiffusionDiffEdit.from_pretrained(folder, device=torch_device, dtype=torch_dtype)
-    from .api import check_params_for_model
-    from .params import DiffEditParams
-
     try:  # before any timed work: the settings run on this model's schedule
         check_params_for_model(ours.model, DiffEditParams.reference(
             num_inference_steps=settings.num_inference_steps, inpaint_strength=settings.inpaint_strength,

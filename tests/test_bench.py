@@ -95,3 +95,14 @@ def test_compile_wraps_both_sides_unets_before_the_warm_up(monkeypatch):
                              compile_unet=True)
     assert report["compiled"] and len(compiled) == 2 and compiled[0] is UNet2DConditionModel
     assert compiled[1].__module__.startswith("diffusers")
+
+
+def test_a_missing_gpu_is_refused_before_a_random_model_is_written(monkeypatch, capsys):
+    """--config sd15 writes gigabytes: the device is checked first."""
+    from diffedit import random_models
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA: the refusal is what is tested")
+    monkeypatch.setattr(random_models, "write_random_model", lambda *a, **k: pytest.fail("model written"))
+    assert cli.main(["bench", "--config", "sd15", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
