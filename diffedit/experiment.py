@@ -227,8 +227,9 @@ def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]
     return written
 
 
-def row_key(edit: str, method: str, seed: int, setting: dict) -> str:
-    return json.dumps([edit, method, seed, setting], sort_keys=True)
+def row_key(edit: str, method: str, seed: int | str, setting: dict) -> str:
+    """A row's identity, the same whether built from a run's values or read back from records.csv's cells."""
+    return json.dumps([edit, method, int(seed), {k: str(v) for k, v in setting.items()}], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -427,14 +428,14 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     shard_file = records_file if world == 1 else out / "shards" / f"records-{rank}.csv"
     shard_file.parent.mkdir(exist_ok=True)
     done = read_records(records_file, columns) + (read_records(shard_file, columns) if world > 1 else [])
-    done_keys = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}) for r in done}
+    done_keys = {row_key(r["edit"], r["method"], r["seed"], {k: r[k] for k in swept}) for r in done}
     together = batch_size if all(batchable(DiffEditParams.for_model(sd, **fixed, **s)) for s in grid) else 1
     jobs = plan_jobs(cases, methods, seeds, together)
 
     def key(job: Job, case: Case, setting: dict) -> str:
-        return row_key(case.id, job.method, job.seed, {k: str(v) for k, v in setting.items()})
+        return row_key(case.id, job.method, job.seed, setting)
 
-    order = [row_key(case.id, method, seed, {k: str(v) for k, v in setting.items()})  # records.csv's, any batching
+    order = [row_key(case.id, method, seed, setting)  # records.csv's order, whatever the batching
              for case in cases for seed in seeds for method in methods for setting in grid]
     todo = [job for job in shard(jobs, methods, rank, world)
             if any(key(job, case, setting) not in done_keys for _, case, setting in job_rows(job, grid))]
@@ -509,7 +510,7 @@ def merge_shards(records_file: Path, shards: list[Path], columns: list[str], swe
                  order: list[str]) -> None:
     """Rank 0: records.csv and every rank's shard (none in a one-process run), in the `order` of their keys,
     written whole (by rename); the shards are removed once merged."""
-    rows = {row_key(r["edit"], r["method"], int(r["seed"]), {k: r[k] for k in swept}): r
+    rows = {row_key(r["edit"], r["method"], r["seed"], {k: r[k] for k in swept}): r
             for path in [records_file, *shards] for r in read_records(path, columns)}
     merged = [rows[key] for key in order if key in rows]
 
