@@ -125,7 +125,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                  "the two texts.",
                      epilog=examples())
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate,experiment}",
+    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate,experiment,bench}",
                                 parser_class=Parser)
 
     edit = sub.add_parser("edit", help="edit an image: mask, inversion and masked decoding",

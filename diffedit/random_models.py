@@ -4,7 +4,7 @@ the weights' values, so SD 1.5 and SD 2.1 can be measured without downloading th
 Each folder is the diffusers layout that `StableDiffusion.from_pretrained` and diffusers both load: config.json and
 safetensors for the UNet, the VAE and the text encoder, the scheduler's config, the shipped model's cut CLIP
 vocabulary as the tokenizer (the prompts' ids stay below its 573 entries; the text encoder keeps its official vocab
-size). Weights are drawn N(0, 0.02) (norm scales 1, biases 0), small enough that 50 steps stay finite in float16.
+size). Weights are drawn N(0, 0.02), norm scales 1, biases 0: small, so activations stay moderate.
 """
 
 from __future__ import annotations
@@ -65,12 +65,11 @@ def random_state(module: torch.nn.Module, generator: torch.Generator, dtype: tor
 
 def write_random_model(name: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write preset `name` (sd15, sd21, shapes, tiny) with random weights into `folder` (created); return it."""
-    from safetensors.torch import save_file
-
     from .models.clip_text import CLIPTextModel
     from .models.config import CLIPTextConfig, UNetConfig, VAEConfig
     from .models.unet import UNet2DConditionModel
     from .models.vae import AutoencoderKL
+    from .models.weights import save_state
 
     if name not in PRESETS:
         raise ValueError(f"unknown model config {name!r}; choose from {', '.join(PRESETS)}")
@@ -79,16 +78,13 @@ def write_random_model(name: str, folder: Path, seed: int = 0, dtype: torch.dtyp
     text = {**preset.text, "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1,
             "pad_token_id": vocab_size - 1, "vocab_size": max(preset.text.get("vocab_size", 0), vocab_size)}
     generator = torch.Generator().manual_seed(seed)
-    parts = [("unet", UNet2DConditionModel, UNetConfig, preset.unet, "diffusion_pytorch_model", ""),
-             ("vae", AutoencoderKL, VAEConfig, preset.vae, "diffusion_pytorch_model", ""),
-             ("text_encoder", CLIPTextModel, CLIPTextConfig, text, "model", "text_model.")]
-    for sub, cls, config_cls, raw, file, prefix in parts:
+    parts = [("unet", UNet2DConditionModel, UNetConfig, preset.unet, "diffusers"),
+             ("vae", AutoencoderKL, VAEConfig, preset.vae, "diffusers"),
+             ("text_encoder", CLIPTextModel, CLIPTextConfig, text, "transformers")]
+    for sub, cls, config_cls, raw, kind in parts:
         with torch.device("meta"):
-            module = cls(config_cls.from_dict(raw))
-        state = {prefix + k: v for k, v in random_state(module, generator, dtype).items()}
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        save_file(state, str(folder / sub / f"{file}.safetensors"), metadata={"format": "pt"})
+            module = cls(config_cls.from_dict(raw))  # names and shapes only
+        save_state(random_state(module, generator, dtype), raw, folder / sub, kind)
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = {**shipped.SCHEDULER_CONFIG, "prediction_type": preset.prediction_type}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")

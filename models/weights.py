@@ -140,15 +140,21 @@ def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
 
 def save_component(module: nn.Module, raw_config: dict, folder: str | Path, kind: str,
                    dtype: torch.dtype | None = None) -> Path:
-    """Write a component the way `save_pretrained` does: config.json plus one safetensors file.
+    """Write a component the way `save_pretrained` does: config.json plus one safetensors file (`save_state`);
+    floating-point weights in `dtype` when given."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in module.state_dict().items()}
+    return save_state(state, raw_config, folder, kind)
+
+
+def save_state(state: dict[str, torch.Tensor], raw_config: dict, folder: str | Path, kind: str) -> Path:
+    """Write a component's state dict (our module's key names) as config.json plus one safetensors file.
 
     kind: "diffusers" (unet, vae: diffusion_pytorch_model.safetensors) or "transformers" (text encoder:
     model.safetensors, keys with the hub's `text_model.` prefix).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in module.state_dict().items()}
     if kind == "transformers":
         state = {f"text_model.{k}": v for k, v in state.items()}
         name = _TRANSFORMERS_NAME
