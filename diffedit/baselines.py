@@ -6,7 +6,8 @@ share one), so that a new baseline is one more function:
 pixels (B, 3, H, W) in [-1, 1]; source, target: `method.TextEmbeddings` with one row per image; generator: one, or
 one per image (each image then draws what it draws alone); truth: a (B, h, w) bool region on the latent grid, or None
 (only "diffedit-gt-mask" needs it); steps: how DiffEdit's steps are run (`reuse.Steps`, the default: `method`'s
-functions; `reuse.SharedSteps` shares the map and the inversion between settings). Couairon et al., arXiv 2210.11427, §4:
+functions; `reuse.SharedSteps` shares the map and the inversion between settings).
+Couairon et al., arXiv 2210.11427, §4:
 
 - "diffedit": the estimated mask, the DDIM encoding to r, the masked decoding (§3.2; random draws in diffusers'
   order, so one image gives `api.edit_each`'s numbers);

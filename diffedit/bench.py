@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         planned = [Planned(Path(args.json), "--json")] if args.json else []
         check_outputs(planned, {})  # before any work: a file path in a writable folder
-        report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs, threads=args.threads,
+        report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs,
+                           threads=args.threads,
                            settings=Settings(num_inference_steps=args.steps, batch_size=args.batch_size),
                            reference=not args.no_reference, compile_unet=args.compile)
         print(render(report))

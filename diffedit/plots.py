@@ -3,8 +3,8 @@ curve and the mask ablations. matplotlib is an optional extra (`pip install -e "
 experiment writes everything else and says how to get these.
 
 - `tradeoff.png` (when `inpaint_strength` is swept): for each method, mean edit success against mean background
-  PSNR, one point per encoding ratio r (its marker), joined in r's order (Couairon et al., arXiv 2210.11427, Fig. 4's shape:
-  the further up and right, the better).
+  PSNR, one point per encoding ratio r (its marker), joined in r's order (Couairon et al., arXiv 2210.11427,
+  Fig. 4's shape: the further up and right, the better).
 - `mask_iou_vs_{field}.png` (when a mask field is swept: the thresholding ratio, the number of maps, the mask
   noise): DiffEdit's mean mask IoU with its 95% confidence interval against the field, one line per value of the
   other swept fields (e.g. the thresholding rule), and the best-threshold IoU of the same maps dashed.

@@ -11,9 +11,9 @@ Generator = torch.Generator | list[torch.Generator] | None
 
 def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise of `shape` on `device`. A CPU generator draws on the CPU and the result moves to
-    `device`; a generator on another kind of device is an error; a list of generators draws one batch row each, as diffusers
-    does, or, for a batch of k rows per generator (a batch of images with k noise draws each), generator i draws
-    rows i k .. i k + k - 1 in one draw: what it draws for its image alone."""
+    `device`; a generator on another kind of device is an error; a list of generators draws one batch row each,
+    as diffusers does, or, for a batch of k rows per generator (a batch of images with k noise draws each),
+    generator i draws rows i k .. i k + k - 1 in one draw: what it draws for its image alone."""
     gens = generator if isinstance(generator, list) else [generator]
     rand_device = device
     if gens[0] is not None and gens[0].device.type == "cpu" and device.type != "cpu":

@@ -39,7 +39,8 @@ def run(name, sd, params, truth=None, seed=0):
 
 def test_every_method_has_the_one_signature():
     signatures = {name: list(inspect.signature(f).parameters) for name, f in baselines.METHODS.items()}
-    assert all(s == ["sd", "pixels", "source", "target", "params", "generator", "truth", "steps"] for s in signatures.values())
+    one = ["sd", "pixels", "source", "target", "params", "generator", "truth", "steps"]
+    assert all(s == one for s in signatures.values())
     assert set(baselines.METHODS) == {"diffedit", "diffedit-gt-mask", "encode-decode", "sdedit"}
 
 

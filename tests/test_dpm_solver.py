@@ -17,7 +17,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # float32 arithmetic in the same order; measur
 def test_timesteps_equal_diffusers(spacing, steps):
     ref = DPMSolverMultistepScheduler(**SD, timestep_spacing=spacing)
     ref.set_timesteps(steps)
-    assert dpm_timesteps(DDIMConfig(**SD, clip_sample=False, timestep_spacing=spacing), steps).tolist() == ref.timesteps.tolist()
+    ours = dpm_timesteps(DDIMConfig(**SD, clip_sample=False, timestep_spacing=spacing), steps)
+    assert ours.tolist() == ref.timesteps.tolist()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -428,7 +428,8 @@ ONE_ARGUMENT = [
     ("mask", dict(num_inference_steps=20)), ("mask", dict(guidance_scale=4.0)),
     ("mask", dict(mask_thresholding_ratio=1.5)), ("mask", dict(source_negative_prompt="blurry")),
     ("mask", dict(target_negative_prompt="a drawing")), ("mask", "target_prompt_embeds"),
-    ("mask", "source_prompt_embeds"), ("mask", "target_negative_prompt_embeds"), ("mask", "source_negative_prompt_embeds"),
+    ("mask", "source_prompt_embeds"), ("mask", "target_negative_prompt_embeds"),
+    ("mask", "source_negative_prompt_embeds"),
     ("invert", dict(guidance_scale=3.0)), ("invert", dict(negative_prompt="blurry")),
     ("invert", dict(num_reg_steps=1, num_auto_corr_rolls=2, lambda_auto_corr=5.0, lambda_kl=7.0)),
     ("invert", "prompt_embeds"), ("invert", "negative_prompt_embeds"),
@@ -484,7 +485,8 @@ def test_every_argument_that_changes_numbers_is_in_the_one_argument_table():
 
     named = {k for _, change in ONE_ARGUMENT for k in ([change] if isinstance(change, str) else change)}
     forms = {"self", "image", "generator", "output_type", "return_dict", "callback", "callback_steps",
-             "cross_attention_kwargs", "decode_latents", "latents", "mask_image", "image_latents", "return_guidance_map",
+             "cross_attention_kwargs", "decode_latents", "latents", "mask_image", "image_latents",
+             "return_guidance_map",
              "prompt", "source_prompt", "target_prompt", "num_inference_steps",  # prompts and steps: every test
              "clip_skip"}
     for f in (StableDiffusionDiffEdit.generate_mask, StableDiffusionDiffEdit.invert, StableDiffusionDiffEdit.__call__):

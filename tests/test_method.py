@@ -545,7 +545,8 @@ def test_dpm_on_a_v_prediction_model_inverts_and_decodes_with_the_mask(sd_v):
     mask[..., :4] = 1
     out = method.decode(sd_v, inversion, mask, texts(sd_v, ["a dog"]), params)
     assert torch.isfinite(out).all()
-    assert torch.equal(out[..., 4:], inversion.clean[..., 4:]) and not torch.equal(out[..., :4], inversion.clean[..., :4])
+    assert torch.equal(out[..., 4:], inversion.clean[..., 4:])  # outside: the clean latents after the last step
+    assert not torch.equal(out[..., :4], inversion.clean[..., :4])
 
 
 def test_a_step_whose_target_level_1_was_not_inverted_is_refused_not_pasted_clean(sd):
