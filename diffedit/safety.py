@@ -17,7 +17,7 @@ import torch
 
 from . import image_tensors
 from .models.config import SafetyCheckerConfig
-from .models.image_processor import CONFIG_FILE, CLIPImageProcessor
+from .models.image_processor import CONFIG_FILE, PROCESSOR_TYPES, CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .models.weights import component_weights, load_state
 from .validation import ConfigError
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 SAFETY_CHECKER = "safety_checker"
 FEATURE_EXTRACTOR = "feature_extractor"
 SAFETY_CHECKER_CLASSES = (["stable_diffusion", "StableDiffusionSafetyChecker"],)
-FEATURE_EXTRACTOR_CLASSES = (["transformers", "CLIPImageProcessor"], ["transformers", "CLIPFeatureExtractor"])
+# One processor under its three transformers names (CLIPImageProcessorPil: transformers 5's name without torchvision)
+FEATURE_EXTRACTOR_CLASSES = tuple(["transformers", name] for name in PROCESSOR_TYPES)
 NO_CHECKER_WARNING = ("{source} has no safety checker but its model_index.json sets requires_safety_checker "
                       "(diffusers warns the same): keep the filter on for anything public, as the Stable Diffusion "
                       "license asks")

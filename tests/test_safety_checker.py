@@ -106,14 +106,16 @@ def test_vision_tower_pooled_output_matches_transformers_clip_vision_model(tmp_p
 # The SD 1.5 safety checker's config.json as the hub has it (written by transformers 4.22: generic keys in each
 # sub-config, the real values repeated in *_config_dict), trimmed of generic keys that change nothing.
 SD15_CONFIG = {
-    "_commit_hash": "4bb648a606ef040e7685bde262611766a5fdd67b", "_name_or_path": "CompVis/stable-diffusion-safety-checker",
+    "_commit_hash": "4bb648a606ef040e7685bde262611766a5fdd67b",
+    "_name_or_path": "CompVis/stable-diffusion-safety-checker",
     "architectures": ["StableDiffusionSafetyChecker"], "initializer_factor": 1.0, "logit_scale_init_value": 2.6592,
     "model_type": "clip", "projection_dim": 768, "torch_dtype": "float32", "transformers_version": None,
     "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
                     "model_type": "clip_text_model", "vocab_size": 49408},
     "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
                          "num_hidden_layers": 12},
-    "vision_config": {"add_cross_attention": False, "architectures": None, "attention_dropout": 0.0, "bos_token_id": None,
+    "vision_config": {"add_cross_attention": False, "architectures": None, "attention_dropout": 0.0,
+                      "bos_token_id": None,
                       "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 1024, "id2label": {"0": "LABEL_0"},
                       "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
                       "intermediate_size": 4096, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
@@ -202,8 +204,8 @@ def crafted(tmp_path_factory):
     concepts = torch.cat([directions, torch.randn(13, PROJECTION, generator=gen(3))])
     specials = torch.cat([directions[2:3], torch.randn(2, PROJECTION, generator=gen(4))])
     d = [float(c) for c in cos.diagonal()]
-    set_thresholds(ref, [d[2] - 0.002, NEVER, NEVER], [d[0] - 0.0004, d[1] - 0.0006, d[2] + 0.005, NEVER] + [NEVER] * 13,
-                   specials, concepts)
+    set_thresholds(ref, [d[2] - 0.002, NEVER, NEVER],
+                   [d[0] - 0.0004, d[1] - 0.0006, d[2] + 0.005, NEVER] + [NEVER] * 13, specials, concepts)
     with torch.no_grad():  # the tie: threshold = the cosine diffusers computes for input 3 and concept 3
         ref.concept_embeds_weights[3] = cosine_distance(ref.visual_projection(ref.vision_model(x).pooler_output),
                                                         ref.concept_embeds)[3, 3]
@@ -287,8 +289,8 @@ def edit(pipe, output_type="np", return_dict=True):
 
 @pytest.fixture(scope="module")
 def checked_folder(tmp_path_factory):
-    """A tiny SD1 model with a checker crafted on the edit's own two outputs: the first image flagged (its own
-    embedding as concept 0, threshold 0.9), the second not (its cosine with concept 0 is far below 0.9)."""
+    """A tiny SD1 model with a checker crafted on the edit's own two outputs: concept 0 points from the second
+    image's embedding to the first's, threshold 0: the first image is flagged, the second not (cosines +-0.16)."""
     processor = reference_processor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     checker = reference_checker()
     folder = save_model_with_checker(tmp_path_factory.mktemp("checked"), checker, processor)
@@ -298,9 +300,10 @@ def checked_folder(tmp_path_factory):
     clip_input = processor(pictures, return_tensors="pt").pixel_values
     with torch.no_grad():
         embeds = torch.nn.functional.normalize(checker.visual_projection(checker.vision_model(clip_input)[1]))
-    assert float(embeds[0] @ embeds[1]) < 0.85, "the two edits are too alike to craft a checker on"
-    set_thresholds(checker, [NEVER] * 3, [0.9] + [NEVER] * 16, concept_embeds=torch.cat(
-        [embeds[:1], torch.randn(16, PROJECTION, generator=gen(9))]))
+    direction = torch.nn.functional.normalize(embeds[:1] - embeds[1:])  # cosines +-sqrt((1 - cos(e0, e1)) / 2)
+    assert float(embeds[0] @ embeds[1]) < 0.999, "the two edits are too alike to craft a checker on"
+    set_thresholds(checker, [NEVER] * 3, [0.0] + [NEVER] * 16, concept_embeds=torch.cat(
+        [direction, torch.randn(16, PROJECTION, generator=gen(9))]))
     shutil.rmtree(folder / "safety_checker")
     checker.save_pretrained(folder / "safety_checker")
     return folder
