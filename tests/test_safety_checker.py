@@ -5,6 +5,7 @@ the special-care adjustment), the blacked-out images, the whole DiffEdit call ag
 (hub and transformers-5 key layouts, requires_safety_checker) and every broken folder."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -240,9 +241,9 @@ def test_blacked_out_images_and_warning_match_diffusers(crafted):
     assert none == [False, False] and torch.equal(kept, images[[0, 3]])
 
 
-def test_special_care_adjustment_raises_the_later_special_scores_of_the_same_picture_only():
-    """Direct checks of the rule on hand-made cosines (float32): the 0.01 applies from the first positive special
-    score on, per picture; rounding to 3 decimals decides at +-0.0005."""
+def test_special_care_adjustment_is_per_picture_and_rounding_decides_at_half_a_thousandth():
+    """Direct checks of the rule on hand-made cosines (float32): a positive special score adds 0.01 to that
+    picture's concept scores only; rounding to 3 decimals decides at 0.0005."""
     special = np.array([[0.502, 0.495, 0.1], [0.1, 0.1, 0.1]], dtype=np.float32)
     concept = np.array([[0.4951] + [0.0] * 16, [0.4951] + [0.0] * 16], dtype=np.float32)
     thresholds = [0.5] * 3
@@ -340,18 +341,39 @@ def test_run_safety_checker_without_a_checker_returns_the_pixels_and_no_flags(sd
     assert same is pixels and flags is None
 
 
-def test_one_call_api_and_cli_black_out_a_flagged_edit_and_say_so(checked_folder, tmp_path):
-    """diffedit.edit and `diffedit edit` run the checker; a flagged edit is written black (as diffusers returns it)
-    with one warning line naming why. Thresholds of -1 flag every picture."""
-    import diffedit
+@pytest.fixture(scope="module")
+def flag_all_folder(checked_folder, tmp_path_factory):
+    """The checked model with every concept threshold at -1 (every picture flagged), its checker weights rewritten in
+    the hub's key layout (`vision_model.vision_model.*`, transformers < 5)."""
+    from safetensors.torch import save_file
 
-    folder = shutil.copytree(checked_folder, tmp_path / "model")
+    folder = shutil.copytree(checked_folder, tmp_path_factory.mktemp("flag_all") / "model")
     checker = ours_from(folder / "safety_checker")
     state = {f"vision_model.{k}" if k.startswith("vision_model.") else k: v for k, v in checker.state_dict().items()}
     state["concept_embeds_weights"] = torch.full((17,), -1.0)
-    from safetensors.torch import save_file
+    save_file(state, str(folder / "safety_checker" / "model.safetensors"))
+    return folder
 
-    save_file(state, str(folder / "safety_checker" / "model.safetensors"))  # also the hub's vision_model.vision_model.
+
+def test_invert_decoded_latents_are_not_checked_as_in_diffusers(flag_all_folder):
+    ref, ours = reference_pipeline(flag_all_folder), StableDiffusionDiffEdit.from_pretrained(flag_all_folder)
+    assert ours.model.safety_checker is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no NSFW warning from ours
+        got = ours.invert(prompt="a cat", image=picture(1), num_inference_steps=STEPS, decode_latents=True,
+                          output_type="np", generator=gen(2)).images
+    expected = ref.invert(prompt="a cat", image=picture(1), num_inference_steps=STEPS, decode_latents=True,
+                          output_type="np", generator=gen(2)).images
+    assert got.shape == expected.shape and np.abs(got - expected).max() < IMAGE_TOL
+    assert (got.max(axis=(1, 2, 3)) > 0.05).all()  # no black picture
+
+
+def test_one_call_api_and_cli_black_out_a_flagged_edit_and_say_so(flag_all_folder, tmp_path):
+    """diffedit.edit and `diffedit edit` run the checker; a flagged edit is written black (as diffusers returns it)
+    with one warning line naming why."""
+    import diffedit
+
+    folder = flag_all_folder
     with pytest.warns(UserWarning, match="Potential NSFW content was detected"):
         result = diffedit.edit(picture(1), "a cat", "a dog", model=folder, seed=0, num_inference_steps=STEPS,
                                num_maps_per_mask=2)
@@ -359,7 +381,8 @@ def test_one_call_api_and_cli_black_out_a_flagged_edit_and_say_so(checked_folder
     picture(1).save(tmp_path / "in.png")
     run = subprocess.run([sys.executable, "-m", "diffedit", "edit", "in.png", "--source", "a cat", "--target", "a dog",
                           "-o", "out.png", "--model", str(folder), "--steps", str(STEPS), "--num-maps", "2", "-q"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stderr.splitlines() if "NSFW" in line]
     assert lines == [f"diffedit: warning: {FLAGGED_WARNING}"]
