@@ -19,12 +19,12 @@ from .locations import ModelNotFoundError, model_location
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
+from .models.image_processor import CLIPImageProcessor
+from .models.safety_checker import StableDiffusionSafetyChecker
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .models.weights import WeightsError, component_weights, load_state
-from .models.image_processor import CLIPImageProcessor
-from .models.safety_checker import StableDiffusionSafetyChecker
 from .safety import load_safety_components
 from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 
@@ -119,8 +119,7 @@ def _allow_patterns(variant: str | None) -> list[str]:
     """Only the files a load reads: configs, tokenizer files, safetensors weights (never pickles)."""
     v = f".{variant}" if variant else ""
     patterns = ["model_index.json", EDIT_DEFAULTS_FILE, "scheduler/*.json", "inverse_scheduler/*.json",
-                "tokenizer/*", "*/config.json"]
-    patterns.append("feature_extractor/preprocessor_config.json")
+                "tokenizer/*", "*/config.json", "feature_extractor/preprocessor_config.json"]
     for name, base in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model"), ("safety_checker", "model")):
         patterns += [f"{name}/{base}{v}.safetensors", f"{name}/{base}.safetensors.index{v}.json",

@@ -485,3 +485,16 @@ def test_broken_checker_folders_are_refused_naming_the_problem(checked_folder, t
     assert isinstance(info.value, ValueError)
     if error is ConfigError:
         assert "\n" not in str(info.value)
+
+
+def test_command_line_refuses_a_broken_checker_with_one_line_and_exit_status_2(checked_folder, tmp_path):
+    folder = shutil.copytree(checked_folder, tmp_path / "model")
+    BROKEN["unknown_vision_key"][0](folder)
+    picture(1).save(tmp_path / "in.png")
+    run = subprocess.run([sys.executable, "-m", "diffedit", "edit", "in.png", "--source", "a cat", "--target", "a dog",
+                          "-o", "out.png", "--model", str(folder)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("diffedit: error: ") and "unknown field 'use_rope'" in lines[0]
+    assert not (tmp_path / "out.png").exists()
