@@ -70,10 +70,14 @@ def load_safety_components(folder: Path, index: dict, source: str, device: torch
     if has_checker and not has_processor:
         raise ConfigError("model_index.json names a safety_checker but no feature_extractor, which the checker needs "
                           "to prepare pictures: add feature_extractor/, or set safety_checker to [null, null]")
+    # Without a checker the image processor has no use: a folder that names one but lacks it (SD 2.x repos fetched
+    # before these folders were downloaded) still loads.
+    has_processor = has_processor and (has_checker or (folder / FEATURE_EXTRACTOR).is_dir())
     for name, present in ((SAFETY_CHECKER, has_checker), (FEATURE_EXTRACTOR, has_processor)):
         if present and not (folder / name).is_dir():
             raise ConfigError(f"model_index.json names a {name} but {folder} has no {name}/ folder: fetch the "
-                              f"model again, or set {name} to [null, null] in model_index.json to run without it")
+                              f"model again, or set safety_checker to [null, null] in model_index.json to run "
+                              "without a safety checker")
     if not has_checker and requires:
         warnings.warn(NO_CHECKER_WARNING.format(source=source), stacklevel=3)
     processor = CLIPImageProcessor.from_folder(folder / FEATURE_EXTRACTOR) if has_processor else None

@@ -406,9 +406,11 @@ def test_requires_safety_checker_warns_as_diffusers_when_no_checker_is_named(che
         sd = StableDiffusion.from_pretrained(folder)
     assert sd.safety_checker is None and sd.feature_extractor is not None
     edit_index(folder, requires_safety_checker=False)
+    shutil.rmtree(folder / "feature_extractor")  # named, absent, and not needed without a checker (SD 2.x repos)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert StableDiffusion.from_pretrained(folder).safety_checker is None
+        sd = StableDiffusion.from_pretrained(folder)
+    assert sd.safety_checker is None and sd.feature_extractor is None
 
 
 def test_hub_download_patterns_take_the_checker_folders_safetensors_only():
@@ -439,6 +441,8 @@ BROKEN = {
     "no_folder": (lambda f: shutil.rmtree(f / "safety_checker"), ConfigError, "has no safety_checker/ folder"),
     "no_feature_extractor": (lambda f: edit_index(f, feature_extractor=[None, None]), ConfigError,
                              "no feature_extractor"),
+    "no_feature_extractor_folder": (lambda f: shutil.rmtree(f / "feature_extractor"), ConfigError,
+                                    "has no feature_extractor/ folder"),
     "other_class": (lambda f: edit_index(f, safety_checker=["mine", "MyChecker"]), ConfigError,
                     "unsupported safety_checker"),
     "requires_not_bool": (lambda f: edit_index(f, requires_safety_checker="yes"), ConfigError,
