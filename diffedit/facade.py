@@ -20,6 +20,8 @@ import torch
 
 from . import image_tensors
 from . import method
+from .models.image_processor import CLIPImageProcessor
+from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
@@ -101,6 +103,21 @@ class StableDiffusionDiffEdit:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def safety_checker(self) -> StableDiffusionSafetyChecker | None:
+        """The model's `StableDiffusionSafetyChecker` or None; `pipe.safety_checker = None` turns it off, as in
+        diffusers."""
+        return self.model.safety_checker
+
+    @safety_checker.setter
+    def safety_checker(self, checker: StableDiffusionSafetyChecker | None) -> None:
+        self.model.safety_checker = checker
+
+    @property
+    def feature_extractor(self) -> CLIPImageProcessor | None:
+        """The model's CLIP image processor (the checker's input) or None."""
+        return self.model.feature_extractor
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -331,6 +331,11 @@ def test_facade_call_matches_diffusers_pipeline_with_the_checker_on(checked_fold
     assert np.abs(np.asarray(pil[1]).astype(int) - np.round(expected.images[1] * 255)).max() <= 2
     assert pt.shape == (2, 3, 64, 64) and not pt[0].any() and pt[1].min() >= 0
     assert latents.nsfw_content_detected is None  # diffusers runs no checker on latents
+    assert ours.feature_extractor is ours.model.feature_extractor is not None
+    ours.safety_checker = ref.safety_checker = None  # turned off, diffusers' way
+    expected, got = edit(ref), edit(ours)
+    assert expected.nsfw_content_detected is got.nsfw_content_detected is None and got.images[0].std() > 0.01
+    assert np.abs(got.images - expected.images).max() < IMAGE_TOL
 
 
 def test_run_safety_checker_without_a_checker_returns_the_pixels_and_no_flags(sd1_folder):
