@@ -20,6 +20,7 @@ import torch
 
 from . import image_tensors
 from . import method
+from .memory import vae_decode
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
 
@@ -100,6 +101,29 @@ class StableDiffusionDiffEdit:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    # Memory options (diffedit/memory.py), diffusers' names; they set the model's own options
+
+    def enable_vae_slicing(self) -> None:
+        self.model.enable_vae_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.model.disable_vae_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.model.enable_vae_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.model.disable_vae_tiling()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        self.model.enable_model_cpu_offload(gpu_id, device)
+
+    def maybe_free_model_hooks(self) -> None:
+        self.model.maybe_free_model_hooks()
+
+    def remove_all_hooks(self) -> None:
+        self.model.remove_all_hooks()
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -184,6 +208,7 @@ class StableDiffusionDiffEdit:
             mask = est.mask
         else:
             mask = est.mask.cpu().numpy()
+        self.maybe_free_model_hooks()
         return (mask, est.guidance_map.cpu().numpy()) if return_guidance_map else mask
 
     @torch.no_grad()
@@ -212,8 +237,9 @@ class StableDiffusionDiffEdit:
         inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
-            pixels = self.model.vae.decode(1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
+            pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
             images = image_tensors.to_output(pixels, "pil" if output_type == "pil" else "np")
+        self.maybe_free_model_hooks()
         if not return_dict:
             return inv.latents, images
         return DiffEditInversionOutput(inv.latents, images, inv.timesteps, inv.clean)
@@ -257,6 +283,7 @@ class StableDiffusionDiffEdit:
         else:
             images = image_tensors.to_output(method.to_pixels(self.model, x),
                                              output_type if output_type in ("pt", "np") else "pil")
+        self.maybe_free_model_hooks()
         return DiffEditPipelineOutput(images) if return_dict else (images, None)
 
     def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):
