@@ -219,3 +219,33 @@ def test_offload_device_follows_diffusers_rules(monkeypatch):
             memory.offload_device(gpu_id=bad, device="cuda")
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     assert memory.offload_device() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the moves are real only there")
+def test_offload_on_a_gpu_moves_each_network_there_only_while_it_runs(sd1_folder):
+    """On a GPU: during the UNet's loop only the UNet is on the GPU, after each call nothing is, and the edit equals
+    the one with the whole model on the GPU."""
+    offloaded = StableDiffusionDiffEdit.from_pretrained(sd1_folder)
+    offloaded.enable_model_cpu_offload()
+    sd = offloaded.model
+    assert offloaded.device == torch.device("cuda", 0) and next(sd.unet.parameters()).device.type == "cpu"
+    where = lambda: tuple(next(getattr(sd, n).parameters()).device.type for n in memory.OFFLOAD_ORDER)
+    seen = []
+    image = picture(33, WIDE)
+    mask = offloaded.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", generator=gen(1))
+    assert where() == ("cpu", "cpu", "cpu")
+    inv = offloaded.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen(2),
+                           callback=lambda i, t, x: seen.append(where()))
+    out = offloaded(prompt="a dog", mask_image=mask, image_latents=inv.latents, num_inference_steps=STEPS,
+                    generator=gen(3), output_type="np", callback=lambda i, t, x: seen.append(where()))
+    assert set(seen) == {("cpu", "cuda", "cpu")} and where() == ("cpu", "cpu", "cpu")
+    assert torch.cuda.memory_allocated() < sum(p.numel() * p.element_size() for p in sd.unet.parameters())
+    on_gpu = StableDiffusionDiffEdit.from_pretrained(sd1_folder, device="cuda")
+    want_mask = on_gpu.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", generator=gen(1))
+    want_inv = on_gpu.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=gen(2))
+    want = on_gpu(prompt="a dog", mask_image=want_mask, image_latents=want_inv.latents, num_inference_steps=STEPS,
+                  generator=gen(3), output_type="np")
+    assert (mask == want_mask).mean() >= MASK_TOL and rel(inv.latents.cpu(), want_inv.latents.cpu()) < 1e-5
+    assert max_abs(out.images, want.images) < 1e-4  # the same kernels; only cuDNN's algorithm choice may differ
+    offloaded.remove_all_hooks()
+    assert where() == ("cuda", "cuda", "cuda") and offloaded.model.offload is None
