@@ -97,6 +97,12 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                         "instead of the corrected mode")
     g.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse larger images (default {DEFAULT_MAX_PIXELS}, 2048x2048)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode images larger than the VAE's tile (its sample_size: 512 pixels for SD) "
+                        "in overlapping, blended tiles, as diffusers' tiled VAE: far less memory, slightly different "
+                        "pixels; smaller images are unchanged")
+    g.add_argument("--vae-slicing", action="store_true",
+                   help="encode and decode one image at a time (less memory for several targets; same pixels)")
     o = p.add_argument_group("output and messages")
     o.add_argument("--force", action="store_true", help="allow an output to overwrite an input file")
     o.add_argument("--json", action="store_true",
@@ -318,6 +324,10 @@ class CommandRun:
             raise BadInput(f"--{e}") from None
         with self.timed("load_model"):
             self.sd = load_or_refuse(model, device, dtype)
+        if self.args.vae_tiling:
+            self.sd.enable_vae_tiling()
+        if self.args.vae_slicing:
+            self.sd.enable_vae_slicing()
         self.model = model
         from .api import check_params_for_model
 

@@ -22,6 +22,7 @@ from . import image_tensors
 from . import method
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
+from .memory import vae_decode
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
@@ -119,6 +120,29 @@ class StableDiffusionDiffEdit:
         """The model's CLIP image processor (the checker's input) or None."""
         return self.model.feature_extractor
 
+    # Memory options (diffedit/memory.py), diffusers' names; they set the model's own options
+
+    def enable_vae_slicing(self) -> None:
+        self.model.enable_vae_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.model.disable_vae_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.model.enable_vae_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.model.disable_vae_tiling()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        self.model.enable_model_cpu_offload(gpu_id, device)
+
+    def maybe_free_model_hooks(self) -> None:
+        self.model.maybe_free_model_hooks()
+
+    def remove_all_hooks(self) -> None:
+        self.model.remove_all_hooks()
+
     # ------------------------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
@@ -202,6 +226,7 @@ class StableDiffusionDiffEdit:
             mask = est.mask
         else:
             mask = est.mask.cpu().numpy()
+        self.maybe_free_model_hooks()
         return (mask, est.guidance_map.cpu().numpy()) if return_guidance_map else mask
 
     @torch.no_grad()
@@ -231,8 +256,9 @@ class StableDiffusionDiffEdit:
         inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
-            pixels = self.model.vae.decode(1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
+            pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
             images = image_tensors.to_output(pixels, "pil" if output_type == "pil" else "np")
+        self.maybe_free_model_hooks()
         if not return_dict:
             return inv.latents, images
         return DiffEditInversionOutput(inv.latents, images, inv.timesteps, inv.clean)
@@ -278,6 +304,7 @@ class StableDiffusionDiffEdit:
             pixels, nsfw = run_safety_checker(self.model, method.to_pixels(self.model, x))
             images = image_tensors.to_output(pixels, output_type if output_type in ("pt", "np") else "pil",
                                              None if nsfw is None else [not flagged for flagged in nsfw])
+        self.maybe_free_model_hooks()
         return DiffEditPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
     def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):

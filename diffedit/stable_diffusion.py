@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .locations import ModelNotFoundError, model_location
+from .memory import ModelOffload, model_cpu_offload
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
@@ -46,6 +47,10 @@ class StableDiffusion:
     folder: Path | None = None  # the local folder it was loaded from (a hub repo's cache snapshot); None if built
     safety_checker: StableDiffusionSafetyChecker | None = None  # None: no checker (the shipped model has none)
     feature_extractor: CLIPImageProcessor | None = None  # prepares decoded pictures for the safety checker
+    # Memory options (diffedit/memory.py), read by the method's VAE calls and the offload hooks
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    offload: ModelOffload | None = field(default=None, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -53,11 +58,43 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where inputs go: the UNet's device, or under model CPU offload the accelerator the networks run on."""
+        return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def enable_vae_slicing(self) -> None:
+        """Encode and decode one image of a batch at a time (less memory for batches; same numbers)."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode images larger than the VAE's sample_size in overlapping, blended tiles (memory
+        independent of the image size; slightly different numbers, as diffusers' tiled VAE)."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Keep the networks on the CPU and move each to the accelerator (`device`, default the available one,
+        index `gpu_id`) only while it runs. Without an accelerator: a warning, and nothing changes."""
+        self.offload = model_cpu_offload(self, gpu_id, device)
+
+    def maybe_free_model_hooks(self) -> None:
+        """Under model CPU offload, send the network still on the accelerator back to the CPU; else nothing."""
+        if self.offload is not None:
+            self.offload.free()
+
+    def remove_all_hooks(self) -> None:
+        """End model CPU offload: the hooks go and every network is placed on the accelerator it ran on."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
