@@ -49,15 +49,17 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
                          f"not {prediction_type!r}")
     path = Path(path).expanduser()
     state = read_single_file(path)
+    source = str(path)
     if config is not None:
-        folder = resolve_model_folder(config)
-        parts = _folder_parts(folder)
+        parts = _folder_parts(resolve_model_folder(config))
     else:
-        parts = _official_parts("SD 2.x" if is_sd2(state) else "SD 1.x")
+        family = "SD 2.x" if is_sd2(state) else "SD 1.x"
+        parts = _official_parts(family)
+        source += f" (read as {family} with its official configs: for other shapes give its diffusers config folder)"
     networks, tokenizer, scheduler_config, inverse_config, edit_defaults = parts
     with torch.device("meta"):
         modules = {name: cls(networks[name]) for name, cls, _ in _NETWORKS}  # shapes only
-    states = split_state(state, modules, str(path))
+    states = split_state(state, modules, source)
     loaded = {name: load_state(modules[name], states[name], f"{path} ({name})", device, dtype).eval()
               .requires_grad_(False) for name in modules}
     if prediction_type is not None:

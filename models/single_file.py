@@ -254,7 +254,7 @@ def join_state(states: dict[str, dict[str, torch.Tensor]], modules: dict[str, nn
             else:
                 out[slot.key] = value[..., None, None] if slot.conv and value.ndim == 2 else value
     out.update({key: torch.cat(blocks, dim=0) for key, blocks in fused.items()})
-    return {k: v.cpu().contiguous() for k, v in out.items()}
+    return out
 
 
 def save_single_file_state(state: dict[str, torch.Tensor], path: str | Path) -> Path:
@@ -263,5 +263,5 @@ def save_single_file_state(state: dict[str, torch.Tensor], path: str | Path) -> 
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: a single-file checkpoint is written as .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt"})
+    save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
     return path
