@@ -59,6 +59,9 @@ class StableDiffusion:
                         variant: str | None = None) -> "StableDiffusion":
         """Load every component; weights in any stored dtype are converted to `dtype` on `device`."""
         folder = resolve_model_folder(path_or_repo_id, revision, variant)
+        if folder.is_file():
+            raise ModelNotFoundError(f"{folder} is a single-file checkpoint: load it with "
+                                     "StableDiffusion.from_single_file")
         index = folder / "model_index.json"
         if not index.is_file():
             raise ModelNotFoundError(f"{folder} is not a diffusers model folder: model_index.json is missing")

@@ -235,7 +235,8 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
 def _describe(state: dict[str, torch.Tensor]) -> str:
     """What the file seems to hold, for the error's first line."""
     layout_name = text_layout_of(state)
-    parts = [p for p, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX)) if any(k.startswith(prefix) for k in state)]
+    parts = [part for part, prefix in (("UNet", UNET_PREFIX), ("VAE", VAE_PREFIX))
+             if any(k.startswith(prefix) for k in state)]
     text = {"openai": "OpenAI CLIP", "openclip": "OpenCLIP", None: "no text encoder"}[layout_name]
     return f"the file has {' + '.join(parts) or 'no UNet or VAE'}, {text}"
 
