@@ -8,6 +8,9 @@ around them, as diffusers' `StableDiffusionPipeline.from_single_file` does:
   official SD 1.5 / SD 2.1 configs (`official_configs`), the packaged CLIP vocabulary as the tokenizer (SD 2.x pads
   with "!", id 0, as its tokenizer folder says). SD 2.x is then assumed v-prediction: diffusers takes SD 2.1's config
   for it (its scheduler says v_prediction). SD 2 *base* (512 px) is epsilon: pass prediction_type="epsilon".
+`prediction_type=` changes the prediction type only. diffusers' deprecated `prediction_type=` argument also swaps in
+a legacy scheduler whose betas run from 0.02 to 0.085 (not SD's 0.00085 to 0.012) unless an original YAML config is
+given; we do not copy that: the schedule stays the config's (or the official one).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ One .safetensors holds the whole model under three prefixes:
   `time_embed`, `out`), ResNets named `in_layers` / `emb_layers` / `out_layers` / `skip_connection`;
 - `first_stage_model.`: the VAE (`encoder.down.I.block.J`, `mid.block_1`, `mid.attn_1.{q,k,v,proj_out}` as 1x1
   convolutions, `nin_shortcut`, `norm_out`; the decoder's `up.I` counted from the lowest resolution);
-- the text encoder: `cond_stage_model.transformer.text_model.` (OpenAI CLIP, SD 1.x: the transformers keys) or
+- the text encoder: `cond_stage_model.transformer.text_model.` (OpenAI CLIP, SD 1.x: the transformers keys; files
+  written with transformers < 4.x lack `text_model.`, which is put back) or
   `cond_stage_model.model.` (OpenCLIP, SD 2.x: `resblocks.I` with q, k and v fused into `attn.in_proj_weight/bias`,
   `positional_embedding`, `token_embedding`, `ln_final`).
 
@@ -35,6 +36,7 @@ from .weights import WeightsError, _fits, _IGNORED, read_safetensors
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPENAI_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+_OPENAI_CLIP_BARE = "cond_stage_model.transformer."  # the same without transformers' text_model level
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 TEXT_LAYOUTS = ("openai", "openclip")  # SD 1.x, SD 2.x
 # diffusers' SD 1.x / 2.x test (infer_diffusers_model_type): this key's context width is 1024 on SD 2.x only.
@@ -162,7 +164,7 @@ def text_layout_of(keys) -> str | None:
     keys = list(keys)
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         return "openclip"
-    if any(k.startswith(OPENAI_CLIP_PREFIX) for k in keys):
+    if any(k.startswith(_OPENAI_CLIP_BARE) for k in keys):
         return "openai"
     return None
 
@@ -202,6 +204,7 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
     `modules` (built from the configs, e.g. on the meta device) give the expected keys and shapes. Raises one
     WeightsError listing the missing, unexpected and mis-shaped entries under the file's names.
     """
+    state = {_with_text_model(k): v for k, v in state.items()}
     text_layout = text_layout or text_layout_of(state) or "openai"
     slots = layout(modules, text_layout)
     text_layers = modules["text_encoder"].config.num_hidden_layers
@@ -230,6 +233,13 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
         out[name] = {key: state[s.key].chunk(s.parts, dim=0)[s.part] if s.parts > 1 else state[s.key]
                      for key, s in table.items()}
     return out
+
+
+def _with_text_model(key: str) -> str:
+    """An OpenAI CLIP key of an old file (`cond_stage_model.transformer.encoder...`) under transformers' names."""
+    if key.startswith(_OPENAI_CLIP_BARE) and not key.startswith(OPENAI_CLIP_PREFIX):
+        return OPENAI_CLIP_PREFIX + key[len(_OPENAI_CLIP_BARE):]
+    return key
 
 
 def _describe(state: dict[str, torch.Tensor]) -> str:

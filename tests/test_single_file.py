@@ -180,6 +180,23 @@ def test_diffusers_from_single_file_reads_the_same_weights(converted):
     assert ref.scheduler.config.prediction_type == ours.scheduler.config.prediction_type
 
 
+def test_prediction_type_keeps_the_schedule_where_diffusers_legacy_argument_does_not(converted):
+    """diffusers' deprecated prediction_type= swaps in betas 0.02..0.085; ours changes the prediction type only."""
+    from diffusers import StableDiffusionPipeline
+
+    _, folder, ours, path, _ = converted
+    with pytest.warns(FutureWarning):
+        ref = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, prediction_type="epsilon")
+    assert (ref.scheduler.config.beta_start, ref.scheduler.config.beta_end) == (0.02, 0.085)
+    loaded = StableDiffusion.from_single_file(path, config=folder, prediction_type="epsilon")
+    expected = ours.scheduler.config
+    assert (loaded.scheduler.config.beta_start, loaded.scheduler.config.beta_end) == (expected.beta_start,
+                                                                                      expected.beta_end)
+    assert loaded.scheduler.config.prediction_type == ref.scheduler.config.prediction_type == "epsilon"
+
+
 def test_edit_matches_diffusers_loaded_from_the_same_file(converted):
     """diffusers' DiffEdit pipeline has no from_single_file: it is built from the components its
     StableDiffusionPipeline.from_single_file loads. Measured: masks equal, latents 8e-6 relative, images 3e-5 (SD1)
@@ -405,6 +422,16 @@ def test_original_checkpoint_extras_are_read_past(sd1_file, sd1_folder, tmp_path
 
     loaded = StableDiffusion.from_single_file(edited_copy(sd1_file, tmp_path, change), config=sd1_folder)
     assert torch.equal(loaded.unet.conv_in.weight, load_file(str(sd1_file))[CONV_IN])
+
+
+def test_openai_clip_keys_without_text_model_level_load(sd1_file, sd1_folder, tmp_path):
+    """Files written with old transformers name the text encoder `cond_stage_model.transformer.encoder...`."""
+    old = edited_copy(sd1_file, tmp_path, lambda s: s.update(
+        {k.replace(".text_model.", ".", 1): s.pop(k) for k in list(s) if k.startswith(sf.OPENAI_CLIP_PREFIX)}))
+    assert not any(".text_model." in k for k in load_file(str(old)))
+    loaded = StableDiffusion.from_single_file(old, config=sd1_folder)
+    expected = load_file(str(sd1_file))[sf.OPENAI_CLIP_PREFIX + "final_layer_norm.weight"]
+    assert torch.equal(loaded.text_encoder.final_layer_norm.weight, expected)
 
 
 def test_sd2_file_with_openclip_last_block_and_projection_loads(sd2_folder, tmp_path):
