@@ -509,8 +509,9 @@ def test_cli_invert_then_edit_with_a_single_file_model(sd2_folder, tmp_path, dif
     model = ["--model", "m.safetensors", "--config", sd2_folder, "--steps", "4"]
     invert = diffedit("invert", "in.png", "--prompt", "a cat", "-o", "lat.safetensors", *model, cwd=tmp_path)
     assert invert[0] == 0, invert[1]
+    # No --model: the latents file names the single file it was inverted with; --config goes with it
     edit = diffedit("edit", "in.png", "--latents", "lat.safetensors", "--target", "a dog", "-o", "out.png",
-                    "--source", "a cat", "--num-maps", "2", *model[:4], "--json", cwd=tmp_path)
+                    "--source", "a cat", "--num-maps", "2", "--config", sd2_folder, cwd=tmp_path)
     assert edit[0] == 0, edit[1]
     assert PIL.Image.open(tmp_path / "out.png").size == (64, 64)
     # Without --config the tiny file is read with SD 1.5's configs, which it does not fit: one line
