@@ -25,7 +25,7 @@ from . import official_configs as official
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, UNetConfig, VAEConfig
 from .models.single_file import (TEXT_LAYOUTS, is_sd2, join_state, read_single_file, save_single_file_state,
-                                 split_state, text_layout_of)
+                                 split_state)
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
@@ -51,11 +51,12 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
         raise ValueError(f"prediction_type must be None or one of {', '.join(PREDICTION_TYPES)}, "
                          f"not {prediction_type!r}")
     path = Path(path).expanduser()
-    state = read_single_file(path)
     source = str(path)
-    if config is not None:
+    if config is not None:  # the configs first: they are cheap to check, the file is not
         parts = _folder_parts(resolve_model_folder(config))
+        state = read_single_file(path)
     else:
+        state = read_single_file(path)
         family = "SD 2.x" if is_sd2(state) else "SD 1.x"
         parts = _official_parts(family)
         source += f" (read as {family} with its official configs: for other shapes give its diffusers config folder)"
@@ -116,4 +117,4 @@ def save_single_file(model: StableDiffusion, path: str | os.PathLike, text_layou
     return save_single_file_state(join_state(states, modules, text_layout), path)
 
 
-__all__ = ["load_single_file", "save_single_file", "text_layout_of"]
+__all__ = ["load_single_file", "save_single_file"]

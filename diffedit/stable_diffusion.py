@@ -93,7 +93,6 @@ class StableDiffusion:
             folder=folder,
         )
 
-
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
                          config: str | os.PathLike | None = None, device: str | torch.device = "cpu",

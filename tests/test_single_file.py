@@ -538,3 +538,14 @@ def test_api_load_model_reads_a_single_file_with_the_official_configs(sd1_file):
 
     with pytest.raises(WeightsError, match=r"read as SD 1.x with its official configs"):
         load_model(str(sd1_file))
+
+
+def test_a_config_folder_needs_no_weights_and_a_broken_one_is_named_before_the_file_is_read(sd1_folder, sd1_file,
+                                                                                            tmp_path):
+    from diffedit.models.config import ConfigError
+
+    folder = shutil.copytree(sd1_folder, tmp_path / "cfg", ignore=shutil.ignore_patterns("*.safetensors"))
+    assert StableDiffusion.from_single_file(sd1_file, config=folder).scheduler.config.prediction_type == "epsilon"
+    (folder / "unet" / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="unet/config.json is not valid JSON"):
+        StableDiffusion.from_single_file(tmp_path / "not-even-there.safetensors", config=folder)
