@@ -258,6 +258,8 @@ def test_full_size_layout_is_what_diffusers_converter_reads(unet, text, layout):
     models' keys and shapes; our reader takes it back, and also takes what the official files hold besides."""
     modules = meta_modules(unet, text)
     file = sf.join_state({name: m.state_dict() for name, m in modules.items()}, modules, layout)
+    fused = 4 * text["num_hidden_layers"] if layout == "openclip" else 0  # 6 q/k/v keys -> 2 in_proj keys a layer
+    assert len(file) == sum(len(m.state_dict()) for m in modules.values()) - fused
     converted, reference = diffusers_converted(file, unet, text, layout)
     for name in modules:
         assert converted[name] == reference[name], name
