@@ -97,6 +97,17 @@ class StableDiffusionDiffEdit:
                         params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
         return cls(StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant), params)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
+                         config: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                         params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
+        """An original-layout .safetensors checkpoint (`StableDiffusion.from_single_file`). diffusers 0.42.1's
+        DiffEdit pipeline has no `from_single_file`; its `StableDiffusionPipeline.from_single_file` reads the same
+        files and takes the same `config`."""
+        model = StableDiffusion.from_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
+        return cls(model, params)
+
     @property
     def vae_scale_factor(self) -> int:
         return self.model.vae_scale_factor

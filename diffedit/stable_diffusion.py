@@ -43,8 +43,9 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     inverse_scheduler: DDIMInverseScheduler
     edit_defaults: dict = field(default_factory=dict)
-    source: str = ""  # what it was loaded from, as given: a folder or a hub repo id
-    folder: Path | None = None  # the local folder it was loaded from (a hub repo's cache snapshot); None if built
+    source: str = ""  # what it was loaded from, as given: a folder, a hub repo id or a single .safetensors file
+    # the local folder it was loaded from (a hub repo's cache snapshot), or its single file; None if built
+    folder: Path | None = None
     safety_checker: StableDiffusionSafetyChecker | None = None  # None: no checker (the shipped model has none)
     feature_extractor: CLIPImageProcessor | None = None  # prepares decoded pictures for the safety checker
     # Memory options (diffedit/memory.py), read by the method's VAE calls and the offload hooks
@@ -102,6 +103,9 @@ class StableDiffusion:
                         variant: str | None = None) -> "StableDiffusion":
         """Load every component; weights in any stored dtype are converted to `dtype` on `device`."""
         folder = resolve_model_folder(path_or_repo_id, revision, variant)
+        if folder.is_file():
+            raise ModelNotFoundError(f"{folder} is a single-file checkpoint: load it with "
+                                     "StableDiffusion.from_single_file")
         index = folder / "model_index.json"
         if not index.is_file():
             raise ModelNotFoundError(f"{folder} is not a diffusers model folder: model_index.json is missing")
@@ -139,6 +143,23 @@ class StableDiffusion:
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
+                         config: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> "StableDiffusion":
+        """Load an original-layout (CompVis / LDM) .safetensors checkpoint holding the UNet, VAE and text encoder.
+
+        config: a diffusers model folder or hub repo id whose configs, tokenizer and scheduler go with the weights;
+        without it the file's keys say SD 1.x or SD 2.x (diffusers' rule) and the official SD 1.5 / SD 2.1 configs
+        are used, SD 2.x assumed v-prediction as diffusers does (SD 2 base is epsilon: say so).
+        prediction_type: overrides the scheduler's ("epsilon", "v_prediction", "sample").
+        Strict like `from_pretrained`: one WeightsError lists every missing, unexpected or mis-shaped entry; a
+        pickle (.ckpt) is refused. See `checkpoint_file` and `models/single_file.py`.
+        """
+        from .checkpoint_file import load_single_file
+
+        return load_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
 
 
 def _read(path: Path, reader):
