@@ -13,11 +13,12 @@ what the one-call API and the command line run; the diffusers-compatible facade 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least, number_at_least, number_in, one_of,
-                         optional)
+from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least, is_number, number_at_least,
+                         number_in, one_of, optional)
 
 THRESHOLD_RULES = ("ratio", "otsu")
 SAMPLERS = ("ddim", "dpmsolver++")
@@ -68,6 +69,9 @@ class DiffEditParams:
     # "dpmsolver++" (Lu et al., arXiv 2211.01095, 2nd-order multistep, as the original implementation decodes:
     # `method.invert_dpm`, `method.decode_dpm`), which needs fewer steps.
     sampler: str = "ddim"
+    # The LoRA scale (diffusers' cross_attention_kwargs={"scale": s}): each loaded adapter's branch times this, in
+    # the UNet and the text encoder of all three steps; no effect without LoRA adapters (models/lora.py).
+    lora_scale: float = 1.0
 
     # Corrections of diffusers 0.42.1 (on here, off in the compatible facade).
     paste_matching_step: bool = True  # D1: background from the step's target level; the clean latents at the end
@@ -120,6 +124,7 @@ _RULES = {
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
                                              "lambda_auto_corr", "lambda_kl", "eta")},
     "clip_skip": optional(int_at_least(0)),
+    "lora_scale": (lambda v: is_number(v) and math.isfinite(v), "a finite number"),
     **{name: BOOL for name in CORRECTIONS.values()},
 }
 
