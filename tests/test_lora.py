@@ -360,3 +360,80 @@ def test_text_encoder_pairs_survive_save_and_reload(sd1_pair, tmp_path):
     original = text()
     ours.load_lora_weights(ours.save_lora_weights(tmp_path / "out", adapter_name="first"), adapter_name="again")
     assert torch.equal(text(), original)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(error_type, call) -> str:
+    with pytest.raises(error_type) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+UNET_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+KOHYA_Q = "lora_unet_" + UNET_Q.replace(".", "_")
+
+
+@pytest.mark.parametrize("tensors,expected", [
+    ({"lora_unet_no_such_layer.lora_down.weight": torch.ones(1, 32)}, "maps to no layer"),
+    ({"unet.no_such.layer.lora_A.weight": torch.ones(1, 32)}, "maps to no layer"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 1024), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4)},
+     "another base model"),  # an SD 2.x width on this model
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 2)},
+     "another base model"),  # ranks of A and B disagree
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32)}, "incomplete"),
+    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 32)}, "SDXL"),
+    ({f"{KOHYA_Q}.dora_scale": torch.ones(1, 32)}, "DoRA"),
+    ({f"{KOHYA_Q}.hada_w1_a": torch.ones(1, 32)}, "LoHa"),
+    ({"something_else": torch.ones(1)}, "maps to no layer"),
+    ({}, "holds no LoRA weights"),
+])
+def test_a_lora_file_that_does_not_fit_is_one_line_naming_the_file(sd1_pair, tmp_path, tensors, expected):
+    ours, _ = sd1_pair
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    message = one_line_error(WeightsError, lambda: ours.load_lora_weights(path))
+    assert expected in message and str(path) in message
+    assert ours.get_list_adapters() == {}  # nothing half-loaded
+
+
+def test_pickles_missing_and_corrupt_files_are_refused(sd1_pair, tmp_path):
+    ours, _ = sd1_pair
+    pickle = tmp_path / "lora.bin"
+    pickle.write_bytes(b"not read")
+    assert ".safetensors" in one_line_error(WeightsError, lambda: ours.load_lora_weights(pickle))
+    assert "does not exist" in one_line_error(WeightsError,
+                                              lambda: ours.load_lora_weights(tmp_path / "none.safetensors"))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert "corrupt" in one_line_error(WeightsError, lambda: ours.load_lora_weights(corrupt))
+
+
+def test_adapter_names_weights_and_components_are_checked(sd1_pair, tmp_path):
+    ours, _ = sd1_pair
+    path = write_lora(tmp_path / "a.safetensors", random_pairs(ours.model.unet, 1, chosen=lambda n: n == UNET_Q))
+    ours.load_lora_weights(path, adapter_name="a")
+    assert "already in use" in one_line_error(ValueError, lambda: ours.load_lora_weights(path, adapter_name="a"))
+    assert "not loaded" in one_line_error(ValueError, lambda: ours.set_adapters(["a", "zz"]))
+    assert "one weight each" in one_line_error(ValueError, lambda: ours.set_adapters(["a"], [1.0, 2.0]))
+    assert "no LoRA" in one_line_error(ValueError, lambda: ours.fuse_lora(components=["vae"]))
+    ours.load_lora_weights(path, adapter_name="b")
+    ours.set_adapters(["a", "b"])
+    assert "adapter_name" in one_line_error(ValueError, lambda: ours.save_lora_weights(tmp_path / "out"))
+    ours.set_adapters("a", 0.5)  # one name, one weight, as diffusers accepts
+    assert ours.model.lora.weights == {"a": 0.5}
+
+
+def test_lora_scale_is_validated_and_other_cross_attention_kwargs_are_refused(sd1_pair):
+    ours, _ = sd1_pair
+    for bad in (float("nan"), float("inf"), "1", True, None):
+        one_line_error(ValueError, lambda: DiffEditParams(lora_scale=bad))
+    assert DiffEditParams(lora_scale=-0.5).lora_scale == -0.5  # a negative scale subtracts a LoRA: allowed
+    message = one_line_error(ValueError, lambda: ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2,
+                                                             cross_attention_kwargs={"scale": 1.0, "gligen": {}}))
+    assert "gligen" in message and "scale" in message
+    with pytest.raises(ValueError, match="lora_scale"):
+        ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2,
+                    cross_attention_kwargs={"scale": float("nan")})
