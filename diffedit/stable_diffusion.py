@@ -16,7 +16,7 @@ import torch
 from .locations import ModelNotFoundError, model_location
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
-from .models.lora import NETWORKS, WEIGHT_NAME, LoraAdapters, read_lora_file, save_lora_file
+from .models.lora import NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, read_lora_file, save_lora_file
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
@@ -101,7 +101,8 @@ class StableDiffusion:
         which becomes the only active one (weight 1); `adapter_name` defaults to diffusers' default_<n>."""
         networks = self._lora_networks()
         adapter = read_lora_file(pretrained_model_name_or_path_or_dict, networks)
-        self.lora.add(adapter_name or self.lora.next_name(), adapter, networks)
+        self.lora.add(adapter_name or self.lora.next_name(), adapter, networks,
+                      file_digest(pretrained_model_name_or_path_or_dict))
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
         """Run these adapters together, each branch times its weight (1 when not given)."""

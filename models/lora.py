@@ -30,6 +30,7 @@ caller for the duration of a step (`LoraAdapters.scaled`, a context manager), ne
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 from collections import Counter
@@ -229,6 +230,15 @@ def _metadata_alphas(path: Path, header: dict[str, str]):
     return alpha
 
 
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of the file's SHA-256: which LoRA file an adapter came from, by content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------------------ writing files
 
 
@@ -271,14 +281,16 @@ class LoraAdapters:
     def __init__(self):
         self.adapters: dict[str, Adapter] = {}
         self.weights: dict[str, float] = {}  # the active adapters, in order, and their weights
+        self.digests: dict[str, str] = {}  # adapter -> `file_digest` of the file it was read from
         self._layers: dict[tuple[str, str], nn.Module] = {}
         self._hooks: dict[tuple[str, str], torch.utils.hooks.RemovableHandle] = {}
         self._scales: dict[str, float] = {}
         self._fused: set[tuple[str, str]] = set()  # (adapter, network) pairs added into the weights
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
 
-    def add(self, name: str, adapter: Adapter, networks: dict[str, nn.Module]) -> None:
-        """Attach an adapter and make it the only active one, weight 1 (as diffusers' load_lora_weights does)."""
+    def add(self, name: str, adapter: Adapter, networks: dict[str, nn.Module], digest: str = "") -> None:
+        """Attach an adapter and make it the only active one, weight 1 (as diffusers' load_lora_weights does);
+        `digest` names the file it came from (`file_digest`)."""
         if name in self.adapters:
             raise ValueError(f"adapter name {name!r} is already in use; pass another adapter_name")
         for network, layers in adapter.items():
@@ -289,7 +301,14 @@ class LoraAdapters:
                     self._layers[key] = modules[module_name]
                     self._hooks[key] = modules[module_name].register_forward_hook(self._hook(*key))
         self.adapters[name] = adapter
+        self.digests[name] = digest
         self.weights = {name: 1.0}
+
+    def record(self) -> list[list]:
+        """What the adapters change, for a saved inversion to compare: [file digest, weight] of each active
+        adapter, in order, then [file digest, "fused"] of each fused (adapter, network)."""
+        running = [[self.digests[a], w] for a, w in self.weights.items()]
+        return running + sorted([self.digests[a], f"fused {n}"] for a, n in self._fused)
 
     def next_name(self) -> str:
         """diffusers' default adapter name: default_<number of adapters loaded so far>."""
