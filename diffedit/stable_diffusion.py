@@ -120,8 +120,8 @@ class StableDiffusion:
         return {n: [a for a, ad in self.lora.adapters.items() if n in ad] for n in NETWORKS
                 if any(n in ad for ad in self.lora.adapters.values())}
 
-    def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0, safe_fusing: bool = False,
-                  adapter_names: list[str] | None = None) -> None:
+    def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0,
+                  safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active (or named) adapters, times their weights and `lora_scale`, into the weights."""
         self.lora.fuse(self._components(components), lora_scale, adapter_names, safe_fusing)
 
