@@ -52,7 +52,8 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name in a sa
 _KOHYA_PREFIX = {"lora_unet_": ("unet", ""), "lora_te_": ("text_encoder", "text_model_")}
 _UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa (LyCORIS)",
                 "lokr_": "LoKr (LyCORIS)", "lora_mid": "LoCon with a CP-decomposed mid layer", "lora_te1_": "SDXL",
-                "lora_te2_": "SDXL", "text_encoder_2.": "SDXL"}
+                "lora_te2_": "SDXL", "text_encoder_2.": "SDXL", "lora_B.bias": "LoRA-with-biases",
+                "lora_up.bias": "LoRA-with-biases"}
 _PROCESSOR_KEY = re.compile(r"^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PART_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
                        r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
