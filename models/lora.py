@@ -208,7 +208,7 @@ def _fitted(path: Path, network: str, name: str, layer: nn.Module, down: torch.T
         raise WeightsError(f"LoRA file {path} does not fit this model: {network}.{name} takes A {want_down} and B "
                            f"{want_up} but the file has {tuple(down.shape)} and {tuple(up.shape)}: a LoRA trained "
                            "for another base model (e.g. SD 2.x on SD 1.x); use one made for this model")
-    return down.to(weight.dtype), up.to(weight.dtype)
+    return down.to(weight.device, weight.dtype), up.to(weight.device, weight.dtype)  # where the layer runs
 
 
 def _metadata_alphas(path: Path, header: dict[str, str]):

@@ -11,6 +11,7 @@ images within 5e-3 max abs in [0, 1].
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import PIL.Image
 import pytest
@@ -437,3 +438,57 @@ def test_lora_scale_is_validated_and_other_cross_attention_kwargs_are_refused(sd
     with pytest.raises(ValueError, match="lora_scale"):
         ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2,
                     cross_attention_kwargs={"scale": float("nan")})
+
+
+# ------------------------------------------------------------------------------------------------ other layouts
+
+
+OLD_TEXT_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+
+
+def test_older_diffusers_keys_and_alpha_keys_give_what_the_kohya_layout_gives(sd1_pair, tmp_path):
+    """The attention-processor keys (`attn1.processor.to_q_lora.down.weight`, to_out_lora = to_out.0; the text
+    encoder's to_q_lora = q_proj, `mlp.fc1.lora_linear_layer.down.weight`), `.lora.down.weight` keys, and `.alpha`
+    keys in diffusers' layout give bit for bit the numbers of the same pairs in kohya's layout; diffusers reads the
+    older UNet keys the same way."""
+    ours, ref = sd1_pair
+    attn = lambda n: ".attn1." in n or ".attn2." in n
+    unet_pairs = random_pairs(ours.model.unet, 12, rank_of=mixed_rank, alpha_of=mixed_alpha,
+                              chosen=lambda n: attn(n) or n.endswith("proj_in"))
+    te_pairs = random_pairs(ours.model.text_encoder, 13, rank_of=mixed_rank, alpha_of=mixed_alpha,
+                            chosen=lambda n: "layers.0." in n)
+    old = {}
+    for name, p in unet_pairs.items():
+        if attn(name):
+            block, proj = re.match(r"(.*\.attn[12])\.(.*)", name).groups()
+            kind = {"to_out.0": "to_out"}.get(proj, proj)
+            key = f"unet.{block}.processor.{kind}_lora"
+        else:
+            key = f"unet.{name}.lora"
+        old[f"{key}.down.weight"], old[f"{key}.up.weight"] = p.down, p.up
+        old[f"unet.{name}.alpha"] = torch.tensor(p.alpha)
+    for name, p in te_pairs.items():
+        layer, proj = name.rsplit(".", 1)
+        if proj.endswith("_proj"):
+            key = f"text_encoder.text_model.{layer}.{OLD_TEXT_NAMES[proj]}_lora"
+        else:
+            key = f"text_encoder.text_model.{name}.lora_linear_layer"
+        old[f"{key}.down.weight"], old[f"{key}.up.weight"] = p.down, p.up
+        old[f"text_encoder.text_model.{name}.alpha"] = torch.tensor(p.alpha)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "old.safetensors"))
+    write_lora(tmp_path / "kohya.safetensors", unet_pairs, te_pairs)
+    corrected = StableDiffusionDiffEdit(ours.model, DiffEditParams())
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS, cross_attention_kwargs={"scale": 0.7})
+    results = []
+    for name in ("kohya", "old"):
+        ours.load_lora_weights(tmp_path / f"{name}.safetensors", adapter_name=name)
+        results.append(corrected.invert(**kw, generator=gen(2)).latents)
+    assert torch.equal(*results)
+    assert ours.model.lora.adapters["old"].keys() == {"unet", "text_encoder"}
+    # diffusers: the older UNet keys without alphas (it refuses `.alpha` keys in this layout) against ours
+    unet_only = {k: v for k, v in old.items() if k.startswith("unet.") and not k.endswith(".alpha")}
+    save_file({k: v.contiguous() for k, v in unet_only.items()}, str(tmp_path / "old_unet.safetensors"))
+    ours.load_lora_weights(tmp_path / "old_unet.safetensors")
+    ref.load_lora_weights(str(tmp_path / "old_unet.safetensors"))
+    expected = ref.invert(**kw, generator=gen(2)).latents
+    assert rel(ours.invert(**kw, generator=gen(2)).latents, expected) < LATENT_TOL
