@@ -107,11 +107,12 @@ def read_lora_file(path: str | Path, networks: dict[str, nn.Module]) -> Adapter:
     WeightsError naming the file and the fix."""
     path = Path(path)
     tensors, header = _read(path)
-    parts = _parts(path, tensors, networks)
+    layers = {network: _layers(module) for network, module in networks.items()}
+    parts = _parts(path, tensors, layers)
     alphas = _metadata_alphas(path, header)
     adapter: Adapter = {}
     for (network, name), found in sorted(parts.items()):
-        layer = _layers(networks[network])[name]
+        layer = layers[network][name]
         if "down" not in found or "up" not in found:
             missing = "lora_up / lora_B" if "down" in found else "lora_down / lora_A"
             raise WeightsError(f"LoRA file {path}: {network}.{name} has no {missing} weight: the file is incomplete")
@@ -139,15 +140,17 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _parts(path: Path, tensors: dict[str, torch.Tensor],
-           networks: dict[str, nn.Module]) -> dict[tuple[str, str], dict]:
-    """(network, module name) -> {"down": A, "up": B, "alpha": float}, from keys in any supported layout."""
+           layers: dict[str, dict[str, nn.Module]]) -> dict[tuple[str, str], dict]:
+    """(network, module name) -> {"down": A, "up": B, "alpha": float}, from keys in any supported layout;
+    `layers`: each network's `_layers`."""
+    flat = {network: {name.replace(".", "_"): name for name in names} for network, names in layers.items()}
     parts: dict[tuple[str, str], dict] = {}
     for key, value in tensors.items():
         for marker, what in _UNSUPPORTED.items():
             if marker in key:
                 raise WeightsError(f"LoRA file {path} is a {what} file (key {key}), which diffedit does not read: "
                                    "use a plain LoRA for SD 1.x / 2.x")
-        network, name, part = _locate(key, networks)
+        network, name, part = _locate(key, layers, flat)
         if network is None:
             raise WeightsError(f"LoRA file {path}: key {key} maps to no layer of this model: a LoRA for another "
                                "architecture (SDXL, another UNet) or a format diffedit does not read")
@@ -155,16 +158,18 @@ def _parts(path: Path, tensors: dict[str, torch.Tensor],
     return parts
 
 
-def _locate(key: str, networks: dict[str, nn.Module]) -> tuple[str | None, str, str]:
-    """(network, module name, "down" | "up" | "alpha") of one key, or (None, "", "") when it names no layer."""
+def _locate(key: str, layers: dict[str, dict[str, nn.Module]],
+            flat: dict[str, dict[str, str]]) -> tuple[str | None, str, str]:
+    """(network, module name, "down" | "up" | "alpha") of one key, or (None, "", "") when it names no layer.
+    `flat`: per network, kohya's flattened layer names (dots as underscores) -> our module names."""
     for prefix, (network, inner) in _KOHYA_PREFIX.items():
         if key.startswith(prefix):
-            flat, _, part = key[len(prefix):].partition(".")
+            flat_name, _, part = key[len(prefix):].partition(".")
             kohya = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
-            name = _flat_names(networks[network]).get(flat[len(inner):] if flat.startswith(inner) else None)
+            name = flat[network].get(flat_name[len(inner):] if flat_name.startswith(inner) else None)
             return (network, name, kohya) if kohya and name else (None, "", "")
     network, _, rest = key.partition(".")
-    if network not in networks:
+    if network not in layers:
         return None, "", ""
     if network == "text_encoder":
         rest = rest.removeprefix("text_model.")
@@ -176,17 +181,12 @@ def _locate(key: str, networks: dict[str, nn.Module]) -> tuple[str | None, str, 
         if not m:
             return None, "", ""
         name, part = m.group(1), _PART[m.group(2)]
-    return (network, name, part) if name in _layers(networks[network]) else (None, "", "")
+    return (network, name, part) if name in layers[network] else (None, "", "")
 
 
 def _layers(network: nn.Module) -> dict[str, nn.Module]:
     """The layers a LoRA can adapt, by module name: every nn.Linear and nn.Conv2d."""
     return {n: m for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
-def _flat_names(network: nn.Module) -> dict[str, str]:
-    """kohya's flattened layer names (dots as underscores) -> our module names."""
-    return {name.replace(".", "_"): name for name in _layers(network)}
 
 
 def _fitted(path: Path, network: str, name: str, layer: nn.Module, down: torch.Tensor,
@@ -220,6 +220,10 @@ def _metadata_alphas(path: Path, header: dict[str, str]):
         meta = json.loads(header[METADATA_KEY])
     except ValueError:
         raise WeightsError(f"LoRA file {path}: its {METADATA_KEY} header is not JSON; re-save the file") from None
+    variants = sorted(k for k in meta if k.endswith((".use_rslora", ".use_dora")) and meta[k])
+    if variants:  # another scale rule (alpha / sqrt(r)) or another layer: refused rather than run wrong
+        raise WeightsError(f"LoRA file {path} is a {', '.join(variants)} adapter, which diffedit does not read: use a "
+                           "plain LoRA")
 
     def alpha(network: str, name: str, rank: int) -> float:
         patterns = meta.get(f"{network}.alpha_pattern") or {}
@@ -359,6 +363,8 @@ class LoraAdapters:
         before = set(self._originals)
         for name in names:
             for network in networks:
+                if (name, network) in self._fused:  # already in the weights (peft skips it too)
+                    continue
                 for module_name, pair in self.adapters[name].get(network, {}).items():
                     layer = self._layers[(network, module_name)]
                     self._originals.setdefault((network, module_name), layer.weight.detach().clone())

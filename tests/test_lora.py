@@ -315,6 +315,7 @@ def test_fuse_matches_the_branches_and_unfuse_restores_every_weight_bit_for_bit(
     kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
     branches = corrected.invert(**kw, generator=gen(2), cross_attention_kwargs={"scale": 0.5}).latents
     ours.fuse_lora(lora_scale=0.5)
+    ours.fuse_lora(lora_scale=0.5)  # a second fuse adds nothing more
     assert set(sd.unet.state_dict()) | set(sd.text_encoder.state_dict()) == set(before)  # keys unchanged
     fused = corrected.invert(**kw, generator=gen(2), cross_attention_kwargs={"scale": 0.3}).latents  # scale: no-op
     assert rel(fused, branches) < LATENT_TOL
@@ -398,6 +399,19 @@ def test_a_lora_file_that_does_not_fit_is_one_line_naming_the_file(sd1_pair, tmp
     message = one_line_error(WeightsError, lambda: ours.load_lora_weights(path))
     assert expected in message and str(path) in message
     assert ours.get_list_adapters() == {}  # nothing half-loaded
+
+
+@pytest.mark.parametrize("header,expected", [
+    ('{"unet.r": 4, "unet.lora_alpha": 8, "unet.use_rslora": true}', "use_rslora"),
+    ("{not json", "not JSON"),
+])
+def test_a_metadata_header_we_cannot_honour_is_refused(sd1_pair, tmp_path, header, expected):
+    """rsLoRA scales by alpha / sqrt(r): read with alpha / r it would run with the wrong strength, silently."""
+    ours, _ = sd1_pair
+    path = tmp_path / "meta.safetensors"
+    save_file({f"unet.{UNET_Q}.lora_A.weight": torch.ones(4, 32), f"unet.{UNET_Q}.lora_B.weight": torch.ones(32, 4)},
+              str(path), metadata={"lora_adapter_metadata": header})
+    assert expected in one_line_error(WeightsError, lambda: ours.load_lora_weights(path))
 
 
 def test_pickles_missing_and_corrupt_files_are_refused(sd1_pair, tmp_path):
