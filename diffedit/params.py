@@ -77,7 +77,7 @@ class DiffEditParams:
     paste_matching_step: bool = True  # D1: background from the step's target level; the clean latents at the end
     per_image_mask_scale: bool = True  # D2: the clamp scalar is each image's own, not the batch's
     empty_mask_when_equal: bool = True  # D3: no text difference -> empty mask (and a warning), not 0/0 -> full
-    honor_all_call_options: bool = True  # D4: pil masks; clip_skip in all three calls and on the negative prompt
+    honor_all_call_options: bool = True  # D4: pil masks; clip_skip (negatives too), LoRA scale: every call, text too
     portable_regularizer: bool = True  # D5: rolls drawn on the generator's device; v-pred with CFG; per-image loss
     pair_repeated_masks: bool = True  # D6: num_images_per_prompt repeats masks like prompts and latents
     slice_inverted_latents: bool = True  # D7: mismatched strength / steps use the matching inverted latents
