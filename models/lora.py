@@ -355,30 +355,30 @@ class LoraAdapters:
     @torch.no_grad()
     def fuse(self, networks: tuple[str, ...], lora_scale: float, names: list[str] | None,
              safe_fusing: bool = False) -> None:
-        """Add the adapters' scaled B A into the layers' weights of `networks` (the originals kept); a fused
-        adapter no longer runs as a branch there. `safe_fusing`: a fused weight that is not finite is refused and
-        everything fused by this call is put back."""
+        """Add the adapters' B A, times weight * alpha / r * lora_scale, into the layers' weights of `networks`
+        (the originals kept); a fused adapter no longer runs as a branch there. `safe_fusing`: weights that would
+        not be finite are refused before anything changes."""
         names = list(self.weights) if names is None else names
         self.check_names(names)
-        before = set(self._originals)
-        for name in names:
-            for network in networks:
-                if (name, network) in self._fused:  # already in the weights (peft skips it too)
-                    continue
-                for module_name, pair in self.adapters[name].get(network, {}).items():
-                    layer = self._layers[(network, module_name)]
-                    self._originals.setdefault((network, module_name), layer.weight.detach().clone())
-                    factor = self.weights.get(name, 1.0) * pair.alpha / pair.rank * lora_scale
-                    layer.weight += (pair.delta() * factor).to(layer.weight)
-                self._fused.add((name, network))
-        if safe_fusing and not all(bool(torch.isfinite(self._layers[k].weight).all()) for k in self._originals):
-            self.unfuse(networks, only=set(self._originals) - before)
+        todo = [(name, network) for name in names for network in networks if (name, network) not in self._fused]
+        fused: dict[tuple[str, str], torch.Tensor] = {}  # layer -> its new weight
+        for name, network in todo:  # an adapter already fused is in the weights once (peft skips it too)
+            for module_name, pair in self.adapters[name].get(network, {}).items():
+                key = (network, module_name)
+                weight = fused.get(key, self._layers[key].weight)
+                factor = self.weights.get(name, 1.0) * pair.alpha / pair.rank * lora_scale
+                fused[key] = weight + (pair.delta() * factor).to(weight)
+        if safe_fusing and not all(bool(torch.isfinite(w).all()) for w in fused.values()):
             raise ValueError("fusing the LoRA gives non-finite (NaN or inf) weights: the LoRA file is broken")
+        for key, weight in fused.items():
+            self._originals.setdefault(key, self._layers[key].weight.detach().clone())
+            self._layers[key].weight.copy_(weight)
+        self._fused.update(todo)
 
     @torch.no_grad()
-    def unfuse(self, networks: tuple[str, ...], only: set | None = None) -> None:
+    def unfuse(self, networks: tuple[str, ...]) -> None:
         """Put back the exact original weights of the fused layers of `networks`."""
-        for key in [k for k in self._originals if k[0] in networks and (only is None or k in only)]:
+        for key in [k for k in self._originals if k[0] in networks]:
             self._layers[key].weight.copy_(self._originals.pop(key))
         self._fused = {(a, n) for a, n in self._fused if n not in networks}
 
@@ -386,4 +386,7 @@ class LoraAdapters:
         """Detach every adapter (fused weights stay fused, as after diffusers' fuse_lora + unload_lora_weights)."""
         for handle in self._hooks.values():
             handle.remove()
-        self.__init__()
+        for state in (self.adapters, self.weights, self.digests, self._layers, self._hooks, self._scales,
+                      self._originals):
+            state.clear()
+        self._fused.clear()

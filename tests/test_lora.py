@@ -118,9 +118,9 @@ def models(style, request):
 
 def _cleaned(ours, ref):
     yield ours, ref
-    ours.unfuse_lora()
-    ours.unload_lora_weights()
-    ref.unload_lora_weights()
+    for pipe in (ours, ref):  # unfused first: fuse + unload would keep the LoRA in the weights
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
 
 
 @pytest.fixture
@@ -334,6 +334,29 @@ def test_fuse_matches_the_branches_and_unfuse_restores_every_weight_bit_for_bit(
             v.copy_(before[k])
         for k, v in sd.text_encoder.state_dict().items():
             v.copy_(before[k])
+
+
+def test_fused_unet_lora_matches_diffusers_fuse_lora(sd1_pair, tmp_path):
+    ours, ref = sd1_pair
+    path = write_lora(tmp_path / "unet.safetensors", random_pairs(ours.model.unet, 14, rank_of=mixed_rank,
+                                                                  alpha_of=mixed_alpha))
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(path), adapter_name="x")
+        pipe.set_adapters(["x"], [0.8])
+        pipe.fuse_lora(lora_scale=0.5)
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    expected = ref.invert(**kw, generator=gen(2)).latents
+    assert rel(ours.invert(**kw, generator=gen(2)).latents, expected) < LATENT_TOL
+
+
+def test_safe_fusing_refuses_non_finite_weights_and_changes_nothing(sd1_pair, tmp_path):
+    ours, _ = sd1_pair
+    pairs = {name: LowRank(p.down * 1e25, p.up * 1e25, p.alpha)
+             for name, p in random_pairs(ours.model.unet, 15, chosen=lambda n: n == UNET_Q).items()}
+    ours.load_lora_weights(write_lora(tmp_path / "huge.safetensors", pairs))
+    before = {k: v.clone() for k, v in ours.model.unet.state_dict().items()}
+    assert "non-finite" in one_line_error(ValueError, lambda: ours.fuse_lora(safe_fusing=True))
+    assert all(torch.equal(v, before[k]) for k, v in ours.model.unet.state_dict().items())
 
 
 def test_saved_lora_loads_in_diffusers_with_the_same_numbers(sd1_pair, tmp_path):
