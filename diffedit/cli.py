@@ -409,6 +409,7 @@ class CommandRun:
                "input_size": list(self.image.size), "model": self.model, "device": str(self.sd.device),
                "dtype": str(self.sd.dtype).removeprefix("torch."),
                "mode": "reference" if self.args.reference_behaviour else "corrected", "seed": self.args.seed,
+               "lora": [{"file": str(path), "weight": w} for path, w in getattr(self.args, "lora", None) or []],
                "parameters": params_summary(params), "outputs": outputs, **(extra or {}),
                "notes": self.report.notes, "warnings": self.report.warnings, "timings": self.timings}
         return out

@@ -605,8 +605,10 @@ def test_lora_inversion_records_its_files_and_is_not_reused_without_them(tmp_pat
     shape_image().save(tmp_path / "in.png")
     lora = _shipped_lora(sd, tmp_path / "style.safetensors")
     common = ["--model", model_folder, "--steps", "4"]
-    assert_ok(diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "lora.safetensors", "--lora",
-                       f"{lora.name}:0.5", *common, cwd=tmp_path))
+    inverted = diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "lora.safetensors", "--lora",
+                        f"{lora.name}:0.5", "--json", *common, cwd=tmp_path)
+    assert_ok(inverted)
+    assert json.loads(inverted.stdout)["lora"] == [{"file": lora.name, "weight": 0.5}]
     assert_ok(diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "plain.safetensors", *common, cwd=tmp_path))
     with safe_open(str(tmp_path / "lora.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["lora"]) == [[file_digest(lora), 0.5]]
