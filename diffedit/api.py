@@ -75,8 +75,10 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
 
 
 def prompt_text(sd: StableDiffusion, prompt: str, p: DiffEditParams) -> method.TextEmbeddings:
-    """One prompt with the empty negative prompt, both through `clip_skip` (defect D4's fix)."""
-    return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip)
+    """One prompt with the empty negative prompt, both through `clip_skip` (defect D4's fix) and at the LoRA
+    scale."""
+    return method.encode_text(sd, [prompt], [""], clip_skip=p.clip_skip, negative_clip_skip=p.clip_skip,
+                              lora_scale=p.lora_scale)
 
 
 def prompt_warnings(sd: StableDiffusion, named: list[tuple[str, str]]) -> list[str]:

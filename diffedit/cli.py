@@ -106,12 +106,41 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                         "pixels; smaller images are unchanged")
     g.add_argument("--vae-slicing", action="store_true",
                    help="encode and decode one image at a time (less memory for several targets; same pixels)")
+    g.add_argument("--lora", type=lora_spec, action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA .safetensors file (diffusers or kohya/A1111 layout) for the UNet and text encoder, "
+                        "its branch times WEIGHT (default 1); repeat for several")
     o = p.add_argument_group("output and messages")
     o.add_argument("--force", action="store_true", help="allow an output to overwrite an input file")
     o.add_argument("--json", action="store_true",
                    help="print a machine-readable summary on stdout (paths, parameters, mask coverage, timings)")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or summary (warnings stay)")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """--lora FILE[:WEIGHT] -> (file, weight); the file must exist and be a readable .safetensors (torch-free: the
+    header only), so a bad one is refused before any model work."""
+    head, sep, tail = text.rpartition(":")
+    try:
+        path, weight = (Path(head), float(tail)) if sep and head else (Path(text), 1.0)
+    except ValueError:  # a colon that is part of the path
+        path, weight = Path(text), 1.0
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"LoRA weight must be a finite number, got {tail}")
+    if path.suffix != ".safetensors":
+        raise argparse.ArgumentTypeError(f"{path} is not a .safetensors file: diffedit never unpickles "
+                                         ".bin/.ckpt/.pt LoRAs; convert it to .safetensors")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"LoRA file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:
+                raise ValueError("bad header size")
+            json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"LoRA file {path} is not a safetensors file or is corrupt ({e})") from None
+    return path, weight
 
 
 def _add_mask_options(p: argparse.ArgumentParser, defaults_note: str) -> None:
@@ -346,6 +375,7 @@ class CommandRun:
             raise BadInput(f"--{e}") from None
         with self.timed("load_model"):
             self.sd = load_or_refuse(model, device, dtype, model_config(self.args, model))
+            self.load_loras()
         if self.args.vae_tiling:
             self.sd.enable_vae_tiling()
         if self.args.vae_slicing:
@@ -411,6 +441,7 @@ class CommandRun:
                "input_size": list(self.image.size), "model": self.model, "device": str(self.sd.device),
                "dtype": str(self.sd.dtype).removeprefix("torch."),
                "mode": "reference" if self.args.reference_behaviour else "corrected", "seed": self.args.seed,
+               "lora": [{"file": str(path), "weight": w} for path, w in getattr(self.args, "lora", None) or []],
                "parameters": params_summary(params), "outputs": outputs, **(extra or {}),
                "notes": self.report.notes, "warnings": self.report.warnings, "timings": self.timings}
         return out
@@ -428,6 +459,19 @@ class CommandRun:
         """The input image (--max-pixels checked), every conversion noted."""
         self.image = read_image(path, self.report.note, self.args.max_pixels, MAX_PIXELS_FLAG)
         return self.image
+
+    def load_loras(self) -> None:
+        """The --lora files as adapters, all active with their weights; one that does not fit is bad input."""
+        from .models.weights import WeightsError
+
+        specs = getattr(self.args, "lora", None) or []
+        for i, (path, _) in enumerate(specs):
+            try:
+                self.sd.load_lora_weights(path, adapter_name=f"lora_{i + 1}")
+            except WeightsError as e:
+                raise BadInput(f"--lora {path}: {one_line(e)}") from None
+        if specs:
+            self.sd.set_adapters([f"lora_{i + 1}" for i in range(len(specs))], [w for _, w in specs])
 
     def say_done(self, written: list[Path], detail: str) -> None:
         if self.report.quiet:

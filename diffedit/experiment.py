@@ -303,9 +303,10 @@ def run_job(sd, job: Job, grid: list[dict], fixed: dict) -> list[tuple[dict, Ima
     texts: dict[tuple, method.TextEmbeddings] = {}
 
     def text(prompts: list[str], params: DiffEditParams) -> method.TextEmbeddings:
-        key = (tuple(prompts), params.clip_skip)
+        key = (tuple(prompts), params.clip_skip, params.lora_scale)
         if key not in texts:
-            texts[key] = method.encode_text(sd, prompts, [""] * len(prompts), params.clip_skip, params.clip_skip)
+            texts[key] = method.encode_text(sd, prompts, [""] * len(prompts), params.clip_skip, params.clip_skip,
+                                            params.lora_scale)
         return texts[key]
 
     by_setting = []

@@ -23,6 +23,8 @@ from . import method
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .memory import vae_decode
+
+from .models.lora import NETWORKS, WEIGHT_NAME
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
@@ -68,13 +70,21 @@ def _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
                          f"{tuple(prompt_embeds.shape)} != {tuple(negative_prompt_embeds.shape)}.")
 
 
-def _check_call(strength, callback_steps, cross_attention_kwargs):
+def _check_call(strength, callback_steps):
     if strength is None or not 0 <= strength <= 1:
         raise ValueError(f"The value of `strength` should be in [0.0, 1.0] but is {strength}")
     if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps <= 0:
         raise ValueError(f"`callback_steps` has to be a positive integer but is {callback_steps}")
-    if cross_attention_kwargs:
-        raise ValueError("cross_attention_kwargs (attention processors, LoRA scales) are not supported")
+
+
+def _lora_scale(cross_attention_kwargs: dict | None) -> float:
+    """The LoRA scale of diffusers' `cross_attention_kwargs={"scale": s}` (1 when absent); any other key, an
+    attention processor's argument, is refused."""
+    other = sorted(set(cross_attention_kwargs or {}) - {"scale"})
+    if other:
+        raise ValueError(f"cross_attention_kwargs {other} are not supported: only {{'scale': s}}, the LoRA scale")
+    scale = (cross_attention_kwargs or {}).get("scale")
+    return 1.0 if scale is None else scale
 
 
 def _every(callback: Callback, callback_steps: int) -> method.StepCallback | None:
@@ -154,19 +164,51 @@ class StableDiffusionDiffEdit:
     def remove_all_hooks(self) -> None:
         self.model.remove_all_hooks()
 
+    # LoRA, with diffusers' names: `StableDiffusion`'s methods (models/lora.py)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike,
+                          adapter_name: str | None = None) -> None:
+        self.model.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        self.model.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self.model.get_active_adapters()
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return self.model.get_list_adapters()
+
+    def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0,
+                  safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        self.model.fuse_lora(components, lora_scale, safe_fusing, adapter_names)
+
+    def unfuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS) -> None:
+        self.model.unfuse_lora(components)
+
+    def unload_lora_weights(self) -> None:
+        self.model.unload_lora_weights()
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                          weight_name: str = WEIGHT_NAME):
+        return self.model.save_lora_weights(save_directory, adapter_name, weight_name)
+
     # ------------------------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
                       negative_prompt: Prompt = None, prompt_embeds: torch.Tensor | None = None,
                       negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
-                      negative_clip_skip: int | None = None) -> method.TextEmbeddings:
+                      negative_clip_skip: int | None = None, lora_scale: float | None = None
+                      ) -> method.TextEmbeddings:
         """diffusers' `encode_prompt`: prompts (or given embeddings), negative prompts ("" by default) when
         guided, each repeated `num_images_per_prompt` times in a row. diffusers applies clip_skip to the prompt
-        only; `negative_clip_skip` is that of the negative prompt."""
+        only; `negative_clip_skip` is that of the negative prompt. `lora_scale` scales the text encoder's LoRA
+        adapters (1 when None)."""
+        lora_scale = 1.0 if lora_scale is None else lora_scale
         batch_size = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
             prompt_embeds = method.encode_text(self.model, [prompt] if isinstance(prompt, str) else prompt,
-                                               clip_skip=clip_skip).cond
+                                               clip_skip=clip_skip, lora_scale=lora_scale).cond
         uncond = None
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None:
@@ -181,22 +223,26 @@ class StableDiffusionDiffEdit:
                     raise ValueError(f"`negative_prompt` has batch size {len(negative_prompt)}, but `prompt` has "
                                      f"batch size {batch_size}.")
                 negative_prompt_embeds = method.encode_text(self.model, negative_prompt,
-                                                            clip_skip=negative_clip_skip).cond
+                                                            clip_skip=negative_clip_skip,
+                                                            lora_scale=lora_scale).cond
             uncond = negative_prompt_embeds.to(device=self.device, dtype=self.model.dtype)
         text = method.TextEmbeddings(prompt_embeds.to(device=self.device, dtype=self.model.dtype), uncond)
         return text.repeat_interleave(num_images_per_prompt)
 
     def _text(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guided: bool, clip_skip,
-              in_call: bool, num_images_per_prompt: int = 1) -> method.TextEmbeddings:
+              in_call: bool, num_images_per_prompt: int = 1, lora_scale: float = 1.0) -> method.TextEmbeddings:
         """The prompts of one call. diffusers honours clip_skip only in __call__ (`in_call`), and there only for
-        the prompt, not the negative prompt; honor_all_call_options applies it everywhere (D4)."""
+        the prompt, not the negative prompt, and gives the text encoder the LoRA scale only in __call__ (its
+        generate_mask computes the scale and drops it; invert never reads it); honor_all_call_options applies
+        both everywhere (D4)."""
         fixed = self.params.honor_all_call_options
         if clip_skip is not None and not in_call and not fixed:
             warnings.warn("clip_skip is ignored by diffusers 0.42.1's generate_mask and invert (set "
                           "honor_all_call_options=True to use it)", stacklevel=3)
         skip = clip_skip if in_call or fixed else None
         return self.encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
-                                  negative_prompt_embeds, skip, skip if fixed else None)
+                                  negative_prompt_embeds, skip, skip if fixed else None,
+                                  lora_scale if in_call or fixed else None)
 
     @torch.no_grad()
     def generate_mask(self, image: torch.Tensor | PIL.Image.Image = None, target_prompt: Prompt = None,
@@ -212,7 +258,7 @@ class StableDiffusionDiffEdit:
         """The edit mask (B, h, w) at latent resolution, int64 0 / 1, as a numpy array ("np"; "pil": a list of
         "L" images, "pt": a tensor, both with honor_all_call_options). With `return_guidance_map`, also the
         continuous map (B, h, w) in [0, 1] that was thresholded at 0.5."""
-        _check_call(mask_encode_strength, 1, cross_attention_kwargs)
+        _check_call(mask_encode_strength, 1)
         _check_prompt(target_prompt, target_negative_prompt, target_prompt_embeds, target_negative_prompt_embeds,
                       ("target_prompt", "target_negative_prompt"))
         _check_prompt(source_prompt, source_negative_prompt, source_prompt_embeds, source_negative_prompt_embeds,
@@ -223,12 +269,15 @@ class StableDiffusionDiffEdit:
                             "with output_type='pil'; honor_all_call_options=True fixes it)")
         params = replace(self.params, num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
                          mask_thresholding_ratio=mask_thresholding_ratio, num_inference_steps=num_inference_steps,
-                         mask_guidance_scale=guidance_scale, clip_skip=clip_skip)
+                         mask_guidance_scale=guidance_scale, clip_skip=clip_skip,
+                         lora_scale=_lora_scale(cross_attention_kwargs))
         guided = guidance_scale > 1
         target = self._text(target_prompt, target_negative_prompt, target_prompt_embeds,
-                            target_negative_prompt_embeds, guided, clip_skip, in_call=False)
+                            target_negative_prompt_embeds, guided, clip_skip, in_call=False,
+                            lora_scale=params.lora_scale)
         source = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
-                            source_negative_prompt_embeds, guided, clip_skip, in_call=False)
+                            source_negative_prompt_embeds, guided, clip_skip, in_call=False,
+                            lora_scale=params.lora_scale)
         image = image_tensors.to_tensor(image, self.vae_scale_factor)
         est = method.estimate_mask(self.model, image, source, target, params, generator)
         if output_type == "pil":
@@ -253,17 +302,17 @@ class StableDiffusionDiffEdit:
         Beyond diffusers, the output also carries each latent's timestep and the clean image latents; pass the
         whole output as `image_latents` to `__call__` to let the corrections use them. As in diffusers, the
         decoded latents are not shown to the safety checker."""
-        _check_call(inpaint_strength, callback_steps, cross_attention_kwargs)
+        _check_call(inpaint_strength, callback_steps)
         _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if image is None:
             raise ValueError("`image` input cannot be undefined.")
         params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
                          inversion_guidance_scale=guidance_scale, lambda_auto_corr=lambda_auto_corr,
                          lambda_kl=lambda_kl, num_reg_steps=num_reg_steps, num_auto_corr_rolls=num_auto_corr_rolls,
-                         clip_skip=clip_skip)
+                         clip_skip=clip_skip, lora_scale=_lora_scale(cross_attention_kwargs))
         image = image_tensors.to_tensor(image, self.vae_scale_factor)
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
-                          clip_skip, in_call=False)
+                          clip_skip, in_call=False, lora_scale=params.lora_scale)
         inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
@@ -286,7 +335,7 @@ class StableDiffusionDiffEdit:
         """Decode the inverted latents under `prompt`, keeping them outside `mask_image`. `image_latents` is
         `invert(...).latents` (B, T, C, h, w) or (B*T, C, h, w), or the whole `invert` output. `latents` is
         accepted and unused, as in diffusers."""
-        _check_call(inpaint_strength, callback_steps, cross_attention_kwargs)
+        _check_call(inpaint_strength, callback_steps)
         _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if mask_image is None:
             raise ValueError("`mask_image` input cannot be undefined. Use `generate_mask()` to compute it.")
@@ -294,9 +343,11 @@ class StableDiffusionDiffEdit:
             raise ValueError("`image_latents` input cannot be undefined. Use `invert()` to compute it.")
         batch_size = _batch_size(prompt, prompt_embeds)
         params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
-                         guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip)
+                         guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
+                         lora_scale=_lora_scale(cross_attention_kwargs))
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
-                          clip_skip, in_call=True, num_images_per_prompt=num_images_per_prompt)
+                          clip_skip, in_call=True, num_images_per_prompt=num_images_per_prompt,
+                          lora_scale=params.lora_scale)
         # Mask (B, 1, h, w); diffusers tiles it over num_images_per_prompt while prompts and latents repeat (D6)
         mask = image_tensors.prepare_mask(mask_image, batch_size)
         if self.params.pair_repeated_masks:

@@ -16,6 +16,8 @@ drawing the same random numbers in the same order and shapes. Nothing here keeps
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -83,13 +85,30 @@ class TextEmbeddings:
 
 
 def encode_text(sd: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None = None,
-                clip_skip: int | None = None, negative_clip_skip: int | None = None) -> TextEmbeddings:
-    """CLIP text states of the prompts (and of the negative prompts, when given)."""
+                clip_skip: int | None = None, negative_clip_skip: int | None = None,
+                lora_scale: float = 1.0) -> TextEmbeddings:
+    """CLIP text states of the prompts (and of the negative prompts, when given), the text encoder's LoRA
+    adapters (if any) at `lora_scale`."""
     def states(texts: list[str], skip: int | None) -> torch.Tensor:
-        return sd.text_encoder(sd.tokenizer(list(texts)).to(sd.device), clip_skip=skip)
+        with sd.lora.scaled("text_encoder", lora_scale):
+            return sd.text_encoder(sd.tokenizer(list(texts)).to(sd.device), clip_skip=skip)
 
     uncond = None if negative_prompts is None else states(negative_prompts, negative_clip_skip)
     return TextEmbeddings(states(prompts, clip_skip), uncond)
+
+
+def at_lora_scale(step):
+    """Run a step (a function of `sd` and `params`) with the UNet's LoRA adapters at `params.lora_scale`: the scale
+    lives for the step's call only."""
+    signature = inspect.signature(step)
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        sd, params = bound.arguments["sd"], bound.arguments["params"]
+        with sd.lora.scaled("unet", params.lora_scale):
+            return step(*args, **kwargs)
+    return run
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -169,6 +188,7 @@ class MaskEstimate:
     difference: torch.Tensor  # (B, h, w): mean |eps_Q - eps_R| over the draws and channels, unscaled
 
 
+@at_lora_scale
 @torch.no_grad()
 def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddings, target: TextEmbeddings,
                   params: DiffEditParams, generator: Generator = None) -> MaskEstimate:
@@ -284,6 +304,7 @@ class Inversion:
                          self.clean.repeat_interleave(n, dim=0))
 
 
+@at_lora_scale
 @torch.no_grad()
 def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, params: DiffEditParams,
            generator: Generator = None, callback: StepCallback | None = None) -> Inversion:
@@ -389,6 +410,7 @@ def regularize_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha: to
 # Step 3: decoding with mask guidance
 
 
+@at_lora_scale
 @torch.no_grad()
 def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch.Tensor | None, text: TextEmbeddings,
            params: DiffEditParams, generator: Generator = None,

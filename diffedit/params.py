@@ -13,11 +13,12 @@ what the one-call API and the command line run; the diffusers-compatible facade 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least, number_at_least, number_in, one_of,
-                         optional)
+from .validation import (BOOL, POSITIVE, ConfigError, check_fields, int_at_least, is_number, number_at_least,
+                         number_in, one_of, optional)
 
 THRESHOLD_RULES = ("ratio", "otsu")
 SAMPLERS = ("ddim", "dpmsolver++")
@@ -68,12 +69,15 @@ class DiffEditParams:
     # "dpmsolver++" (Lu et al., arXiv 2211.01095, 2nd-order multistep, as the original implementation decodes:
     # `method.invert_dpm`, `method.decode_dpm`), which needs fewer steps.
     sampler: str = "ddim"
+    # The LoRA scale (diffusers' cross_attention_kwargs={"scale": s}): each loaded adapter's branch times this, in
+    # the UNet and the text encoder of all three steps; no effect without LoRA adapters (models/lora.py).
+    lora_scale: float = 1.0
 
     # Corrections of diffusers 0.42.1 (on here, off in the compatible facade).
     paste_matching_step: bool = True  # D1: background from the step's target level; the clean latents at the end
     per_image_mask_scale: bool = True  # D2: the clamp scalar is each image's own, not the batch's
     empty_mask_when_equal: bool = True  # D3: no text difference -> empty mask (and a warning), not 0/0 -> full
-    honor_all_call_options: bool = True  # D4: pil masks; clip_skip in all three calls and on the negative prompt
+    honor_all_call_options: bool = True  # D4: pil masks; clip_skip (negatives too), LoRA scale: every call, text too
     portable_regularizer: bool = True  # D5: rolls drawn on the generator's device; v-pred with CFG; per-image loss
     pair_repeated_masks: bool = True  # D6: num_images_per_prompt repeats masks like prompts and latents
     slice_inverted_latents: bool = True  # D7: mismatched strength / steps use the matching inverted latents
@@ -120,6 +124,7 @@ _RULES = {
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
                                              "lambda_auto_corr", "lambda_kl", "eta")},
     "clip_skip": optional(int_at_least(0)),
+    "lora_scale": (lambda v: is_number(v) and math.isfinite(v), "a finite number"),
     **{name: BOOL for name in CORRECTIONS.values()},
 }
 

@@ -29,11 +29,11 @@ from .stable_diffusion import StableDiffusion
 
 # What `method.estimate_mask` reads before `method.threshold_map` (whose fields, THRESHOLD_FIELDS, only cut the map)
 MASK_FIELDS = ("num_inference_steps", "num_maps_per_mask", "mask_encode_strength", "mask_guidance_scale",
-               "mask_without_guidance", "encode_image_once", "sampler")
+               "mask_without_guidance", "encode_image_once", "sampler", "lora_scale")
 THRESHOLD_FIELDS = ("mask_thresholding_ratio", "mask_threshold_rule", "per_image_mask_scale", "empty_mask_when_equal")
 # What `method.invert` reads, besides inpaint_strength (how far it runs)
 INVERSION_FIELDS = ("num_inference_steps", "inversion_guidance_scale", "num_reg_steps", "lambda_auto_corr",
-                    "lambda_kl", "num_auto_corr_rolls", "portable_regularizer", "sampler")
+                    "lambda_kl", "num_auto_corr_rolls", "portable_regularizer", "sampler", "lora_scale")
 
 
 class Steps:

@@ -3,7 +3,8 @@
 The file is safetensors: `latents` (T, C, h, w), every inverted level, noisiest first; `timesteps` (T,), the level
 of each; `clean` (C, h, w), the image latents the encoding started from. Its string metadata says what the latents
 are compatible with: the model (its path or repo id and a fingerprint of its files), the step count, the encoding
-ratio, the inversion's guidance scale, the image's size and working size, the prompt, the seed and the mode
+ratio, the inversion's guidance scale, the image's size and working size, the prompt, the seed, the mode and the
+LoRA adapters (`lora`: each active one's file digest and weight; absent in older files: none)
 (`format` "diffedit-latents", `version` "1"). Files written by `diffedit invert` since version 0.1.0 have this
 layout and load here.
 
@@ -14,6 +15,7 @@ layout and load here.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from .outputs import Planned, commit
@@ -119,8 +121,13 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
             "strength": params.inpaint_strength, "width": image_size[0], "height": image_size[1],
             "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
-            "sampler": params.sampler,
+            "sampler": params.sampler, "lora": lora_record(model), "lora_scale": params.lora_scale,
             "diffedit_version": __version__}
+
+
+def lora_record(model) -> str:
+    """The model's LoRA adapters as a saved inversion records them: JSON [[file digest, weight], ...] ("[]": none)."""
+    return json.dumps(model.lora.record())
 
 
 def inversion_writer(inversion, metadata: dict):
@@ -163,6 +170,12 @@ def load_inversion(path: Path, model=None):
         if meta.get("model_fingerprint") != fingerprint_of(model):
             raise InversionFileError(f"{path} was inverted with another model ({meta.get('model')}) than "
                                      f"{model.source}: load that model or invert again")
+    if model is not None:  # files from before LoRA support were inverted without adapters
+        recorded, current = meta.get("lora", "[]"), lora_record(model)
+        if recorded != current:
+            raise InversionFileError(f"{path} was inverted with LoRA adapters {recorded} (file digest, weight) but "
+                                     f"the model now has {current}: load the same LoRA files with the same weights "
+                                     "(--lora FILE:WEIGHT) or invert again")
     try:
         t = load_file(str(path))
     except Exception as e:  # noqa: BLE001

@@ -19,6 +19,7 @@ from .locations import ModelNotFoundError, model_location
 from .memory import ModelOffload, model_cpu_offload
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
+from .models.lora import NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, read_lora_file, save_lora_file
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
@@ -52,6 +53,7 @@ class StableDiffusion:
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload: ModelOffload | None = field(default=None, repr=False, compare=False)
+    lora: LoraAdapters = field(default_factory=LoraAdapters, repr=False)  # LoRA adapters (models/lora.py)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -160,6 +162,69 @@ class StableDiffusion:
         from .checkpoint_file import load_single_file
 
         return load_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
+
+
+    # --------------------------------------------------------------------------------------------- LoRA
+    # diffusers' names and arguments; the substance is in models/lora.py.
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike,
+                          adapter_name: str | None = None) -> None:
+        """Load a LoRA .safetensors file (diffusers or kohya layout, UNet and/or text encoder) as a new adapter,
+        which becomes the only active one (weight 1); `adapter_name` defaults to diffusers' default_<n>."""
+        networks = self._lora_networks()
+        adapter = read_lora_file(pretrained_model_name_or_path_or_dict, networks)
+        self.lora.add(adapter_name or self.lora.next_name(), adapter, networks,
+                      file_digest(pretrained_model_name_or_path_or_dict))
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Run these adapters together, each branch times its weight (1 when not given)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter_weights; give one weight each")
+        self.lora.set_active(names, [1.0 if w is None else w for w in weights])
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.lora.weights)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Per network, the adapters loaded into it (diffusers' form)."""
+        return {n: [a for a, ad in self.lora.adapters.items() if n in ad] for n in NETWORKS
+                if any(n in ad for ad in self.lora.adapters.values())}
+
+    def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0,
+                  safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or named) adapters, times their weights and `lora_scale`, into the weights."""
+        self.lora.fuse(self._components(components), lora_scale, adapter_names, safe_fusing)
+
+    def unfuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS) -> None:
+        """Restore the exact weights the components had before `fuse_lora` (kept, not subtracted)."""
+        self.lora.unfuse(self._components(components))
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter; fused weights stay (fuse_lora + unload_lora_weights bakes a LoRA in)."""
+        self.lora.remove_all()
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                          weight_name: str = WEIGHT_NAME) -> Path:
+        """Write one adapter (the only active one by default) in diffusers' format, readable by diffusers'
+        `load_lora_weights`; returns the file."""
+        if adapter_name is None:
+            if len(self.lora.weights) != 1:
+                raise ValueError(f"{len(self.lora.weights)} adapters are active; pass adapter_name= to pick one")
+            adapter_name = next(iter(self.lora.weights))
+        self.lora.check_names([adapter_name])
+        return save_lora_file(self.lora.adapters[adapter_name], Path(save_directory) / weight_name)
+
+    def _lora_networks(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    @staticmethod
+    def _components(components: list[str]) -> tuple[str, ...]:
+        unknown = sorted(set(components) - set(NETWORKS))
+        if unknown:
+            raise ValueError(f"components {unknown} carry no LoRA; choose from {list(NETWORKS)}")
+        return tuple(components)
 
 
 def _read(path: Path, reader):

@@ -601,3 +601,74 @@ def test_the_sampler_flag_runs_dpm_solver_and_a_saved_inversion_keeps_its_sample
     err = capsys.readouterr().err
     assert code == 2 and "inverted with --sampler dpmsolver++ but this run asks --sampler ddim" in err
     assert not (tmp_path / "o2.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --lora FILE[:WEIGHT]
+
+
+def _shipped_lora(sd, path: Path, width: int | None = None) -> Path:
+    """A kohya LoRA (rank 2, alpha 1) with random non-zero pairs on the shipped UNet's cross-attention keys and the
+    text encoder's first query projection; `width` makes A's input width wrong (a LoRA for another model)."""
+    from safetensors.torch import save_file
+
+    g, tensors = torch.Generator().manual_seed(0), {}
+    chosen = [("lora_unet_", n, m) for n, m in sd.unet.named_modules() if n.endswith("attn2.to_k")]
+    chosen.append(("lora_te_text_model_", "encoder.layers.0.self_attn.q_proj",
+                   sd.text_encoder.encoder.layers[0].self_attn.q_proj))
+    for prefix, name, layer in chosen:
+        out_width, in_width = layer.weight.shape
+        flat = prefix + name.replace(".", "_")
+        tensors[f"{flat}.lora_down.weight"] = torch.randn(2, width or in_width, generator=g)
+        tensors[f"{flat}.lora_up.weight"] = torch.randn(out_width, 2, generator=g)
+        tensors[f"{flat}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_lora_inversion_records_its_files_and_is_not_reused_without_them(tmp_path, sd, model_folder):
+    from safetensors import safe_open
+
+    from diffedit.models.lora import file_digest
+
+    shape_image().save(tmp_path / "in.png")
+    lora = _shipped_lora(sd, tmp_path / "style.safetensors")
+    common = ["--model", model_folder, "--steps", "4"]
+    inverted = diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "lora.safetensors", "--lora",
+                        f"{lora.name}:0.5", "--json", *common, cwd=tmp_path)
+    assert_ok(inverted)
+    assert json.loads(inverted.stdout)["lora"] == [{"file": lora.name, "weight": 0.5}]
+    assert_ok(diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "plain.safetensors", *common, cwd=tmp_path))
+    with safe_open(str(tmp_path / "lora.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["lora"]) == [[file_digest(lora), 0.5]]
+        with_lora = f.get_tensor("latents")
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as f:
+        assert f.metadata()["lora"] == "[]"
+        assert (with_lora - f.get_tensor("latents")).abs().max() > 1e-3  # the LoRA moved the inversion
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    base = ["edit", "in.png", "--latents", "lora.safetensors", "--mask", "mask.png", "--target", "x", "--model",
+            model_folder]
+    assert_bad_input(diffedit(*base, "-o", "a.png", cwd=tmp_path), "inverted with LoRA adapters", "--lora")
+    assert_bad_input(diffedit(*base, "-o", "b.png", "--lora", lora.name, cwd=tmp_path), "inverted with LoRA")
+    assert_ok(diffedit(*base, "-o", "c.png", "--lora", f"{lora.name}:0.5", cwd=tmp_path))
+
+
+def test_bad_lora_files_are_one_line_exit_2(tmp_path, sd, model_folder):
+    shape_image().save(tmp_path / "in.png")
+    (tmp_path / "old.bin").write_bytes(b"pickle")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
+    _shipped_lora(sd, tmp_path / "wide.safetensors", width=1024)
+    run = lambda spec: diffedit("invert", "in.png", "--prompt", "x", "-o", "o.safetensors", "--model", model_folder,
+                                "--steps", "4", "--lora", spec, cwd=tmp_path)
+    assert_bad_input(run("old.bin"), "not a .safetensors file")
+    assert_bad_input(run("none.safetensors:0.5"), "none.safetensors does not exist")
+    assert_bad_input(run("junk.safetensors"), "corrupt")
+    assert_bad_input(run("wide.safetensors:nan"), "finite")
+    assert_bad_input(run("wide.safetensors"), "--lora wide.safetensors", "another base model")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_lora_spec_splits_the_weight_from_the_path(tmp_path):
+    (tmp_path / "a:b.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    assert cli.lora_spec(str(tmp_path / "a:b.safetensors")) == (tmp_path / "a:b.safetensors", 1.0)
+    assert cli.lora_spec(str(tmp_path / "a:b.safetensors") + ":-0.25") == (tmp_path / "a:b.safetensors", -0.25)

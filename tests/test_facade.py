@@ -480,7 +480,8 @@ def test_every_argument_that_changes_numbers_is_in_the_one_argument_table():
     """The table above names every numeric or text argument of the three calls (the rest choose output forms,
     callbacks, or are unused by diffusers too). clip_skip: diffusers' generate_mask has none and its invert and
     __call__ fail with transformers 5, so it is compared through embeddings in
-    test_call_with_clip_skip_and_a_pil_mask_matches_reference and test_d4_pil_masks_and_clip_skip_in_every_call."""
+    test_call_with_clip_skip_and_a_pil_mask_matches_reference and test_d4_pil_masks_and_clip_skip_in_every_call;
+    cross_attention_kwargs, the LoRA scale, moves numbers only with a LoRA loaded: tests/test_lora.py compares it."""
     import inspect
 
     named = {k for _, change in ONE_ARGUMENT for k in ([change] if isinstance(change, str) else change)}

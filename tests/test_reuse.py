@@ -1,6 +1,7 @@
 """Shared work between settings changes no number: a remembered map or inversion is bit-identical to a fresh one,
 the generators are left where a fresh run leaves them, and the fields a step is keyed on are all it reads."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from diffedit import DiffEditParams, StableDiffusion, api, baselines, method, reuse
+from diffedit.models.lora import LoraAdapters
 
 torch.set_num_threads(1)
 
@@ -103,7 +105,7 @@ OTHER = {"num_maps_per_mask": 3, "mask_encode_strength": 0.6, "mask_thresholding
          "mask_guidance_scale": 5.0, "mask_threshold_rule": "otsu", "inpaint_strength": 0.6,
          "inversion_guidance_scale": 3.0, "num_reg_steps": 1, "lambda_auto_corr": 5.0, "lambda_kl": 5.0,
          "num_auto_corr_rolls": 2, "guidance_scale": 3.0, "guidance_min_timestep": 500, "eta": 0.0,
-         "num_inference_steps": 20, "clip_skip": 1, "sampler": "dpmsolver++"}
+         "num_inference_steps": 20, "clip_skip": 1, "sampler": "dpmsolver++", "lora_scale": 0.5}
 
 
 def test_other_values_cover_every_field_but_the_corrections_which_are_flipped():
@@ -138,6 +140,23 @@ def test_the_inversion_reads_no_field_outside_its_key(sd, inputs, field):
     assert torch.equal(base.latents, other.latents)
 
 
+@contextlib.contextmanager
+def _with_lora(sd: StableDiffusion):
+    """The same networks in a new holder, with a random rank-2 UNet LoRA on every cross-attention key projection
+    while the block runs."""
+    from diffedit.models.lora import LowRank
+
+    g = torch.Generator().manual_seed(0)
+    pairs = {n: LowRank(torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g), 2.0)
+             for n, m in sd.unet.named_modules() if n.endswith("attn2.to_k")}
+    other = dataclasses.replace(sd, lora=LoraAdapters())
+    other.lora.add("random", {"unet": pairs}, {"unet": sd.unet, "text_encoder": sd.text_encoder})
+    try:
+        yield other
+    finally:
+        other.lora.remove_all()
+
+
 @pytest.mark.parametrize("field", reuse.MASK_FIELDS + reuse.INVERSION_FIELDS)
 def test_every_keyed_field_changes_its_steps_result(sd, inputs, field):
     """The keys are not wider than they need be: each field in them moves the map or the inversion."""
@@ -146,11 +165,12 @@ def test_every_keyed_field_changes_its_steps_result(sd, inputs, field):
     params = dataclasses.replace(BASE, num_reg_steps=int(regularized), num_auto_corr_rolls=1)
     changed = dataclasses.replace(_changed(field), num_reg_steps=params.num_reg_steps if field != "num_reg_steps"
                                   else 2, num_auto_corr_rolls=1 if field != "num_auto_corr_rolls" else 2)
-    if field in reuse.MASK_FIELDS:
-        a = method.estimate_mask(sd, pixels, source, target, params, torch.Generator().manual_seed(0)).difference
-        b = method.estimate_mask(sd, pixels, source, target, changed, torch.Generator().manual_seed(0)).difference
-    else:  # two images: portable_regularizer sums each image's KL term instead of pooling them
-        two, text = torch.cat([pixels, pixels.flip(-1)]), source.repeat_interleave(2)
-        a = method.invert(sd, two, text, params, torch.Generator().manual_seed(0)).latents
-        b = method.invert(sd, two, text, changed, torch.Generator().manual_seed(0)).latents
+    with _with_lora(sd) if field == "lora_scale" else contextlib.nullcontext(sd) as sd:  # the scale needs a LoRA
+        if field in reuse.MASK_FIELDS:
+            a = method.estimate_mask(sd, pixels, source, target, params, torch.Generator().manual_seed(0)).difference
+            b = method.estimate_mask(sd, pixels, source, target, changed, torch.Generator().manual_seed(0)).difference
+        else:  # two images: portable_regularizer sums each image's KL term instead of pooling them
+            two, text = torch.cat([pixels, pixels.flip(-1)]), source.repeat_interleave(2)
+            a = method.invert(sd, two, text, params, torch.Generator().manual_seed(0)).latents
+            b = method.invert(sd, two, text, changed, torch.Generator().manual_seed(0)).latents
     assert a.shape != b.shape or not torch.equal(a, b)

@@ -1,6 +1,7 @@
 """Saved inversions: the public save / load pair, the file layout `diffedit invert` has always written, and every
 check that keeps a file from being reused with the wrong model or settings."""
 
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 import diffedit
 from diffedit import DiffEditParams, StableDiffusion, method
 from diffedit.image_tensors import to_tensor
+from diffedit.models.lora import file_digest
 from diffedit.saved_inversion import (InversionFileError, load_inversion, model_fingerprint, read_inversion_metadata,
                                       save_inversion)
 from diffedit.validation import FileError
@@ -170,4 +172,32 @@ def test_a_file_whose_tensors_disagree_with_its_own_metadata_is_refused(sd, inve
     save_file({"latents": inversion.latents[0], "timesteps": inversion.timesteps, "clean": inversion.clean[0]},
               str(path), metadata={**meta, **change})
     with pytest.raises(InversionFileError, match=message):
+        load_inversion(path, sd)
+
+
+def test_an_inversion_made_with_a_lora_is_refused_without_the_same_lora(sd, inverted, tmp_path):
+    """The file records each active adapter's file digest and weight; a model with other adapters (or none, or
+    other weights) is refused. The record is `[]` without adapters."""
+    inversion, params = inverted
+    name, layer = next((n, m) for n, m in sd.unet.named_modules() if n.endswith("attn2.to_k"))
+    flat = "lora_unet_" + name.replace(".", "_")
+    lora = tmp_path / "style.safetensors"
+    save_file({f"{flat}.lora_down.weight": torch.ones(1, layer.in_features),
+               f"{flat}.lora_up.weight": torch.ones(layer.out_features, 1)}, str(lora))
+    path = tmp_path / "inv.safetensors"
+    assert save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))["lora"] == "[]"
+    load_inversion(path, sd)
+    try:
+        sd.load_lora_weights(lora, adapter_name="style")
+        with pytest.raises(InversionFileError, match=r"inverted with LoRA adapters \[\] .*--lora"):
+            load_inversion(path, sd)
+        meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+        assert json.loads(meta["lora"]) == [[file_digest(lora), 1.0]]
+        load_inversion(path, sd)
+        sd.set_adapters("style", 0.5)
+        with pytest.raises(InversionFileError, match="inverted with LoRA adapters"):
+            load_inversion(path, sd)
+    finally:
+        sd.unload_lora_weights()
+    with pytest.raises(InversionFileError, match="inverted with LoRA adapters"):
         load_inversion(path, sd)
