@@ -17,6 +17,7 @@ from .locations import ModelNotFoundError, model_location
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
+from .models import textual_inversion
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
@@ -51,6 +52,18 @@ class StableDiffusion:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def load_textual_inversion(self, pretrained_model_name_or_path: textual_inversion.Source | list,
+                               token: str | list[str | None] | None = None) -> list[str]:
+        """Add learned words (textual inversion) as diffusers' `load_textual_inversion` does: a safetensors file
+        or folder (diffusers, kohya or A1111 layout), a state dict or a tensor, or a list of them with a list of
+        tokens; return the tokens added. Every prompt of every step then reads them (models/textual_inversion.py)."""
+        embeddings = textual_inversion.read_embeddings(pretrained_model_name_or_path, token)
+        return textual_inversion.load(self.tokenizer, self.text_encoder, embeddings)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove the named learned words (each with all its vectors), or all of them."""
+        textual_inversion.unload(self.tokenizer, self.text_encoder, tokens)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
