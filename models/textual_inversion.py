@@ -18,6 +18,7 @@ in a prompt stands for all n. Refused as diffusers refuses them: a token already
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,18 +148,27 @@ def read_embeddings(sources: Source | list[Source], tokens: str | list[str | Non
     return [read_embedding(source, token) for source, token in zip(sources, tokens)]
 
 
-def check_fits(embeddings: list[Embedding], vocab: dict[str, int], width: int, word_tokens) -> None:
+def check_fits(embeddings: list[Embedding], tokenizer, width: int) -> None:
     """Refuse what diffusers refuses before anything is changed: a width other than the text encoder's, a token
-    (or one of its `<tok>_i` names) already in the vocabulary or given twice."""
-    seen: set[str] = set()
+    already in the vocabulary, or whose `<tok>_1` is, or given twice. Also refused (diffusers would add them and
+    then read a prompt's `<tok>` as `<tok> <tok>_1`): one of the new `<tok>_i` names already taken, and a token
+    `<w>_i` next to an added word `<w>`."""
+    vocab, seen = tokenizer.get_vocab(), set()
+    added = {w for w, _ in tokenizer.added_words}
     for e in embeddings:
         if e.vectors.shape[-1] != width:
             raise WeightsError(f"{e.origin}: embedding width {e.vectors.shape[-1]}, but this model's text encoder "
                                f"takes {width} (an embedding trained for another model)")
-        for name in word_tokens(e.token, len(e.vectors)):
+        names = tokenizer.word_tokens(e.token, max(len(e.vectors), 2))  # `<tok>_1` checked even for one vector
+        for name in names:
             if name in vocab:
                 raise ValueError(f"{e.origin}: token {name!r} is already in the tokenizer's vocabulary; pick "
                                  "another with token= (or unload_textual_inversion() the loaded one)")
+        vector_of = re.fullmatch(r"(.+)_\d+", e.token)
+        if vector_of and vector_of.group(1) in added | {o.token for o in embeddings if o is not e}:
+            raise ValueError(f"{e.origin}: token {e.token!r} reads as a vector of the word {vector_of.group(1)!r}; "
+                             "pick another with token=")
+        for name in names[:len(e.vectors)]:
             if name in seen:
                 raise ValueError(f"{e.origin}: token {name!r} is given twice")
             seen.add(name)
@@ -167,7 +177,7 @@ def check_fits(embeddings: list[Embedding], vocab: dict[str, int], width: int, w
 def load(tokenizer, text_encoder, embeddings: list[Embedding]) -> list[str]:
     """Add the words to the tokenizer and their vectors to the text encoder (in its dtype, on its device);
     return the tokens added. All checks run first, so a refused load changes nothing."""
-    check_fits(embeddings, tokenizer.get_vocab(), text_encoder.config.hidden_size, tokenizer.word_tokens)
+    check_fits(embeddings, tokenizer, text_encoder.config.hidden_size)
     table = text_encoder.embeddings
     rows = [table.added_rows] if table.added_start is not None else []  # (N, D) each
     start = table.added_start
