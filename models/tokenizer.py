@@ -223,7 +223,7 @@ class CLIPTokenizer:
         """Add `word` (and `word_1` ... `word_{n_ids-1}`) as new tokens after every existing id; return the ids.
         None of the texts may be in the vocabulary already (the caller checks, naming the file)."""
         names = self.word_tokens(word, n_ids)
-        if taken := [name for name in names if name in self.get_vocab()]:
+        if taken := [name for name in names if self._backend.token_to_id(name) is not None]:
             raise ValueError(f"token(s) {taken} already in the vocabulary")
         if self._base_backend is None:
             self._base_backend = self._backend.to_str()
