@@ -178,6 +178,8 @@ def load(tokenizer, text_encoder, embeddings: list[Embedding]) -> list[str]:
     """Add the words to the tokenizer and their vectors to the text encoder (in its dtype, on its device);
     return the tokens added. All checks run first, so a refused load changes nothing."""
     check_fits(embeddings, tokenizer, text_encoder.config.hidden_size)
+    if not embeddings:
+        return []
     table = text_encoder.embeddings
     rows = [table.added_rows] if table.added_start is not None else []  # (N, D) each
     start = table.added_start

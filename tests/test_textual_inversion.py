@@ -8,15 +8,20 @@ test_clip_text); the facade's outputs as test_facade (mask pixels >= 99% equal, 
 images max abs 5e-3).
 """
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from diffedit import StableDiffusion, StableDiffusionDiffEdit
 from diffedit.api import prompt_warnings
+from diffedit.cli import embedding_arg
 from diffedit.models.textual_inversion import read_embedding
 from diffedit.models.weights import WeightsError
 
@@ -391,3 +396,71 @@ def test_bad_arguments_are_refused_in_one_line(models, args, words):
         sd.load_textual_inversion(*args)
     assert words in one_line_error(e)
     assert len(sd.tokenizer) == 49408
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: --embedding FILE[:TOKEN] on edit, mask and invert (the shipped model: width 128)
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+def cli(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffedit", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=CLI_ENV)
+
+
+def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 2 and one `diffedit: error:` line holding every fragment, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("diffedit: error: "), result.stderr
+    assert all(f in lines[0] for f in fragments), (fragments, lines[0])
+
+
+@pytest.fixture(scope="module")
+def cli_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    PIL.Image.new("RGB", (64, 64), (200, 40, 40)).save(folder / "in.png")
+    save_file({"<obj>": vectors(3, 40, width=128)}, str(folder / "obj.safetensors"))
+    save_file({"<narrow>": vectors(2, 41)}, str(folder / "narrow.safetensors"))
+    torch.save({"string_to_param": {"*": vectors(1, 42, width=128)}}, folder / "a1111.pt")
+    return folder
+
+
+def test_cli_embedding_is_read_by_the_mask_and_changes_it(cli_folder):
+    args = ["mask", "in.png", "--source", "a red picture", "--target", "a <mine> picture", "--steps", "4",
+            "--num-maps", "2"]
+    with_it = cli(*args, "-o", "m1.png", "--heatmap-out", "h1.png", "--embedding", "obj.safetensors:<mine>",
+                  cwd=cli_folder)
+    assert with_it.returncode == 0, with_it.stderr
+    without = cli(*args, "-o", "m2.png", "--heatmap-out", "h2.png", cwd=cli_folder)
+    assert without.returncode == 0, without.stderr
+    assert (cli_folder / "h1.png").read_bytes() != (cli_folder / "h2.png").read_bytes()
+
+
+@pytest.mark.parametrize("embedding, fragments", [
+    ("narrow.safetensors", ["--embedding", "narrow.safetensors: embedding width 32, but this model's text encoder "
+                                           "takes 128"]),
+    ("obj.safetensors:a", ["--embedding", "token 'a' is already in the tokenizer's vocabulary"]),
+    ("a1111.pt", ["--embedding a1111.pt:", "is a pickle file", "convert it to .safetensors"]),
+    ("missing.safetensors:<x>", ["--embedding missing.safetensors:", "not found"]),
+])
+def test_cli_bad_embedding_exits_2_with_one_line_and_writes_nothing(cli_folder, embedding, fragments):
+    result = cli("invert", "in.png", "--prompt", "a <x>", "-o", "never.safetensors", "--steps", "2",
+                 "--embedding", embedding, cwd=cli_folder)
+    assert_refused(result, *fragments)
+    assert not (cli_folder / "never.safetensors").exists()
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("e.safetensors", ("e.safetensors", None)),
+    ("e.safetensors:<tok>", ("e.safetensors", "<tok>")),
+    ("dir/with:colon/e.safetensors:tok", ("dir/with:colon/e.safetensors", "tok")),
+])
+def test_cli_embedding_argument_splits_the_token_at_the_last_colon(text, parsed):
+    assert embedding_arg(text) == parsed
+
+
+def test_cli_embedding_argument_keeps_an_existing_path_with_a_colon_whole(tmp_path):
+    path = tmp_path / "a:b.safetensors"
+    path.write_bytes(b"x")
+    assert embedding_arg(str(path)) == (str(path), None)
