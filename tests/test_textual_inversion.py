@@ -82,7 +82,8 @@ def assert_rows_match(sd, pipe, names):
 @pytest.fixture(scope="module")
 def loaded(sd1_folder):
     sd, pipe = StableDiffusion.from_pretrained(sd1_folder), reference_pipeline(sd1_folder)
-    return sd, pipe, (pipe.tokenizer._tokenizer.to_str(), pipe.text_encoder.get_input_embeddings().weight.detach().clone())
+    base_rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()  # (49408, D)
+    return sd, pipe, (pipe.tokenizer._tokenizer.to_str(), base_rows)
 
 
 @pytest.fixture
