@@ -23,6 +23,7 @@ from . import image_tensors
 from . import method
 from .locations import model_location
 from .params import DiffEditParams
+from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
 from .validation import one_line, shorten
 
@@ -124,11 +125,16 @@ def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]
                source: torch.Tensor | None = None) -> PIL.Image.Image:
     """Decoded latents (1, C, h, w) as an RGB picture of `size` (the input's). A picture of one colour from a
     `source` (the input pixels) of several is an ImpossibleResultError: no edit erases a whole picture."""
-    picture = image_tensors.to_output(method.to_pixels(sd, latents), "pil")[0]
+    pixels = method.to_pixels(sd, latents)
+    picture = image_tensors.to_output(pixels, "pil")[0]
     one_colour = all(lo == hi for lo, hi in picture.getextrema())
     if one_colour and source is not None and bool(source.amax() > source.amin()):
         raise method.ImpossibleResultError(f"the edit decoded to a picture of one colour "
                                            f"{picture.getpixel((0, 0))}: the model's weights or numbers are broken")
+    if sd.safety_checker is not None:  # as diffusers: a flagged picture is black, and its warning says so
+        _, flags = run_safety_checker(sd, pixels)
+        if flags[0]:
+            picture = PIL.Image.new("RGB", picture.size)
     return picture if picture.size == size else picture.resize(size, resample=PIL.Image.LANCZOS)
 
 

@@ -20,7 +20,10 @@ import torch
 
 from . import image_tensors
 from . import method
+from .models.image_processor import CLIPImageProcessor
+from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
+from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
 
 Prompt = str | list[str] | None
@@ -42,7 +45,7 @@ class DiffEditInversionOutput:
 @dataclass
 class DiffEditPipelineOutput:
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    nsfw_content_detected: None = None  # no safety checker
+    nsfw_content_detected: list[bool] | None = None  # one flag per image; None without a safety checker
 
 
 def _batch_size(prompt: Prompt, embeds: torch.Tensor | None) -> int:
@@ -100,6 +103,21 @@ class StableDiffusionDiffEdit:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def safety_checker(self) -> StableDiffusionSafetyChecker | None:
+        """The model's `StableDiffusionSafetyChecker` or None; `pipe.safety_checker = None` turns it off, as in
+        diffusers."""
+        return self.model.safety_checker
+
+    @safety_checker.setter
+    def safety_checker(self, checker: StableDiffusionSafetyChecker | None) -> None:
+        self.model.safety_checker = checker
+
+    @property
+    def feature_extractor(self) -> CLIPImageProcessor | None:
+        """The model's CLIP image processor (the checker's input) or None."""
+        return self.model.feature_extractor
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token: str | list[str | None] | None = None):
         """diffusers' `load_textual_inversion` (see `StableDiffusion.load_textual_inversion`)."""
@@ -205,7 +223,8 @@ class StableDiffusionDiffEdit:
                num_auto_corr_rolls: int = 5, clip_skip: int | None = None):
         """Inverted latents (B, T, C, h, w), noisiest first, and (with decode_latents) their B*T decoded images.
         Beyond diffusers, the output also carries each latent's timestep and the clean image latents; pass the
-        whole output as `image_latents` to `__call__` to let the corrections use them."""
+        whole output as `image_latents` to `__call__` to let the corrections use them. As in diffusers, the
+        decoded latents are not shown to the safety checker."""
         _check_call(inpaint_strength, callback_steps, cross_attention_kwargs)
         _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if image is None:
@@ -260,12 +279,14 @@ class StableDiffusionDiffEdit:
         inversion = inversion.repeat_interleave(num_images_per_prompt) if isinstance(inversion, method.Inversion) \
             else inversion.repeat_interleave(num_images_per_prompt, dim=0)
         x = method.decode(self.model, inversion, mask, text, params, generator, _every(callback, callback_steps))
+        nsfw = None
         if output_type == "latent":
             images = x
-        else:
-            images = image_tensors.to_output(method.to_pixels(self.model, x),
-                                             output_type if output_type in ("pt", "np") else "pil")
-        return DiffEditPipelineOutput(images) if return_dict else (images, None)
+        else:  # diffusers runs the safety checker on the decoded pixels; flagged images stay black
+            pixels, nsfw = run_safety_checker(self.model, method.to_pixels(self.model, x))
+            images = image_tensors.to_output(pixels, output_type if output_type in ("pt", "np") else "pil",
+                                             None if nsfw is None else [not flagged for flagged in nsfw])
+        return DiffEditPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
     def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):
         """image_latents as (B, T, C, h, w) on the model's device, or an `Inversion` when the output of `invert`

@@ -75,12 +75,16 @@ def _resize_nearest(batch: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(batch, size=(h, w))
 
 
-def to_output(images: torch.Tensor, output_type: str = "pil"):
+def to_output(images: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
     """(B, 3, H, W) in [-1, 1] -> "pt": the tensor in [0, 1]; "np": (B, H, W, 3) float32 in [0, 1]; "pil": list
-    of PIL images."""
+    of PIL images. `do_denormalize` (diffusers' postprocess): False leaves that picture's values as they are (the
+    safety checker's zeros stay black)."""
     if output_type not in ("pt", "np", "pil"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-    images = (images * 0.5 + 0.5).clamp(0, 1)
+    if do_denormalize is None:
+        images = (images * 0.5 + 0.5).clamp(0, 1)
+    else:
+        images = torch.stack([(x * 0.5 + 0.5).clamp(0, 1) if d else x for x, d in zip(images, do_denormalize)])
     if output_type == "pt":
         return images
     array = images.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)

@@ -2,11 +2,13 @@
 
 A folder holds model_index.json and one sub-folder per component: unet/, vae/, text_encoder/ (config.json +
 safetensors), tokenizer/ and scheduler/ (scheduler_config.json); inverse_scheduler/ is optional (the official SD
-repos ship none, so we build the inverse DDIM from the forward scheduler's config).
+repos ship none, so we build the inverse DDIM from the forward scheduler's config). safety_checker/ and
+feature_extractor/ are loaded when model_index.json names them (`safety.load_safety_components`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,14 @@ from .locations import ModelNotFoundError, model_location
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
+from .models.image_processor import CLIPImageProcessor
+from .models.safety_checker import StableDiffusionSafetyChecker
 from .models import textual_inversion
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .models.weights import WeightsError, component_weights, load_state
+from .safety import load_safety_components
 from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -40,6 +45,8 @@ class StableDiffusion:
     edit_defaults: dict = field(default_factory=dict)
     source: str = ""  # what it was loaded from, as given: a folder or a hub repo id
     folder: Path | None = None  # the local folder it was loaded from (a hub repo's cache snapshot); None if built
+    safety_checker: StableDiffusionSafetyChecker | None = None  # None: no checker (the shipped model has none)
+    feature_extractor: CLIPImageProcessor | None = None  # prepares decoded pictures for the safety checker
 
     @property
     def vae_scale_factor(self) -> int:
@@ -77,6 +84,11 @@ class StableDiffusion:
         for name in _COMPONENTS:
             if not (folder / name).is_dir():
                 raise ModelNotFoundError(f"{folder} has no {name}/ folder")
+        model_index = _read(index, lambda: json.loads(index.read_text()))
+        if not isinstance(model_index, dict):
+            raise ConfigError(f"{index}: expected a JSON object")
+        safety_checker, feature_extractor = load_safety_components(folder, model_index, str(path_or_repo_id),
+                                                                   device, dtype, variant)
 
         def build(name: str, module_cls, config_cls, kind: str):
             config = config_cls.from_file(folder / name / "config.json")
@@ -100,6 +112,8 @@ class StableDiffusion:
             edit_defaults=read_edit_defaults(folder),
             source=str(path_or_repo_id),
             folder=folder,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
         )
 
 
@@ -118,9 +132,9 @@ def _allow_patterns(variant: str | None) -> list[str]:
     """Only the files a load reads: configs, tokenizer files, safetensors weights (never pickles)."""
     v = f".{variant}" if variant else ""
     patterns = ["model_index.json", EDIT_DEFAULTS_FILE, "scheduler/*.json", "inverse_scheduler/*.json",
-                "tokenizer/*", "*/config.json"]
+                "tokenizer/*", "*/config.json", "feature_extractor/preprocessor_config.json"]
     for name, base in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
-                       ("text_encoder", "model")):
+                       ("text_encoder", "model"), ("safety_checker", "model")):
         patterns += [f"{name}/{base}{v}.safetensors", f"{name}/{base}.safetensors.index{v}.json",
                      f"{name}/{base}*{v}.safetensors" if v else f"{name}/{base}-*.safetensors"]
     return patterns

@@ -66,12 +66,13 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with a causal mask: token i sees tokens 0..i only."""
+    """Multi-head self-attention; causal (token i sees tokens 0..i only) in the text tower, full in the vision one."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
         d = config.hidden_size
         self.heads = config.num_attention_heads
+        self.causal = causal
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
@@ -81,7 +82,7 @@ class CLIPAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = (p(x).reshape(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, heads, T, d)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, T, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
 
 
@@ -99,9 +100,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -112,9 +113,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.num_hidden_layers))
 
 
 class CLIPTextModel(nn.Module):

@@ -253,3 +253,74 @@ class CLIPTextConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "CLIPTextConfig":
         return cls.from_dict(_load_json(path))
+
+
+# --------------------------------------------------------------------------------------------------- CLIP vision
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """transformers' CLIPVisionConfig: a ViT over `patch_size` squares of an `image_size` square picture."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_positions(self) -> int:
+        """The patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CLIPVisionConfig":
+        check_keys("safety_checker vision_config", raw, {f.name for f in fields(cls)}, _HF_GENERIC | _BOOKKEEPING)
+        config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        if config.hidden_act not in _TEXT_ACTIVATIONS:
+            raise ConfigError(f"safety_checker vision_config: unsupported value hidden_act={config.hidden_act!r} "
+                              f"(supported: {_TEXT_ACTIVATIONS})")
+        if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
+            raise ConfigError(f"safety_checker vision_config: image_size={config.image_size} must be a multiple of "
+                              f"patch_size={config.patch_size} and hidden_size={config.hidden_size} of "
+                              f"num_attention_heads={config.num_attention_heads}")
+        return config
+
+
+# --------------------------------------------------------------------------------------------------- safety checker
+
+_SAFETY_IGNORED = {"text_config", "text_config_dict", "logit_scale_init_value", "initializer_factor",
+                   "initializer_range"}  # the text tower and the contrastive logit scale are not part of the checker
+
+
+@dataclass(frozen=True)
+class SafetyCheckerConfig:
+    """diffusers' StableDiffusionSafetyChecker config (a transformers CLIPConfig): the vision tower and the width of
+    the projected image embedding that is compared with the concept embeddings."""
+
+    vision: CLIPVisionConfig = CLIPVisionConfig()
+    projection_dim: int = 512
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "SafetyCheckerConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("safety_checker config: expected a JSON object")
+        check_keys("safety_checker", raw, {"vision_config", "vision_config_dict", "projection_dim"},
+                   _SAFETY_IGNORED | _HF_GENERIC | _BOOKKEEPING)
+        parts = [raw.get("vision_config") or {}, raw.get("vision_config_dict") or {}]
+        if not all(isinstance(part, dict) for part in parts):
+            raise ConfigError("safety_checker config: vision_config and vision_config_dict must be JSON objects")
+        # Configs written by transformers < 4.23 repeat the non-default values in vision_config_dict; as in
+        # transformers' CLIPConfig, those win.
+        vision = {**parts[0], **parts[1]}
+        projection_dim = raw.get("projection_dim", 512)
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+            raise ConfigError(f"safety_checker config: projection_dim={projection_dim!r} must be a positive integer")
+        return cls(vision=CLIPVisionConfig.from_dict(vision), projection_dim=projection_dim)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SafetyCheckerConfig":
+        return cls.from_dict(_load_json(path))

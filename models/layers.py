@@ -61,12 +61,16 @@ class Upsample2D(nn.Module):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention over token sequences.
 
-    q: (B, N, C), k and v: (B, M, C) -> (B, N, C). With `upcast`, scores and softmax run in float32 (SD 2.1).
+    q: (B, N, C), k and v: (B, M, C) -> (B, N, C). With `upcast` (SD 2.x: its float16 scores overflow), scores and
+    softmax run in float32. On CUDA that is already so inside the fused kernels (flash and memory-efficient attention
+    keep the scores in float32 registers and never store them), so the inputs stay in their dtype there: upcasting
+    them would only force a slower kernel. diffusers' default attention processor does the same (it ignores
+    `upcast_attention`), so a CUDA half-precision run keeps its numbers too.
     """
     b, n, c = q.shape
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
     dtype = q.dtype
-    if upcast and dtype != torch.float32:
+    if upcast and dtype != torch.float32 and q.device.type != "cuda":
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
     return out.to(dtype).transpose(1, 2).reshape(b, n, c)

@@ -280,8 +280,18 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], config.out_channels, 3, padding=1)
 
     def time_embed(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Broadcast the timestep to the batch and embed it; sinusoids in float32, then the sample's dtype."""
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
+        """Broadcast the timestep to the batch and embed it; sinusoids in float32, then the sample's dtype.
+
+        A single timestep held on the host (a Python number, or a one-element CPU tensor as the samplers' timestep
+        tables are) becomes a fill on the sample's device: no host-to-device copy, which on CUDA would wait for
+        every queued kernel at each step of a sampling loop."""
+        single = not isinstance(timestep, torch.Tensor) or (timestep.numel() == 1 and timestep.device != sample.device)
+        if single:
+            dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else None  # None: int64 or float32, as given
+            value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep  # host memory: no GPU sync
+            t = torch.full((sample.shape[0],), value, dtype=dtype, device=sample.device)  # (B,)
+        else:
+            t = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])  # (B,)
         emb = timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype)
         return self.time_embedding(emb)
 

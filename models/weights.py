@@ -4,6 +4,8 @@ Our modules are named after the diffusers/transformers keys, so loading is a cop
 The only translations, each for a reason:
 - `text_model.` prefix: hub CLIP checkpoints carry it; transformers 5 saves without it. We strip it.
 - `*.position_ids`: a constant buffer some CLIP checkpoints store; we compute it instead, so it is ignored.
+- `vision_model.vision_model.` (the safety checker's vision tower as transformers < 5 saved it, the hub's files)
+  is `vision_model.`, as transformers 5 saves it.
 - legacy VAE attention names (`query`, `key`, `value`, `proj_attn`, written by diffusers < 0.14) map to
   `to_q`, `to_k`, `to_v`, `to_out.0`.
 - a 1x1 convolution weight (out, in, 1, 1) and a linear weight (out, in) are the same numbers; either is accepted.
@@ -82,6 +84,8 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         if key.startswith("text_model."):
             key = key[len("text_model."):]
+        if key.startswith("vision_model.vision_model."):
+            key = key[len("vision_model."):]
         m = _LEGACY_VAE_KEY.match(key)
         if m:
             key = f"{m.group(1)}.{_LEGACY_VAE[m.group(2)]}.{m.group(3)}"

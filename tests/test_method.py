@@ -557,3 +557,26 @@ def test_a_step_whose_target_level_1_was_not_inverted_is_refused_not_pasted_clea
     params = dataclasses.replace(FAST, num_inference_steps=10, inpaint_strength=0.9)  # 801 .. 1
     with pytest.raises(ValueError, match="needs timestep 1"):
         method.pasted_latents(sd, inversion, method.strength_timesteps(sd.scheduler, 10, 0.9, "s"), params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_the_inversion_and_decoding_loops_never_wait_for_the_gpu_between_steps(sd1_folder, sampler):
+    """Every step after the first runs with CUDA's sync debug mode set to "error": any host-device sync inside the
+    loop (a timestep copied to the device, `.item()`, a branch on a device tensor) raises. The mode is set by the
+    first step's callback and cleared by the last one's, before the one read of the non-finite watch after the loop."""
+    model = StableDiffusion.from_pretrained(sd1_folder, device="cuda")
+    p = dataclasses.replace(FAST, num_inference_steps=6, inpaint_strength=1.0, sampler=sampler)
+    image = images(1).to("cuda")
+    text = texts(model, ["a cat"])
+
+    def strict(n: int):
+        def callback(i, t, x):
+            torch.cuda.set_sync_debug_mode("error" if i < n - 1 else "default")
+        return callback
+
+    try:
+        inv = method.invert(model, image, text, p, callback=strict(6))
+        method.decode(model, inv, torch.ones(1, 1, 8, 8, device="cuda"), text, p, callback=strict(6))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffedit.models.config import UNetConfig
 from diffedit.official_configs import SD15_UNET, SD21_UNET
@@ -155,3 +156,20 @@ def test_text_kv_gives_the_same_output_and_projects_the_text_once_per_layer(pair
         h.remove()
     assert after_first == len(hooks) > 0 and after_second == after_first  # once per layer, at the first step
     assert torch.equal(second, plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_upcast_attention_in_half_precision_on_cuda_runs_the_fused_kernel_in_its_dtype_as_diffusers_does():
+    """diffusers' default processor (AttnProcessor2_0) ignores upcast_attention; the fused kernels keep the scores in
+    float32 anyway. Scores far past float16's range (|q.k| / 8 ~ 1e5) must still give finite outputs."""
+    from diffedit.models.layers import attention
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4096 if i == 0 else 77, 320, generator=g, device="cuda") * (40 if i < 2 else 1)
+               for i in range(3))
+    half = [t.half() for t in (q, k, v)]
+    got = attention(*half, heads=5, upcast=True)
+    split = lambda t: t.reshape(2, -1, 5, 64).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(*map(split, half)).transpose(1, 2).reshape(2, 4096, 320)
+    assert torch.equal(got, expected)
+    assert torch.isfinite(got).all()

@@ -1,0 +1,102 @@
+"""The Stable Diffusion safety checker (diffusers' `StableDiffusionSafetyChecker`): a picture is flagged when its
+CLIP image embedding is close enough to one of 17 concept embeddings.
+
+Scoring, per picture, exactly as diffusers 0.42.1 does it (numpy float32, scores rounded to 3 decimals):
+- cosine similarity of the projected image embedding with each of the 3 "special care" embeddings and each of the
+  17 concept embeddings;
+- special scores, in order: round(cos - threshold + adjustment, 3), with adjustment 0.0 until a special score is
+  > 0, and 0.01 from then on (so it already raises the later special scores of the same picture);
+- concept scores: round(cos - threshold + adjustment, 3); the picture is flagged when any concept score is > 0.
+A score that is positive before rounding but below 0.0005 rounds to 0.0 and does not flag (diffusers' ONNX variant,
+which does not round, would).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip_vision import CLIPVisionModel
+from .config import SafetyCheckerConfig
+
+NUM_CONCEPTS = 17
+NUM_SPECIAL_CARE = 3
+SPECIAL_CARE_ADJUSTMENT = 0.01  # added to every later score of a picture once one special-care score is > 0
+SCORE_DECIMALS = 3
+FLAGGED_WARNING = ("Potential NSFW content was detected in one or more images. A black image will be returned "
+                   "instead. Try again with a different prompt and/or seed.")
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, P), (K, P) -> (B, K): cosine of every row of `a` with every row of `b`."""
+    return F.normalize(a) @ F.normalize(b).t()
+
+
+def flag_scores(special_cos: np.ndarray, special_thresholds: list[float], concept_cos: np.ndarray,
+                concept_thresholds: list[float]) -> list[bool]:
+    """The decision rule of the module docstring. Cosines are float32 arrays (B, 3) and (B, 17), thresholds python
+    floats: the operand types diffusers uses, so the arithmetic (float32 under numpy 2, whose python floats are
+    weak) and the rounding are the same as its own, under any numpy version."""
+    flags = []
+    for special, concept in zip(special_cos, concept_cos):
+        adjustment = 0.0
+        for cos, threshold in zip(special, special_thresholds):
+            if round(cos - threshold + adjustment, SCORE_DECIMALS) > 0:
+                adjustment = SPECIAL_CARE_ADJUSTMENT
+        flags.append(any(round(cos - threshold + adjustment, SCORE_DECIMALS) > 0
+                         for cos, threshold in zip(concept, concept_thresholds)))
+    return flags
+
+
+class StableDiffusionSafetyChecker(nn.Module):
+    """CLIP vision tower, a projection without bias, and the concept embeddings with their thresholds ("weights").
+    Attribute names are the checkpoint's keys."""
+
+    def __init__(self, config: SafetyCheckerConfig):
+        super().__init__()
+        self.config = config
+        p = config.projection_dim
+        self.vision_model = CLIPVisionModel(config.vision)
+        self.visual_projection = nn.Linear(config.vision.hidden_size, p, bias=False)
+        self.concept_embeds = nn.Parameter(torch.ones(NUM_CONCEPTS, p), requires_grad=False)
+        self.special_care_embeds = nn.Parameter(torch.ones(NUM_SPECIAL_CARE, p), requires_grad=False)
+        self.concept_embeds_weights = nn.Parameter(torch.ones(NUM_CONCEPTS), requires_grad=False)
+        self.special_care_embeds_weights = nn.Parameter(torch.ones(NUM_SPECIAL_CARE), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_projection.weight.device
+
+    def image_embeds(self, clip_input: torch.Tensor) -> torch.Tensor:
+        """Processed pixels (B, 3, S, S) -> projected image embeddings (B, projection_dim)."""
+        return self.visual_projection(self.vision_model(clip_input))
+
+    @torch.no_grad()
+    def has_nsfw_concepts(self, clip_input: torch.Tensor) -> list[bool]:
+        """One flag per picture (the module docstring's rule); cosines cast to float32 on the CPU, as diffusers."""
+        embeds = self.image_embeds(clip_input)  # (B, P)
+        as_numpy = lambda t: t.detach().cpu().float().numpy()
+        return flag_scores(as_numpy(cosine_similarity(embeds, self.special_care_embeds)),
+                           self.special_care_embeds_weights.tolist(),
+                           as_numpy(cosine_similarity(embeds, self.concept_embeds)),
+                           self.concept_embeds_weights.tolist())
+
+    @torch.no_grad()
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """diffusers' forward: `images` (B, ...) with flagged ones replaced by zeros (a new tensor; the input is
+        left alone), the flags, and diffusers' warning when any picture is flagged."""
+        flags = self.has_nsfw_concepts(clip_input)
+        if len(flags) != images.shape[0]:
+            raise ValueError(f"clip_input has {len(flags)} pictures but images has {images.shape[0]}")
+        keep = torch.tensor([not f for f in flags], device=images.device).reshape(-1, *[1] * (images.ndim - 1))
+        if any(flags):
+            warnings.warn(FLAGGED_WARNING, stacklevel=2)
+        return torch.where(keep, images, torch.zeros_like(images)), flags
