@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_inversion": "saved_inversion",
     "read_inversion_metadata": "saved_inversion",
     "run_experiment": "experiment",
+    "save_single_file": "checkpoint_file",
 }
 
 

@@ -12,6 +12,7 @@ import numbers
 import os
 import random
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -60,11 +61,16 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
 
 def load_model(model: StableDiffusion | str | os.PathLike | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """None: the model shipped with the package; a folder or hub repo id: loaded; a StableDiffusion: as is."""
+    """None: the model shipped with the package; a folder or hub repo id: loaded; a single-file .safetensors
+    checkpoint: loaded with the official configs it matches (`StableDiffusion.from_single_file` takes a config
+    folder); a StableDiffusion: as is."""
     if isinstance(model, StableDiffusion):
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
-        return StableDiffusion.from_pretrained(model_location(model), device=device, dtype=dtype)
+        location = model_location(model)
+        if isinstance(location, Path) and location.is_file():
+            return StableDiffusion.from_single_file(location, device=device, dtype=dtype)
+        return StableDiffusion.from_pretrained(location, device=device, dtype=dtype)
     raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
 
 

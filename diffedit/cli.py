@@ -80,8 +80,11 @@ strength, image size and model must match the inversion's (taken from the file w
 def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g = p.add_argument_group("model and run")
     g.add_argument("--model", metavar="PATH_OR_REPO_ID",
-                   help="diffusers-layout model folder or hub repo id (default: the shipped model, "
-                        f"{SHIPPED_MODEL.name})")
+                   help="diffusers-layout model folder, hub repo id or single-file .safetensors checkpoint "
+                        f"(default: the shipped model, {SHIPPED_MODEL.name})")
+    g.add_argument("--config", metavar="PATH_OR_REPO_ID",
+                   help="with a single-file --model: the diffusers model folder (or repo id) whose configs, tokenizer "
+                        "and scheduler go with it (default: the official SD 1.5 or SD 2.1 ones, told from the file)")
     g.add_argument("--steps", type=STEPS, metavar="N", help=f"sampler steps over the whole schedule{defaults_note}")
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="ddim (the paper's) or dpmsolver++ (2nd-order multistep: fewer steps) for the encoding, the "
@@ -100,6 +103,12 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                         "instead of the corrected mode")
     g.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse larger images (default {DEFAULT_MAX_PIXELS}, 2048x2048)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode images larger than the VAE's tile (its sample_size: 512 pixels for SD) "
+                        "in overlapping, blended tiles, as diffusers' tiled VAE: far less memory, slightly different "
+                        "pixels; smaller images are unchanged")
+    g.add_argument("--vae-slicing", action="store_true",
+                   help="encode and decode one image at a time (less memory for several targets; same pixels)")
     o = p.add_argument_group("output and messages")
     o.add_argument("--force", action="store_true", help="allow an output to overwrite an input file")
     o.add_argument("--json", action="store_true",
@@ -231,14 +240,32 @@ def load_embeddings_or_refuse(sd, embeddings: list) -> None:
         raise BadInput(f"--embedding {one_line(e)}") from None
 
 
-def load_or_refuse(model: str, device, dtype):
-    """The model, or one line of bad input naming every way its folder is unusable."""
+def load_or_refuse(model: str, device, dtype, config: str | None = None):
+    """The model (a folder, repo id or single file, with `config` for a single file), or one line of bad input
+    naming every way it is unusable."""
     from .stable_diffusion import StableDiffusion
 
     try:
+        if Path(model).is_file():
+            return StableDiffusion.from_single_file(model, config=config, device=device, dtype=dtype)
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
     except (ModelNotFoundError, FileError) as e:  # missing, or a config or weight file it cannot use
         raise BadInput(f"cannot load model {model}: {one_line(e)}") from e
+
+
+def model_config(args, model: str) -> str | None:
+    """--config, checked before any model work: only with a single-file model, and a folder or repo id."""
+    config = getattr(args, "config", None)
+    if config is None:
+        return None
+    if not Path(model).is_file():
+        raise BadInput(f"--config goes with a single-file .safetensors --model; {model} is a model folder or repo "
+                       "id, which has its own configs")
+    location = model_location(config)
+    if isinstance(location, Path) and location.is_file():
+        raise BadInput(f"--config {config} is a file; give the diffusers model folder (or repo id) whose configs go "
+                       "with the checkpoint")
+    return str(location)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,11 +290,12 @@ def explicit_params(args) -> dict:
             if getattr(args, flag, None) is not None for name in names}
 
 
-def local_edit_defaults(model: str) -> dict:
-    """A local model folder's diffedit.json, read before the model is loaded (a hub model's comes with it)."""
+def local_edit_defaults(model: str, config: str | None = None) -> dict:
+    """A local model folder's diffedit.json (a single file's: its --config folder's), read before the model is
+    loaded (a hub model's comes with it)."""
     from .params import read_edit_defaults
 
-    return read_edit_defaults(Path(model).expanduser())
+    return read_edit_defaults(Path(config or model).expanduser())
 
 
 def command_params(args, edit_defaults: dict, uses: tuple[str, ...]):
@@ -352,8 +380,12 @@ class CommandRun:
             raise BadInput(f"--{e}") from None
         embeddings = read_embeddings_or_refuse(self.args.embedding)
         with self.timed("load_model"):
-            self.sd = load_or_refuse(model, device, dtype)
+            self.sd = load_or_refuse(model, device, dtype, model_config(self.args, model))
             load_embeddings_or_refuse(self.sd, embeddings)
+        if self.args.vae_tiling:
+            self.sd.enable_vae_tiling()
+        if self.args.vae_slicing:
+            self.sd.enable_vae_slicing()
         self.model = model
         from .api import check_params_for_model
 
@@ -519,7 +551,7 @@ def cmd_edit(args, report: Reporter) -> dict:
         apply_latents_metadata(meta, Path(args.latents), args, run.image.size)
     given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG) if args.mask else None
     uses = ("decode",) + (() if given_mask is not None else ("mask",)) + (() if meta else ("invert",))
-    command_params(args, local_edit_defaults(model), uses)
+    command_params(args, local_edit_defaults(model, model_config(args, model)), uses)
     # Model, and the checks that need it
     p = run.load_model_and_params(model, uses)
     if meta is not None:
@@ -568,7 +600,7 @@ def cmd_mask(args, report: Reporter) -> dict:
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = str(model_location(args.model))
     run.read_image(image_path)
-    command_params(args, local_edit_defaults(model), ("mask",))
+    command_params(args, local_edit_defaults(model, model_config(args, model)), ("mask",))
     # Model, checks, the method
     p = run.load_model_and_params(model, ("mask",))
     run.check_prompts([("--source", args.source)] + list(zip(_flag_names(targets), targets)),
@@ -605,7 +637,7 @@ def cmd_invert(args, report: Reporter) -> dict:
                        f"{out.with_suffix('.safetensors')})")
     model = str(model_location(args.model))
     run.read_image(image_path)
-    command_params(args, local_edit_defaults(model), ("invert",))
+    command_params(args, local_edit_defaults(model, model_config(args, model)), ("invert",))
     p = run.load_model_and_params(model, ("invert",))
     run.check_prompts([("--prompt", args.prompt)], [])
     if not args.prompt.strip():

@@ -22,6 +22,7 @@ from . import image_tensors
 from . import method
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
+from .memory import vae_decode
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
@@ -96,6 +97,17 @@ class StableDiffusionDiffEdit:
                         params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
         return cls(StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant), params)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
+                         config: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                         params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
+        """An original-layout .safetensors checkpoint (`StableDiffusion.from_single_file`). diffusers 0.42.1's
+        DiffEdit pipeline has no `from_single_file`; its `StableDiffusionPipeline.from_single_file` reads the same
+        files and takes the same `config`."""
+        model = StableDiffusion.from_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
+        return cls(model, params)
+
     @property
     def vae_scale_factor(self) -> int:
         return self.model.vae_scale_factor
@@ -118,6 +130,29 @@ class StableDiffusionDiffEdit:
     def feature_extractor(self) -> CLIPImageProcessor | None:
         """The model's CLIP image processor (the checker's input) or None."""
         return self.model.feature_extractor
+
+    # Memory options (diffedit/memory.py), diffusers' names; they set the model's own options
+
+    def enable_vae_slicing(self) -> None:
+        self.model.enable_vae_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.model.disable_vae_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        self.model.enable_vae_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.model.disable_vae_tiling()
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        self.model.enable_model_cpu_offload(gpu_id, device)
+
+    def maybe_free_model_hooks(self) -> None:
+        self.model.maybe_free_model_hooks()
+
+    def remove_all_hooks(self) -> None:
+        self.model.remove_all_hooks()
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token: str | list[str | None] | None = None):
         """diffusers' `load_textual_inversion` (see `StableDiffusion.load_textual_inversion`)."""
@@ -210,6 +245,7 @@ class StableDiffusionDiffEdit:
             mask = est.mask
         else:
             mask = est.mask.cpu().numpy()
+        self.maybe_free_model_hooks()
         return (mask, est.guidance_map.cpu().numpy()) if return_guidance_map else mask
 
     @torch.no_grad()
@@ -239,8 +275,9 @@ class StableDiffusionDiffEdit:
         inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
-            pixels = self.model.vae.decode(1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
+            pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
             images = image_tensors.to_output(pixels, "pil" if output_type == "pil" else "np")
+        self.maybe_free_model_hooks()
         if not return_dict:
             return inv.latents, images
         return DiffEditInversionOutput(inv.latents, images, inv.timesteps, inv.clean)
@@ -286,6 +323,7 @@ class StableDiffusionDiffEdit:
             pixels, nsfw = run_safety_checker(self.model, method.to_pixels(self.model, x))
             images = image_tensors.to_output(pixels, output_type if output_type in ("pt", "np") else "pil",
                                              None if nsfw is None else [not flagged for flagged in nsfw])
+        self.maybe_free_model_hooks()
         return DiffEditPipelineOutput(images, nsfw) if return_dict else (images, nsfw)
 
     def _inversion(self, image_latents, batch_size: int, latent_hw, params: DiffEditParams):

@@ -24,9 +24,14 @@ def shipped_model_installed() -> bool:
     return (SHIPPED_MODEL / "model_index.json").is_file()
 
 
+SINGLE_FILE_SUFFIX = ".safetensors"  # an original-layout checkpoint in one file (`StableDiffusion.from_single_file`)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
 def model_location(path_or_repo_id: str | os.PathLike | None) -> Path | str:
-    """None: the shipped model's folder; an existing folder: as a Path; something shaped like a hub repo id: as
-    is (whether the hub has it is found out when it is fetched). Anything else is a ModelNotFoundError."""
+    """None: the shipped model's folder; an existing folder or .safetensors file (a single-file checkpoint): as a
+    Path; something shaped like a hub repo id: as is (whether the hub has it is found out when it is fetched).
+    Anything else (a pickle checkpoint among them) is a ModelNotFoundError."""
     if path_or_repo_id is None:
         if not shipped_model_installed():
             raise ModelNotFoundError(f"the model that ships with diffedit is not installed (expected a diffusers "
@@ -36,8 +41,16 @@ def model_location(path_or_repo_id: str | os.PathLike | None) -> Path | str:
     if path.is_dir():
         return path
     text = str(path_or_repo_id)
+    if path.is_file() and path.suffix.lower() == SINGLE_FILE_SUFFIX:
+        return path
+    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelNotFoundError(f"model file {text} is a pickle checkpoint; diffedit loads safetensors only: convert "
+                                 f"it to {SINGLE_FILE_SUFFIX} first")
     if path.exists():
-        raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json")
+        raise ModelNotFoundError(f"model path {text} is a file; give the folder that holds model_index.json or a "
+                                 f"single-file {SINGLE_FILE_SUFFIX} checkpoint")
+    if path.suffix.lower() in (SINGLE_FILE_SUFFIX, *PICKLE_SUFFIXES):
+        raise ModelNotFoundError(f"model file {text} does not exist")
     if not looks_like_repo_id(text):
         raise ModelNotFoundError(f"model folder {text} does not exist (not found here, and not shaped like a hub "
                                  "repo id such as stabilityai/stable-diffusion-2-1): give a diffusers model folder "

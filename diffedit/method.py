@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .memory import vae_decode, vae_encode
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
 from .models.unet import TextKV
@@ -147,7 +148,7 @@ def encode_images(sd: StableDiffusion, image: torch.Tensor, generator: Generator
     if image.shape[1] == sd.vae.config.latent_channels:
         latents = image.repeat_interleave(repeats, dim=0)
     else:
-        post = sd.vae.encode(image if once else image.repeat_interleave(repeats, dim=0))
+        post = vae_encode(sd, image if once else image.repeat_interleave(repeats, dim=0))
         if once:
             post = DiagonalGaussian(post.moments.repeat_interleave(repeats, dim=0))  # (B * repeats, 2C, h, w)
         latents = sd.vae.scaling_factor * post.sample(generator)
@@ -534,7 +535,7 @@ def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, ste
 @torch.no_grad()
 def to_pixels(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]; non-finite pixels are an error."""
-    pixels = sd.vae.decode(latents / sd.vae.scaling_factor)
+    pixels = vae_decode(sd, latents / sd.vae.scaling_factor)
     if not bool(torch.isfinite(pixels).all()):
         raise ImpossibleResultError(f"the decoded pixels are non-finite (NaN or inf); {_OVERFLOW_HINT}")
     return pixels

@@ -1,5 +1,6 @@
 """The config.json contents of the official SD 1.5 / SD 2.1 checkpoints: full-size shapes without weights, for the
-tests (built on the meta device) and for `diffedit bench --config sd15|sd21` (random weights)."""
+tests (built on the meta device), for `diffedit bench --config sd15|sd21` (random weights) and for single-file
+checkpoints loaded without a config folder (`checkpoint_file`)."""
 
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
@@ -28,3 +29,10 @@ SD21_TEXT = {
     **SD15_TEXT, "hidden_act": "gelu", "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
     "num_hidden_layers": 23, "projection_dim": 512,
 }
+# scheduler/scheduler_config.json (SD 1.5 ships a PNDM config, SD 2.1 a DDIM one; DDIM reads the same fields)
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+SD21_SCHEDULER = {**SD15_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}

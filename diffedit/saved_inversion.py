@@ -28,22 +28,42 @@ class InversionFileError(FileError):
     named."""
 
 
-def model_fingerprint(folder: Path) -> str:
+def model_fingerprint(folder: Path, configs: str = "") -> str:
     """A cheap identity of a model folder: its configs and, for each weight file, its size and first and last
-    64 KiB. Equal for a moved or copied model, different for retrained weights."""
+    64 KiB. Equal for a moved or copied model, different for retrained weights. A single-file checkpoint: the same
+    of its one file, plus `configs`, the configs it was loaded with (the file holds none)."""
     h = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*/*")):
+    path = Path(folder)
+    if path.is_file():
+        _hash_weights(h, path, "single-file")
+        h.update(configs.encode())
+        return h.hexdigest()[:16]
+    for f in sorted(path.glob("*/*")):
         if f.name.endswith(".json") and f.parent.name != "tokenizer":
             h.update(f"{f.parent.name}/{f.name}".encode())
             h.update(f.read_bytes())
         elif f.suffix == ".safetensors":
-            size = f.stat().st_size
-            h.update(f"{f.parent.name}/{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(65536))
-                fh.seek(max(0, size - 65536))
-                h.update(fh.read(65536))
+            _hash_weights(h, f, f"{f.parent.name}/{f.name}")
     return h.hexdigest()[:16]
+
+
+def _hash_weights(h, f: Path, label: str) -> None:
+    """A weight file's label, size, first and last 64 KiB."""
+    size = f.stat().st_size
+    h.update(f"{label}:{size}".encode())
+    with open(f, "rb") as fh:
+        h.update(fh.read(65536))
+        fh.seek(max(0, size - 65536))
+        h.update(fh.read(65536))
+
+
+def fingerprint_of(model) -> str:
+    """`model_fingerprint` of a loaded StableDiffusion: its folder, or its single file with the configs, tokenizer
+    padding and schedules it was built with (another --config or prediction_type gives other latents)."""
+    configs = "" if model.folder.is_dir() else repr((
+        model.unet.config, model.vae.config, model.text_encoder.config, model.scheduler.config,
+        model.inverse_scheduler.config, model.tokenizer.pad_token_id, model.tokenizer.model_max_length))
+    return model_fingerprint(model.folder, configs)
 
 
 def read_inversion_metadata(path: Path) -> dict:
@@ -74,9 +94,10 @@ def read_inversion_metadata(path: Path) -> dict:
 
 
 def recorded_model(sd) -> str:
-    """How a file names the model: the absolute folder when it was loaded from one, else its repo id."""
+    """How a file names the model: the absolute folder (or single file) when it was loaded from one, else its repo
+    id."""
     local = Path(sd.source).expanduser()
-    return str(local.resolve()) if sd.source and local.is_dir() else sd.source
+    return str(local.resolve()) if sd.source and local.exists() else sd.source
 
 
 def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
@@ -87,14 +108,14 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
     from .params import CORRECTIONS
 
     if model.folder is None:
-        raise ValueError("model: an inversion is saved with the model folder it came from; load the model with "
-                         "StableDiffusion.from_pretrained")
+        raise ValueError("model: an inversion is saved with the model folder or file it came from; load the model "
+                         "with StableDiffusion.from_pretrained or from_single_file")
     corrections = {getattr(params, name) for name in CORRECTIONS.values()}
     mode = "corrected" if corrections == {True} else "reference" if corrections == {False} else "mixed"
     h, w = inversion.latents.shape[-2:]
     f = model.vae_scale_factor
     return {"format": FORMAT, "version": VERSION, "model": recorded_model(model),
-            "model_fingerprint": model_fingerprint(model.folder), "steps": params.num_inference_steps,
+            "model_fingerprint": fingerprint_of(model), "steps": params.num_inference_steps,
             "strength": params.inpaint_strength, "width": image_size[0], "height": image_size[1],
             "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
@@ -139,7 +160,7 @@ def load_inversion(path: Path, model=None):
     path = Path(path)
     meta = read_inversion_metadata(path)
     if model is not None and model.folder is not None:
-        if meta.get("model_fingerprint") != model_fingerprint(model.folder):
+        if meta.get("model_fingerprint") != fingerprint_of(model):
             raise InversionFileError(f"{path} was inverted with another model ({meta.get('model')}) than "
                                      f"{model.source}: load that model or invert again")
     try:

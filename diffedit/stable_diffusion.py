@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .locations import ModelNotFoundError, model_location
+from .memory import ModelOffload, model_cpu_offload
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
@@ -43,10 +44,15 @@ class StableDiffusion:
     scheduler: DDIMScheduler
     inverse_scheduler: DDIMInverseScheduler
     edit_defaults: dict = field(default_factory=dict)
-    source: str = ""  # what it was loaded from, as given: a folder or a hub repo id
-    folder: Path | None = None  # the local folder it was loaded from (a hub repo's cache snapshot); None if built
+    source: str = ""  # what it was loaded from, as given: a folder, a hub repo id or a single .safetensors file
+    # the local folder it was loaded from (a hub repo's cache snapshot), or its single file; None if built
+    folder: Path | None = None
     safety_checker: StableDiffusionSafetyChecker | None = None  # None: no checker (the shipped model has none)
     feature_extractor: CLIPImageProcessor | None = None  # prepares decoded pictures for the safety checker
+    # Memory options (diffedit/memory.py), read by the method's VAE calls and the offload hooks
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    offload: ModelOffload | None = field(default=None, repr=False, compare=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -54,11 +60,43 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where inputs go: the UNet's device, or under model CPU offload the accelerator the networks run on."""
+        return self.offload.device if self.offload is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def enable_vae_slicing(self) -> None:
+        """Encode and decode one image of a batch at a time (less memory for batches; same numbers)."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode images larger than the VAE's sample_size in overlapping, blended tiles (memory
+        independent of the image size; slightly different numbers, as diffusers' tiled VAE)."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
+        """Keep the networks on the CPU and move each to the accelerator (`device`, default the available one,
+        index `gpu_id`) only while it runs. Without an accelerator: a warning, and nothing changes."""
+        self.offload = model_cpu_offload(self, gpu_id, device)
+
+    def maybe_free_model_hooks(self) -> None:
+        """Under model CPU offload, send the network still on the accelerator back to the CPU; else nothing."""
+        if self.offload is not None:
+            self.offload.free()
+
+    def remove_all_hooks(self) -> None:
+        """End model CPU offload: the hooks go and every network is placed on the accelerator it ran on."""
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
 
     def load_textual_inversion(self, pretrained_model_name_or_path: textual_inversion.Source | list,
                                token: str | list[str | None] | None = None) -> list[str]:
@@ -78,6 +116,9 @@ class StableDiffusion:
                         variant: str | None = None) -> "StableDiffusion":
         """Load every component; weights in any stored dtype are converted to `dtype` on `device`."""
         folder = resolve_model_folder(path_or_repo_id, revision, variant)
+        if folder.is_file():
+            raise ModelNotFoundError(f"{folder} is a single-file checkpoint: load it with "
+                                     "StableDiffusion.from_single_file")
         index = folder / "model_index.json"
         if not index.is_file():
             raise ModelNotFoundError(f"{folder} is not a diffusers model folder: model_index.json is missing")
@@ -115,6 +156,23 @@ class StableDiffusion:
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
+                         config: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> "StableDiffusion":
+        """Load an original-layout (CompVis / LDM) .safetensors checkpoint holding the UNet, VAE and text encoder.
+
+        config: a diffusers model folder or hub repo id whose configs, tokenizer and scheduler go with the weights;
+        without it the file's keys say SD 1.x or SD 2.x (diffusers' rule) and the official SD 1.5 / SD 2.1 configs
+        are used, SD 2.x assumed v-prediction as diffusers does (SD 2 base is epsilon: say so).
+        prediction_type: overrides the scheduler's ("epsilon", "v_prediction", "sample").
+        Strict like `from_pretrained`: one WeightsError lists every missing, unexpected or mis-shaped entry; a
+        pickle (.ckpt) is refused. See `checkpoint_file` and `models/single_file.py`.
+        """
+        from .checkpoint_file import load_single_file
+
+        return load_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
 
 
 def _read(path: Path, reader):

@@ -137,14 +137,15 @@ class CLIPTokenizer:
         return token_id
 
     @classmethod
-    def default(cls) -> "CLIPTokenizer":
+    def default(cls, pad_token: str = EOS) -> "CLIPTokenizer":
         """The OpenAI CLIP vocabulary shipped with this package, configured as SD 1.x's `tokenizer/` folder:
-        pad = eos = unk = `<|endoftext|>`, model_max_length 77."""
+        pad = eos = unk = `<|endoftext|>`, model_max_length 77. pad_token="!" gives SD 2.x's (pad "!", id 0)."""
         vocab, merges = BPE.read_file(str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"))
         # SD 1.5's declarations: AddedToken dicts with normalized=True, but pad a plain string, which (being
-        # declared last) makes <|endoftext|> match case-sensitively while <|startoftext|> does not.
+        # declared last) makes <|endoftext|> match case-sensitively while <|startoftext|> does not. SD 2.1 declares
+        # the same, with pad "!" (a plain string in its special_tokens_map.json).
         sd15 = {key: {"content": text, "normalized": True} for key, text in DEFAULT_SPECIALS.items()}
-        return cls(vocab, merges, {**sd15, "pad_token": EOS})
+        return cls(vocab, merges, {**sd15, "pad_token": pad_token})
 
     @classmethod
     def from_folder(cls, path) -> "CLIPTokenizer":

@@ -137,6 +137,35 @@ def test_edit_equals_the_api_with_one_inversion_for_all_targets(edited, sd):
         assert np.array_equal(np.asarray(Image.open(folder / entry["mask"])), np.asarray(want.mask))
 
 
+def test_vae_tiling_and_slicing_leave_an_image_within_the_tile_unchanged(edited, tmp_path):
+    """The shipped VAE's tile is 64 pixels (sample_size), the image's size: the flags change nothing."""
+    folder, _ = edited
+    shape_image().save(tmp_path / "in.png")
+    result = diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "--target", TARGETS[1], "-o",
+                      "out.png", "--vae-tiling", "--vae-slicing", *FAST, cwd=tmp_path)
+    assert_ok(result)
+    for name in ("out-1.png", "out-2.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(folder / name)))
+
+
+def test_vae_tiling_flag_tiles_a_larger_image_as_the_api_does(tmp_path, sd):
+    from diffedit import edit
+
+    shape_image((96, 80)).save(tmp_path / "in.png")  # 24 x 20 latents: over the 16-latent tile
+    result = diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--vae-tiling",
+                      *FAST, cwd=tmp_path)
+    assert_ok(result)
+    kw = dict(model=sd, seed=0, num_inference_steps=4, num_maps_per_mask=2)
+    plain = np.asarray(edit(tmp_path / "in.png", SOURCE, TARGETS[0], **kw).image, dtype=int)
+    sd.enable_vae_tiling()
+    try:
+        tiled = np.asarray(edit(tmp_path / "in.png", SOURCE, TARGETS[0], **kw).image, dtype=int)
+    finally:
+        sd.disable_vae_tiling()
+    got = np.asarray(Image.open(tmp_path / "out.png"), dtype=int)
+    assert np.abs(got - tiled).max() <= 1 and np.abs(got - plain).max() > 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The steps alone, and their reuse
 

@@ -21,6 +21,16 @@ def test_folders_are_paths_repo_ids_are_text_and_the_rest_is_refused(tmp_path):
         model_location(tmp_path / "file")
     with pytest.raises(ModelNotFoundError, match="model folder no/such/folder does not exist"):
         model_location("no/such/folder")
+    single = tmp_path / "model.SafeTensors"
+    single.write_bytes(b"")
+    assert model_location(str(single)) == single  # a single-file checkpoint: a Path (what it holds is read later)
+    for name in ("model.ckpt", "model.pt", "model.bin"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(ModelNotFoundError, match=f"model file .*{name} is a pickle checkpoint; diffedit loads "
+                                                     "safetensors only: convert it to .safetensors first"):
+            model_location(tmp_path / name)
+    with pytest.raises(ModelNotFoundError, match="model file .*gone.safetensors does not exist"):
+        model_location(tmp_path / "gone.safetensors")
     for text, repo in [("a/b", True), ("a.b/c-d_e", True), ("./a", False), ("a/b/c", False), ("/a/b", False),
                        ("~/a", False), ("a", False)]:
         assert looks_like_repo_id(text) is repo, text

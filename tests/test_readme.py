@@ -14,7 +14,7 @@ def python_blocks() -> list[str]:
 
 
 def test_every_python_example_in_the_readme_runs_as_written(tmp_path, monkeypatch):
-    one_call, step_by_step, saved, drop_in, components = python_blocks()  # exactly these five
+    one_call, step_by_step, saved, drop_in, single_file, components = python_blocks()  # exactly these six
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
 
@@ -32,5 +32,7 @@ def test_every_python_example_in_the_readme_runs_as_written(tmp_path, monkeypatc
     assert torch.equal(again, decoded)  # the reloaded inversion decodes to the same latents
     run(drop_in)
     assert ns["out"].size == (64, 64)
+    run(single_file)
+    assert torch.equal(ns["sd"].unet.conv_in.weight, ns["pipe"].model.unet.conv_in.weight)
     run(components)
     assert ns["eps"].shape == ns["latents"].shape == (1, 4, 16, 16)
