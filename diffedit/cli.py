@@ -95,6 +95,9 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                    help="where to run (default auto: cuda, then mps, then cpu)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="weights and activations (default auto: float16 on a GPU, float32 on the CPU)")
+    g.add_argument("--embedding", type=embedding_arg, action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors: diffusers, kohya or A1111 layout) whose token "
+                        "the prompts may use; TOKEN overrides the file's own (repeatable)")
     g.add_argument("--reference-behaviour", "--reference-behavior", action="store_true",
                    help="diffusers-compatible numbers (StableDiffusionDiffEditPipeline 0.42.1), with its defects, "
                         "instead of the corrected mode")
@@ -141,6 +144,14 @@ def lora_spec(text: str) -> tuple[Path, float]:
     except (OSError, ValueError) as e:
         raise argparse.ArgumentTypeError(f"LoRA file {path} is not a safetensors file or is corrupt ({e})") from None
     return path, weight
+
+
+def embedding_arg(text: str) -> tuple[str, str | None]:
+    """--embedding FILE[:TOKEN] -> (FILE, TOKEN or None); a path that exists as written keeps its colons."""
+    if ":" in text and not Path(text).exists():
+        path, token = text.rsplit(":", 1)
+        return path, token
+    return text, None
 
 
 def _add_mask_options(p: argparse.ArgumentParser, defaults_note: str) -> None:
@@ -233,6 +244,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model
+
+
+def read_embeddings_or_refuse(given: list[tuple[str, str | None]]) -> list:
+    """The --embedding files, read and checked before the model is loaded."""
+    from .models.textual_inversion import read_embedding
+
+    embeddings = []
+    for path, token in given:
+        try:
+            embeddings.append(read_embedding(path, token))
+        except ValueError as e:
+            raise BadInput(f"--embedding {path}: {one_line(e)}") from None
+    return embeddings
+
+
+def load_embeddings_or_refuse(sd, embeddings: list) -> None:
+    """Add the read embeddings to the loaded model; one that does not fit it (width, a taken token) is bad input."""
+    from .models import textual_inversion
+
+    try:
+        textual_inversion.load(sd.tokenizer, sd.text_encoder, embeddings)
+    except ValueError as e:
+        raise BadInput(f"--embedding {one_line(e)}") from None
 
 
 def load_or_refuse(model: str, device, dtype, config: str | None = None):
@@ -373,9 +407,11 @@ class CommandRun:
             device, dtype = pick_device(self.args.device, self.args.dtype)
         except ValueError as e:
             raise BadInput(f"--{e}") from None
+        embeddings = read_embeddings_or_refuse(self.args.embedding)
         with self.timed("load_model"):
             self.sd = load_or_refuse(model, device, dtype, model_config(self.args, model))
             self.load_loras()
+            load_embeddings_or_refuse(self.sd, embeddings)
         if self.args.vae_tiling:
             self.sd.enable_vae_tiling()
         if self.args.vae_slicing:

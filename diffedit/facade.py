@@ -193,6 +193,14 @@ class StableDiffusionDiffEdit:
                           weight_name: str = WEIGHT_NAME):
         return self.model.save_lora_weights(save_directory, adapter_name, weight_name)
 
+    def load_textual_inversion(self, pretrained_model_name_or_path, token: str | list[str | None] | None = None):
+        """diffusers' `load_textual_inversion` (see `StableDiffusion.load_textual_inversion`)."""
+        self.model.load_textual_inversion(pretrained_model_name_or_path, token)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """diffusers' `unload_textual_inversion`: the named learned words, or all of them."""
+        self.model.unload_textual_inversion(tokens)
+
     # ------------------------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,

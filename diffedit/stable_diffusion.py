@@ -23,6 +23,7 @@ from .models.lora import NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, read_
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
+from .models import textual_inversion
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
@@ -98,6 +99,18 @@ class StableDiffusion:
         if self.offload is not None:
             self.offload.remove()
             self.offload = None
+
+    def load_textual_inversion(self, pretrained_model_name_or_path: textual_inversion.Source | list,
+                               token: str | list[str | None] | None = None) -> list[str]:
+        """Add learned words (textual inversion) as diffusers' `load_textual_inversion` does: a safetensors file
+        or folder (diffusers, kohya or A1111 layout), a state dict or a tensor, or a list of them with a list of
+        tokens; return the tokens added. Every prompt of every step then reads them (models/textual_inversion.py)."""
+        embeddings = textual_inversion.read_embeddings(pretrained_model_name_or_path, token)
+        return textual_inversion.load(self.tokenizer, self.text_encoder, embeddings)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove the named learned words (each with all its vectors), or all of them."""
+        textual_inversion.unload(self.tokenizer, self.text_encoder, tokens)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",

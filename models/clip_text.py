@@ -32,16 +32,37 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 
 
 class CLIPTextEmbeddings(nn.Module):
-    """Token embedding plus a learned absolute position embedding."""
+    """Token embedding plus a learned absolute position embedding.
+
+    Rows for added tokens (textual inversion) live apart from the checkpoint's `token_embedding`: ids from
+    `added_start` on read `added_rows` (a buffer outside the state dict, so it follows `.to()` but loading and
+    saving the base model never see it). diffusers grows the embedding matrix instead; the vectors are the same.
+    """
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.token_embedding = _embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = _embedding(config.max_position_embeddings, config.hidden_size)
+        self.added_start: int | None = None  # the first added id; None: no added rows
+
+    def set_added_rows(self, start: int | None, rows: torch.Tensor | None) -> None:
+        """Ids start, start + 1, ... read rows (N, D) from now on; (None, None) removes them."""
+        if rows is None:
+            self.added_start = None
+            self._buffers.pop("added_rows", None)
+            return
+        self.added_start = start
+        self.register_buffer("added_rows", rows.to(self.token_embedding.weight), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,); not a checkpoint buffer
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        if self.added_start is None:
+            tokens = self.token_embedding(input_ids)  # (B, T, D)
+        else:
+            added = input_ids >= self.added_start  # (B, T)
+            tokens = torch.where(added[..., None], self.added_rows[(input_ids - self.added_start).clamp(min=0)],
+                                 self.token_embedding(input_ids.masked_fill(added, 0)))  # (B, T, D)
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPAttention(nn.Module):

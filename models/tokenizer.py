@@ -11,6 +11,11 @@ The ids match transformers' `CLIPTokenizer` (5.x, what diffusers pipelines call)
   literal `<|endoftext|>` becomes id 49407 and, with SD 2.x's pad token "!", every "!" becomes id 0;
 - `<|startoftext|>` + ids + `<|endoftext|>`, cut to `model_max_length` (eos kept last), padded with the pad
   token (SD 1.x: `<|endoftext|>` 49407; SD 2.x: "!" 0).
+
+Words added later (`add_word`, for textual inversion) are matched as transformers' `add_tokens` matches them:
+anywhere in the text, after lower-casing. A word added with n > 1 ids stands for all n in a row (its
+`word_1` ... `word_{n-1}` are tokens too), the ids diffusers' `maybe_convert_prompt` produces by rewriting
+`word` as `word word_1 ...` before tokenizing.
 """
 
 import json
@@ -118,6 +123,9 @@ class CLIPTokenizer:
         backend.add_tokens(added + [t for t in named if t.content not in known])
 
         self._backend = backend
+        self._base_backend: str | None = None  # the backend before any `add_word`, serialized on the first one
+        self._words: list[tuple[str, int]] = []  # added words and their id counts, in id order
+        self._runs: dict[int, list[int]] = {}  # a multi-id word's first id -> all its ids
         self.model_max_length = model_max_length
         self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = (
             self._token_id(key, token.content) for key, token in zip(SPECIAL_KEYS, named))
@@ -174,8 +182,73 @@ class CLIPTokenizer:
         return cls(vocab, merges, specials, added, config.get("model_max_length", 77))
 
     def num_tokens(self, prompt: str) -> int:
-        """Number of tokens of `prompt`, without bos and eos (0 for an empty or blank prompt)."""
-        return len(self._backend.encode(prompt).ids)
+        """Number of tokens of `prompt`, without bos and eos (0 for an empty or blank prompt); a multi-id added
+        word counts all its ids."""
+        return len(self._encode(prompt)[0])
+
+    def _encode(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The prompt's ids (no bos / eos) and each id's (start, end) in the prompt; a multi-id word's ids all
+        carry the word's span."""
+        encoding = self._backend.encode(prompt)
+        if not self._runs:
+            return encoding.ids, encoding.offsets
+        ids, offsets = [], []
+        for token_id, span in zip(encoding.ids, encoding.offsets):
+            run = self._runs.get(token_id, [token_id])
+            ids += run
+            offsets += [span] * len(run)
+        return ids, offsets
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Words added after loading (textual inversion)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token text and its id, added tokens included (transformers' `get_vocab`)."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        """The number of ids, added tokens included (transformers' `len(tokenizer)`); new words take the next."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def added_words(self) -> list[tuple[str, int]]:
+        """The words `add_word` added, with their id counts, in id order."""
+        return list(self._words)
+
+    @staticmethod
+    def word_tokens(word: str, n_ids: int) -> list[str]:
+        """The token texts of a word with n ids: `word`, `word_1`, ..., `word_{n-1}` (diffusers' names)."""
+        return [word] + [f"{word}_{i}" for i in range(1, n_ids)]
+
+    def add_word(self, word: str, n_ids: int) -> list[int]:
+        """Add `word` (and `word_1` ... `word_{n_ids-1}`) as new tokens after every existing id; return the ids.
+        None of the texts may be in the vocabulary already (the caller checks, naming the file)."""
+        names = self.word_tokens(word, n_ids)
+        if taken := [name for name in names if self._backend.token_to_id(name) is not None]:
+            raise ValueError(f"token(s) {taken} already in the vocabulary")
+        if self._base_backend is None:
+            self._base_backend = self._backend.to_str()
+        start = len(self)
+        # transformers' add_tokens(str): not special, normalized (matched in the lower-cased text)
+        self._backend.add_tokens([AddedToken(name, special=False, normalized=True) for name in names])
+        ids = [self._backend.token_to_id(name) for name in names]
+        assert ids == list(range(start, start + n_ids)), "new tokens take the next ids, in order"
+        self._words.append((word, n_ids))
+        if n_ids > 1:
+            self._runs[ids[0]] = ids
+        return ids
+
+    def remove_words(self, words: list[str]) -> None:
+        """Remove added words (with their `word_i` tokens); the words left keep their order and take the ids
+        right after the base vocabulary again, as diffusers' `unload_textual_inversion` renumbers them."""
+        if unknown := sorted(set(words) - {w for w, _ in self._words}):
+            raise ValueError(f"no added word {unknown[0]!r} (added: {[w for w, _ in self._words]})")
+        kept = [(w, n) for w, n in self._words if w not in words]
+        if self._base_backend is not None:
+            self._backend = Tokenizer.from_str(self._base_backend)
+        self._words, self._runs = [], {}
+        for word, n_ids in kept:
+            self.add_word(word, n_ids)
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         """LongTensor (B, model_max_length). Prompts longer than model_max_length - 2 tokens are cut (eos
@@ -185,10 +258,9 @@ class CLIPTokenizer:
         room = self.model_max_length - 2  # bos and eos
         ids = torch.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            encoding = self._backend.encode(prompt)  # one by one: encode_batch's threads upset forked workers
-            tokens = encoding.ids
+            tokens, offsets = self._encode(prompt)  # one by one: encode_batch's threads upset forked workers
             if len(tokens) > room:
-                dropped = prompt[encoding.offsets[room][0]:]
+                dropped = prompt[offsets[room][0]:]
                 warnings.warn(
                     f"prompt {row} ({_shorten(prompt)}) has {len(tokens)} tokens but the text encoder takes {room}: "
                     f"dropped the last {len(tokens) - room} ({_shorten(dropped)})", stacklevel=2)
