@@ -40,7 +40,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 INSTALL_HINT = 'the demo needs Gradio, an optional extra: pip install -e ".[demo]"'
 MAX_PIXELS_FLAG = "--max-pixels"
-REMEMBERED = 8  # most difference maps and inversions kept at once (all of one image and source prompt)
+REMEMBERED = 8  # most difference maps and inversions kept at once (of one image and source prompt; `SharedSteps`)
 
 _EXAMPLES_DIR = EXAMPLE_IMAGE.parent
 # (picture, source, target): pictures of the shipped model's world that ship with the package
@@ -262,9 +262,7 @@ class Demo:
 
         key = _content(pixels, source.cond, source.uncond)
         if key != self._steps_key:
-            self.steps, self._steps_key = SharedSteps(deepest_strength=0.0), key
-        while len(self.steps.done) >= REMEMBERED:
-            del self.steps.done[next(iter(self.steps.done))]  # the oldest
+            self.steps, self._steps_key = SharedSteps(deepest_strength=0.0, limit=REMEMBERED), key
         return self.steps
 
     def edit(self, image, source: str, target: str, **settings) -> EditView:
@@ -423,8 +421,17 @@ def build_page(demo: Demo):
     gr = _require_gradio()
     d = demo.defaults()
 
+    class Slider(gr.Slider):
+        """A slider whose value reaches `Demo`'s checks as sent, so an API call out of range gets the command
+        line's message (Gradio's own range check, and its rounding, would answer first)."""
+
+        is_template = True  # drawn by the page as Gradio's own slider
+
+        def preprocess(self, payload):
+            return payload
+
     def slider(name: str, lo: float, hi: float, step: float, label: str, integer: bool = False):
-        return gr.Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
+        return Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
                          info=HELP[name], elem_id=name)
 
     with gr.Blocks(title="DiffEdit demo") as page:
@@ -452,7 +459,7 @@ def build_page(demo: Demo):
                 strength = slider("strength", 0.05, 1.0, 0.05, "encoding ratio")
                 steps = slider("steps", 1, 100, 1, "steps", integer=True)
                 guidance = slider("guidance", 0.0, 15.0, 0.5, "guidance")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="seed", info=HELP["seed"], elem_id="seed")
+                seed = gr.Number(value=0, precision=0, label="seed", info=HELP["seed"], elem_id="seed")
             with gr.Row():
                 threshold_ratio = slider("threshold_ratio", 0.5, 10.0, 0.1, "thresholding ratio")
                 threshold_rule = gr.Radio(["ratio", "otsu"], value=d["threshold_rule"], label="thresholding rule",
