@@ -62,9 +62,9 @@ SHOWN_FIELD = {"strength": "inpaint_strength", "threshold_ratio": "mask_threshol
                "mask_guidance": "mask_guidance_scale", "steps": "num_inference_steps"}
 # What each setting does, in one line (the page's slider notes and the README's list)
 HELP = {
-    "strength": "encoding ratio r: how much of the schedule is inverted and re-generated (more: bigger changes)",
-    "threshold_ratio": "the map is clamped at this multiple of its mean and rescaled to [0, 1] (more: smaller mask)",
-    "threshold_rule": "where the rescaled map is cut: ratio (at 0.5, the paper's way) or otsu (Otsu's threshold)",
+    "strength": "encoding ratio r: the share of the schedule inverted and re-generated (more: bigger changes)",
+    "threshold_ratio": "the map is clamped at this multiple of its mean, rescaled to [0, 1] (more: a smaller mask)",
+    "threshold_rule": "where the rescaled map is cut: ratio (at 0.5, the paper's) or otsu (Otsu's threshold)",
     "num_maps": "noise draws averaged into the difference map (more: a smoother map, slower)",
     "mask_strength": "noise level of the noised copies the map is computed from",
     "guidance": "classifier-free guidance of the decoding (more: follows the target text harder)",
@@ -386,7 +386,9 @@ def mask_picture(mask: np.ndarray) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------------
 # The page (Gradio)
 
-CSS = "#edited img, #overlay img, #heat img, .shapes img, #image img { image-rendering: pixelated; }"
+# Pictures shown as large as their box allows, small ones with sharp pixels (the shipped model's are 64x64)
+CSS = ("#image img, #edited img { width: 100%; height: 100%; object-fit: contain; }\n"
+       "#image img, #edited img, #overlay img, #heat img, .shapes img { image-rendering: pixelated; }")
 INTRO = ("**DiffEdit** (Couairon et al., ICLR 2023): describe what the picture shows (source) and what it should show "
          "(target); the mask of what to change is found from where the two texts predict different noise, and only "
          "that region is re-generated. Changing only the thresholding re-cuts the remembered map at once; editing "
@@ -489,9 +491,9 @@ def build_page(demo: Demo):
                         steps, seed]
             run.click(edit, [image, source, target, *settings], [edited, overlay, heat, report, state],
                       api_name="edit", concurrency_id="model", concurrency_limit=1)
-            for event in (threshold_ratio.release, threshold_rule.input):
-                event(rethreshold, [state, threshold_ratio, threshold_rule], [overlay, heat, report],
-                      api_visibility="private", show_progress="hidden")
+            for control in (threshold_ratio, threshold_rule):  # as the user moves it, dragging included
+                control.input(rethreshold, [state, threshold_ratio, threshold_rule], [overlay, heat, report],
+                              api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
         with gr.Tab("Shapes world: held-out edits"):
             gr.Markdown("A random edit from the held-out stream the shipped model is scored on (never seen in "
@@ -570,7 +572,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Gradio present, the model loaded, then the page served until interrupted."""
+    """The model found, Gradio present, the model loaded, then the page served until interrupted."""
+    model_location(args.model)  # a missing model is said before anything is imported or loaded
     _require_gradio()
     demo = Demo.load(args.model, args.device, args.dtype, args.max_pixels)
     print(f"diffedit demo: {args.model or SHIPPED_MODEL.name} on {demo.sd.device}, serving http://{args.host}:"
