@@ -423,18 +423,14 @@ def build_page(demo: Demo):
     gr = _require_gradio()
     d = demo.defaults()
 
-    class Slider(gr.Slider):
-        """A slider whose value reaches `Demo`'s checks as sent, so an API call out of range gets the command
-        line's message (Gradio's own range check, and its rounding, would answer first)."""
-
-        is_template = True  # drawn by the page as Gradio's own slider
-
-        def preprocess(self, payload):
-            return payload
-
     def slider(name: str, lo: float, hi: float, step: float, label: str, integer: bool = False):
-        return Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
-                         info=HELP[name], elem_id=name)
+        control = gr.Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
+                            info=HELP[name], elem_id=name)
+        # The value reaches `Demo`'s checks as sent, so an API call out of range gets the command line's message
+        # (Gradio's own range check, and its rounding, would answer first). An instance attribute, not a subclass:
+        # Gradio writes a .pyi file beside the module of every component class.
+        control.preprocess = lambda payload: payload
+        return control
 
     with gr.Blocks(title="DiffEdit demo") as page:
         gr.Markdown(INTRO)
