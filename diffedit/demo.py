@@ -34,12 +34,13 @@ from PIL import Image
 from .console import COUNT, BadInput, Parser, guarded
 from .image_files import DEFAULT_MAX_PIXELS, read_image
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, model_location
-from .validation import one_line
+from .validation import one_line, shorten
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 INSTALL_HINT = 'the demo needs Gradio, an optional extra: pip install -e ".[demo]"'
 MAX_PIXELS_FLAG = "--max-pixels"
+MAX_UPLOAD = "256mb"  # Gradio refuses larger uploads before they fill the disk (--max-pixels is checked after)
 REMEMBERED = 8  # most difference maps and inversions kept at once (of one image and source prompt; `SharedSteps`)
 
 _EXAMPLES_DIR = EXAMPLE_IMAGE.parent
@@ -112,10 +113,9 @@ class EditView:
 
     def report(self) -> str:
         """The page's text under the pictures (Markdown)."""
-        reused = {"mask": "difference map" in self.reused, "inversion": "inversion" in self.reused}
-        steps = ", ".join(f"{name} {self.timings[key]:.2f} s" + (" (reused, re-thresholded)" if key == "mask" and
-                                                                  reused["mask"] else
-                                                                  " (reused)" if reused.get(key) else "")
+        how = {"mask": " (map reused, cut again)" if "difference map" in self.reused else "",
+               "inversion": " (reused)" if "inversion" in self.reused else "", "decode": ""}
+        steps = ", ".join(f"{name} {self.timings[key]:.2f} s{how[key]}"
                           for key, name in (("mask", "mask"), ("inversion", "inversion"), ("decode", "decoding")))
         said = ("reused " + " and ".join(self.reused) + " from an earlier edit") if self.reused else \
             "nothing reused: every step ran"
@@ -276,7 +276,9 @@ class Demo:
         with self.lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             view = self._edit(picture, source, target, p, seed, notes)
-        said = [one_line(w.message) for w in caught if "tokens but the text encoder" not in str(w.message)]
+        identical = any("say the same thing" in n for n in view.notes)
+        own = ("tokens but the text encoder",) + (("identical noise predictions",) if identical else ())  # noted
+        said = [one_line(w.message) for w in caught if not any(text in str(w.message) for text in own)]
         return replace(view, notes=view.notes + tuple(said))
 
     def _edit(self, picture: Image.Image, source: str, target: str, p, seed: int, notes: list[str]) -> EditView:
@@ -289,7 +291,8 @@ class Demo:
         sd = self.sd
         notes += prompt_warnings(sd, [("source", source), ("target", target)])
         if same_prompt(sd, source, target):
-            notes.append(f"source and target say the same thing: nothing to edit, the mask is empty")
+            notes.append(f"source and target say the same thing ({shorten(target)}): nothing to edit, the mask is "
+                         "empty")
         notes += size_notes(sd, picture.size)[1]
         pixels = model_pixels(sd, picture)  # (1, 3, H, W)
         source_text, target_text = prompt_text(sd, source, p), prompt_text(sd, target, p)
@@ -533,7 +536,7 @@ def serve(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool 
     page.queue(max_size=32)
     try:
         return page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                           quiet=not block, css=CSS, footer_links=["api"])
+                           quiet=not block, css=CSS, footer_links=["api"], max_file_size=MAX_UPLOAD)
     except OSError as e:
         raise BadInput(f"cannot serve on {host}:{port}: {one_line(e)} (pass another --port or --host)") from None
 
