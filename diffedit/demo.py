@@ -356,7 +356,7 @@ class Demo:
         truth, estimated = edit.region, np.asarray(view.mask) > 127  # (H, W) bool each
         ok, judged = evaluate.judge(edit, np.asarray(view.edited))
         return ShapesView(edit, Image.fromarray(source), view.edited, truth, estimated, evaluate.iou(estimated, truth),
-                          ok, f"{judged.colour} {judged.shape}" if judged.colour else "no object found", view)
+                          ok, f"a {judged.colour} {judged.shape}" if judged.colour else "no object", view)
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,7 @@ class ShapesView:
     estimated: np.ndarray  # (H, W) bool: DiffEdit's mask at the picture's size
     iou: float
     success: bool  # the edited attribute reads as the target's, the other as the source's (`evaluate.judge`)
-    judged: str  # what the judge sees in the result
+    judged: str  # what the judge sees in the result: "a red circle", or "no object"
     view: EditView
 
     def report(self) -> str:
@@ -377,7 +377,7 @@ class ShapesView:
         return "\n\n".join([f"**{e.kind} edit:** {e.source.caption} → {e.target.caption}",
                             f"**mask IoU {self.iou:.2f}** against the ground truth (the shipped model's goal: mean "
                             f"IoU >= 0.55 over 100 held-out edits)",
-                            f"**the edit {verdict}**: the judge sees a {self.judged}", self.view.report()])
+                            f"**the edit {verdict}**: the judge sees {self.judged}", self.view.report()])
 
 
 def mask_picture(mask: np.ndarray) -> Image.Image:
