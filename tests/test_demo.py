@@ -42,7 +42,9 @@ def need(modules: tuple[str, ...], files: tuple[str, ...] = ()) -> None:
     missing = [m for m in modules if importlib.util.find_spec(m) is None] + [f for f in files if not Path(f).exists()]
     if missing:
         reason = f"needs {', '.join(missing)} (pip install -e \".[test]\"; apt-get install chromium)"
-        pytest.fail(reason + " under CI") if IN_CI else pytest.skip(reason)
+        if IN_CI:
+            pytest.fail(reason + " under CI")
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
