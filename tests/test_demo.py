@@ -361,7 +361,8 @@ def test_a_bad_setting_through_the_api_is_the_command_lines_one_line_message(cli
 
 def test_the_page_edits_an_example_in_headless_chromium(tmp_path):
     """The command serves the page; Chromium opens it, picks the first example, presses Edit, and the edited picture
-    appears (a blue circle where the red one was); the screenshot is saved and is not blank."""
+    appears (a blue circle where the red one was); the screenshot is saved and is not blank. Then a thresholding
+    change re-cuts the map, a bad setting shows the command line's message, and the shapes tab runs an edit."""
     need(("gradio", "playwright"), (CHROMIUM,))
     from playwright.sync_api import sync_playwright
 
@@ -406,6 +407,11 @@ def test_the_page_edits_an_example_in_headless_chromium(tmp_path):
                 page.locator("#run").click()
                 page.get_by_text("--strength 0.05 with --steps 10 runs no step").wait_for(timeout=10_000)
                 assert "Traceback" not in page.content()
+                # The shapes tab: a random held-out edit, its ground truth beside DiffEdit's mask
+                page.get_by_role("tab", name="Shapes world: held-out edits").click()
+                page.locator("#draw").click()
+                page.locator("#shapes_report").get_by_text("mask IoU").wait_for(timeout=30_000)
+                assert page.locator("#shapes_truth img").count() == page.locator("#shapes_estimated img").count() == 1
             finally:
                 browser.close()
     finally:
