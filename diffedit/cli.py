@@ -38,7 +38,7 @@ from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
 
 # Subcommands whose modules parse their own arguments
-DELEGATED = {"train": "train", "evaluate": "evaluate", "experiment": "experiment", "bench": "bench"}
+DELEGATED = {"train": "train", "evaluate": "evaluate", "experiment": "experiment", "bench": "bench", "demo": "demo"}
 MAX_PIXELS_FLAG = "--max-pixels"
 
 
@@ -174,7 +174,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                  "the two texts.",
                      epilog=examples())
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate,experiment,bench}",
+    sub = parser.add_subparsers(dest="command", metavar="{edit,mask,invert,train,evaluate,experiment,bench,demo}",
                                 parser_class=Parser)
 
     edit = sub.add_parser("edit", help="edit an image: mask, inversion and masked decoding",
@@ -239,6 +239,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     sub.add_parser("evaluate", help="score a model on held-out shapes-world edits (python -m diffedit.evaluate)")
     sub.add_parser("experiment", help="the paper's comparisons and thresholding ablations over a grid of settings")
     sub.add_parser("bench", help="time the default edit, ours against diffusers' pipeline on the same weights")
+    sub.add_parser("demo", help="serve a web page for editing pictures (Gradio: pip install -e \".[demo]\")")
     return parser
 
 

@@ -55,11 +55,17 @@ class SharedSteps(Steps):
 
     `deepest_strength`: the largest encoding ratio the caller will ask for; the first inversion runs that far, and
     later ones with a smaller r are its last steps. Only without the noise regularizer, whose random rolls make
-    the generator's state after the loop depend on r; with it, each r inverts on its own."""
+    the generator's state after the loop depend on r; with it, each r inverts on its own.
 
-    def __init__(self, deepest_strength: float | None = None):
+    `limit`: the most results remembered (maps and inversions together), the least recently used forgotten first;
+    None: all (an experiment's grid is finite; a long-running server's is not)."""
+
+    def __init__(self, deepest_strength: float | None = None, limit: int | None = None):
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit: expected None or at least 1 result, got {limit}")
         self.deepest_strength = deepest_strength
-        self.done: dict[tuple, _Done] = {}
+        self.limit = limit
+        self.done: dict[tuple, _Done] = {}  # least recently used first
         self.hits = {"mask": 0, "inversion": 0}
 
     def estimate_mask(self, sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddings,
@@ -95,9 +101,11 @@ class SharedSteps(Steps):
 
     def _remember(self, key: tuple, value, generator: Generator) -> None:
         self.done[key] = _Done(value, [g.get_state() for g in _generators(generator)])
+        while self.limit is not None and len(self.done) > self.limit:
+            del self.done[next(iter(self.done))]
 
     def _recall(self, key: tuple, generator: Generator):
-        done = self.done[key]
+        done = self.done[key] = self.done.pop(key)  # now the most recently used
         for g, state in zip(_generators(generator), done.after):
             g.set_state(state)
         return done.value

@@ -78,6 +78,26 @@ def test_a_remembered_step_leaves_the_generator_where_a_fresh_one_does(sd, input
     assert torch.equal(states[0], fresh.get_state()) and torch.equal(states[1], fresh.get_state())
 
 
+def test_a_limited_memory_forgets_the_least_recently_used_result_first(sd, inputs):
+    pixels, source, target = inputs
+    shared = reuse.SharedSteps(limit=2)
+
+    def difference(strength: float) -> torch.Tensor:
+        p = BASE.updated({"mask_encode_strength": strength})
+        return shared.estimate_mask(sd, pixels, source, target, p, torch.Generator().manual_seed(0)).difference
+
+    first = difference(0.5)
+    difference(0.6)
+    assert torch.equal(difference(0.5), first) and shared.hits["mask"] == 1  # 0.5: now the most recently used
+    difference(0.7)  # a third result: 0.6, the least recently used, is forgotten
+    assert len(shared.done) == 2
+    assert torch.equal(difference(0.5), first) and shared.hits["mask"] == 2
+    difference(0.6)
+    assert shared.hits["mask"] == 2  # computed again
+    with pytest.raises(ValueError, match="^limit: expected None or at least 1 result, got 0$"):
+        reuse.SharedSteps(limit=0)
+
+
 def test_no_generator_is_never_a_repeat(sd, inputs):
     pixels, source, target = inputs
     shared = reuse.SharedSteps()
