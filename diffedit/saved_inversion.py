@@ -4,7 +4,8 @@ The file is safetensors: `latents` (T, C, h, w), every inverted level, noisiest 
 of each; `clean` (C, h, w), the image latents the encoding started from. Its string metadata says what the latents
 are compatible with: the model (its path or repo id and a fingerprint of its files), the step count, the encoding
 ratio, the inversion's guidance scale, the image's size and working size, the prompt, the seed, the mode and the
-LoRA adapters (`lora`: each active one's file digest and weight; absent in older files: none)
+LoRA adapters (`lora`: each active one's file digest and weight; absent in older files: none) and the learned
+words (`embeddings`: each textual-inversion word, its id count and a digest of its vectors; absent: none)
 (`format` "diffedit-latents", `version` "1"). Files written by `diffedit invert` since version 0.1.0 have this
 layout and load here.
 
@@ -122,12 +123,28 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
             "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
             "sampler": params.sampler, "lora": lora_record(model), "lora_scale": params.lora_scale,
+            "embeddings": embeddings_record(model),
             "diffedit_version": __version__}
 
 
 def lora_record(model) -> str:
     """The model's LoRA adapters as a saved inversion records them: JSON [[file digest, weight], ...] ("[]": none)."""
     return json.dumps(model.lora.record())
+
+
+def embeddings_record(model) -> str:
+    """The model's learned words as a saved inversion records them: JSON [[word, ids, vectors' digest], ...] in id
+    order ("[]": none). The digest is of the float32 rows, so a word of the same name with other vectors differs."""
+    words, embeddings = model.tokenizer.added_words, model.text_encoder.embeddings
+    if not words:
+        return "[]"
+    rows, record, start = embeddings.added_rows.float().cpu(), [], 0
+    for word, n in words:
+        digest = hashlib.sha256(rows[start:start + n].contiguous().numpy().tobytes()).hexdigest()[:16]
+        record.append([word, n, digest])
+        start += n
+    assert start == len(rows), "every added row belongs to one word"
+    return json.dumps(record)
 
 
 def inversion_writer(inversion, metadata: dict):
@@ -176,6 +193,11 @@ def load_inversion(path: Path, model=None):
             raise InversionFileError(f"{path} was inverted with LoRA adapters {recorded} (file digest, weight) but "
                                      f"the model now has {current}: load the same LoRA files with the same weights "
                                      "(--lora FILE:WEIGHT) or invert again")
+        recorded, current = meta.get("embeddings", "[]"), embeddings_record(model)
+        if recorded != current:
+            raise InversionFileError(f"{path} was inverted with learned words {recorded} (word, ids, digest) but "
+                                     f"the model now has {current}: load the same embeddings (--embedding "
+                                     "FILE[:TOKEN]) or invert again")
     try:
         t = load_file(str(path))
     except Exception as e:  # noqa: BLE001

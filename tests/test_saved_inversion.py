@@ -1,6 +1,7 @@
 """Saved inversions: the public save / load pair, the file layout `diffedit invert` has always written, and every
 check that keeps a file from being reused with the wrong model or settings."""
 
+import hashlib
 import json
 import shutil
 
@@ -200,4 +201,31 @@ def test_an_inversion_made_with_a_lora_is_refused_without_the_same_lora(sd, inve
     finally:
         sd.unload_lora_weights()
     with pytest.raises(InversionFileError, match="inverted with LoRA adapters"):
+        load_inversion(path, sd)
+
+
+def test_an_inversion_made_with_learned_words_is_refused_without_the_same_vectors(sd, inverted, tmp_path):
+    """The file records each textual-inversion word, its id count and a digest of its vectors (hand-checked here as
+    sha256 of the float32 rows); a model without the word, or with the same word holding other vectors, is
+    refused. The record is `[]` without learned words."""
+    inversion, params = inverted
+    width = sd.text_encoder.embeddings.token_embedding.weight.shape[1]
+    vectors = torch.arange(2 * width, dtype=torch.float32).reshape(2, width) / width
+    path = tmp_path / "inv.safetensors"
+    assert save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))["embeddings"] == "[]"
+    try:
+        sd.load_textual_inversion({"<toy>": vectors})
+        with pytest.raises(InversionFileError, match=r"inverted with learned words \[\] .*--embedding"):
+            load_inversion(path, sd)
+        meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+        digest = hashlib.sha256(vectors.numpy().tobytes()).hexdigest()[:16]
+        assert json.loads(meta["embeddings"]) == [["<toy>", 2, digest]]
+        load_inversion(path, sd)
+        sd.unload_textual_inversion()
+        sd.load_textual_inversion({"<toy>": vectors + 1})
+        with pytest.raises(InversionFileError, match="inverted with learned words"):
+            load_inversion(path, sd)
+    finally:
+        sd.unload_textual_inversion()
+    with pytest.raises(InversionFileError, match="inverted with learned words"):
         load_inversion(path, sd)
