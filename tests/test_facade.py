@@ -9,24 +9,11 @@ import pytest
 import torch
 
 from diffedit import DiffEditParams, StableDiffusionDiffEdit
+from parity import IMAGE_TOL, LATENT_TOL, MASK_TOL, gen, max_abs, picture, reference_pipeline, rel
 
 torch.set_num_threads(1)
 
 STEPS = 10  # inversion / decoding steps where the parity point does not need 50 (mask: always the default 50)
-MASK_TOL = 0.99  # fraction of mask pixels that must agree
-LATENT_TOL = 1e-3  # relative (Frobenius) error of latents
-IMAGE_TOL = 5e-3  # max abs error of decoded images in [0, 1]
-
-
-def reference_pipeline(folder):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pipe = StableDiffusionDiffEditPipeline.from_pretrained(
-        folder, scheduler=scheduler, inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config),
-        safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -47,26 +34,6 @@ def sd1(sd1_folder):
 def sd2(sd2_folder):
     ours = StableDiffusionDiffEdit.from_pretrained(sd2_folder)
     return reference_pipeline(sd2_folder), ours, StableDiffusionDiffEdit(ours.model, DiffEditParams())
-
-
-def picture(seed: int, size=(64, 64)) -> PIL.Image.Image:
-    """A smooth random picture (blurred blobs), so the tiny VAE sees structure rather than pixel noise."""
-    rng = np.random.RandomState(seed)
-    small = rng.rand(4, 4, 3)
-    return PIL.Image.fromarray((small * 255).astype(np.uint8)).resize(size, PIL.Image.BICUBIC)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(ours, ref) -> float:
-    ours, ref = torch.as_tensor(np.asarray(ours)).double(), torch.as_tensor(np.asarray(ref)).double()
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
-def max_abs(ours, ref) -> float:
-    return float(np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).max())
 
 
 # ----------------------------------------------------------------------------------------------------------------

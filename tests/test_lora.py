@@ -22,38 +22,9 @@ from torch import nn
 from diffedit import DiffEditParams, StableDiffusionDiffEdit
 from diffedit.models.lora import LowRank
 from diffedit.models.weights import WeightsError
+from parity import IMAGE_TOL, LATENT_TOL, MASK_TOL, gen, max_abs, picture, reference_pipeline, rel
 
 STEPS = 5
-MASK_TOL, LATENT_TOL, IMAGE_TOL = 0.99, 1e-3, 5e-3
-
-
-def reference_pipeline(folder):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pipe = StableDiffusionDiffEditPipeline.from_pretrained(
-        folder, scheduler=scheduler, inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config),
-        safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def picture(seed: int = 0) -> PIL.Image.Image:
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(4, 4, 3) * 255).astype(np.uint8)).resize((64, 64), PIL.Image.BICUBIC)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(ours, ref) -> float:
-    ours, ref = torch.as_tensor(np.asarray(ours)).double(), torch.as_tensor(np.asarray(ref)).double()
-    return ((ours - ref).norm() / ref.norm()).item()
-
-
-def max_abs(ours, ref) -> float:
-    return float(np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).max())
 
 
 # ------------------------------------------------------------------------------------------------ LoRA files

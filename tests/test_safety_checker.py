@@ -25,6 +25,7 @@ from diffedit.safety import run_safety_checker
 from diffedit.stable_diffusion import _allow_patterns
 from diffedit.validation import ConfigError
 from tiny_checkpoints import _randomize, build_components
+from parity import gen, picture, reference_pipeline
 
 torch.set_num_threads(1)
 
@@ -73,15 +74,6 @@ def ours_from(folder) -> StableDiffusionSafetyChecker:
     with torch.device("meta"):
         checker = StableDiffusionSafetyChecker(SafetyCheckerConfig.from_file(folder / "config.json"))
     return load_state(checker, component_weights(folder, "transformers"), "safety_checker/").eval()
-
-
-def picture(seed: int, size=(64, 64)) -> PIL.Image.Image:
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(4, 4, 3) * 255).astype(np.uint8)).resize(size, PIL.Image.BICUBIC)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,16 +260,6 @@ def save_model_with_checker(folder, checker, processor, requires: bool = True):
     return folder
 
 
-def reference_pipeline(folder):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pipe = StableDiffusionDiffEditPipeline.from_pretrained(
-        folder, scheduler=scheduler, inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def edit(pipe, output_type="np", return_dict=True):
     images, sources, targets = [picture(6), picture(7)], ["a cat", "a bowl of fruit"], ["a dog", "a bowl of pears"]
     g = gen(8)
@@ -295,7 +277,7 @@ def checked_folder(tmp_path_factory):
     processor = reference_processor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
     checker = reference_checker()
     folder = save_model_with_checker(tmp_path_factory.mktemp("checked"), checker, processor)
-    ref = reference_pipeline(folder)
+    ref = reference_pipeline(folder, safety_checker=True)
     outputs = edit(ref, output_type="pt").images  # nothing flagged yet: (2, 3, 64, 64) in [0, 1]
     pictures = ref.image_processor.numpy_to_pil(ref.image_processor.pt_to_numpy(outputs))  # as run_safety_checker
     clip_input = processor(pictures, return_tensors="pt").pixel_values
@@ -311,7 +293,7 @@ def checked_folder(tmp_path_factory):
 
 
 def test_facade_call_matches_diffusers_pipeline_with_the_checker_on(checked_folder):
-    ref, ours = reference_pipeline(checked_folder), StableDiffusionDiffEdit.from_pretrained(checked_folder)
+    ref, ours = reference_pipeline(checked_folder, safety_checker=True), StableDiffusionDiffEdit.from_pretrained(checked_folder)
     assert isinstance(ours.model.safety_checker, StableDiffusionSafetyChecker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -361,7 +343,7 @@ def flag_all_folder(checked_folder, tmp_path_factory):
 
 
 def test_invert_decoded_latents_are_not_checked_as_in_diffusers(flag_all_folder):
-    ref, ours = reference_pipeline(flag_all_folder), StableDiffusionDiffEdit.from_pretrained(flag_all_folder)
+    ref, ours = reference_pipeline(flag_all_folder, safety_checker=True), StableDiffusionDiffEdit.from_pretrained(flag_all_folder)
     assert ours.model.safety_checker is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no NSFW warning from ours

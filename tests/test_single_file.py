@@ -23,6 +23,7 @@ from diffedit.models.unet import UNet2DConditionModel
 from diffedit.models.vae import AutoencoderKL
 from diffedit.models.weights import WeightsError
 from diffedit.saved_inversion import InversionFileError, fingerprint_of, load_inversion, save_inversion
+from parity import picture
 
 torch.set_num_threads(1)
 
@@ -38,12 +39,6 @@ def converted(request, tmp_path_factory):
     ours = StableDiffusion.from_pretrained(folder)
     path = save_single_file(ours, tmp_path_factory.mktemp("single") / "model.safetensors")
     return request.param, folder, ours, path, StableDiffusion.from_single_file(path, config=folder)
-
-
-def picture(seed: int = 0) -> PIL.Image.Image:
-    """A smooth random 64x64 picture (as test_facade.py's)."""
-    small = np.random.RandomState(seed).rand(4, 4, 3)
-    return PIL.Image.fromarray((small * 255).astype(np.uint8)).resize((64, 64), PIL.Image.BICUBIC)
 
 
 def edit_outputs(pipe) -> tuple:

@@ -24,23 +24,12 @@ from diffedit.api import prompt_warnings
 from diffedit.cli import embedding_arg
 from diffedit.models.textual_inversion import read_embedding
 from diffedit.models.weights import WeightsError
+from parity import IMAGE_TOL, LATENT_TOL, MASK_TOL, reference_pipeline
 
 torch.set_num_threads(1)
 
 WIDTH = 32  # the tiny text encoder's hidden size
 STEPS = 10
-MASK_TOL, LATENT_TOL, IMAGE_TOL = 0.99, 1e-3, 5e-3
-
-
-def reference_pipeline(folder):
-    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
-
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    pipe = StableDiffusionDiffEditPipeline.from_pretrained(
-        folder, scheduler=scheduler, inverse_scheduler=DDIMInverseScheduler.from_config(scheduler.config),
-        safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def vectors(n: int | None, seed: int, width: int = WIDTH) -> torch.Tensor:
