@@ -253,8 +253,8 @@ def render(report: dict) -> str:
         a = report["agreement"]
         lines.append(f"outputs {'agree' if a['agree'] else 'DISAGREE'}: masks {a['mask_agreement']:.4f} equal "
                      f"(>= {MASK_AGREEMENT}), inverted latents {a['latent_relative_error']:.2e} relative (<= "
-                     f"{LATENT_TOL}), picture from the reference's mask and latents {a['picture_max_abs_error']:.2e} max "
-                     f"abs (<= {IMAGE_TOL})")
+                     f"{LATENT_TOL}), picture from the reference's mask and latents "
+                     f"{a['picture_max_abs_error']:.2e} max abs (<= {IMAGE_TOL})")
     return "\n".join(lines)
 
 

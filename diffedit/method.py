@@ -482,6 +482,10 @@ def decode_dpm(sd: StableDiffusion, inversion: Inversion, mask: torch.Tensor | N
     dpm, N = schedule(sd, params), params.num_inference_steps
     steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")
     s, first = dpm.levels(N), N - len(steps)  # s: (N + 1,) levels of the whole schedule, then 0
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"sampler='dpmsolver++' decodes an Inversion (latents with their levels, as invert "
+                        f"returns), not {type(inversion).__name__}: a bare latent tensor does not say which level "
+                        "each latent is at")
     by_level = {int(t): inversion.latents[:, k] for k, t in enumerate(inversion.timesteps)}
     needed = steps if mask is not None else steps[:1]  # without a mask only the starting latent is read
     missing = [int(t) for t in needed if int(t) not in by_level]

@@ -39,3 +39,14 @@ def test_every_step_equals_diffusers(prediction_type, steps):
         x, previous = ours.step(output, i, x, steps, previous)
         torch.testing.assert_close(x, x_ref, **TOL)
     assert ours.levels(steps)[-1] == 0
+
+
+def test_a_dpm_decoding_of_a_bare_latent_tensor_is_refused_naming_what_it_needs(sd1_folder):
+    from diffedit import DiffEditParams, StableDiffusion
+    from diffedit import method
+
+    model = StableDiffusion.from_pretrained(sd1_folder)
+    p = DiffEditParams(num_inference_steps=4, sampler="dpmsolver++")
+    text = method.encode_text(model, ["a cat"], [""])
+    with pytest.raises(TypeError, match=r"decodes an Inversion .* not Tensor"):
+        method.decode(model, torch.zeros(1, 3, 4, 8, 8), None, text, p)

@@ -293,7 +293,8 @@ def checked_folder(tmp_path_factory):
 
 
 def test_facade_call_matches_diffusers_pipeline_with_the_checker_on(checked_folder):
-    ref, ours = reference_pipeline(checked_folder, safety_checker=True), StableDiffusionDiffEdit.from_pretrained(checked_folder)
+    ref = reference_pipeline(checked_folder, safety_checker=True)
+    ours = StableDiffusionDiffEdit.from_pretrained(checked_folder)
     assert isinstance(ours.model.safety_checker, StableDiffusionSafetyChecker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -343,7 +344,8 @@ def flag_all_folder(checked_folder, tmp_path_factory):
 
 
 def test_invert_decoded_latents_are_not_checked_as_in_diffusers(flag_all_folder):
-    ref, ours = reference_pipeline(flag_all_folder, safety_checker=True), StableDiffusionDiffEdit.from_pretrained(flag_all_folder)
+    ref = reference_pipeline(flag_all_folder, safety_checker=True)
+    ours = StableDiffusionDiffEdit.from_pretrained(flag_all_folder)
     assert ours.model.safety_checker is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no NSFW warning from ours
