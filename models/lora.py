@@ -80,9 +80,13 @@ class LowRank:
         """alpha / r, the factor every LoRA convention puts on B A."""
         return self.alpha / self.rank
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> LowRank:
+        """The same pair on `device` in `dtype` (where its layer now runs)."""
+        return LowRank(self.down.to(device, dtype), self.up.to(device, dtype), self.alpha)
+
     def branch(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """B(A(x)), unscaled, in the layer's output shape."""
-        down, up = (w.to(device=x.device, dtype=x.dtype) for w in (self.down, self.up))
+        down, up = self.down, self.up
         if isinstance(layer, nn.Conv2d):
             h = F.conv2d(x, down, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)  # (B, r, h, w)
             return F.conv2d(h, up)  # (B, out, h, w)
@@ -347,6 +351,12 @@ class LoraAdapters:
             if not running:
                 return None
             scale = self._scales.get(network, 1.0)
+            x = inputs[0]
+            for i, (pair, weight) in enumerate(running):
+                if pair.down.device != x.device or pair.down.dtype != x.dtype:  # the layer moved (offload, .to)
+                    adapter = next(a for a in self.weights if self.adapters[a].get(network, {}).get(name) is pair)
+                    pair = self.adapters[adapter][network][name] = pair.to(x.device, x.dtype)  # once, not per call
+                    running[i] = (pair, weight)
             for pair, weight in running:  # peft: scaling = weight * alpha / r, times the call's scale
                 output = output + pair.branch(layer, inputs[0]) * (weight * pair.alpha / pair.rank * scale)
             return output

@@ -500,3 +500,30 @@ def test_older_diffusers_keys_and_alpha_keys_give_what_the_kohya_layout_gives(sd
     ref.load_lora_weights(str(tmp_path / "old_unet.safetensors"))
     expected = ref.invert(**kw, generator=gen(2)).latents
     assert rel(ours.invert(**kw, generator=gen(2)).latents, expected) < LATENT_TOL
+
+
+def test_pairs_follow_their_layer_once_when_the_model_moves(sd1_folder, tmp_path):
+    """A model moved after its LoRA was loaded (offload, `.to`): each pair is converted at the layer's first call
+    and kept there, not copied at every call; the numbers equal a LoRA loaded after the move. (float64 stands in
+    for another device: the CPU has one.)"""
+    from diffedit import StableDiffusion
+
+    sd, moved_first = StableDiffusion.from_pretrained(sd1_folder), StableDiffusion.from_pretrained(sd1_folder)
+    path = write_lora(tmp_path / "unet.safetensors", random_pairs(sd.unet, 9))
+    sd.load_lora_weights(path, adapter_name="style")
+    sd.unet.to(torch.float64)
+    moved_first.unet.to(torch.float64)
+    moved_first.load_lora_weights(path, adapter_name="style")
+    x, t = torch.randn(1, 4, 8, 8, generator=gen(0), dtype=torch.float64), torch.tensor(501)
+    context = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=gen(1), dtype=torch.float64)
+    pairs = sd.lora.adapters["style"]["unet"]
+    assert {p.down.dtype for p in pairs.values()} == {torch.float32}
+    with torch.no_grad():
+        got = sd.unet(x, t, context)
+        after_first = dict(pairs)
+        again = sd.unet(x, t, context)
+        expected = moved_first.unet(x, t, context)
+    assert {p.down.dtype for p in pairs.values()} == {torch.float64}
+    assert all(pairs[name] is after_first[name] for name in pairs)  # moved once, then reused
+    assert torch.equal(got, again)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
