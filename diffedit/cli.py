@@ -479,6 +479,7 @@ class CommandRun:
                "dtype": str(self.sd.dtype).removeprefix("torch."),
                "mode": "reference" if self.args.reference_behaviour else "corrected", "seed": self.args.seed,
                "lora": [{"file": str(path), "weight": w} for path, w in getattr(self.args, "lora", None) or []],
+               "embeddings": [{"file": str(path), "token": token} for path, token in self.args.embedding or []],
                "parameters": params_summary(params), "outputs": outputs, **(extra or {}),
                "notes": self.report.notes, "warnings": self.report.warnings, "timings": self.timings}
         return out

@@ -9,6 +9,7 @@ images max abs 5e-3).
 """
 
 import os
+import json
 import subprocess
 import sys
 import warnings
@@ -420,10 +421,12 @@ def test_cli_embedding_is_read_by_the_mask_and_changes_it(cli_folder):
     args = ["mask", "in.png", "--source", "a red picture", "--target", "a <mine> picture", "--steps", "4",
             "--num-maps", "2"]
     with_it = cli(*args, "-o", "m1.png", "--heatmap-out", "h1.png", "--embedding", "obj.safetensors:<mine>",
-                  cwd=cli_folder)
+                  "--json", cwd=cli_folder)
     assert with_it.returncode == 0, with_it.stderr
-    without = cli(*args, "-o", "m2.png", "--heatmap-out", "h2.png", cwd=cli_folder)
+    assert json.loads(with_it.stdout)["embeddings"] == [{"file": "obj.safetensors", "token": "<mine>"}]
+    without = cli(*args, "-o", "m2.png", "--heatmap-out", "h2.png", "--json", cwd=cli_folder)
     assert without.returncode == 0, without.stderr
+    assert json.loads(without.stdout)["embeddings"] == []
     assert (cli_folder / "h1.png").read_bytes() != (cli_folder / "h2.png").read_bytes()
 
 
