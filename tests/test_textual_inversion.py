@@ -8,8 +8,8 @@ test_clip_text); the facade's outputs as test_facade (mask pixels >= 99% equal, 
 images max abs 5e-3).
 """
 
-import os
 import json
+import os
 import subprocess
 import sys
 import warnings
