@@ -179,6 +179,15 @@ class StableDiffusionDiffEdit:
     def get_list_adapters(self) -> dict[str, list[str]]:
         return self.model.get_list_adapters()
 
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        self.model.delete_adapters(adapter_names)
+
+    def disable_lora(self) -> None:
+        self.model.disable_lora()
+
+    def enable_lora(self) -> None:
+        self.model.enable_lora()
+
     def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0,
                   safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
         self.model.fuse_lora(components, lora_scale, safe_fusing, adapter_names)

@@ -200,6 +200,17 @@ class StableDiffusion:
     def get_active_adapters(self) -> list[str]:
         return list(self.lora.weights)
 
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Remove these adapters; the other active ones keep their weights (a fused one: unfuse first)."""
+        self.lora.delete([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def disable_lora(self) -> None:
+        """Run without any LoRA branch until `enable_lora` (the adapters stay loaded; fused weights stay fused)."""
+        self.lora.enabled = False
+
+    def enable_lora(self) -> None:
+        self.lora.enabled = True
+
     def get_list_adapters(self) -> dict[str, list[str]]:
         """Per network, the adapters loaded into it (diffusers' form)."""
         return {n: [a for a, ad in self.lora.adapters.items() if n in ad] for n in NETWORKS

@@ -296,6 +296,7 @@ class LoraAdapters:
         self._scales: dict[str, float] = {}
         self._fused: set[tuple[str, str]] = set()  # (adapter, network) pairs added into the weights
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
+        self.enabled = True  # False: no branch runs (diffusers' disable_lora); fused weights stay fused
 
     def add(self, name: str, adapter: Adapter, networks: dict[str, nn.Module], digest: str = "") -> None:
         """Attach an adapter and make it the only active one, weight 1 (as diffusers' load_lora_weights does);
@@ -316,7 +317,7 @@ class LoraAdapters:
     def record(self) -> list[list]:
         """What the adapters change, for a saved inversion to compare: [file digest, weight] of each active
         adapter, in order, then [file digest, "fused"] of each fused (adapter, network)."""
-        running = [[self.digests[a], w] for a, w in self.weights.items()]
+        running = [[self.digests[a], w] for a, w in self.weights.items()] if self.enabled else []
         return running + sorted([self.digests[a], f"fused {n}"] for a, n in self._fused)
 
     def next_name(self) -> str:
@@ -327,6 +328,18 @@ class LoraAdapters:
         """These adapters run, in this order, with these weights; the others are loaded but idle."""
         self.check_names(names)
         self.weights = dict(zip(names, map(float, weights)))
+
+    def delete(self, names: list[str]) -> None:
+        """Forget these adapters (diffusers' delete_adapters); the other active ones keep running. A fused adapter is
+        in the weights, so it is refused: unfuse first."""
+        self.check_names(names)
+        fused = sorted({a for a, _ in self._fused if a in names})
+        if fused:
+            raise ValueError(f"adapter(s) {', '.join(map(repr, fused))} are fused into the weights; unfuse_lora() "
+                             "before deleting them")
+        for name in names:
+            del self.adapters[name], self.digests[name]
+            self.weights.pop(name, None)
 
     def check_names(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.adapters]
@@ -348,6 +361,8 @@ class LoraAdapters:
         def add_branches(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             running = [(self.adapters[a][network][name], w) for a, w in self.weights.items()
                        if (a, network) not in self._fused and name in self.adapters[a].get(network, {})]
+            if not self.enabled:
+                running = []
             if not running:
                 return None
             scale = self._scales.get(network, 1.0)
@@ -400,3 +415,4 @@ class LoraAdapters:
                       self._originals):
             state.clear()
         self._fused.clear()
+        self.enabled = True

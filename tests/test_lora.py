@@ -178,6 +178,40 @@ def test_two_adapters_with_weights_match_diffusers(sd1_pair, tmp_path):
     assert rel(ours.invert(**kw, generator=gen(2)).latents, expected) > 100 * LATENT_TOL
 
 
+
+def test_deleting_an_adapter_and_disabling_lora_match_diffusers(sd1_pair, tmp_path):
+    """delete_adapters keeps the other active adapter at its weight; disable_lora runs the base model (bit for bit
+    ours, and a saved inversion's record says no LoRA ran); enable_lora brings the branches back."""
+    ours, ref = sd1_pair
+    a = write_lora(tmp_path / "a.safetensors", random_pairs(ours.model.unet, 2, rank_of=mixed_rank))
+    b = write_lora(tmp_path / "b.safetensors", random_pairs(ours.model.unet, 3, rank_of=lambda n: 2))
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    base = ours.invert(**kw, generator=gen(2)).latents
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="a")
+        pipe.load_lora_weights(str(b), adapter_name="b")
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.7, -0.4])
+        pipe.delete_adapters("a")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["b"]
+    only_b = ours.invert(**kw, generator=gen(2)).latents
+    assert rel(only_b, ref.invert(**kw, generator=gen(2)).latents) < LATENT_TOL
+    assert rel(only_b, base) > 100 * LATENT_TOL
+    for pipe in (ours, ref):
+        pipe.disable_lora()
+    disabled = ours.invert(**kw, generator=gen(2)).latents
+    assert torch.equal(disabled, base)
+    assert rel(disabled, ref.invert(**kw, generator=gen(2)).latents) < LATENT_TOL
+    assert ours.model.lora.record() == []
+    for pipe in (ours, ref):
+        pipe.enable_lora()
+    assert torch.equal(ours.invert(**kw, generator=gen(2)).latents, only_b)
+    with pytest.raises(ValueError, match="'a'.* not loaded"):
+        ours.delete_adapters(["a"])
+    ours.fuse_lora()
+    with pytest.raises(ValueError, match="fused into the weights; unfuse_lora"):
+        ours.delete_adapters("b")
+
+
 # ------------------------------------------------------------------------------------------------ text encoder
 
 
