@@ -112,12 +112,26 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g.add_argument("--lora", type=lora_spec, action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA .safetensors file (diffusers or kohya/A1111 layout) for the UNet and text encoder, "
                         "its branch times WEIGHT (default 1); repeat for several")
+    g.add_argument("--lora-scale", type=lora_scale, metavar="S",
+                   help="the LoRA scale of every step, on all adapters (diffusers' cross_attention_kwargs "
+                        "{'scale': S}; default 1, or the model's diffedit.json)")
     o = p.add_argument_group("output and messages")
     o.add_argument("--force", action="store_true", help="allow an output to overwrite an input file")
     o.add_argument("--json", action="store_true",
                    help="print a machine-readable summary on stdout (paths, parameters, mask coverage, timings)")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bars, notes or summary (warnings stay)")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def lora_scale(text: str) -> float:
+    """--lora-scale S: any finite number (0: no LoRA effect; negative: the opposite direction)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def lora_spec(text: str) -> tuple[Path, float]:
@@ -312,6 +326,7 @@ FLAG_FIELDS = {
     "threshold_rule": ("mask_threshold_rule",),
     "sampler": ("sampler",),
     "guidance_min_timestep": ("guidance_min_timestep",),
+    "lora_scale": ("lora_scale",),
 }
 
 

@@ -672,3 +672,26 @@ def test_lora_spec_splits_the_weight_from_the_path(tmp_path):
     (tmp_path / "a:b.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     assert cli.lora_spec(str(tmp_path / "a:b.safetensors")) == (tmp_path / "a:b.safetensors", 1.0)
     assert cli.lora_spec(str(tmp_path / "a:b.safetensors") + ":-0.25") == (tmp_path / "a:b.safetensors", -0.25)
+
+
+def test_lora_scale_scales_every_adapter_in_all_steps(tmp_path, sd, model_folder):
+    """--lora-scale S multiplies each branch as a weight does (S x weight 1 gives weight S's latents, bit for bit),
+    0 gives the model without the LoRA; it is recorded with the inversion; a non-number is refused."""
+    from safetensors import safe_open
+
+    shape_image().save(tmp_path / "in.png")
+    lora = _shipped_lora(sd, tmp_path / "style.safetensors")
+    common = ["invert", "in.png", "--prompt", SOURCE, "--model", model_folder, "--steps", "4"]
+    runs = {"plain": [], "zero": ["--lora", lora.name, "--lora-scale", "0"],
+            "scaled": ["--lora", lora.name, "--lora-scale", "0.5"], "weighted": ["--lora", f"{lora.name}:0.5"]}
+    latents, meta = {}, {}
+    for name, flags in runs.items():
+        assert_ok(diffedit(*common, "-o", f"{name}.safetensors", *flags, cwd=tmp_path))
+        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
+            latents[name], meta[name] = f.get_tensor("latents"), f.metadata()
+    assert torch.equal(latents["zero"], latents["plain"])
+    assert torch.equal(latents["scaled"], latents["weighted"])
+    assert (latents["scaled"] - latents["plain"]).abs().max() > 1e-3
+    assert meta["scaled"]["lora_scale"] == "0.5" and meta["weighted"]["lora_scale"] == "1.0"
+    assert_bad_input(diffedit(*common, "-o", "x.safetensors", "--lora-scale", "nan", cwd=tmp_path),
+                     "--lora-scale", "finite number")
