@@ -5,6 +5,8 @@ and settings that differ only in the decoding need one inversion (an encoding ra
 r: the DDIM encoding to a smaller r runs the first steps of the same loop). `SharedSteps` runs DiffEdit's steps as
 `method` does and remembers each result under
 
+- the model it ran on, with its LoRA adapters as they run and its VAE options (a LoRA loaded, weighted or
+  disabled between two calls makes the second one run),
 - the content of its inputs (the image, the texts' embeddings),
 - the `DiffEditParams` fields the step reads (`MASK_FIELDS`, `INVERSION_FIELDS`; tests/test_reuse.py changes every
   other field and checks the result does not move),
@@ -67,10 +69,11 @@ class SharedSteps(Steps):
         self.limit = limit
         self.done: dict[tuple, _Done] = {}  # least recently used first
         self.hits = {"mask": 0, "inversion": 0}
+        self.models: dict[int, StableDiffusion] = {}  # the models results were computed with, by id
 
     def estimate_mask(self, sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddings,
                       target: TextEmbeddings, params: DiffEditParams, generator: Generator = None) -> MaskEstimate:
-        key = ("mask", _content(image, source.cond, source.uncond, target.cond, target.uncond),
+        key = ("mask", self._model(sd), _content(image, source.cond, source.uncond, target.cond, target.uncond),
                _fields(params, MASK_FIELDS), _states(generator))
         if key in self.done:
             self.hits["mask"] += 1
@@ -87,8 +90,8 @@ class SharedSteps(Steps):
         deepest = params.inpaint_strength
         if params.num_reg_steps == 0 and self.deepest_strength is not None:
             deepest = max(deepest, self.deepest_strength)
-        key = ("inversion", _content(image, text.cond, text.uncond), _fields(params, INVERSION_FIELDS), deepest,
-               _states(generator))
+        key = ("inversion", self._model(sd), _content(image, text.cond, text.uncond),
+               _fields(params, INVERSION_FIELDS), deepest, _states(generator))
         if key in self.done:
             self.hits["inversion"] += 1
             inversion = self._recall(key, generator)
@@ -98,6 +101,13 @@ class SharedSteps(Steps):
         n = len(method.strength_timesteps(sd.scheduler, params.num_inference_steps, params.inpaint_strength,
                                           "inpaint_strength"))
         return Inversion(inversion.latents[:, -n:], inversion.timesteps[-n:], inversion.clean)  # the r-inversion
+
+    def _model(self, sd: StableDiffusion) -> tuple:
+        """What of the model a result depends on besides the inputs: which model (held, so its id is never reused
+        while remembered), its LoRA adapters as they run (`LoraAdapters.record`: active weights, fused ones), and
+        the VAE options that change the encoded latents."""
+        self.models[id(sd)] = sd
+        return id(sd), repr(sd.lora.record()), sd.vae_tiling, sd.vae_slicing
 
     def _remember(self, key: tuple, value, generator: Generator) -> None:
         self.done[key] = _Done(value, [g.get_state() for g in _generators(generator)])

@@ -194,3 +194,35 @@ def test_every_keyed_field_changes_its_steps_result(sd, inputs, field):
             a = method.invert(sd, two, text, params, torch.Generator().manual_seed(0)).latents
             b = method.invert(sd, two, text, changed, torch.Generator().manual_seed(0)).latents
     assert a.shape != b.shape or not torch.equal(a, b)
+
+
+def test_a_lora_or_vae_option_changed_between_calls_is_not_a_repeat(sd, inputs, tmp_path):
+    """The model's state is part of the key: after a UNet LoRA is loaded the same inputs and fields run again (and
+    give a fresh run's numbers); with it disabled the first result is remembered again; VAE tiling is keyed too."""
+    from safetensors.torch import save_file
+
+    pixels, source, target = inputs
+    name, layer = next((n, m) for n, m in sd.unet.named_modules() if n.endswith("attn2.to_k"))
+    flat, g = "lora_unet_" + name.replace(".", "_"), torch.Generator().manual_seed(0)
+    save_file({f"{flat}.lora_down.weight": torch.randn(2, layer.in_features, generator=g),
+               f"{flat}.lora_up.weight": torch.randn(layer.out_features, 2, generator=g)},
+              str(tmp_path / "l.safetensors"))
+    shared = reuse.SharedSteps()
+    run = lambda: shared.estimate_mask(sd, pixels, source, target, BASE, torch.Generator().manual_seed(1)).difference
+    plain = run()
+    try:
+        sd.load_lora_weights(tmp_path / "l.safetensors")
+        with_lora = run()
+        assert shared.hits["mask"] == 0 and not torch.equal(with_lora, plain)
+        fresh = method.estimate_mask(sd, pixels, source, target, BASE, torch.Generator().manual_seed(1)).difference
+        assert torch.equal(with_lora, fresh)
+        sd.disable_lora()
+        assert torch.equal(run(), plain) and shared.hits["mask"] == 1
+    finally:
+        sd.unload_lora_weights()
+    sd.enable_vae_tiling()
+    try:
+        run()
+        assert shared.hits["mask"] == 1
+    finally:
+        sd.disable_vae_tiling()
