@@ -80,10 +80,10 @@ def test_edit_each_stages_wrap_mask_and_decode_per_target_and_one_inversion(sd):
     texts = [api.prompt_text(sd, t, p) for t in ("a dog", "a bird")]
     got = list(api.edit_each(sd, api.model_pixels(sd, image), image.size, api.prompt_text(sd, "a cat", p), texts,
                              p, torch.Generator().manual_seed(5), stage=stage))
-    T = int(p.num_inference_steps * p.inpaint_strength)
     assert [e for e in events if e != "step"] == [("mask", 0), ("invert", 0), ("decode", 0), ("mask", 1),
                                                   ("decode", 1)]
-    assert events.count("step") == 3 * T
+    assert p.num_inference_steps == 5 and p.inpaint_strength == 0.8  # 4 of the 5 steps encoded and decoded
+    assert events.count("step") == 4 + 4 + 4  # one inversion, two decodings; the mask step reports none
     expected = edit_targets(image, "a cat", ["a dog", "a bird"], model=sd, seed=5, **FAST)
     for (picture, latent_mask, _), want in zip(got, expected):
         assert np.array_equal(np.asarray(picture), np.asarray(want.image))
@@ -209,17 +209,22 @@ def test_steps_that_do_not_fit_the_models_schedule_are_refused_before_work(sd, m
 
 
 def test_a_given_mask_replaces_the_mask_step_and_is_put_on_the_grid_by_the_rule(sd, monkeypatch):
-    from diffedit import image_tensors, method
+    from diffedit import method
 
     region = np.zeros((64, 64), bool)
     region[10:30, 20:50] = True
     estimated = method.estimate_mask
     monkeypatch.setattr(method, "estimate_mask", lambda *a, **k: pytest.fail("the mask step ran"))
     half = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, **FAST)
-    grid = image_tensors.latent_mask_from_image(image_tensors.load_mask(region, (64, 64)), (64, 64), 8)
+    # 8 x 8 cells: rows 10-29 fill 6/8, 8/8, 6/8 of cell rows 1-3; columns 20-49 fill 4/8, 8/8, 8/8, 8/8, 2/8 of
+    # cell columns 2-6. "half" keeps the cells at >= 1/2: full columns 3-5 of rows 1-3, and (2, 2) at 8/8 x 4/8
+    grid = np.zeros((8, 8), bool)
+    grid[1:4, 3:6] = grid[2, 2] = True
     assert np.array_equal(half.latent_mask, grid) and half.guidance_map is None
     anywhere = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, mask_rule="any", **FAST)
-    assert anywhere.latent_mask.sum() > half.latent_mask.sum()  # rows 10-15 and 24-31 reach into more cells
+    every = np.zeros((8, 8), bool)
+    every[1:4, 2:7] = True  # "any": each cell the region touches
+    assert np.array_equal(anywhere.latent_mask, every)
     monkeypatch.setattr(method, "estimate_mask", estimated)
     # the same picture as the per-target loop given that grid
     p = DiffEditParams.for_model(sd, **FAST)

@@ -118,7 +118,22 @@ def test_edits_alternate_kinds_and_change_one_attribute():
         changed = {k for k in ("colour", "shape", "background", "size", "x", "y", "style")
                    if getattr(e.source, k) != getattr(e.target, k)}
         assert changed == {e.kind}
-        assert np.array_equal(e.region, shapes.mask(e.source) | shapes.mask(e.target))
+        differ = (shapes.render(e.source)[0] != shapes.render(e.target)[0]).any(-1)
+        assert not (differ & ~e.region).any()  # every pixel the edit changes is in its region
+        if e.kind == "colour":  # the same object in another palette colour: the region is exactly what changed
+            assert np.array_equal(e.region, differ)
+
+
+def test_an_edit_region_holds_the_pixels_of_either_object():
+    """A 14-px circle lies inside the 14-px square at the same place: a shape edit between them, either way, has the
+    square's 14 x 14 block (196 pixels) as its region, not the circle's 156; a colour edit keeps the one block."""
+    circle = shapes.Scene("red", "circle", "gray", 14, 10, 20)  # x 10, y 20: rows 20-33, columns 10-23
+    square = circle.replace(shape="square")
+    block = np.zeros((64, 64), bool)
+    block[20:34, 10:24] = True
+    for source, target in ((circle, square), (square, circle)):
+        assert np.array_equal(shapes.Edit("shape", source, target).region, block), (source.shape, target.shape)
+    assert np.array_equal(shapes.Edit("colour", square, square.replace(colour="blue")).region, block)
 
 
 def _all_combinations():
