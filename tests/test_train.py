@@ -150,6 +150,13 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert train.lr_factor(0, 0.0, s) == pytest.approx(1 / s.warmup_steps)
     assert train.lr_factor(s.warmup_steps, 0.0, s) == pytest.approx(1.0)
     assert train.lr_factor(10**6, 1.0, s) == pytest.approx(s.min_lr_ratio)
+    # Between the ends, by hand with min_lr_ratio 0.1: a cosine, not a line (a linear decay also gives 0.55 at 0.5,
+    # but 0.775 at 0.25): 0.1 + 0.9 * (1 + cos(pi / 4)) / 2 = 0.868198, and half the warm-up halves it.
+    assert s.min_lr_ratio == 0.1
+    assert train.lr_factor(10**6, 0.5, s) == pytest.approx(0.55)
+    assert train.lr_factor(10**6, 0.25, s) == pytest.approx(0.868198, abs=1e-6)
+    assert train.lr_factor(s.warmup_steps // 2 - 1, 0.25, s) == pytest.approx(
+        0.868198 * (s.warmup_steps // 2) / s.warmup_steps, abs=1e-6)
 
 
 def test_checkpoints_are_safetensors_with_json_metadata_not_pickles(smoke_run):
