@@ -49,7 +49,7 @@ def test_a_grid_writes_one_row_per_edit_method_setting_and_seed(grid_run):
     assert summary.count("| diffedit |") == 2 and "± " in summary
 
 
-def test_a_diffedit_row_is_the_one_call_apis_edit_scored_independently(grid_run):
+def test_a_diffedit_row_holds_the_scores_of_the_one_call_apis_edit(grid_run):
     row = next(r for r in records(grid_run) if r["method"] == "diffedit" and r["seed"] == "3"
                and r["inpaint_strength"] == "0.6" and r["edit"] == "shapes-0-1")
     edit = evaluate.heldout_edits(2, 0)[1]
