@@ -414,6 +414,15 @@ def test_too_many_leading_steps_say_exactly_how_many_fit():
         DDIMScheduler(sd_config(steps_offset=5)).timesteps(996)
 
 
+
+def test_a_large_steps_offset_can_leave_room_for_a_single_step():
+    """T = 1000, steps_offset 500: two steps give timesteps 500 and 1000, over the end; one step (timestep 500)
+    fits. Three steps (stride 333: 500, 833, 1166) say so: at most 1, not the N - 1 a careless count gives."""
+    with pytest.raises(ValueError, match=r"gives timestep 1166 >= num_train_timesteps=1000 \(at most 1 steps fit"):
+        DDIMScheduler(sd_config(steps_offset=500)).timesteps(3)
+    assert DDIMScheduler(sd_config(steps_offset=500)).timesteps(1).tolist() == [500]
+
+
 def test_a_config_file_with_trained_betas_uses_them():
     betas = np.linspace(1e-4, 0.03, 1000).tolist()
     ours = DDIMScheduler.from_dict({**SD15_SCHEDULER, "trained_betas": betas})

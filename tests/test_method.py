@@ -456,6 +456,7 @@ def test_an_inversion_repeats_each_images_latents_in_a_row():
     twice = inv.repeat_interleave(2)
     assert twice.latents.flatten().tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
     assert twice.clean.flatten().tolist() == [10, 10, 20, 20] and torch.equal(twice.timesteps, inv.timesteps)
+    assert twice.clean.shape == (4, 1, 1, 1) and twice.latents.shape == (4, 3, 1, 1, 1)  # rows, not channels
 
 
 def test_the_regularizer_helpers_default_to_the_portable_per_image_forms():
@@ -580,3 +581,50 @@ def test_the_inversion_and_decoding_loops_never_wait_for_the_gpu_between_steps(s
         method.decode(model, inv, torch.ones(1, 1, 8, 8, device="cuda"), text, p, callback=strict(6))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 18, 12), (2, 4, 12, 36)])
+def test_auto_corr_loss_on_non_square_latents_equals_diffusers(shape):
+    """diffusers rolls both axes by a draw below height // 2 and stops pooling once the height is at most 8; on
+    non-square latents (and a height of 18, pooled to 9 then 4) the width must not stand in for the height."""
+    from diffusers.pipelines.deprecated.stable_diffusion_diffedit import pipeline_stable_diffusion_diffedit as ref
+
+    noise = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    for portable in (False, True):
+        g_ref, g_ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        torch.testing.assert_close(method.auto_corr_loss(noise, g_ours, portable), ref.auto_corr_loss(noise, g_ref))
+        assert torch.equal(torch.randint(100, (1,), generator=g_ours), torch.randint(100, (1,), generator=g_ref))
+
+
+@pytest.mark.parametrize("field", ["lambda_auto_corr", "lambda_kl"])
+def test_a_regularizer_weight_below_one_still_regularizes(field):
+    """Each loss runs for any positive weight: 0.5 moves the noise, 0 leaves it (the other weight off)."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.nn.functional.interpolate(torch.randn(1, 4, 8, 8, generator=g), size=(32, 32), mode="bilinear")
+    other = "lambda_kl" if field == "lambda_auto_corr" else "lambda_auto_corr"
+
+    def regularized(weight):
+        params = DiffEditParams(num_reg_steps=2, **{field: weight, other: 0.0})
+        return method.regularize_noise(noise, noise, torch.tensor(0.5), "epsilon", params,
+                                       torch.Generator().manual_seed(1))
+
+    assert torch.equal(regularized(0.0), noise)
+    assert (regularized(0.5) - noise).abs().max() > 1e-6
+
+
+def test_mask_guidance_between_one_and_two_is_guidance(sd):
+    """The mask step guides at any mask_guidance_scale above 1: 1.5 gives another map than 1 (unguided)."""
+    p = dataclasses.replace(FAST, mask_without_guidance=True)
+    run = lambda scale: method.estimate_mask(sd, images(1), texts(sd, ["a cat"]), texts(sd, ["a dog"]),
+                                             dataclasses.replace(p, mask_guidance_scale=scale),
+                                             torch.Generator().manual_seed(0)).difference
+    assert (run(1.5) - run(1.0)).abs().max() > 1e-6
+
+
+def test_the_negative_prompts_take_their_own_clip_skip(sd):
+    """negative_clip_skip reaches the negative prompts' states only; clip_skip the prompts' only."""
+    base = method.encode_text(sd, ["a cat"], ["a dog"])
+    skipped = method.encode_text(sd, ["a cat"], ["a dog"], negative_clip_skip=1)
+    assert torch.equal(skipped.cond, base.cond)
+    assert torch.equal(skipped.uncond, method.encode_text(sd, ["a dog"], clip_skip=1).cond)
+    assert not torch.equal(skipped.uncond, base.uncond)
