@@ -220,3 +220,18 @@ def test_four_object_pixels_are_an_object_and_three_are_none():
         image = white.copy()
         image[10, 10 : 10 + n] = shapes.COLOURS["red"]  # a 1 x n bar: fill 1
         assert shapes.classify(image, white).shape == expected
+
+
+def test_the_background_estimate_is_the_per_channel_median_of_the_outermost_rows_and_columns():
+    """A 5x5 picture built so that the median sits between two values (7 of 10, 3 of 15, 7 of 20, 3 of 30 over the
+    20 border entries, corners in both their row and column): 17.5, plus 100 per channel. Any other row or column
+    read in place of the border (the inner ring holds 50 and 0), or a median over the channels, moves it."""
+    level = np.array([[10, 10, 10, 10, 10],
+                      [30, 50, 50, 50, 15],
+                      [30, 0, 0, 0, 15],
+                      [30, 50, 50, 50, 15],
+                      [20, 20, 20, 20, 20]])
+    image = np.stack([level + 100 * c for c in range(3)], axis=-1).astype(np.uint8)  # (5, 5, 3)
+    got = shapes.estimate_background(image)
+    assert got.shape == (5, 5, 3)
+    assert (got == np.array([17.5, 117.5, 217.5])).all()
