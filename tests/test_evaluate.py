@@ -217,3 +217,19 @@ def test_each_edit_is_scored_at_seed_plus_its_index_and_reproducibly():
     assert scores(pair[1]) == scores(alone)
     other_seed = evaluate.score_edits(model, edits[1:], seed=5, params=params, progress=False)[0]
     assert scores(other_seed) != scores(alone)
+
+
+def test_background_ssim_is_nan_when_the_ring_covers_the_whole_picture():
+    """No pixel outside the region's ring: no background to compare, NaN (and quietly: no empty-mean warning)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (12, 12, 3)).astype(np.uint8) for _ in range(2))
+    region = np.zeros((12, 12), bool)
+    region[1:11, 1:11] = True  # every pixel of the 12x12 picture is within 3 px of it (the corners at sqrt(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(evaluate.background_ssim(a, b, region))
+    region[:] = False
+    region[0, 0] = True
+    assert 0 < evaluate.background_ssim(a, a, region) == pytest.approx(1.0)
