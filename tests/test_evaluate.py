@@ -92,6 +92,15 @@ def test_command_prints_each_goal_and_writes_a_report(tmp_path, capsys):
     for goal in evaluate.GOALS:
         assert goal.metric in out
     assert "FAIL" in out and code == 1  # an untrained model meets no quality goal
+    table = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in
+             {g.metric for g in evaluate.GOALS}]
+    assert [row[-1] for row in table if row[0] == "seconds_per_edit"] in (["PASS"], ["FAIL"])  # CPU, one thread
+    fails = sum(row[-1] == "FAIL" for row in table)
+    assert out.splitlines()[-1] == f"{fails} goal(s) not met" and fails >= 3
+    evaluate.main(["--model", str(folder), "--n", "1", "--quiet", "--threads", "2", "--param",
+                   "num_inference_steps=5", "--param", "num_maps_per_mask=2"])
+    two_threads = capsys.readouterr().out
+    assert [line.split()[-1] for line in two_threads.splitlines() if line.startswith("seconds_per_edit")] == ["n/a"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params"]["num_inference_steps"] == 5 and len(report["edits"]) == 2
     assert {g["metric"] for g in report["goals"]} >= {g.metric for g in evaluate.GOALS}
@@ -233,3 +242,22 @@ def test_background_ssim_is_nan_when_the_ring_covers_the_whole_picture():
     region[:] = False
     region[0, 0] = True
     assert 0 < evaluate.background_ssim(a, a, region) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("timing_applies", [True, False])
+def test_the_report_gives_each_goal_its_verdict_at_and_around_its_bound(timing_applies):
+    """Hand-made summary: IoU exactly at its floor passes (>=), colour one step under fails, seconds exactly at the
+    ceiling passes (<=) when timing applies and is "n/a" otherwise; the extra metrics are "info" rows."""
+    summary = {"mask_iou": 0.55, "colour_edit_success": 0.949, "shape_edit_success": 0.7,
+               "background_psnr_db": 35.25, "seconds_per_edit": 3.0, "mask_recall": 0.5, "mask_precision": 0.25,
+               "mask_iou_ceiling": 0.875, "background_psnr_db_min": 30.0}
+    assert evaluate.report_lines(summary, timing_applies) == [
+        ("mask_iou", "0.550", ">= 0.55 (aim 0.65)", "PASS"),
+        ("colour_edit_success", "0.949", ">= 0.95", "FAIL"),
+        ("shape_edit_success", "0.700", ">= 0.7", "PASS"),
+        ("background_psnr_db", "35.250", ">= 35", "PASS"),
+        ("seconds_per_edit", "3.000", "<= 3", "PASS" if timing_applies else "n/a"),
+        ("mask_recall", "0.500", "", "info"), ("mask_precision", "0.250", "", "info"),
+        ("mask_iou_ceiling", "0.875", "", "info"), ("background_psnr_db_min", "30.000", "", "info")]
+    slow = evaluate.report_lines({**summary, "seconds_per_edit": 3.001}, timing_applies)
+    assert slow[4][3] == ("FAIL" if timing_applies else "n/a")
