@@ -261,3 +261,19 @@ def test_the_report_gives_each_goal_its_verdict_at_and_around_its_bound(timing_a
         ("mask_iou_ceiling", "0.875", "", "info"), ("background_psnr_db_min", "30.000", "", "info")]
     slow = evaluate.report_lines({**summary, "seconds_per_edit": 3.001}, timing_applies)
     assert slow[4][3] == ("FAIL" if timing_applies else "n/a")
+
+
+def test_summary_means_each_kind_over_its_own_edits_and_drops_the_first_time():
+    """Hand-made records: colour success is the colour edit's (1 of 1), shape success the shape edits' (1 of 2), the
+    time is the median without the first (warm-up) edit: median(1, 3) = 2; a single edit keeps its time."""
+    base = {"iou": 0.5, "recall": 0.5, "precision": 0.5, "ceiling": 0.75, "background_psnr_db": 40.0}
+    records = [{**base, "kind": "colour", "success": True, "seconds": 9.0},
+               {**base, "kind": "shape", "success": False, "seconds": 1.0, "background_psnr_db": 30.0},
+               {**base, "kind": "shape", "success": True, "seconds": 3.0}]
+    s = evaluate.summarize(records)
+    assert s["n"] == 3 and s["colour_edit_success"] == 1.0 and s["shape_edit_success"] == 0.5
+    assert s["seconds_per_edit"] == 2.0 and s["background_psnr_db_min"] == 30.0
+    assert s["background_psnr_db"] == pytest.approx(110 / 3)
+    assert evaluate.summarize(records[:2])["seconds_per_edit"] == 1.0  # two edits: the second's
+    assert evaluate.summarize(records[:1])["seconds_per_edit"] == 9.0
+    assert np.isnan(evaluate.summarize(records[:1])["shape_edit_success"])
