@@ -320,7 +320,11 @@ def evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`diffedit evaluate` under the command-line contract (`console.guarded`): bad input is one line, exit 2."""
     argv = sys.argv[1:] if argv is None else argv
-    return guarded(lambda: evaluate(parse_args(argv)), debug="--debug" in argv)
+    threads = torch.get_num_threads()  # the run sets --threads; a caller in this process gets its own count back
+    try:
+        return guarded(lambda: evaluate(parse_args(argv)), debug="--debug" in argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

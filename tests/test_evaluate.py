@@ -101,6 +101,7 @@ def test_command_prints_each_goal_and_writes_a_report(tmp_path, capsys):
                    "num_inference_steps=5", "--param", "num_maps_per_mask=2"])
     two_threads = capsys.readouterr().out
     assert [line.split()[-1] for line in two_threads.splitlines() if line.startswith("seconds_per_edit")] == ["n/a"]
+    assert torch.get_num_threads() == 1  # the caller's thread count is back (later tests' numbers depend on it)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["params"]["num_inference_steps"] == 5 and len(report["edits"]) == 2
     assert {g["metric"] for g in report["goals"]} >= {g.metric for g in evaluate.GOALS}
