@@ -109,7 +109,7 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                         "pixels; smaller images are unchanged")
     g.add_argument("--vae-slicing", action="store_true",
                    help="encode and decode one image at a time (less memory for several targets; same pixels)")
-    g.add_argument("--lora", type=lora_spec, action="append", metavar="FILE[:WEIGHT]",
+    g.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA .safetensors file (diffusers or kohya/A1111 layout) for the UNet and text encoder, "
                         "its branch times WEIGHT (default 1); repeat for several")
     g.add_argument("--lora-scale", type=lora_scale, metavar="S",
@@ -149,14 +149,14 @@ def lora_spec(text: str) -> tuple[Path, float]:
                                          ".bin/.ckpt/.pt LoRAs; convert it to .safetensors")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"LoRA file {path} does not exist")
+    from safetensors import safe_open  # the header only, as saved_inversion.read_inversion_metadata reads one
+
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= 100_000_000:
-                raise ValueError("bad header size")
-            json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"LoRA file {path} is not a safetensors file or is corrupt ({e})") from None
+        with safe_open(str(path), framework="np"):
+            pass
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: not a safetensors file, or truncated
+        raise argparse.ArgumentTypeError(f"LoRA file {path} is not a safetensors file or is corrupt "
+                                         f"({one_line(e)})") from None
     return path, weight
 
 
@@ -493,8 +493,8 @@ class CommandRun:
                "input_size": list(self.image.size), "model": self.model, "device": str(self.sd.device),
                "dtype": str(self.sd.dtype).removeprefix("torch."),
                "mode": "reference" if self.args.reference_behaviour else "corrected", "seed": self.args.seed,
-               "lora": [{"file": str(path), "weight": w} for path, w in getattr(self.args, "lora", None) or []],
-               "embeddings": [{"file": str(path), "token": token} for path, token in self.args.embedding or []],
+               "lora": [{"file": str(path), "weight": w} for path, w in self.args.lora],
+               "embeddings": [{"file": str(path), "token": token} for path, token in self.args.embedding],
                "parameters": params_summary(params), "outputs": outputs, **(extra or {}),
                "notes": self.report.notes, "warnings": self.report.warnings, "timings": self.timings}
         return out
@@ -517,7 +517,7 @@ class CommandRun:
         """The --lora files as adapters, all active with their weights; one that does not fit is bad input."""
         from .models.weights import WeightsError
 
-        specs = getattr(self.args, "lora", None) or []
+        specs = self.args.lora
         for i, (path, _) in enumerate(specs):
             try:
                 self.sd.load_lora_weights(path, adapter_name=f"lora_{i + 1}")
