@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+from .validation import PICKLE_SUFFIXES
+
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "shapes-sd"  # the model that ships with the package
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "examples" / "red_circle.png"  # a picture of its world, 64x64
 _REPO_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
@@ -25,7 +27,6 @@ def shipped_model_installed() -> bool:
 
 
 SINGLE_FILE_SUFFIX = ".safetensors"  # an original-layout checkpoint in one file (`StableDiffusion.from_single_file`)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def model_location(path_or_repo_id: str | os.PathLike | None) -> Path | str:

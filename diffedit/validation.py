@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Files that only unpickling could read (torch.save, pickle): refused wherever a path is taken (models, LoRAs,
+# embeddings), never opened. One list, here, because `models/` and `diffedit/` both check it.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
 class FileError(ValueError):
     """A file this code cannot use (missing, unreadable, corrupt, or holding values it does not support),
     with the file named."""

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import UNetConfig, VAEConfig
-from ..locations import PICKLE_SUFFIXES
+from ..validation import PICKLE_SUFFIXES
 from .weights import WeightsError, _fits, _IGNORED, read_safetensors
 
 UNET_PREFIX = "model.diffusion_model."

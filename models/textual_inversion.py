@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..validation import PICKLE_SUFFIXES
 from .weights import WeightsError, read_safetensors
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # what diffusers looks for in a folder
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save's zip; pickles
 KOHYA_KEY, A1111_KEY, A1111_TOKEN_KEY = "emb_params", "string_to_param.*", "string_to_token.*"
 Source = str | os.PathLike | dict | torch.Tensor
@@ -58,7 +58,7 @@ def embedding_file(path: str | os.PathLike) -> Path:
         path = path / DIFFUSERS_FILE
     if not path.is_file():
         raise WeightsError(f"embedding file {path} not found")
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(path)
     if path.stat().st_size == 0:
         raise WeightsError(f"embedding file {path} is empty")
