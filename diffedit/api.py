@@ -12,9 +12,9 @@ import numbers
 import os
 import random
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image

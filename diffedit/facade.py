@@ -20,11 +20,10 @@ import torch
 
 from . import image_tensors
 from . import method
-from .models.image_processor import CLIPImageProcessor
-from .models.safety_checker import StableDiffusionSafetyChecker
 from .memory import vae_decode
-
+from .models.image_processor import CLIPImageProcessor
 from .models.lora import NETWORKS, WEIGHT_NAME
+from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion

@@ -176,7 +176,6 @@ class StableDiffusion:
 
         return load_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
 
-
     # --------------------------------------------------------------------------------------------- LoRA
     # diffusers' names and arguments; the substance is in models/lora.py.
 
