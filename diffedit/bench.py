@@ -4,6 +4,7 @@
     diffedit bench                                  # the shipped model at diffusers' defaults, one CPU thread
     diffedit bench --config sd15 --device cuda --dtype float16 --runs 5 --json bench.json
     diffedit bench --model FOLDER_OR_REPO --device cuda --dtype float16 --batch-size 16
+    diffedit bench --config sd15 --device cuda --dtype float16 --size 2048 --vae-tiling --steps 10 --runs 1
 
 Ours is the diffusers-compatible facade (`StableDiffusionDiffEdit`, every correction off), called exactly as the
 reference is called, so both do the same work and their outputs must agree (mask, inverted latents, picture; the
@@ -36,6 +37,7 @@ SOURCE, TARGET = "a red circle on a white background", "a blue square on a white
 MASK_AGREEMENT = 0.99  # share of mask cells that must agree (tests/test_facade.py's MASK_TOL)
 LATENT_TOL = 1e-3  # relative Frobenius error of the inverted latents (tests/test_facade.py)
 IMAGE_TOL = 5e-3  # max abs error of the picture in [0, 1] (tests/test_facade.py)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,12 @@ def summarize(runs: list[dict]) -> dict:
 
 def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dtype: str = "float32", runs: int = 3,
               threads: int | None = 1, settings: Settings = Settings(), reference: bool = True, seed: int = 0,
-              compile_unet: bool = False) -> dict:
+              compile_unet: bool = False, compile_mode: str = "default", size: int | None = None,
+              vae_tiling: bool = False) -> dict:
     """Measure ours (and the reference, when installed and asked for) and return the report as a dict. `config`
-    (sd15, sd21, shapes, tiny: `random_models.PRESETS`) measures random weights in that shape instead of `model`."""
+    (sd15, sd21, shapes, tiny: `random_models.PRESETS`) measures random weights in that shape instead of `model`.
+    `size`: the picture's side in pixels (default: the model's sample size); `vae_tiling`: both sides' VAEs tile
+    (`enable_vae_tiling`); `compile_mode`: torch.compile's mode for both UNets when `compile_unet`."""
     import tempfile
 
     import torch
@@ -173,7 +178,8 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
         with tempfile.TemporaryDirectory(prefix=f"diffedit-bench-{config}-") as folder:
             write_random_model(config, Path(folder))
             report = run_bench(folder, device=device, dtype=dtype, runs=runs, threads=threads, settings=settings,
-                               reference=reference, seed=seed, compile_unet=compile_unet)
+                               reference=reference, seed=seed, compile_unet=compile_unet, compile_mode=compile_mode,
+                               size=size, vae_tiling=vae_tiling)
         return {**report, "model": f"random weights, {config} shapes"}
     if threads is not None:
         torch.set_num_threads(threads)
@@ -185,15 +191,23 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
             mask_encode_strength=settings.mask_encode_strength, num_maps_per_mask=settings.num_maps_per_mask))
     except ValueError as e:
         raise BadInput(f"--steps {settings.num_inference_steps}: {e}") from None
-    size = ours.model.unet.config.sample_size * ours.vae_scale_factor
+    if size is not None and size % ours.vae_scale_factor:
+        nearest = max(1, round(size / ours.vae_scale_factor)) * ours.vae_scale_factor
+        raise BadInput(f"--size {size}: the picture's side must be a multiple of the VAE's factor "
+                       f"{ours.vae_scale_factor}, e.g. --size {nearest}")
+    size = size or ours.model.unet.config.sample_size * ours.vae_scale_factor
     image = Image.open(EXAMPLE_IMAGE).convert("RGB").resize((size, size), Image.BICUBIC)
     sides = {"ours": ours}
     if reference and reference_available():
         sides["diffusers"] = load_reference(folder, torch_device, torch_dtype)
-    if compile_unet:  # both sides' UNets, torch.compile's default mode; the warm-up pays the compilation
-        ours.model.unet = torch.compile(ours.model.unet)
+    if vae_tiling:  # ours through the facade, diffusers on its VAE (its pipeline-level switch is deprecated)
+        ours.enable_vae_tiling()
         if "diffusers" in sides:
-            sides["diffusers"].unet = torch.compile(sides["diffusers"].unet)
+            sides["diffusers"].vae.enable_tiling()
+    if compile_unet:  # both sides' UNets in the same mode; the warm-up pays the compilation
+        ours.model.unet = torch.compile(ours.model.unet, mode=compile_mode)
+        if "diffusers" in sides:
+            sides["diffusers"].unet = torch.compile(sides["diffusers"].unet, mode=compile_mode)
     for pipe in sides.values():  # warm-up
         one_edit(pipe, image, settings, seed, torch_device)
     times: dict[str, list[dict]] = {name: [] for name in sides}
@@ -208,6 +222,7 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(torch_device))
     report = {"model": str(folder), "device": str(torch_device), "dtype": dtype, "threads": torch.get_num_threads(),
               "runs": runs, "settings": settings.__dict__, "torch": torch.__version__, "compiled": compile_unet,
+              "compile_mode": compile_mode if compile_unet else None, "size": size, "vae_tiling": vae_tiling,
               "sides": {}}
     for name, pipe in sides.items():
         summary, tflop = summarize(times[name]), flop_count(pipe, image, settings, torch_device) / 1e12
@@ -232,11 +247,13 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
 
 
 def render(report: dict) -> str:
+    compiled = f", UNets compiled ({report['compile_mode']})" if report["compiled"] else ""
+    tiling = ", VAE tiling" if report["vae_tiling"] else ""
     lines = [f"model {report['model']}", f"device {report['device']}, {report['dtype']}, {report['threads']} "
              f"thread(s), torch {report['torch']}" + (f", diffusers {report['diffusers']}" if "diffusers" in report
                                                        else ", no reference (diffusers not installed or turned off)"),
-             f"{report['runs']} runs after a warm-up{', UNets compiled' if report['compiled'] else ''}; settings "
-             f"{report['settings']}",
+             f"{report['runs']} runs after a warm-up{compiled}; {report['size']}x{report['size']} pixels{tiling}; "
+             f"settings {report['settings']}",
              f"{'stage':<8} " + " ".join(f"{name + ' median (min-max) s':>34}" for name in report["sides"])
              + ("  ours / diffusers" if "ratio" in report else "")]
     for stage in (*STAGES, "total"):
@@ -271,7 +288,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=COUNT, default=1, help="pictures per call (default 1)")
     p.add_argument("--steps", type=COUNT, default=50, help="num_inference_steps (default 50, diffusers')")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
-    p.add_argument("--compile", action="store_true", help="torch.compile both sides' UNets (the warm-up compiles)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile both sides' UNets, in MODE (default: default; also reduce-overhead, "
+                        "max-autotune); the warm-up compiles")
+    p.add_argument("--size", type=COUNT, metavar="PX",
+                   help="the picture's side in pixels (default: the model's sample size; a multiple of the VAE's "
+                        "factor)")
+    p.add_argument("--vae-tiling", action="store_true", help="both sides' VAEs encode and decode in tiles")
     p.add_argument("--json", help="also write the report here (JSON)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -287,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs,
                            threads=args.threads,
                            settings=Settings(num_inference_steps=args.steps, batch_size=args.batch_size),
-                           reference=not args.no_reference, compile_unet=args.compile)
+                           reference=not args.no_reference, compile_unet=args.compile is not None,
+                           compile_mode=args.compile or "default", size=args.size, vae_tiling=args.vae_tiling)
         print(render(report))
         if args.json:
             text = json.dumps(report, indent=2) + "\n"

@@ -258,9 +258,9 @@ class Demo:
     def _shared_steps(self, pixels, source):
         """The SharedSteps of this image and source prompt: a new one (the old forgotten) when either changed, so
         what is remembered is one image's work, at most `REMEMBERED` results."""
-        from .reuse import SharedSteps, _content
+        from .reuse import SharedSteps, content_digest
 
-        key = _content(pixels, source.cond, source.uncond)
+        key = content_digest(pixels, source.cond, source.uncond)
         if key != self._steps_key:
             self.steps, self._steps_key = SharedSteps(deepest_strength=0.0, limit=REMEMBERED), key
         return self.steps

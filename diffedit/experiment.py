@@ -417,9 +417,9 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     rank, world = distributed()  # after every check: joining the group waits for every rank's checks
     out.mkdir(parents=True, exist_ok=True)
     if sd.folder is not None:
-        from .saved_inversion import model_fingerprint
+        from .saved_inversion import fingerprint_of
 
-        config["model_fingerprint"] = model_fingerprint(sd.folder)
+        config["model_fingerprint"] = fingerprint_of(sd)
     if rank == 0:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 

@@ -73,7 +73,7 @@ class SharedSteps(Steps):
 
     def estimate_mask(self, sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddings,
                       target: TextEmbeddings, params: DiffEditParams, generator: Generator = None) -> MaskEstimate:
-        key = ("mask", self._model(sd), _content(image, source.cond, source.uncond, target.cond, target.uncond),
+        key = ("mask", self._model(sd), content_digest(image, source.cond, source.uncond, target.cond, target.uncond),
                _fields(params, MASK_FIELDS), _states(generator))
         if key in self.done:
             self.hits["mask"] += 1
@@ -90,7 +90,7 @@ class SharedSteps(Steps):
         deepest = params.inpaint_strength
         if params.num_reg_steps == 0 and self.deepest_strength is not None:
             deepest = max(deepest, self.deepest_strength)
-        key = ("inversion", self._model(sd), _content(image, text.cond, text.uncond),
+        key = ("inversion", self._model(sd), content_digest(image, text.cond, text.uncond),
                _fields(params, INVERSION_FIELDS), deepest, _states(generator))
         if key in self.done:
             self.hits["inversion"] += 1
@@ -143,7 +143,8 @@ def _states(generator: Generator) -> tuple:
     return tuple(g.get_state().numpy().tobytes() for g in _generators(generator))
 
 
-def _content(*tensors: torch.Tensor | None) -> str:
+def content_digest(*tensors: torch.Tensor | None) -> str:
+    """A sha1 of the tensors' shapes, dtypes, devices and bytes (None counts as a value): equal digests, equal inputs."""
     digest = hashlib.sha1()
     for t in tensors:
         if t is None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import UNetConfig, VAEConfig
 from ..validation import PICKLE_SUFFIXES
-from .weights import WeightsError, _fits, _IGNORED, read_safetensors
+from .weights import IGNORED_KEYS, WeightsError, read_safetensors, shape_fits
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -176,7 +176,7 @@ def is_sd2(state: dict[str, torch.Tensor]) -> bool:
 
 def _known_unused(key: str, text_layers: int) -> bool:
     """Entries of original checkpoints that the model does not use (see the module docstring)."""
-    if key in _SCHEDULE_BUFFERS or key.startswith("model_ema.") or _IGNORED.search(key):
+    if key in _SCHEDULE_BUFFERS or key.startswith("model_ema.") or IGNORED_KEYS.search(key):
         return True
     if key in (OPEN_CLIP_PREFIX + name for name in _UNUSED_OPEN_CLIP):
         return True
@@ -219,7 +219,7 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(k for k in set(state) - set(wanted) if not _known_unused(k, text_layers))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {wanted[k]}" for k in set(wanted) & set(state)
-                       if not _fits(state[k], torch.Size(wanted[k])))
+                       if not shape_fits(state[k], torch.Size(wanted[k])))
     if missing or unexpected or misshaped:
         lines = [f"{source}: not a single-file checkpoint of this model ({_describe(state)}, "
                  f"{'OpenCLIP' if text_layout == 'openclip' else 'OpenAI CLIP'} text encoder expected)"]

@@ -35,7 +35,7 @@ _DIFFUSERS_NAME = "diffusion_pytorch_model"
 _TRANSFORMERS_NAME = "model"
 _PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin", "model.ckpt", "diffusion_pytorch_model.ckpt")
 
-_IGNORED = re.compile(r"(^|\.)position_ids$")
+IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
 _LEGACY_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_VAE_KEY = re.compile(r"^(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
@@ -80,7 +80,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply the translations listed in the module docstring (prefix, ignored buffers, legacy VAE names)."""
     out = {}
     for key, value in state.items():
-        if _IGNORED.search(key):
+        if IGNORED_KEYS.search(key):
             continue
         if key.startswith("text_model."):
             key = key[len("text_model."):]
@@ -93,7 +93,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fits(value: torch.Tensor, shape: torch.Size) -> bool:
+def shape_fits(value: torch.Tensor, shape: torch.Size) -> bool:
     """Same shape, or the same matrix seen as a 1x1 convolution or as a linear layer."""
     if value.shape == shape:
         return True
@@ -113,7 +113,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                       for k in set(state) & set(expected) if not _fits(state[k], expected[k].shape))
+                       for k in set(state) & set(expected) if not shape_fits(state[k], expected[k].shape))
     if missing or unexpected or misshaped:
         lines = [f"{source}: weights do not fit the model"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):

@@ -84,17 +84,46 @@ def test_random_model_folders_load_with_the_presets_shapes(tmp_path):
         random_models.write_random_model("sd3", tmp_path / "x")
 
 
-def test_compile_wraps_both_sides_unets_before_the_warm_up(monkeypatch):
+def test_compile_wraps_both_sides_unets_in_the_asked_mode_before_the_warm_up(monkeypatch):
     """The wiring only (compiling takes minutes on a CPU; the real run: README, Speed): torch.compile gets our
-    UNet and diffusers' before any timed work."""
+    UNet and diffusers' before any timed work, both in --compile's mode."""
     from diffedit.models.unet import UNet2DConditionModel
 
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(type(module)) or module)
+    monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append((type(module), mode)) or module)
+    monkeypatch.setattr(bench, "render", lambda report: "")
+    assert cli.main(["bench", "--config", "tiny", "--runs", "1", "--steps", "3", "--compile", "reduce-overhead"]) == 0
+    assert [mode for _, mode in compiled] == ["reduce-overhead"] * 2 and compiled[0][0] is UNet2DConditionModel
+    assert compiled[1][0].__module__.startswith("diffusers")
+    compiled.clear()
     report = bench.run_bench(config="tiny", runs=1, settings=bench.Settings(num_inference_steps=3),
                              compile_unet=True)
-    assert report["compiled"] and len(compiled) == 2 and compiled[0] is UNet2DConditionModel
-    assert compiled[1].__module__.startswith("diffusers")
+    assert report["compiled"] and report["compile_mode"] == "default" and [m for _, m in compiled] == ["default"] * 2
+
+
+def test_a_larger_picture_with_vae_tiling_is_measured_on_both_sides_and_agrees(tmp_path, monkeypatch):
+    """--size past the VAE's tile (64 px for the tiny preset) with --vae-tiling: both sides tile, outputs agree."""
+    from diffusers import AutoencoderKL
+
+    from diffedit.facade import StableDiffusionDiffEdit
+
+    switched = []
+    for cls, name in ((StableDiffusionDiffEdit, "enable_vae_tiling"), (AutoencoderKL, "enable_tiling")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, _f=original, _c=cls: switched.append(_c) or _f(self))
+    out = tmp_path / "tiled.json"
+    assert cli.main(["bench", "--config", "tiny", "--runs", "1", "--steps", "3", "--size", "96", "--vae-tiling",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["size"] == 96 and report["vae_tiling"] and report["agreement"]["agree"]
+    assert switched == [StableDiffusionDiffEdit, AutoencoderKL]
+
+
+def test_a_size_off_the_vae_grid_is_refused_before_any_timed_work(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "one_edit", lambda *a, **k: pytest.fail("work started"))
+    assert cli.main(["bench", "--config", "tiny", "--size", "100"]) == 2
+    assert "--size 100: the picture's side must be a multiple of the VAE's factor 8, e.g. --size 96" in \
+        capsys.readouterr().err
 
 
 def test_a_missing_gpu_is_refused_before_a_random_model_is_written(monkeypatch, capsys):
