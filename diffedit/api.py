@@ -23,7 +23,7 @@ import torch
 from . import image_tensors
 from . import method
 from .locations import model_location
-from .params import DiffEditParams
+from .params import DiffEditParams, with_preset
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
 from .validation import one_line, shorten
@@ -147,7 +147,8 @@ def to_picture(sd: StableDiffusion, latents: torch.Tensor, size: tuple[int, int]
 
 
 def edit(image, source: str, target: str, model: StableDiffusion | str | os.PathLike | None = None,
-         seed: int | None = None, mask=None, mask_rule: str = "half", **params) -> EditResult:
+         seed: int | None = None, mask=None, mask_rule: str = "half", preset: str | None = None,
+         **params) -> EditResult:
     """Edit `image` from the text `source` (what it shows; may be "") to `target`.
 
     image: a path, a PIL image, a numpy (H, W, 3) array or a torch (3, H, W) tensor, uint8 0-255 or floats in
@@ -155,10 +156,11 @@ def edit(image, source: str, target: str, model: StableDiffusion | str | os.Path
     `StableDiffusion`; seed: None (a random one, returned in the result) or an int in [0, 2**63); mask: None (DiffEdit
     estimates it) or the region to edit at the image's size (a path, a PIL image, or an (H, W) array of bools /
     0-1 / 0-255: `image_tensors.load_mask`), put on the latent grid by `mask_rule` ("half" of a cell's pixels or
-    "any": `image_tensors.latent_mask_from_image`); `params`: `DiffEditParams` fields. Every argument is checked
-    before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument."""
+    "any": `image_tensors.latent_mask_from_image`); preset: None or a name in `params.PRESETS` ("fast"), whose
+    fields go between the model's stored defaults and `params`; `params`: `DiffEditParams` fields. Every argument
+    is checked before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument."""
     _check_prompt(target, "target")
-    return edit_targets(image, source, [target], model, seed, mask, mask_rule, **params)[0]
+    return edit_targets(image, source, [target], model, seed, mask, mask_rule, preset, **params)[0]
 
 
 def _check_prompt(text, name: str) -> None:
@@ -200,9 +202,11 @@ def check_params_for_model(sd: StableDiffusion, p: DiffEditParams,
 
 
 def edit_targets(image, source: str, targets: list[str], model: StableDiffusion | str | os.PathLike | None = None,
-                 seed: int | None = None, mask=None, mask_rule: str = "half", **params) -> list[EditResult]:
+                 seed: int | None = None, mask=None, mask_rule: str = "half", preset: str | None = None,
+                 **params) -> list[EditResult]:
     """`edit` for several targets: one inversion of the image, one mask (or the given one) and one decoding per
     target. The first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+    params = with_preset(preset, params)
     check_arguments(source, targets, seed, params)
     if mask_rule not in image_tensors.MASK_CELL_RULES:
         raise ValueError(f"mask_rule: expected one of {image_tensors.MASK_CELL_RULES}, got {mask_rule!r}")

@@ -36,7 +36,7 @@ from . import shapes
 from .console import COUNT, SEED, BadInput, Parser, guarded
 from .locations import model_location
 from .outputs import Planned, check_outputs, commit, image_format
-from .params import DiffEditParams
+from .params import PRESETS, DiffEditParams, with_preset
 from .validation import one_line
 
 # The held-out edits' generator is seeded by (EVAL_STREAM, seed); training draws from (seed, 1 or 2, step).
@@ -253,6 +253,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="model folder or hub repo id (default: the model shipped with the package)")
     p.add_argument("--n", type=COUNT, default=100, help="number of edits, half colour, half shape (default 100)")
     p.add_argument("--seed", type=SEED, default=0, help="held-out set and edit seeds (default 0)")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="named settings over the model's defaults, under --param (fast: README, The fast preset)")
     p.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="override a DiffEditParams field (repeatable)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
@@ -271,8 +273,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from .stable_diffusion import StableDiffusion
 
     # Before any work: parameters, outputs, model location, device
-    params = dict(args.param)
     try:
+        params = with_preset(args.preset, dict(args.param))
         DiffEditParams().updated(params)
     except (TypeError, ValueError) as e:
         raise BadInput(f"--param: {one_line(e)}") from None
@@ -298,7 +300,7 @@ def evaluate(args: argparse.Namespace) -> int:
     timing_applies = args.device == "cpu" and args.threads == 1
 
     print(f"model {folder}, {len(edits)} held-out edits (seed {args.seed}), defaults {model.edit_defaults}"
-          + (f", overrides {params}" if params else ""))
+          + (f", preset {args.preset}" if args.preset else "") + (f", overrides {params}" if params else ""))
     rows = report_lines(summary, timing_applies)
     width = max(len(r[0]) for r in rows)
     for metric, value, goal, verdict in rows:
@@ -307,7 +309,7 @@ def evaluate(args: argparse.Namespace) -> int:
     print("all goals met" if all(v == "PASS" for v in verdicts) else
           f"{verdicts.count('FAIL')} goal(s) not met")
     report = json.dumps({
-        "model": str(folder), "seed": args.seed, "params": {**model.edit_defaults, **params},
+        "model": str(folder), "seed": args.seed, "preset": args.preset, "params": {**model.edit_defaults, **params},
         "device": args.device, "threads": args.threads, "summary": summary,
         "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
         "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n"

@@ -38,7 +38,7 @@ from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judg
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
-from .params import DiffEditParams
+from .params import PRESETS, DiffEditParams, with_preset
 from .validation import FileError, one_line
 
 METHOD_NAMES = ("diffedit", "diffedit-gt-mask", "encode-decode", "sdedit")  # = baselines.METHODS, torch-free
@@ -348,16 +348,17 @@ def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
 
 def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40, edit_seed: int = 0,
                    methods: list[str] | tuple[str, ...] = ("diffedit",), sweep: list[tuple[str, list]] = (),
-                   param: dict | None = None, seeds: list[int] | tuple[int, ...] = (0,), model=None,
-                   device: str = "cpu", batch_size: int = 1, resume: bool = False, quiet: bool = True) -> Path:
+                   param: dict | None = None, preset: str | None = None, seeds: list[int] | tuple[int, ...] = (0,),
+                   model=None, device: str = "cpu", batch_size: int = 1, resume: bool = False,
+                   quiet: bool = True) -> Path:
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
     edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
     `baselines.METHODS`; sweep: [(DiffEditParams field, [values])], every combination; param: fields fixed for every
-    row; seeds: each row's generator is seeded by seed + the edit's index; batch_size: edits run together through
-    the three steps (the same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide
-    mask clamp or regularizer run one at a time). Every check comes before any work; a bad
-    value is a ValueError naming it."""
+    row; preset: None or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds: each row's
+    generator is seeded by seed + the edit's index; batch_size: edits run together through the three steps (the
+    same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide mask clamp or
+    regularizer run one at a time). Every check comes before any work; a bad value is a ValueError naming it."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
@@ -381,6 +382,10 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     twice = sorted({f for f in swept if swept.count(f) > 1} | (set(swept) & set(fixed)))
     if twice:
         raise BadInput(f"--sweep / --param: {', '.join(twice)} given twice; sweep a field once, or fix it")
+    try:  # the preset's fields under --param; a swept field is the sweep's
+        fixed = {**{k: v for k, v in with_preset(preset, {}).items() if k not in swept}, **fixed}
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"--{one_line(e)}") from None
     grid = settings_grid(sweep)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise BadInput(f"--seeds {','.join(map(str, seeds))}: seeds are ints >= 0")
@@ -394,7 +399,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
-    config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "param": fixed,
+    config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "preset": preset,
+              "param": fixed,
               "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
               "device": device, "batch_size": batch_size, "diffedit_version": __version__}
     config_file = out / "config.json"
@@ -597,6 +603,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a DiffEditParams field and its values (repeatable: the grid is every combination)")
     p.add_argument("--param", type=parse_param, action="append", default=[], metavar="FIELD=V",
                    help="fix a DiffEditParams field for every row (repeatable)")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="named settings over the model's defaults, under --param and --sweep (fast: README)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
@@ -622,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
                        methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
-                       param=dict(args.param), seeds=[int(s) for s in args.seeds.split(",")], model=args.model,
+                       param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
+                       model=args.model,
                        device=args.device, batch_size=args.batch_size, resume=args.resume, quiet=args.quiet)
 
     return guarded(run, debug="--debug" in argv)

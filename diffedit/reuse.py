@@ -144,7 +144,8 @@ def _states(generator: Generator) -> tuple:
 
 
 def content_digest(*tensors: torch.Tensor | None) -> str:
-    """A sha1 of the tensors' shapes, dtypes, devices and bytes (None counts as a value): equal digests, equal inputs."""
+    """A sha1 of the tensors' shapes, dtypes, devices and bytes (None counts as a value): equal digests, equal
+    inputs."""
     digest = hashlib.sha1()
     for t in tensors:
         if t is None:

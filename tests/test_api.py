@@ -185,6 +185,9 @@ def test_arguments_are_checked_by_name_before_the_model_loads(monkeypatch):
         (dict(num_inference_steps=0), ValueError, "num_inference_steps: expected an int >= 1"),
         (dict(strenght=0.5), TypeError, "unknown DiffEdit parameter"),
         (dict(image=np.zeros((8, 8, 3), np.float32) + 2), ValueError, "image: float values"),
+        (dict(preset="slow"), ValueError, "preset 'slow': choose from fast"),
+        (dict(preset=1), TypeError, "preset: expected a preset name"),
+        (dict(preset="fast", num_maps_per_mask=0), ValueError, "num_maps_per_mask: expected an int >= 1"),
     ]
     for change, error, message in cases:
         args = {"image": photo(), "source": "a cat", "target": "a dog", **change}
@@ -234,3 +237,19 @@ def test_a_given_mask_replaces_the_mask_step_and_is_put_on_the_grid_by_the_rule(
     assert np.array_equal(np.asarray(picture), np.asarray(half.image))
     with pytest.raises(ValueError, match="mask_rule: expected one of"):
         edit(photo(), "a cat", "a dog", model=sd, mask=region, mask_rule="most")
+
+
+def test_a_preset_sits_between_the_models_stored_defaults_and_the_explicit_parameters(sd1_folder, tmp_path):
+    """preset="fast" over a model folder's diffedit.json, under explicit fields; the edit equals one given those
+    fields by hand."""
+    folder = tmp_path / "model"
+    shutil.copytree(sd1_folder, folder)
+    (folder / "diffedit.json").write_text(json.dumps({"inpaint_strength": 0.6, "num_maps_per_mask": 10}))
+    model = StableDiffusion.from_pretrained(folder)
+    result = edit(photo(), "a cat", "a dog", model=model, seed=1, preset="fast", num_inference_steps=5)
+    p = result.params
+    assert (p.sampler, p.num_maps_per_mask) == ("dpmsolver++", 5)  # the preset over the stored 10 maps
+    assert p.num_inference_steps == 5 and p.inpaint_strength == 0.6  # explicit over the preset; stored kept
+    by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, sampler="dpmsolver++", num_maps_per_mask=5,
+                   num_inference_steps=5)
+    assert by_hand.params == p and np.array_equal(np.asarray(by_hand.image), np.asarray(result.image))

@@ -137,6 +137,22 @@ def test_edit_equals_the_api_with_one_inversion_for_all_targets(edited, sd):
         assert np.array_equal(np.asarray(Image.open(folder / entry["mask"])), np.asarray(want.mask))
 
 
+def test_preset_fast_runs_its_settings_under_explicit_flags_as_the_api_does(sd, tmp_path):
+    from diffedit import edit
+
+    shape_image().save(tmp_path / "in.png")
+    result = diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--preset",
+                      "fast", "--steps", "4", "--json", cwd=tmp_path)
+    assert_ok(result)
+    summary = json.loads(result.stdout)
+    assert summary["preset"] == "fast" and summary["parameters"]["sampler"] == "dpmsolver++"
+    assert summary["parameters"]["num_maps"] == 5 and summary["parameters"]["steps"] == 4  # --steps over the preset
+    assert summary["parameters"]["strength"] == DEFAULT_STRENGTH  # the model's stored value, which fast keeps
+    want = edit(tmp_path / "in.png", SOURCE, TARGETS[0], model=sd, seed=0, preset="fast", num_inference_steps=4)
+    got = np.asarray(Image.open(tmp_path / "out.png"), dtype=int)
+    assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
+
+
 def test_vae_tiling_and_slicing_leave_an_image_within_the_tile_unchanged(edited, tmp_path):
     """The shipped VAE's tile is 64 pixels (sample_size), the image's size: the flags change nothing."""
     folder, _ = edited
@@ -416,6 +432,7 @@ BAD_ARGS = [
     (["in.png", "--seed", "-3"], ["--seed"]),
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
+    (["in.png", "--preset", "slow"], ["--preset", "invalid choice: 'slow'", "fast"]),
     (["missing.png"], ["input image missing.png does not exist"]),
     (["a-folder"], ["a-folder is a folder"]),
     (["notes.txt"], ["notes.txt is not an image"]),

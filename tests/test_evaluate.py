@@ -278,3 +278,14 @@ def test_summary_means_each_kind_over_its_own_edits_and_drops_the_first_time():
     assert evaluate.summarize(records[:2])["seconds_per_edit"] == 1.0  # two edits: the second's
     assert evaluate.summarize(records[:1])["seconds_per_edit"] == 9.0
     assert np.isnan(evaluate.summarize(records[:1])["shape_edit_success"])
+
+
+def test_preset_fast_is_recorded_and_runs_under_param_overrides(tmp_path, capsys):
+    code = evaluate.main(["--n", "1", "--quiet", "--preset", "fast", "--param", "num_inference_steps=5",
+                          "--json", str(tmp_path / "r.json")])
+    assert code in (0, 1) and "preset fast" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["preset"] == "fast" and report["params"]["sampler"] == "dpmsolver++"
+    assert report["params"]["num_maps_per_mask"] == 5 and report["params"]["num_inference_steps"] == 5
+    assert evaluate.main(["--n", "1", "--preset", "slow"]) == 2
+    assert "invalid choice: 'slow'" in capsys.readouterr().err

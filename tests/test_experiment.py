@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffedit import cli, evaluate, experiment
+from diffedit.console import BadInput
 
 torch.set_num_threads(1)
 
@@ -97,6 +98,7 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
     (["--edits", "nope.jsonl"], "nope.jsonl"),
     (["--sweep", "eta=0,0.5", "--sweep", "eta=1"], "eta given twice"),
     (["--sweep", "eta=0,0.5", "--param", "eta=1"], "eta given twice"),
+    (["--preset", "slow"], "invalid choice: 'slow'"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("work started"))
@@ -281,3 +283,14 @@ def test_the_sampler_is_a_sweepable_setting(tmp_path):
     # DPM-Solver++ 541, 451, 361 (of 541 .. 91)
     assert rows[0]["guided_steps"] == rows[1]["guided_steps"] == "3"
     assert rows[0]["mask_iou"] != rows[1]["mask_iou"] or rows[0]["psnr_db"] != rows[1]["psnr_db"]
+
+
+def test_a_preset_fixes_its_fields_under_param_and_sweep_and_is_recorded(tmp_path):
+    """fast's sampler and maps stay fixed; a sweep over its step count is the sweep's (no field passed twice)."""
+    path = experiment.run_experiment(tmp_path / "p", n=1, methods=["diffedit"], preset="fast",
+                                     sweep=[("num_inference_steps", [4, 6])], param={"num_maps_per_mask": 2})
+    config = json.loads((path.parent / "config.json").read_text())
+    assert config["preset"] == "fast" and config["param"] == {"sampler": "dpmsolver++", "num_maps_per_mask": 2}
+    assert [r["num_inference_steps"] for r in records(path.parent)] == ["4", "6"]
+    with pytest.raises(BadInput, match="--preset 'slow': choose from fast"):
+        experiment.run_experiment(tmp_path / "q", n=1, preset="slow")
