@@ -244,12 +244,13 @@ def test_a_preset_sits_between_the_models_stored_defaults_and_the_explicit_param
     fields by hand."""
     folder = tmp_path / "model"
     shutil.copytree(sd1_folder, folder)
-    (folder / "diffedit.json").write_text(json.dumps({"inpaint_strength": 0.6, "num_maps_per_mask": 10}))
+    (folder / "diffedit.json").write_text(json.dumps({"inpaint_strength": 0.6, "sampler": "ddim",
+                                                      "num_maps_per_mask": 2}))
     model = StableDiffusion.from_pretrained(folder)
     result = edit(photo(), "a cat", "a dog", model=model, seed=1, preset="fast", num_inference_steps=5)
     p = result.params
-    assert (p.sampler, p.num_maps_per_mask) == ("dpmsolver++", 5)  # the preset over the stored 10 maps
-    assert p.num_inference_steps == 5 and p.inpaint_strength == 0.6  # explicit over the preset; stored kept
-    by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, sampler="dpmsolver++", num_maps_per_mask=5,
-                   num_inference_steps=5)
+    assert p.sampler == "dpmsolver++"  # the preset over the stored sampler
+    assert p.num_inference_steps == 5  # explicit over the preset
+    assert p.inpaint_strength == 0.6 and p.num_maps_per_mask == 2  # stored, where the preset is silent
+    by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, sampler="dpmsolver++", num_inference_steps=5)
     assert by_hand.params == p and np.array_equal(np.asarray(by_hand.image), np.asarray(result.image))

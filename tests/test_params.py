@@ -15,11 +15,11 @@ def test_no_preset_gives_the_overrides_back_as_a_new_dict():
 
 
 def test_the_fast_preset_sits_over_the_stored_defaults_and_under_explicit_overrides():
-    p = layered(STORED, with_preset("fast", {"num_maps_per_mask": 3}))
+    p = layered(STORED, with_preset("fast", {}))
     assert p.sampler == "dpmsolver++" and p.num_inference_steps == 15  # the preset over the stored defaults
-    assert p.num_maps_per_mask == 3  # an explicit value over the preset
-    assert p.inpaint_strength == 0.6  # a stored default the preset does not name
-    assert layered(STORED, with_preset("fast", {})).num_maps_per_mask == 5
+    assert p.num_maps_per_mask == 10 and p.inpaint_strength == 0.6  # stored defaults the preset does not name
+    assert layered(STORED, with_preset("fast", {"num_inference_steps": 20})).num_inference_steps == 20  # explicit
+    assert layered(STORED, with_preset("fast", {"sampler": "ddim"})).sampler == "ddim"
 
 
 def test_an_override_equal_to_the_presets_value_changes_nothing_and_every_preset_is_valid():
