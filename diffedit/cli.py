@@ -90,8 +90,8 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                    help="ddim (the paper's) or dpmsolver++ (2nd-order multistep: fewer steps) for the encoding, the "
                         f"decoding and the mask's noise level{defaults_note}")
     g.add_argument("--preset", choices=tuple(PRESETS),
-                   help="named settings between the model's defaults and these flags: fast = --sampler dpmsolver++ "
-                        "--steps 15 (0.7x the time of the shipped model's defaults; README, The fast preset)")
+                   help="named settings between the model's defaults and these flags: fast = --steps 15 (about 0.7x "
+                        "the time of the shipped model's defaults, every goal kept; README, The fast preset)")
     g.add_argument("--seed", type=SEED, default=0, metavar="N",
                    help="random seed (default 0: the same command gives the same result)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",

@@ -244,13 +244,14 @@ def test_a_preset_sits_between_the_models_stored_defaults_and_the_explicit_param
     fields by hand."""
     folder = tmp_path / "model"
     shutil.copytree(sd1_folder, folder)
-    (folder / "diffedit.json").write_text(json.dumps({"inpaint_strength": 0.6, "sampler": "ddim",
+    (folder / "diffedit.json").write_text(json.dumps({"inpaint_strength": 0.6, "num_inference_steps": 25,
                                                       "num_maps_per_mask": 2}))
     model = StableDiffusion.from_pretrained(folder)
-    result = edit(photo(), "a cat", "a dog", model=model, seed=1, preset="fast", num_inference_steps=5)
+    result = edit(photo(), "a cat", "a dog", model=model, seed=1, preset="fast")
     p = result.params
-    assert p.sampler == "dpmsolver++"  # the preset over the stored sampler
-    assert p.num_inference_steps == 5  # explicit over the preset
+    assert p.num_inference_steps == 15  # the preset over the stored 25
     assert p.inpaint_strength == 0.6 and p.num_maps_per_mask == 2  # stored, where the preset is silent
-    by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, sampler="dpmsolver++", num_inference_steps=5)
+    explicit = edit(photo(), "a cat", "a dog", model=model, seed=1, preset="fast", num_inference_steps=5)
+    assert explicit.params.num_inference_steps == 5  # explicit over the preset
+    by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, num_inference_steps=15)
     assert by_hand.params == p and np.array_equal(np.asarray(by_hand.image), np.asarray(result.image))

@@ -142,14 +142,13 @@ def test_preset_fast_runs_its_settings_under_explicit_flags_as_the_api_does(sd, 
 
     shape_image().save(tmp_path / "in.png")
     result = diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--preset",
-                      "fast", "--steps", "4", "--json", cwd=tmp_path)
+                      "fast", "--num-maps", "2", "--json", cwd=tmp_path)
     assert_ok(result)
     summary = json.loads(result.stdout)
-    assert summary["preset"] == "fast" and summary["parameters"]["sampler"] == "dpmsolver++"
-    assert summary["parameters"]["steps"] == 4  # --steps over the preset
-    assert summary["parameters"]["strength"] == DEFAULT_STRENGTH  # the model's stored values, which fast keeps
-    assert summary["parameters"]["num_maps"] == SHIPPED_DEFAULTS["num_maps_per_mask"]
-    want = edit(tmp_path / "in.png", SOURCE, TARGETS[0], model=sd, seed=0, preset="fast", num_inference_steps=4)
+    assert summary["preset"] == "fast" and summary["parameters"]["steps"] == 15  # the preset over the stored 25
+    assert summary["parameters"]["num_maps"] == 2  # a flag
+    assert summary["parameters"]["strength"] == DEFAULT_STRENGTH  # the model's stored value, which fast keeps
+    want = edit(tmp_path / "in.png", SOURCE, TARGETS[0], model=sd, seed=0, preset="fast", num_maps_per_mask=2)
     got = np.asarray(Image.open(tmp_path / "out.png"), dtype=int)
     assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
 

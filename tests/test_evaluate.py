@@ -281,11 +281,11 @@ def test_summary_means_each_kind_over_its_own_edits_and_drops_the_first_time():
 
 
 def test_preset_fast_is_recorded_and_runs_under_param_overrides(tmp_path, capsys):
-    code = evaluate.main(["--n", "1", "--quiet", "--preset", "fast", "--param", "num_inference_steps=5",
+    code = evaluate.main(["--n", "1", "--quiet", "--preset", "fast", "--param", "num_maps_per_mask=2",
                           "--json", str(tmp_path / "r.json")])
     assert code in (0, 1) and "preset fast" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["preset"] == "fast" and report["params"]["sampler"] == "dpmsolver++"
-    assert report["params"]["num_inference_steps"] == 5  # --param over the preset
+    assert report["preset"] == "fast" and report["params"]["num_inference_steps"] == 15
+    assert report["params"]["num_maps_per_mask"] == 2
     assert evaluate.main(["--n", "1", "--preset", "slow"]) == 2
     assert "invalid choice: 'slow'" in capsys.readouterr().err

@@ -286,11 +286,14 @@ def test_the_sampler_is_a_sweepable_setting(tmp_path):
 
 
 def test_a_preset_fixes_its_fields_under_param_and_sweep_and_is_recorded(tmp_path):
-    """fast's sampler and maps stay fixed; a sweep over its step count is the sweep's (no field passed twice)."""
+    """fast's step count is fixed with --param's fields; a sweep over it is the sweep's (no field passed twice)."""
     path = experiment.run_experiment(tmp_path / "p", n=1, methods=["diffedit"], preset="fast",
-                                     sweep=[("num_inference_steps", [4, 6])], param={"num_maps_per_mask": 2})
+                                     param={"num_maps_per_mask": 2})
     config = json.loads((path.parent / "config.json").read_text())
-    assert config["preset"] == "fast" and config["param"] == {"sampler": "dpmsolver++", "num_maps_per_mask": 2}
+    assert config["preset"] == "fast" and config["param"] == {"num_inference_steps": 15, "num_maps_per_mask": 2}
+    path = experiment.run_experiment(tmp_path / "s", n=1, methods=["diffedit"], preset="fast",
+                                     sweep=[("num_inference_steps", [4, 6])], param={"num_maps_per_mask": 2})
+    assert json.loads((path.parent / "config.json").read_text())["param"] == {"num_maps_per_mask": 2}
     assert [r["num_inference_steps"] for r in records(path.parent)] == ["4", "6"]
     with pytest.raises(BadInput, match="--preset 'slow': choose from fast"):
         experiment.run_experiment(tmp_path / "q", n=1, preset="slow")

@@ -5,7 +5,7 @@ import pytest
 from diffedit.params import PRESETS, DiffEditParams, layered, with_preset
 
 # The shipped model's stored defaults that the fast preset changes or keeps (its diffedit.json).
-STORED = {"num_inference_steps": 25, "inpaint_strength": 0.6, "num_maps_per_mask": 10, "sampler": "ddim"}
+STORED = {"num_inference_steps": 25, "inpaint_strength": 0.6, "num_maps_per_mask": 10}
 
 
 def test_no_preset_gives_the_overrides_back_as_a_new_dict():
@@ -16,10 +16,10 @@ def test_no_preset_gives_the_overrides_back_as_a_new_dict():
 
 def test_the_fast_preset_sits_over_the_stored_defaults_and_under_explicit_overrides():
     p = layered(STORED, with_preset("fast", {}))
-    assert p.sampler == "dpmsolver++" and p.num_inference_steps == 15  # the preset over the stored defaults
+    assert p.num_inference_steps == 15  # the preset over the stored defaults
     assert p.num_maps_per_mask == 10 and p.inpaint_strength == 0.6  # stored defaults the preset does not name
     assert layered(STORED, with_preset("fast", {"num_inference_steps": 20})).num_inference_steps == 20  # explicit
-    assert layered(STORED, with_preset("fast", {"sampler": "ddim"})).sampler == "ddim"
+    assert layered({}, with_preset("fast", {})).num_inference_steps == 15  # over DiffEditParams' 50 too
 
 
 def test_an_override_equal_to_the_presets_value_changes_nothing_and_every_preset_is_valid():
