@@ -156,22 +156,25 @@ def test_rethresholding_cuts_the_remembered_map_without_the_model_as_an_edit_wou
 def test_edits_from_several_threads_run_one_at_a_time(app, monkeypatch):
     import threading
 
-    running, most = [0], [0]
+    from diffedit.demo import EditView
+
+    running, most, views = [0], [0], []
+    blank = Image.new("RGB", (4, 4))
 
     def slow_edit(*args):
         running[0] += 1
         most[0] = max(most[0], running[0])
         time.sleep(0.2)
         running[0] -= 1
-        return "done"
+        return EditView(blank, blank, blank, blank, {}, (), 0.0, (), None)
 
     monkeypatch.setattr(app, "_edit", slow_edit)
-    threads = [threading.Thread(target=app.edit, args=(IMAGE, SOURCE, TARGET)) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: views.append(app.edit(IMAGE, SOURCE, TARGET))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert most[0] == 1
+    assert most[0] == 1 and len(views) == 3  # one at a time, and every edit returned its view
 
 
 def cli_message(tmp_path, capsys, *flags: str) -> str:

@@ -199,7 +199,8 @@ def test_torchrun_shards_the_rows_and_rank_0_merges_what_one_process_writes(grid
                                                                              for a in SMALL]]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    # a rank's own last words (a C++ abort's message) come before the launcher's summary: keep both
+    assert done.returncode == 0, done.stderr[:4000] + "\n...\n" + done.stderr[-1500:]
     assert without_seconds(records(out)) == without_seconds(records(grid_run))
     assert not (out / "shards").exists() and (out / "summary.md").is_file()
 
