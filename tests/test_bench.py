@@ -2,6 +2,7 @@
 agreement of the outputs, and bad input refused in one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,37 @@ def test_a_missing_gpu_is_refused_before_a_random_model_is_written(monkeypatch, 
     monkeypatch.setattr(random_models, "write_random_model", lambda *a, **k: pytest.fail("model written"))
     assert cli.main(["bench", "--config", "sd15", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def device_script_commands() -> list[list[str]]:
+    """The commands .ci/device runs (continuation lines joined), as argument lists with its variables filled in."""
+    import shlex
+
+    text = (Path(__file__).parents[1] / ".ci" / "device").read_text().replace("\\\n", " ")
+    text = text.replace('"${common[@]}"', "--device cuda --dtype float16").replace('"$OUT', '"/out')
+    return [shlex.split(line.split(" step ", 1)[-1].split(" ;;")[0]) for line in text.splitlines()
+            if line.strip().startswith("step ")]
+
+
+def test_the_device_scripts_bench_commands_parse_and_its_test_selection_is_the_cuda_tests():
+    """.ci/device runs only where a GPU is lent (minutes that cannot be wasted on a typo): every bench command in it
+    parses with bench's own parser, and its pytest selection collects exactly the tests that skip without CUDA."""
+    import subprocess
+    import sys
+
+    commands = device_script_commands()
+    benches = [c[c.index("bench") + 1:] for c in commands if c[3:6] == ["-m", "diffedit", "bench"]]
+    assert len(benches) == 5
+    for argv in benches:
+        args = bench.parse_args(argv)
+        assert args.device == "cuda" and args.json.startswith("/out/")
+    assert {bench.parse_args(a).compile for a in benches} == {None, "reduce-overhead"}
+    (tests,) = [c for c in commands if "pytest" in c]
+    files = [a for a in tests if a.startswith("tests/")]
+    selection = tests[tests.index("-k") + 1]
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *files, "-k", selection], capture_output=True, text=True, timeout=300,
+                               cwd=Path(__file__).parents[1])
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert len(ids) == 6, collected.stdout  # the six CUDA-only tests (README: 6 skipped here)
+    assert all("cuda" in i or "gpu" in i or "another_device" in i for i in ids)
