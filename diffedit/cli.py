@@ -380,23 +380,27 @@ def params_summary(p) -> dict:
 
 def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, int]) -> None:
     """Take steps, strength, inversion guidance and the sampler from the file when not given; refuse a mismatch
-    with the image or the flags."""
+    with the image, the flags or the preset's fields."""
     if (meta["width"], meta["height"]) != image_size:
         raise BadInput(f"{path} was inverted from a {meta['width']}x{meta['height']} image but {args.image} is "
                        f"{image_size[0]}x{image_size[1]}")
-    for flag, key in (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance")):
-        given, name = getattr(args, flag), "--" + flag.replace("_", "-")
+    preset = PRESETS[args.preset] if args.preset else {}
+    fields = (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance"), ("sampler", "sampler"))
+    for flag, key in fields:
+        given, name, field = getattr(args, flag), "--" + flag.replace("_", "-"), FLAG_FIELDS[flag][0]
+        recorded = meta.get(key, "ddim") if key == "sampler" else meta[key]  # files from before: DDIM
+        if given is None and field in preset and preset[field] != recorded:
+            raise BadInput(f"{path} was inverted with {name} {_shown(recorded)} but --preset {args.preset} asks "
+                           f"{name} {_shown(preset[field])}: drop --preset or invert again with it")
         if given is None:
-            setattr(args, flag, meta[key])
-        elif given != meta[key]:
-            raise BadInput(f"{path} was inverted with {name} {meta[key]:g} but this run asks {name} {given:g}: "
-                           f"drop {name} (the file's value is used) or invert again")
-    sampler = meta.get("sampler", "ddim")  # files from before the sampler was recorded: DDIM
-    if getattr(args, "sampler", None) is None:
-        args.sampler = sampler
-    elif args.sampler != sampler:
-        raise BadInput(f"{path} was inverted with --sampler {sampler} but this run asks --sampler {args.sampler}: "
-                       "drop --sampler (the file's is used) or invert again")
+            setattr(args, flag, recorded)
+        elif given != recorded:
+            raise BadInput(f"{path} was inverted with {name} {_shown(recorded)} but this run asks {name} "
+                           f"{_shown(given)}: drop {name} (the file's value is used) or invert again")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

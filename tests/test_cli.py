@@ -263,6 +263,10 @@ def test_latents_from_another_model_or_other_settings_are_refused(steps_run, mod
                      f"--strength {DEFAULT_STRENGTH:g}")
     assert_bad_input(diffedit(*base, "--model", model_folder, "--inversion-guidance", "3", cwd=folder),
                      "inverted with --inversion-guidance 1", "--inversion-guidance 3")
+    assert_bad_input(diffedit(*base, "--model", model_folder, "--preset", "fast", cwd=folder),
+                     "in.safetensors was inverted with --steps 4 but --preset fast asks --steps 15", "drop --preset")
+    assert_ok(diffedit(*base, "--model", model_folder, "--preset", "fast", "--steps", "4", cwd=folder))  # flag wins
+    (folder / "o.png").unlink()
     other = save_checkpoint("sd1", tmp_path / "other", seed=1)
     assert_bad_input(diffedit(*base, "--model", other, cwd=folder), "inverted with another model")
     shape_image((48, 64)).save(folder / "small.png")
