@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import COUNT, BadInput, Parser, guarded
+from .console import COUNT, BadInput, Parser, add_compile_flag, guarded
 from .outputs import Planned, check_outputs, commit
 
 STAGES = ("mask", "invert", "decode")
@@ -37,7 +37,6 @@ SOURCE, TARGET = "a red circle on a white background", "a blue square on a white
 MASK_AGREEMENT = 0.99  # share of mask cells that must agree (tests/test_facade.py's MASK_TOL)
 LATENT_TOL = 1e-3  # relative Frobenius error of the inverted latents (tests/test_facade.py)
 IMAGE_TOL = 5e-3  # max abs error of the picture in [0, 1] (tests/test_facade.py)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 
 
 @dataclass(frozen=True)
@@ -204,8 +203,8 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
         ours.enable_vae_tiling()
         if "diffusers" in sides:
             sides["diffusers"].vae.enable_tiling()
-    if compile_unet:  # both sides' UNets in the same mode; the warm-up pays the compilation
-        ours.model.unet = torch.compile(ours.model.unet, mode=compile_mode)
+    if compile_unet:  # both UNets in the same mode (ours as users compile it); the warm-up pays the compilation
+        ours.model.compile_unet(compile_mode)
         if "diffusers" in sides:
             sides["diffusers"].unet = torch.compile(sides["diffusers"].unet, mode=compile_mode)
     for pipe in sides.values():  # warm-up
@@ -288,9 +287,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=COUNT, default=1, help="pictures per call (default 1)")
     p.add_argument("--steps", type=COUNT, default=50, help="num_inference_steps (default 50, diffusers')")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                   help="torch.compile both sides' UNets, in MODE (default: default; also reduce-overhead, "
-                        "max-autotune); the warm-up compiles")
+    add_compile_flag(p, "both sides' UNets (the warm-up compiles)")
     p.add_argument("--size", type=COUNT, metavar="PX",
                    help="the picture's side in pixels (default: the model's sample size; a multiple of the VAE's "
                         "factor)")

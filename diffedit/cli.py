@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import __version__
 from .console import (COUNT, GUIDANCE, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP, BadInput, Parser, Reporter,
-                      guarded)
+                      add_compile_flag, guarded)
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
 from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, plan_images, planned_image
@@ -110,6 +110,7 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                    help="encode and decode images larger than the VAE's tile (its sample_size: 512 pixels for SD) "
                         "in overlapping, blended tiles, as diffusers' tiled VAE: far less memory, slightly different "
                         "pixels; smaller images are unchanged")
+    add_compile_flag(g)
     g.add_argument("--vae-slicing", action="store_true",
                    help="encode and decode one image at a time (less memory for several targets; same pixels)")
     g.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -435,6 +436,8 @@ class CommandRun:
             self.sd = load_or_refuse(model, device, dtype, model_config(self.args, model))
             self.load_loras()
             load_embeddings_or_refuse(self.sd, embeddings)
+        if self.args.compile:
+            self.sd.compile_unet(self.args.compile)
         if self.args.vae_tiling:
             self.sd.enable_vae_tiling()
         if self.args.vae_slicing:

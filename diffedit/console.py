@@ -103,6 +103,15 @@ POSITIVE = number(float, 0, lo_open=True)
 GUIDANCE = number(float, 0)
 TIMESTEP = number(int, 0)
 SEED = number(int, 0, 2**63 - 1)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile MODE)
+
+
+def add_compile_flag(p, what: str = "the UNet") -> None:
+    """--compile [MODE]: absent None, bare "default"."""
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help=f"torch.compile {what} in MODE: default, reduce-overhead (CUDA graphs on a GPU) or "
+                        "max-autotune; the first edit at each shape compiles (minutes on a CPU), so it pays over many "
+                        "edits")
 
 
 # ---------------------------------------------------------------------------------------------------------------

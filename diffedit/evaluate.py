@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from . import shapes
-from .console import COUNT, SEED, BadInput, Parser, guarded
+from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
 from .locations import model_location
 from .outputs import Planned, check_outputs, commit, image_format
 from .params import PRESETS, DiffEditParams, with_preset
@@ -259,6 +259,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="override a DiffEditParams field (repeatable)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
     p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
+    add_compile_flag(p)
     p.add_argument("--json", type=Path, help="write the summary and per-edit records here")
     p.add_argument("--grid", type=Path, help="write a PNG of the first 16 edits (source, truth, mask, result)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -289,6 +290,8 @@ def evaluate(args: argparse.Namespace) -> int:
         raise BadInput(f"--{e}") from None
     torch.set_num_threads(args.threads)
     model = StableDiffusion.from_pretrained(folder, device=device)
+    if args.compile:
+        model.compile_unet(args.compile)
     try:
         check_params_for_model(model, DiffEditParams.for_model(model, **params))
     except (TypeError, ValueError) as e:

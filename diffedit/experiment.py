@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import COUNT, SEED, BadInput, Parser, guarded
+from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
@@ -350,7 +350,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
                    methods: list[str] | tuple[str, ...] = ("diffedit",), sweep: list[tuple[str, list]] = (),
                    param: dict | None = None, preset: str | None = None, seeds: list[int] | tuple[int, ...] = (0,),
                    model=None, device: str = "cpu", batch_size: int = 1, resume: bool = False,
-                   quiet: bool = True) -> Path:
+                   quiet: bool = True, compile_mode: str | None = None) -> Path:
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
     edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
@@ -358,7 +358,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     row; preset: None or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds: each row's
     generator is seeded by seed + the edit's index; batch_size: edits run together through the three steps (the
     same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide mask clamp or
-    regularizer run one at a time). Every check comes before any work; a bad value is a ValueError naming it."""
+    regularizer run one at a time); compile_mode: None, or torch.compile's mode for the UNet
+    (`StableDiffusion.compile_unet`). Every check comes before any work; a bad value is a ValueError naming it."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
@@ -400,14 +401,13 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; give a folder")
     config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "preset": preset,
-              "param": fixed,
-              "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
-              "device": device, "batch_size": batch_size, "diffedit_version": __version__}
+              "param": fixed, "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
+              "device": device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__}
     config_file = out / "config.json"
     if config_file.is_file():
         if not resume:
             raise BadInput(f"{out} holds a run already: pass --resume to continue it, or choose another --out")
-        before = json.loads(config_file.read_text())
+        before = {"preset": None, "compile": None, **json.loads(config_file.read_text())}  # runs from before both
         if {k: v for k, v in before.items() if k != "model_fingerprint"} != config:
             raise BadInput(f"--resume: {out} was run with other settings ({config_file}); choose another --out")
     try:
@@ -415,6 +415,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     except ValueError as e:
         raise BadInput(f"--{e}") from None
     sd = StableDiffusion.from_pretrained(location, device=torch_device)
+    if compile_mode is not None:
+        sd.compile_unet(compile_mode)
     for setting in grid:
         try:
             check_params_for_model(sd, DiffEditParams.for_model(sd, **fixed, **setting))
@@ -611,6 +613,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=COUNT, default=1,
                    help="edits run together through the three steps, each with its own generator (default 1; 16 "
                         "took 0.75x the time per edit on one CPU thread)")
+    add_compile_flag(p)
     p.add_argument("--resume", action="store_true", help="continue a run in --out: finished rows are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -632,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
                        methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
                        param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
                        model=args.model,
-                       device=args.device, batch_size=args.batch_size, resume=args.resume, quiet=args.quiet)
+                       device=args.device, batch_size=args.batch_size, resume=args.resume, quiet=args.quiet,
+                       compile_mode=args.compile)
 
     return guarded(run, debug="--debug" in argv)
 

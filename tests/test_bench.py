@@ -86,15 +86,17 @@ def test_random_model_folders_load_with_the_presets_shapes(tmp_path):
 
 
 def test_compile_wraps_both_sides_unets_in_the_asked_mode_before_the_warm_up(monkeypatch):
-    """The wiring only (compiling takes minutes on a CPU; the real run: README, Speed): torch.compile gets our
-    UNet and diffusers' before any timed work, both in --compile's mode."""
-    from diffedit.models.unet import UNet2DConditionModel
+    """The wiring only (compiling takes minutes on a CPU; the real run: README, Speed): ours compiles as users do
+    (`StableDiffusion.compile_unet`), diffusers' UNet through torch.compile, before any timed work, both in
+    --compile's mode."""
+    from diffedit import StableDiffusion
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append((type(module), mode)) or module)
+    monkeypatch.setattr(StableDiffusion, "compile_unet", lambda self, mode: compiled.append(("ours", mode)))
     monkeypatch.setattr(bench, "render", lambda report: "")
     assert cli.main(["bench", "--config", "tiny", "--runs", "1", "--steps", "3", "--compile", "reduce-overhead"]) == 0
-    assert [mode for _, mode in compiled] == ["reduce-overhead"] * 2 and compiled[0][0] is UNet2DConditionModel
+    assert [mode for _, mode in compiled] == ["reduce-overhead"] * 2 and compiled[0][0] == "ours"
     assert compiled[1][0].__module__.startswith("diffusers")
     compiled.clear()
     report = bench.run_bench(config="tiny", runs=1, settings=bench.Settings(num_inference_steps=3),

@@ -153,6 +153,21 @@ def test_preset_fast_runs_its_settings_under_explicit_flags_as_the_api_does(sd, 
     assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
 
 
+def test_compile_compiles_the_unet_in_the_asked_mode_before_the_edit(tmp_path, monkeypatch):
+    """The wiring (a real compile: tests/test_stable_diffusion.py): --compile MODE reaches compile_unet once, a
+    bare --compile means torch.compile's default mode, and none means no compiling."""
+    from diffedit import StableDiffusion
+
+    modes = []
+    monkeypatch.setattr(StableDiffusion, "compile_unet", lambda self, mode: modes.append(mode))
+    shape_image().save(tmp_path / "in.png")
+    base = ["edit", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGETS[0], "-o",
+            str(tmp_path / "out.png"), "--quiet", "--force", *FAST]
+    for flags in (["--compile", "reduce-overhead"], ["--compile"], []):
+        assert cli.main([*base, *flags]) == 0
+    assert modes == ["reduce-overhead", "default"]
+
+
 def test_vae_tiling_and_slicing_leave_an_image_within_the_tile_unchanged(edited, tmp_path):
     """The shipped VAE's tile is 64 pixels (sample_size), the image's size: the flags change nothing."""
     folder, _ = edited
@@ -437,6 +452,7 @@ BAD_ARGS = [
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
     (["in.png", "--preset", "slow"], ["--preset", "invalid choice: 'slow'", "fast"]),
+    (["in.png", "--compile", "fastest"], ["--compile", "invalid choice: 'fastest'", "reduce-overhead"]),
     (["missing.png"], ["input image missing.png does not exist"]),
     (["a-folder"], ["a-folder is a folder"]),
     (["notes.txt"], ["notes.txt is not an image"]),

@@ -289,3 +289,12 @@ def test_preset_fast_is_recorded_and_runs_under_param_overrides(tmp_path, capsys
     assert report["params"]["num_maps_per_mask"] == 2
     assert evaluate.main(["--n", "1", "--preset", "slow"]) == 2
     assert "invalid choice: 'slow'" in capsys.readouterr().err
+
+
+def test_compile_compiles_the_unet_once_before_the_edits(tmp_path, monkeypatch, capsys):
+    from diffedit import StableDiffusion
+
+    modes = []
+    monkeypatch.setattr(StableDiffusion, "compile_unet", lambda self, mode: modes.append(mode))
+    assert evaluate.main(["--n", "1", "--quiet", "--compile", "--param", "num_inference_steps=4"]) in (0, 1)
+    assert modes == ["default"]

@@ -298,3 +298,14 @@ def test_a_preset_fixes_its_fields_under_param_and_sweep_and_is_recorded(tmp_pat
     assert [r["num_inference_steps"] for r in records(path.parent)] == ["4", "6"]
     with pytest.raises(BadInput, match="--preset 'slow': choose from fast"):
         experiment.run_experiment(tmp_path / "q", n=1, preset="slow")
+
+
+def test_compile_compiles_the_unet_before_the_rows_and_is_recorded(tmp_path, monkeypatch):
+    from diffedit import StableDiffusion
+
+    modes = []
+    monkeypatch.setattr(StableDiffusion, "compile_unet", lambda self, mode: modes.append(mode))
+    path = experiment.run_experiment(tmp_path / "c", n=1, compile_mode="max-autotune",
+                                     param={"num_inference_steps": 4, "num_maps_per_mask": 2})
+    assert modes == ["max-autotune"] and json.loads((path.parent / "config.json").read_text())["compile"] == \
+        "max-autotune"

@@ -237,3 +237,19 @@ def test_broken_scheduler_tokenizer_or_defaults_file_is_a_config_error_naming_it
         StableDiffusion.from_pretrained(folder)
     assert str(folder) in str(e.value)
 
+
+
+def test_compile_unet_compiles_in_place_keeping_names_keys_and_numbers(sd1_folder):
+    """One real compile (about 6 s for this tiny UNet on one shape): the same module, the same state-dict keys, and
+    the eager output within float rounding."""
+    sd = StableDiffusion.from_pretrained(sd1_folder)  # its own copy: compiling changes the module in place
+    unet, keys = sd.unet, list(sd.unet.state_dict())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = sd.unet(x, 401, text)
+        sd.compile_unet()
+        compiled = sd.unet(x, 401, text)
+    assert sd.unet is unet and list(sd.unet.state_dict()) == keys
+    assert sd.unet._compiled_call_impl is not None  # nn.Module.compile's mark: the module's call is compiled
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
