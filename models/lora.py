@@ -359,21 +359,16 @@ class LoraAdapters:
 
     def _hook(self, network: str, name: str):
         def add_branches(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            running = [(self.adapters[a][network][name], w) for a, w in self.weights.items()
-                       if (a, network) not in self._fused and name in self.adapters[a].get(network, {})]
-            if not self.enabled:
-                running = []
+            running = [a for a in self.weights if self.enabled and (a, network) not in self._fused
+                       and name in self.adapters[a].get(network, {})]
             if not running:
                 return None
-            scale = self._scales.get(network, 1.0)
-            x = inputs[0]
-            for i, (pair, weight) in enumerate(running):
+            scale, x = self._scales.get(network, 1.0), inputs[0]
+            for adapter in running:  # peft: scaling = weight * alpha / r, times the call's scale
+                pair = self.adapters[adapter][network][name]
                 if pair.down.device != x.device or pair.down.dtype != x.dtype:  # the layer moved (offload, .to)
-                    adapter = next(a for a in self.weights if self.adapters[a].get(network, {}).get(name) is pair)
                     pair = self.adapters[adapter][network][name] = pair.to(x.device, x.dtype)  # once, not per call
-                    running[i] = (pair, weight)
-            for pair, weight in running:  # peft: scaling = weight * alpha / r, times the call's scale
-                output = output + pair.branch(layer, inputs[0]) * (weight * pair.alpha / pair.rank * scale)
+                output = output + pair.branch(layer, x) * (self.weights[adapter] * pair.scale * scale)
             return output
         return add_branches
 
@@ -391,7 +386,7 @@ class LoraAdapters:
             for module_name, pair in self.adapters[name].get(network, {}).items():
                 key = (network, module_name)
                 weight = fused.get(key, self._layers[key].weight)
-                factor = self.weights.get(name, 1.0) * pair.alpha / pair.rank * lora_scale
+                factor = self.weights.get(name, 1.0) * pair.scale * lora_scale
                 fused[key] = weight + (pair.delta() * factor).to(weight)
         if safe_fusing and not all(bool(torch.isfinite(w).all()) for w in fused.values()):
             raise ValueError("fusing the LoRA gives non-finite (NaN or inf) weights: the LoRA file is broken")
