@@ -36,6 +36,11 @@ def one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
+def listed(items: list[str], limit: int) -> str:
+    """The first `limit` items, comma-separated, and how many there are in all when some are left out."""
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def shorten(text: str, limit: int = 40) -> str:
     """A text (a prompt) quoted for a message, cut with "..." past `limit` characters."""
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")

@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import UNetConfig, VAEConfig
 from ..validation import PICKLE_SUFFIXES
-from .weights import IGNORED_KEYS, WeightsError, read_safetensors, shape_fits
+from .weights import IGNORED_KEYS, WeightsError, key_problems, read_safetensors, shape_fits
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -220,14 +220,11 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
     unexpected = sorted(k for k in set(state) - set(wanted) if not _known_unused(k, text_layers))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {wanted[k]}" for k in set(wanted) & set(state)
                        if not shape_fits(state[k], torch.Size(wanted[k])))
-    if missing or unexpected or misshaped:
-        lines = [f"{source}: not a single-file checkpoint of this model ({_describe(state)}, "
-                 f"{'OpenCLIP' if text_layout == 'openclip' else 'OpenAI CLIP'} text encoder expected)"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                lines.append(f"  {label}: {shown}")
-        raise WeightsError("\n".join(lines))
+    problems = key_problems(missing, unexpected, misshaped, 8)
+    if problems:
+        raise WeightsError("\n".join([f"{source}: not a single-file checkpoint of this model ({_describe(state)}, "
+                                      f"{'OpenCLIP' if text_layout == 'openclip' else 'OpenAI CLIP'} text encoder "
+                                      "expected)", *problems]))
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, table in slots.items():
         out[name] = {key: state[s.key].chunk(s.parts, dim=0)[s.part] if s.parts > 1 else state[s.key]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..validation import PICKLE_SUFFIXES
+from ..validation import PICKLE_SUFFIXES, listed
 from .weights import WeightsError, read_safetensors
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # what diffusers looks for in a folder
@@ -107,9 +107,8 @@ def from_state(state: dict, token: str | None, origin: str, file_name: str | Non
     elif len(keys) == 1:
         value, named = state[keys[0]], keys[0]  # diffusers: {token: vectors}
     else:
-        shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        raise WeightsError(f"{origin}: not a textual-inversion embedding (tensors: {shown or 'none'}); expected "
-                           f"one tensor named by its token, {KOHYA_KEY}, or {A1111_KEY}")
+        raise WeightsError(f"{origin}: not a textual-inversion embedding (tensors: {listed(keys, 6) or 'none'}); "
+                           f"expected one tensor named by its token, {KOHYA_KEY}, or {A1111_KEY}")
     if token is None and named is None:
         raise ValueError(f"{origin}: the embedding names no token; pass token=")
     return Embedding(_check_token(token if token is not None else named, origin), _vectors(value, origin), origin)
@@ -204,4 +203,7 @@ def unload(tokenizer, text_encoder, tokens: str | list[str] | None = None) -> No
         offset += n
     tokenizer.remove_words(names)  # refuses a word that was never added, before the table changes
     start = len(tokenizer) - sum(len(r) for r in kept)
-    table.set_added_rows(start, torch.cat(kept)) if kept else table.set_added_rows(None, None)
+    if kept:
+        table.set_added_rows(start, torch.cat(kept))
+    else:
+        table.set_added_rows(None, None)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..validation import FileError
+from ..validation import FileError, listed
 
 
 class WeightsError(FileError):
@@ -101,6 +101,12 @@ def shape_fits(value: torch.Tensor, shape: torch.Size) -> bool:
     return squeeze(value.shape) == squeeze(shape)
 
 
+def key_problems(missing: list[str], unexpected: list[str], misshaped: list[str], limit: int) -> list[str]:
+    """The lines of a key mismatch's error, one per non-empty kind, each listing at most `limit` keys."""
+    return [f"  {label}: {listed(keys, limit)}" for label, keys in
+            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+
+
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Copy a checkpoint into `module` after checking every key and shape; fail once, listing every problem.
@@ -114,21 +120,16 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
                        for k in set(state) & set(expected) if not shape_fits(state[k], expected[k].shape))
-    if missing or unexpected or misshaped:
-        lines = [f"{source}: weights do not fit the model"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-                lines.append(f"  {label}: {shown}")
-        raise WeightsError("\n".join(lines))
+    problems = key_problems(missing, unexpected, misshaped, 12)
+    if problems:
+        raise WeightsError("\n".join([f"{source}: weights do not fit the model", *problems]))
     ready = {k: state[k].reshape(expected[k].shape).to(device=device, dtype=_cast(state[k], dtype))
              for k in expected}
     assert len(ready) == len(expected), "every key of the model is copied exactly once"
     # A result that cannot be right is an error: NaN / inf weights give black pictures and full masks downstream.
     bad = sorted(k for k, t in ready.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:
-        shown = ", ".join(bad[:6]) + (f", ... ({len(bad)} in all)" if len(bad) > 6 else "")
-        raise WeightsError(f"{source}: non-finite values (NaN or inf) in {shown}: a damaged file, a diverged "
+        raise WeightsError(f"{source}: non-finite values (NaN or inf) in {listed(bad, 6)}: a damaged file, a diverged "
                            f"training run, or values too large for {str(dtype).removeprefix('torch.')}")
     module.load_state_dict(ready, strict=True, assign=True)
     for name, buf in module.named_buffers():

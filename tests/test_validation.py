@@ -80,3 +80,11 @@ def test_messages_are_one_line_and_prompts_are_cut_to_forty_characters():
     assert one_line(ValueError("")) == "ValueError"
     assert shorten("x" * 40) == repr("x" * 40)  # exactly at the limit: kept whole
     assert shorten("x" * 41) == repr("x" * 37 + "...")  # one past: 37 characters and "..." make 40
+
+
+def test_listed_names_every_item_up_to_its_limit_and_counts_the_rest_past_it():
+    from diffedit.validation import listed
+
+    assert listed(["a", "b", "c"], 3) == "a, b, c"  # exactly the limit: all shown, no count
+    assert listed(["a", "b", "c", "d"], 3) == "a, b, c, ... (4 in all)"
+    assert listed([], 3) == ""
