@@ -227,6 +227,12 @@ _HF_GENERIC = {
 _TEXT_ACTIVATIONS = ("quick_gelu", "gelu")
 
 
+def _check_activation(component: str, act: str) -> None:
+    """The CLIP towers' MLP activations we implement (SD 1.x: quick_gelu; SD 2.x's OpenCLIP: gelu)."""
+    if act not in _TEXT_ACTIVATIONS:
+        raise ConfigError(f"{component} config: unsupported value hidden_act={act!r} (supported: {_TEXT_ACTIVATIONS})")
+
+
 @dataclass(frozen=True)
 class CLIPTextConfig:
     vocab_size: int = 49408
@@ -244,10 +250,7 @@ class CLIPTextConfig:
             raw = raw["text_config"]
         read = {f.name for f in fields(cls)}
         check_keys("text_encoder", raw, read, _HF_GENERIC | _BOOKKEEPING)
-        act = raw.get("hidden_act", "quick_gelu")
-        if act not in _TEXT_ACTIVATIONS:
-            raise ConfigError(f"text_encoder config: unsupported value hidden_act={act!r} "
-                              f"(supported: {_TEXT_ACTIVATIONS})")
+        _check_activation("text_encoder", raw.get("hidden_act", "quick_gelu"))
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
     @classmethod
@@ -280,9 +283,7 @@ class CLIPVisionConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "CLIPVisionConfig":
         check_keys("safety_checker vision_config", raw, {f.name for f in fields(cls)}, _HF_GENERIC | _BOOKKEEPING)
         config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        if config.hidden_act not in _TEXT_ACTIVATIONS:
-            raise ConfigError(f"safety_checker vision_config: unsupported value hidden_act={config.hidden_act!r} "
-                              f"(supported: {_TEXT_ACTIVATIONS})")
+        _check_activation("safety_checker vision_config", config.hidden_act)
         if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
             raise ConfigError(f"safety_checker vision_config: image_size={config.image_size} must be a multiple of "
                               f"patch_size={config.patch_size} and hidden_size={config.hidden_size} of "
