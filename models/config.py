@@ -19,16 +19,21 @@ _BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_defa
                 "transformers_version", "torch_dtype", "dtype", "model_type"}
 
 
-def _load_json(path: str | Path) -> dict[str, Any]:
+def load_json_object(path: str | Path) -> dict[str, Any]:
+    """A config file's JSON object (a folder: its config.json); missing, unreadable, not JSON or not an object is
+    one ConfigError naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"missing config file {path}") from None
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return raw
 
 
 def _per_level(kind: str, name: str, value: Any, levels: int) -> tuple[int, ...]:
@@ -142,7 +147,7 @@ class UNetConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "UNetConfig":
-        return cls.from_dict(_load_json(path))
+        return cls.from_dict(load_json_object(path))
 
 
 def _int_only(kind: str, name: str, value: Any) -> int:
@@ -203,7 +208,7 @@ class VAEConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "VAEConfig":
-        return cls.from_dict(_load_json(path))
+        return cls.from_dict(load_json_object(path))
 
 
 # --------------------------------------------------------------------------------------------------- CLIP text
@@ -255,7 +260,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CLIPTextConfig":
-        return cls.from_dict(_load_json(path))
+        return cls.from_dict(load_json_object(path))
 
 
 # --------------------------------------------------------------------------------------------------- CLIP vision
@@ -324,4 +329,4 @@ class SafetyCheckerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SafetyCheckerConfig":
-        return cls.from_dict(_load_json(path))
+        return cls.from_dict(load_json_object(path))

@@ -10,7 +10,6 @@ torch's antialiased bicubic instead, which differs by a few 1/255 steps.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ import PIL.Image
 import torch
 
 from ..validation import ConfigError, check_keys
+from .config import load_json_object
 
 CONFIG_FILE = "preprocessor_config.json"
 PROCESSOR_TYPES = ("CLIPImageProcessor", "CLIPFeatureExtractor", "CLIPImageProcessorPil")  # one processor, 3 names
@@ -74,14 +74,7 @@ class ImageProcessorConfig:
     def from_file(cls, path: str | Path) -> "ImageProcessorConfig":
         path = Path(path)
         path = path / CONFIG_FILE if path.is_dir() else path
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"missing config file {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"config file {path} is not readable JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
+        raw = load_json_object(path)
         try:
             return cls.from_dict(raw)
         except ConfigError as e:

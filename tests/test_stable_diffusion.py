@@ -253,3 +253,13 @@ def test_compile_unet_compiles_in_place_keeping_names_keys_and_numbers(sd1_folde
     assert sd.unet is unet and list(sd.unet.state_dict()) == keys
     assert sd.unet._compiled_call_impl is not None  # nn.Module.compile's mark: the module's call is compiled
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", b"[1, 2]"], ids=["not-utf8", "not-an-object"])
+def test_a_config_that_is_not_a_json_object_is_one_config_error_naming_the_file(sd1_folder, tmp_path, content):
+    """Bytes that are not UTF-8 text, or JSON that is not an object, are refused like broken JSON (they used to
+    escape as a UnicodeDecodeError or a TypeError deep in the config parser)."""
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    (folder / "unet" / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"unet/config.json (is not valid JSON|must hold a JSON object)"):
+        StableDiffusion.from_pretrained(folder)
