@@ -25,7 +25,6 @@ import json
 import resource
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

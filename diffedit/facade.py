@@ -165,9 +165,9 @@ class StableDiffusionDiffEdit:
 
     # LoRA, with diffusers' names: `StableDiffusion`'s methods (models/lora.py)
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike,
-                          adapter_name: str | None = None) -> None:
-        self.model.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name)
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                          adapter_name: str | None = None, weight_name: str | None = None) -> None:
+        self.model.load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, weight_name)
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
         self.model.set_adapters(adapter_names, adapter_weights)

@@ -13,7 +13,6 @@ what the one-call API and the command line run; the diffusers-compatible facade 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -124,7 +123,7 @@ _RULES = {
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
                                              "lambda_auto_corr", "lambda_kl", "eta")},
     "clip_skip": optional(int_at_least(0)),
-    "lora_scale": (lambda v: is_number(v) and math.isfinite(v), "a finite number"),
+    "lora_scale": (is_number, "a finite number"),
     **{name: BOOL for name in CORRECTIONS.values()},
 }
 

@@ -19,7 +19,8 @@ from .locations import ModelNotFoundError, model_location
 from .memory import ModelOffload, model_cpu_offload
 from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
-from .models.lora import NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, read_lora_file, save_lora_file
+from .models.lora import (NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, lora_file, lora_from_tensors,
+                          read_lora_file, save_lora_file, tensors_digest)
 from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
@@ -29,6 +30,7 @@ from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .models.weights import WeightsError, component_weights, load_state
 from .safety import load_safety_components
+from .validation import is_number
 from .schedulers.ddim import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
 
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -186,22 +188,43 @@ class StableDiffusion:
     # --------------------------------------------------------------------------------------------- LoRA
     # diffusers' names and arguments; the substance is in models/lora.py.
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike,
-                          adapter_name: str | None = None) -> None:
-        """Load a LoRA .safetensors file (diffusers or kohya layout, UNet and/or text encoder) as a new adapter,
-        which becomes the only active one (weight 1); `adapter_name` defaults to diffusers' default_<n>."""
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                          adapter_name: str | None = None, weight_name: str | None = None) -> None:
+        """Load a LoRA (diffusers or kohya layout, UNet and/or text encoder) as a new adapter, which becomes the only
+        active one (weight 1): a .safetensors file, a folder holding `weight_name` (diffusers'
+        pytorch_lora_weights.safetensors by default), or a state dict of tensors. `adapter_name` defaults to
+        diffusers' default_<n>."""
         networks = self._lora_networks()
-        adapter = read_lora_file(pretrained_model_name_or_path_or_dict, networks)
-        self.lora.add(adapter_name or self.lora.next_name(), adapter, networks,
-                      file_digest(pretrained_model_name_or_path_or_dict))
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            if weight_name is not None:
+                raise ValueError("weight_name= names a file in a folder; a LoRA given as a dict has none")
+            adapter = lora_from_tensors(source, {}, "LoRA state dict", networks)
+            digest = tensors_digest(source)
+        elif isinstance(source, (str, os.PathLike)):
+            path = lora_file(source, weight_name)
+            adapter, digest = read_lora_file(path, networks), file_digest(path)
+        else:
+            raise TypeError(f"a LoRA is a .safetensors path, a folder or a dict of tensors, not a "
+                            f"{type(source).__name__}")
+        self.lora.add(adapter_name or self.lora.next_name(), adapter, networks, digest)
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-        """Run these adapters together, each branch times its weight (1 when not given)."""
+        """Run these adapters together, each branch times its weight (1 when not given): one number for all, or
+        one per adapter (diffusers' per-component dicts are not supported)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter_names {names} name an adapter twice; give each once")
+        if isinstance(adapter_weights, dict):
+            raise ValueError("per-component adapter weights (a dict) are not supported; give one number per adapter")
+        weights = list(adapter_weights) if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter_weights; give one weight each")
-        self.lora.set_active(names, [1.0 if w is None else w for w in weights])
+        weights = [1.0 if w is None else w for w in weights]
+        bad = [w for w in weights if not is_number(w)]
+        if bad:
+            raise ValueError(f"adapter_weights must be finite numbers (or None for 1), not {bad[0]!r}")
+        self.lora.set_active(names, weights)
 
     def get_active_adapters(self) -> list[str]:
         return list(self.lora.weights)

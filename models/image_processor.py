@@ -11,7 +11,7 @@ torch's antialiased bicubic instead, which differs by a few 1/255 steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -41,9 +41,10 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
+from ..validation import is_number
 from .weights import WeightsError
 
 NETWORKS = ("unet", "text_encoder")  # the networks a LoRA file may adapt, by diffusers' key prefix
@@ -105,26 +106,53 @@ Adapter = dict[str, dict[str, LowRank]]  # network name -> module name -> its lo
 # ------------------------------------------------------------------------------------------------ reading files
 
 
+def lora_file(path: str | Path, weight_name: str | None = None) -> Path:
+    """The LoRA file a path names: the path itself, or in a folder the file `weight_name` (diffusers'
+    pytorch_lora_weights.safetensors by default), as diffusers' `load_lora_weights` finds it."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / (weight_name or WEIGHT_NAME)
+        if not inside.is_file():
+            raise WeightsError(f"LoRA folder {path} has no {inside.name}; pass weight_name= with the .safetensors "
+                               "file's name in it")
+        return inside
+    if weight_name is not None:
+        raise WeightsError(f"weight_name={weight_name!r} names a file in a folder, but {path} is not a folder; give "
+                           "the folder, or the file alone")
+    return path
+
+
 def read_lora_file(path: str | Path, networks: dict[str, nn.Module]) -> Adapter:
     """A LoRA file's pairs, each checked against the layer of `networks` ({"unet": ..., "text_encoder": ...}) that
-    it adapts; any key that maps to no layer, a pair that does not fit its layer, or a format we do not read is one
-    WeightsError naming the file and the fix."""
+    it adapts (`lora_from_tensors`)."""
     path = Path(path)
     tensors, header = _read(path)
+    return lora_from_tensors(tensors, header, f"LoRA file {path}", networks)
+
+
+def lora_from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str,
+                      networks: dict[str, nn.Module]) -> Adapter:
+    """The pairs of a LoRA state dict (a file's tensors and header metadata, or a dict given in Python); any key
+    that maps to no layer, a value that is not a finite floating-point weight, a pair that does not fit its layer,
+    or a format we do not read is one WeightsError naming `source` and the fix."""
     layers = {network: _layers(module) for network, module in networks.items()}
-    parts = _parts(path, tensors, layers)
-    alphas = _metadata_alphas(path, header)
+    parts = _parts(source, tensors, layers)
+    alphas = _metadata_alphas(source, header)
     adapter: Adapter = {}
     for (network, name), found in sorted(parts.items()):
         layer = layers[network][name]
         if "down" not in found or "up" not in found:
             missing = "lora_up / lora_B" if "down" in found else "lora_down / lora_A"
-            raise WeightsError(f"LoRA file {path}: {network}.{name} has no {missing} weight: the file is incomplete")
-        down, up = _fitted(path, network, name, layer, found["down"], found["up"])
+            raise WeightsError(f"{source}: {network}.{name} has no {missing} weight: the file is incomplete")
+        down, up = _fitted(source, network, name, layer, found["down"], found["up"])
+        if down.shape[0] == 0:
+            raise WeightsError(f"{source}: {network}.{name} has rank 0 (an empty pair): the file is damaged")
         alpha = found["alpha"] if "alpha" in found else alphas(network, name, down.shape[0])
+        if not is_number(alpha):
+            raise WeightsError(f"{source}: the alpha of {network}.{name} is {alpha!r}, not a finite number")
         adapter.setdefault(network, {})[name] = LowRank(down, up, float(alpha))
     if not adapter:
-        raise WeightsError(f"LoRA file {path} holds no LoRA weights: give a LoRA .safetensors file")
+        raise WeightsError(f"{source} holds no LoRA weights: give a LoRA .safetensors file")
     return adapter
 
 
@@ -143,23 +171,43 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                            "again") from None
 
 
-def _parts(path: Path, tensors: dict[str, torch.Tensor],
+def _parts(source: str, tensors: dict[str, torch.Tensor],
            layers: dict[str, dict[str, nn.Module]]) -> dict[tuple[str, str], dict]:
     """(network, module name) -> {"down": A, "up": B, "alpha": float}, from keys in any supported layout;
-    `layers`: each network's `_layers`."""
+    `layers`: each network's `_layers`. One layer given twice (two layouts in one file) is refused."""
     flat = {network: {name.replace(".", "_"): name for name in names} for network, names in layers.items()}
     parts: dict[tuple[str, str], dict] = {}
+    keys: dict[tuple[str, str, str], str] = {}  # (network, name, part) -> the key that gave it
     for key, value in tensors.items():
         for marker, what in _UNSUPPORTED.items():
             if marker in key:
-                raise WeightsError(f"LoRA file {path} is a {what} file (key {key}), which diffedit does not read: "
+                raise WeightsError(f"{source} is a {what} file (key {key}), which diffedit does not read: "
                                    "use a plain LoRA for SD 1.x / 2.x")
         network, name, part = _locate(key, layers, flat)
         if network is None:
-            raise WeightsError(f"LoRA file {path}: key {key} maps to no layer of this model: a LoRA for another "
+            raise WeightsError(f"{source}: key {key} maps to no layer of this model: a LoRA for another "
                                "architecture (SDXL, another UNet) or a format diffedit does not read")
-        parts.setdefault((network, name), {})[part] = value.item() if part == "alpha" else value
+        if (network, name, part) in keys:
+            raise WeightsError(f"{source}: {keys[network, name, part]} and {key} both give the {part} of "
+                               f"{network}.{name}: a file mixing two LoRA layouts for one layer; keep one")
+        keys[network, name, part] = key
+        parts.setdefault((network, name), {})[part] = _checked_value(source, key, value, part)
     return parts
+
+
+def _checked_value(source: str, key: str, value, part: str) -> torch.Tensor | float:
+    """A weight as a floating-point tensor, an alpha as a float; both finite, or a WeightsError naming the key."""
+    if not isinstance(value, torch.Tensor):
+        raise WeightsError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+    if not value.is_floating_point():
+        raise WeightsError(f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values; LoRA weights "
+                           "are floating point (a quantized or damaged file)")
+    if part == "alpha" and value.numel() != 1:
+        raise WeightsError(f"{source}: {key} holds {value.numel()} values; an alpha is one number per layer")
+    if not bool(torch.isfinite(value).all()):
+        raise WeightsError(f"{source}: {key} holds non-finite values (NaN or inf): a damaged file or a diverged "
+                           "training run")
+    return value.item() if part == "alpha" else value
 
 
 def _locate(key: str, layers: dict[str, dict[str, nn.Module]],
@@ -193,7 +241,7 @@ def _layers(network: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def _fitted(path: Path, network: str, name: str, layer: nn.Module, down: torch.Tensor,
+def _fitted(source: str, network: str, name: str, layer: nn.Module, down: torch.Tensor,
             up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B in the layer's form (a 1x1 convolution's pair may come as matrices, and the reverse), or an error
     saying the LoRA belongs to another model."""
@@ -209,13 +257,16 @@ def _fitted(path: Path, network: str, name: str, layer: nn.Module, down: torch.T
         up = up.reshape(up.shape[:2]) if up.ndim == 4 and tuple(up.shape[2:]) == (1, 1) else up
         want_down, want_up = (down.shape[0], in_width), (out_width, down.shape[0])
     if tuple(down.shape) != want_down or tuple(up.shape) != want_up:
-        raise WeightsError(f"LoRA file {path} does not fit this model: {network}.{name} takes A {want_down} and B "
+        raise WeightsError(f"{source} does not fit this model: {network}.{name} takes A {want_down} and B "
                            f"{want_up} but the file has {tuple(down.shape)} and {tuple(up.shape)}: a LoRA trained "
                            "for another base model (e.g. SD 2.x on SD 1.x); use one made for this model")
-    return down.to(weight.device, weight.dtype), up.to(weight.device, weight.dtype)  # where the layer runs
+    # Where the layer runs, in memory of their own: a tensor read from a file may sit at any offset of it, and
+    # oneDNN's kernels round differently on differently aligned buffers (1e-7 between two copies of one LoRA).
+    return (down.to(weight.device, weight.dtype, copy=True, memory_format=torch.contiguous_format),
+            up.to(weight.device, weight.dtype, copy=True, memory_format=torch.contiguous_format))
 
 
-def _metadata_alphas(path: Path, header: dict[str, str]):
+def _metadata_alphas(source: str, header: dict[str, str]):
     """alpha(network, module name, rank) from diffusers' `lora_adapter_metadata` header (peft's lora_alpha and
     alpha_pattern, matched as peft's `get_pattern_key` does); the rank (scale 1) when the file has none."""
     if METADATA_KEY not in header:
@@ -223,10 +274,10 @@ def _metadata_alphas(path: Path, header: dict[str, str]):
     try:
         meta = json.loads(header[METADATA_KEY])
     except ValueError:
-        raise WeightsError(f"LoRA file {path}: its {METADATA_KEY} header is not JSON; re-save the file") from None
+        raise WeightsError(f"{source}: its {METADATA_KEY} header is not JSON; re-save the file") from None
     variants = sorted(k for k in meta if k.endswith((".use_rslora", ".use_dora")) and meta[k])
     if variants:  # another scale rule (alpha / sqrt(r)) or another layer: refused rather than run wrong
-        raise WeightsError(f"LoRA file {path} is a {', '.join(variants)} adapter, which diffedit does not read: use a "
+        raise WeightsError(f"{source} is a {', '.join(variants)} adapter, which diffedit does not read: use a "
                            "plain LoRA")
 
     def alpha(network: str, name: str, rank: int) -> float:
@@ -246,6 +297,12 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """`file_digest` of a LoRA given as a dict: the SHA-256 of its safetensors serialization."""
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ writing files

@@ -12,9 +12,9 @@ images within 5e-3 max abs in [0, 1].
 from __future__ import annotations
 
 import re
-import numpy as np
-import PIL.Image
+
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -250,7 +250,7 @@ def test_text_encoder_lora_reaches_the_calls_diffusers_gives_it_the_scale(pair, 
     ours.load_lora_weights(path)
     state, alphas = StableDiffusionDiffEditPipeline.lora_state_dict(str(path))
     ref.load_lora_into_unet(state, alphas, unet=ref.unet, adapter_name="unet_part", _pipeline=ref)
-    scale, kwargs, g, image = 0.6, {"scale": 0.6}, gen(5), picture(4)
+    scale, kwargs, image = 0.6, {"scale": 0.6}, picture(4)
     steps_scale = scale if honor_all_call_options else 1.0
 
     def calls(pipe, merged: bool):
@@ -419,6 +419,18 @@ KOHYA_Q = "lora_unet_" + UNET_Q.replace(".", "_")
     ({f"{KOHYA_Q}.hada_w1_a": torch.ones(1, 32)}, "LoHa"),
     ({"something_else": torch.ones(1)}, "maps to no layer"),
     ({}, "holds no LoRA weights"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.full((4, 32), float("nan")), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4)},
+     "non-finite"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4),
+      f"{KOHYA_Q}.alpha": torch.tensor(float("inf"))}, "non-finite"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32, dtype=torch.int8),
+      f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4, dtype=torch.int8)}, "int8 values"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4),
+      f"{KOHYA_Q}.alpha": torch.tensor([4.0, 4.0])}, "one number per layer"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(0, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 0)}, "rank 0"),
+    ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4),
+      f"unet.{UNET_Q}.lora_A.weight": torch.ones(2, 32), f"unet.{UNET_Q}.lora_B.weight": torch.ones(32, 2)},
+     "two LoRA layouts"),
 ])
 def test_a_lora_file_that_does_not_fit_is_one_line_naming_the_file(sd1_pair, tmp_path, tensors, expected):
     ours, _ = sd1_pair
@@ -467,6 +479,38 @@ def test_adapter_names_weights_and_components_are_checked(sd1_pair, tmp_path):
     assert "adapter_name" in one_line_error(ValueError, lambda: ours.save_lora_weights(tmp_path / "out"))
     ours.set_adapters("a", 0.5)  # one name, one weight, as diffusers accepts
     assert ours.model.lora.weights == {"a": 0.5}
+    ours.set_adapters(("a", "b"), (0.5, 0.25))  # tuples as lists
+    assert ours.model.lora.weights == {"a": 0.5, "b": 0.25}
+    for weights, expected in [(float("nan"), "finite numbers"), ("0.5", "finite numbers"), (True, "finite numbers"),
+                              ({"unet": 0.5}, "per-component")]:
+        assert expected in one_line_error(ValueError, lambda: ours.set_adapters("a", weights))
+    assert "twice" in one_line_error(ValueError, lambda: ours.set_adapters(["a", "a"], [0.5, 0.7]))
+    assert ours.model.lora.weights == {"a": 0.5, "b": 0.25}  # a refused call changes nothing
+
+
+def test_a_lora_loads_from_a_folder_or_a_dict_as_from_its_file(sd1_pair, tmp_path):
+    """diffusers' other two forms: a folder holding pytorch_lora_weights.safetensors (or weight_name=), and a state
+    dict; each gives the adapter its file gives, bit for bit."""
+    ours, _ = sd1_pair
+    pairs = random_pairs(ours.model.unet, 3, chosen=lambda n: n == UNET_Q)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path = write_lora(folder / "pytorch_lora_weights.safetensors", pairs)
+    write_lora(folder / "other.safetensors", pairs)
+    ours.load_lora_weights(path, adapter_name="file")
+    ours.load_lora_weights(folder, adapter_name="folder")
+    ours.load_lora_weights(folder, adapter_name="named", weight_name="other.safetensors")
+    ours.load_lora_weights(safetensors.torch.load_file(str(path)), adapter_name="dict")
+    loaded = ours.model.lora.adapters
+    for name in ("folder", "named", "dict"):
+        got, want = loaded[name]["unet"][UNET_Q], loaded["file"]["unet"][UNET_Q]
+        assert torch.equal(got.down, want.down) and torch.equal(got.up, want.up) and got.alpha == want.alpha
+    assert "no missing.safetensors" in one_line_error(
+        WeightsError, lambda: ours.load_lora_weights(folder, weight_name="missing.safetensors"))
+    assert "not a folder" in one_line_error(WeightsError, lambda: ours.load_lora_weights(path, weight_name="x"))
+    assert "dict of tensors" in one_line_error(TypeError, lambda: ours.load_lora_weights(3))
+    assert "non-finite" in one_line_error(WeightsError, lambda: ours.load_lora_weights(
+        {f"{KOHYA_Q}.lora_down.weight": torch.full((4, 32), float("inf")), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4)}))
 
 
 def test_lora_scale_is_validated_and_other_cross_attention_kwargs_are_refused(sd1_pair):
