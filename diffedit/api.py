@@ -23,7 +23,7 @@ import torch
 from . import image_tensors
 from . import method
 from .locations import model_location
-from .params import DiffEditParams, with_preset
+from .params import MASK_STEP_FIELDS, DiffEditParams, with_preset
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
 from .validation import one_line, shorten
@@ -59,19 +59,69 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device
     return torch.device(device), getattr(torch, dtype)
 
 
-def load_model(model: StableDiffusion | str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> StableDiffusion:
+def load_model(model: StableDiffusion | str | os.PathLike | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> StableDiffusion:
     """None: the model shipped with the package; a folder or hub repo id: loaded; a single-file .safetensors
     checkpoint: loaded with the official configs it matches (`StableDiffusion.from_single_file` takes a config
-    folder); a StableDiffusion: as is."""
+    folder); a StableDiffusion: as is (a `device` or `dtype` it does not have is an error, not ignored).
+    device: "cpu" (the default), "cuda", "cuda:1", "mps" or a torch.device; dtype: torch.float32 (the default),
+    float16 or bfloat16, or its name."""
+    where, kind = _checked_device(device), _checked_dtype(dtype)
     if isinstance(model, StableDiffusion):
+        wrong = [f"{name} {want} (it has {have})" for name, want, have in
+                 (("device", where, model.device), ("dtype", kind, model.dtype))
+                 if want is not None and want != have and not (name == "device" and _same_device(want, have))]
+        if wrong:
+            raise ValueError(f"model is already loaded; it cannot be given {' or '.join(wrong)}: load it again "
+                             "with those, or drop device= / dtype=")
         return model
     if model is None or isinstance(model, (str, os.PathLike)):
         location = model_location(model)
+        where, kind = where or torch.device("cpu"), kind or torch.float32
         if isinstance(location, Path) and location.is_file():
-            return StableDiffusion.from_single_file(location, device=device, dtype=dtype)
-        return StableDiffusion.from_pretrained(location, device=device, dtype=dtype)
+            return StableDiffusion.from_single_file(location, device=where, dtype=kind)
+        return StableDiffusion.from_pretrained(location, device=where, dtype=kind)
     raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _checked_device(device: str | torch.device | None) -> torch.device | None:
+    """A device name or torch.device that exists on this machine, or a ValueError naming `device`."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a name such as 'cpu' or 'cuda', or a torch.device; got "
+                        f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device {device}: no such CUDA device here (use cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: no Apple GPU is available (use cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device}: expected cpu, cuda or mps")
+    return device
+
+
+def _checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """float32, float16 or bfloat16 (a torch.dtype or its name), or a ValueError naming `dtype`."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 name one device (when the current device is 0)."""
+    index = lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+    return a.type == b.type and index(a) == index(b)
 
 
 def prompt_text(sd: StableDiffusion, prompt: str, p: DiffEditParams) -> method.TextEmbeddings:
@@ -206,6 +256,10 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
                  **params) -> list[EditResult]:
     """`edit` for several targets: one inversion of the image, one mask (or the given one) and one decoding per
     target. The first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+    unused = [name for name in MASK_STEP_FIELDS if name in params] if mask is not None else []
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: step 1's parameter(s), which do nothing when mask= is given; drop "
+                         "them, or drop mask= to estimate the mask")
     params = with_preset(preset, params)
     check_arguments(source, targets, seed, params)
     if mask_rule not in image_tensors.MASK_CELL_RULES:

@@ -61,6 +61,8 @@ def _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         raise ValueError(f"Provide either `{names[0]}` or `{names[0]}_embeds`.")
     if prompt is not None and not isinstance(prompt, (str, list)):
         raise ValueError(f"`{names[0]}` has to be of type `str` or `list` but is {type(prompt)}")
+    if isinstance(prompt, list) and not prompt:
+        raise ValueError(f"`{names[0]}` is an empty list: give at least one prompt")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError(f"Cannot forward both `{names[1]}` and `{names[1]}_embeds`; give one of the two.")
     if prompt_embeds is not None and negative_prompt_embeds is not None \
@@ -376,11 +378,15 @@ class StableDiffusionDiffEdit:
             else inversion.repeat_interleave(num_images_per_prompt, dim=0)
         x = method.decode(self.model, inversion, mask, text, params, generator, _every(callback, callback_steps))
         nsfw = None
+        if output_type not in ("latent", "pt", "np", "pil"):  # diffusers' postprocess: a deprecation, then numpy
+            warnings.warn(f"output_type={output_type!r} is not one of 'latent', 'pt', 'np', 'pil': returning numpy "
+                          "arrays, as diffusers does", FutureWarning, stacklevel=2)
+            output_type = "np"
         if output_type == "latent":
             images = x
         else:  # diffusers runs the safety checker on the decoded pixels; flagged images stay black
             pixels, nsfw = run_safety_checker(self.model, method.to_pixels(self.model, x))
-            images = image_tensors.to_output(pixels, output_type if output_type in ("pt", "np") else "pil",
+            images = image_tensors.to_output(pixels, output_type,
                                              None if nsfw is None else [not flagged for flagged in nsfw])
         self.maybe_free_model_hooks()
         return DiffEditPipelineOutput(images, nsfw) if return_dict else (images, nsfw)

@@ -62,17 +62,47 @@ def read_image(path: Path, note: Note | None = None, max_pixels: int | None = No
 
 def read_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None,
               limit_name: str = "max_pixels") -> Image.Image:
-    """A mask file (white / non-zero = edited) of the image's `size`, as a binary "L" image (0 / 255); a
-    16-bit or float mask is read relative to its maximum."""
+    """A mask file of the image's `size` as a binary "L" image (0 / 255), read by `mask_cells`' rule."""
     img = open_image(Path(path), "mask", max_pixels, limit_name)
     if img.size != size:
         raise ImageFileError(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
+    return Image.fromarray(mask_cells(mask_samples(img), f"mask {path}").astype(np.uint8) * 255, "L")
+
+
+def mask_samples(img: Image.Image) -> np.ndarray:
+    """A mask picture's samples as one (H, W) array in the picture's own range: 8-bit luminance for the common
+    modes, with transparent pixels as 0 (not edited: a stroke drawn on a transparent layer marks the region);
+    16-bit, 32-bit integer and float samples as they are."""
     if img.mode in _WIDE_MODES:
-        a = np.asarray(img, dtype=np.float64)
-        a = a / (a.max() or 1.0)
-    else:
-        a = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
-    return Image.fromarray(((a >= 0.5) * 255).astype(np.uint8), "L")
+        return np.asarray(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    return np.asarray(img.convert("L"))
+
+
+def mask_cells(samples: np.ndarray, what: str) -> np.ndarray:
+    """(H, W) mask samples -> (H, W) bool, edit where True; one reading for every form a mask comes in:
+    - bools as they are;
+    - floats in [0, 1]: edit where >= 0.5;
+    - integers: all in {0, 1}: edit where 1 (a 0/1 mask, as numpy users write one); else 8-bit (0-255) values,
+      edit where >= 128, or 16-bit ones (0-65535, any value over 255), edit where >= 32768.
+    Anything else (NaN, negative values, floats past 1, integers past 65535) is a ValueError naming `what`."""
+    if samples.dtype == np.bool_:
+        return samples
+    if not np.issubdtype(samples.dtype, np.number):
+        raise ValueError(f"{what}: expected bools, 0 / 1, 0-255 or floats in [0, 1], got dtype {samples.dtype}")
+    lo, hi = (samples.min(), samples.max()) if samples.size else (0, 0)
+    if np.issubdtype(samples.dtype, np.floating):
+        if not (np.isfinite(samples).all() and 0 <= lo and hi <= 1):
+            raise ValueError(f"{what}: float values must be in [0, 1], got [{lo:g}, {hi:g}] (0-255 values: pass "
+                             "integers)")
+        return samples >= 0.5
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"{what}: integer values must be 0 / 1, 0-255 or 0-65535, got [{lo}, {hi}]")
+    if hi <= 1:
+        return samples == 1
+    return samples >= (128 if hi <= 255 else 32768)
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float samples
@@ -104,10 +134,18 @@ def to_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: int | No
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if mode in _WIDE_MODES:
         a = np.asarray(img, dtype=np.float64)
-        top = 1.0 if mode == "F" and a.max(initial=0) <= 1.0 else 65535.0 if a.max(initial=0) > 255 else 255.0
-        depth = "32-bit float" if mode == "F" else "16-bit" if top == 65535.0 else "32-bit integer"
-        note(f"{name} is {depth} greyscale: converted to 8-bit RGB")
-        return Image.fromarray(np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8), "L").convert("RGB")
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+        if mode == "F" and not (np.isfinite(a).all() and 0 <= lo and hi <= 1):
+            raise ImageFileError(f"{name} is a float picture with values in [{lo:g}, {hi:g}]: float samples must be "
+                                 "in [0, 1] (nothing is clipped); rescale it, or save it as 8- or 16-bit")
+        if mode == "I" and (lo < 0 or hi > 65535):
+            raise ImageFileError(f"{name} is a 32-bit integer picture with values in [{lo:g}, {hi:g}]: only 0-65535 "
+                                 "(16-bit) values are read; rescale it, or save it as 8- or 16-bit")
+        top = 1.0 if mode == "F" else 255.0 if mode == "I" and hi <= 255 else 65535.0
+        depth = "32-bit float" if mode == "F" else "16-bit" if mode.startswith("I;16") else "32-bit integer"
+        note(f"{name} is {depth} greyscale ({'0-255' if top == 255 else '0-65535' if top > 1 else '0-1'} values): "
+             "converted to 8-bit RGB")
+        return Image.fromarray(np.round(a / top * 255).astype(np.uint8), "L").convert("RGB")
     if png_bits == 16 and mode in ("RGB", "RGBA", "LA", "L"):
         note(f"{name} has 16 bits per channel: reduced to 8")
     if has_alpha:

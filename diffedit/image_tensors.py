@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_files import displayed_rgb, read_image, read_mask
+from .image_files import displayed_rgb, mask_cells, mask_samples, read_image, read_mask
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -119,10 +119,12 @@ def prepare_mask(mask, batch_size: int = 1) -> torch.Tensor:
         mask = mask[None] if mask.shape[0] == 1 else mask[:, None]  # (B, 1, h, w)
     if batch_size > 1 and mask.shape[0] == 1:
         mask = torch.cat([mask] * batch_size)
-    elif mask.shape[0] != batch_size and batch_size > 1:
+    elif mask.shape[0] != batch_size:  # diffusers lets a batch of masks through for one prompt, to fail in the UNet
         raise ValueError(f"mask_image with batch size {mask.shape[0]} cannot be broadcast to batch size {batch_size}")
     if mask.shape[1] != 1:
         raise ValueError(f"mask_image must have 1 channel, but has {mask.shape[1]} channels")
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):  # would pass the range check and become 1
+        raise ValueError("mask_image holds NaN values: give a mask of 0 / 1 (or values in [0, 1])")
     if mask.min() < 0 or mask.max() > 1:
         raise ValueError("mask_image should be in the [0, 1] range")
     return torch.where(mask < 0.5, 0, 1).to(mask.dtype)
@@ -209,23 +211,23 @@ def latent_mask_from_image(mask: PIL.Image.Image, working: tuple[int, int], fact
 
 def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
     """The one-call API's mask argument -> a binary "L" picture (0 / 255) of the image's `size` (width, height):
-    a path or a PIL image (white or non-zero: edit), a numpy array or torch tensor (H, W) of bools, 0 / 1 or
-    0-255 values. Another size, shape or type is an error naming `mask`."""
+    a path, a PIL image, or a numpy array or torch tensor (H, W), all read by one rule (`image_files.mask_cells`:
+    bools; 0 / 1; 0-255 from 128 up; floats in [0, 1] from 0.5 up; transparent pixels are not edited). Another
+    size, shape or type is an error naming `mask`."""
     if isinstance(mask, (str, os.PathLike)):
         return read_mask(Path(mask), size)
     if isinstance(mask, PIL.Image.Image):
-        array = np.asarray(mask.convert("L")) >= 128
+        samples = mask_samples(mask)
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
-        array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask
-        if array.ndim != 2:
-            raise ValueError(f"mask: an array must be (H, W), got shape {array.shape}")
-        if array.dtype != np.bool_ and not (np.issubdtype(array.dtype, np.number) and np.isfinite(array).all()
-                                            and array.min() >= 0 and array.max() <= 255):
-            raise ValueError("mask: expected bools, 0 / 1 or 0-255 values")
-        array = array > (0.5 if array.dtype == np.bool_ or array.max() <= 1 else 127)
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach().cpu()
+            mask = (mask.float() if mask.dtype == torch.bfloat16 else mask).numpy()  # numpy has no bfloat16
+        samples = mask
+        if samples.ndim != 2:
+            raise ValueError(f"mask: an array must be (H, W), got shape {samples.shape}")
     else:
         raise TypeError(f"mask: expected a path, a PIL image, a numpy array or a torch tensor, got "
                         f"{type(mask).__name__}")
-    if array.shape[::-1] != tuple(size):
-        raise ValueError(f"mask: {array.shape[1]}x{array.shape[0]} but the image is {size[0]}x{size[1]}")
-    return PIL.Image.fromarray(array.astype(np.uint8) * 255, "L")
+    if samples.shape[::-1] != tuple(size):
+        raise ValueError(f"mask: {samples.shape[1]}x{samples.shape[0]} but the image is {size[0]}x{size[1]}")
+    return PIL.Image.fromarray(mask_cells(samples, "mask").astype(np.uint8) * 255, "L")

@@ -50,18 +50,86 @@ class FirstNonFinite:
 
     def __init__(self, device: torch.device):
         self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.dtype = torch.float32  # the latents' (for the message)
 
     def see(self, i: int, x: torch.Tensor) -> None:
+        self.dtype = x.dtype
         self.step = torch.where((self.step < 0) & ~torch.isfinite(x).all(), i, self.step)
 
     def check(self, what: str, timesteps: torch.Tensor) -> None:
         k = int(self.step)
         if k >= 0:
             raise ImpossibleResultError(f"the {what} latents became non-finite (NaN or inf) at step {k + 1} of "
-                                 f"{len(timesteps)} (t={int(timesteps[k])}); {_OVERFLOW_HINT}")
+                                 f"{len(timesteps)} (t={int(timesteps[k])}); {overflow_hint(self.dtype)}")
 
 
-_OVERFLOW_HINT = "the model's numbers overflowed or its weights are broken: try float32 weights and activations"
+def overflow_hint(dtype: torch.dtype) -> str:
+    """Why numbers stop being finite, and what to try, for a model run in `dtype`."""
+    if dtype == torch.float32:
+        return ("the model's numbers overflowed: a setting far outside its usual range (a guidance scale, a LoRA "
+                "weight or scale) or broken weights")
+    return (f"the model's numbers overflowed in {str(dtype).removeprefix('torch.')}: try float32, a setting closer "
+            "to its usual range, or check the weights")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What every step checks before it starts
+
+
+def check_images(sd: StableDiffusion, image: torch.Tensor) -> None:
+    """The steps' image argument: (B, 3, H, W) pixels in [-1, 1] or (B, C, h, w) latents, finite."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise ValueError(f"image: expected a (B, 3, H, W) tensor in [-1, 1] (or latents), got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    channels = sd.vae.config.latent_channels
+    if image.shape[1] not in (3, channels):
+        raise ValueError(f"image: expected 3 channels (pixels) or {channels} (latents), got {image.shape[1]}")
+    if not image.is_floating_point() or not bool(torch.isfinite(image).all()):
+        raise ValueError("image: expected finite floating-point values")
+    if image.shape[1] == 3 and not bool((image.abs() <= 1 + 1e-3).all()):
+        raise ValueError(f"image: pixels must be in [-1, 1], got [{float(image.min()):g}, {float(image.max()):g}] "
+                         "(from [0, 1]: 2 x - 1; from 0-255: x / 127.5 - 1)")
+
+
+def check_generator(generator: Generator, pictures: int, draws: int = 1) -> None:
+    """None, a torch.Generator, or a list of them: one per picture, or (when each picture takes `draws` random
+    rows, as the mask step's noise draws) one per row. Any other count would silently share generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, list) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(f"generator: expected None, a torch.Generator or a list of them, got "
+                        f"{type(generator).__name__}")
+    counts = sorted({pictures, pictures * draws})
+    if len(generator) not in counts:
+        raise ValueError(f"generator: a list of {len(generator)} generators for {pictures} picture(s)"
+                         f"{f' x {draws} draws' if draws > 1 else ''}; give {' or '.join(map(str, counts))}")
+
+
+def check_texts(*texts: TextEmbeddings, guided: bool = False) -> None:
+    """Text batches of one size; with guidance, each with its negative prompt embeddings."""
+    sizes = [len(t) for t in texts]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the prompt batches differ in size ({', '.join(map(str, sizes))}): give one prompt of each "
+                         "kind per picture")
+    if guided and any(t.uncond is None for t in texts):
+        raise ValueError("a guidance scale > 1 needs negative prompt embeddings (TextEmbeddings.uncond)")
+
+
+def check_mask(mask: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor | None:
+    """The decoding's mask: None, or (B or 1, 1, h, w) of values in [0, 1] on the latents' grid (bools become
+    0 / 1), in the latents' dtype."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a (B, 1, h, w) tensor or None, got {type(mask).__name__}")
+    batch, (h, w) = latents.shape[0], latents.shape[-2:]
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (h, w):
+        raise ValueError(f"mask: expected shape ({batch} or 1, 1, {h}, {w}) (the latent grid), got "
+                         f"{tuple(mask.shape)}")
+    mask = mask.to(latents.dtype) if mask.dtype == torch.bool else mask
+    if not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("mask: expected values in [0, 1] (1 = edit), e.g. 0 / 1 floats or bools")
+    return mask.to(latents.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,6 +263,9 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     """DiffEdit §3.2 step 1: the region where the reference text R (`source`) and the query Q (`target`) predict
     different noise. image (B, 3, H, W) in [-1, 1]; one prompt pair per image."""
     B, n, N = len(target), params.num_maps_per_mask, params.num_inference_steps
+    check_images(sd, image)
+    check_texts(source, target, guided=params.mask_guidance_scale > 1)
+    check_generator(generator, B, n)
     t = strength_timesteps(schedule(sd, params), N, params.mask_encode_strength, "mask_encode_strength")[0]
     # n posterior samples per image (draw 1), noised to the mask strength (draw 2)
     x0 = encode_images(sd, image, generator, n, params.encode_image_once, rows=B * n)
@@ -203,7 +274,7 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     eps_source, eps_target = _text_pair_noise(sd, xt, t, source.repeat_interleave(n),
                                               target.repeat_interleave(n), params)
     if not bool(torch.isfinite(eps_source).all() & torch.isfinite(eps_target).all()):
-        raise ImpossibleResultError(f"the mask step's noise predictions are non-finite (NaN or inf); {_OVERFLOW_HINT}")
+        raise ImpossibleResultError(f"the mask step's noise predictions are non-finite (NaN or inf); {overflow_hint(sd.dtype)}")
     # |eps_Q - eps_R| averaged over the n draws and the latent channels
     difference = (eps_target - eps_source).abs().reshape(B, n, *eps_target.shape[1:]).mean([1, 2])  # (B, h, w)
     return threshold_map(difference, params)
@@ -311,6 +382,9 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     """DiffEdit §3.2 step 2: deterministic DDIM encoding (Song et al. 2021, eq. 13 run backwards) of the image up
     to the encoding ratio r = `inpaint_strength`, keeping every intermediate latent. The network is conditioned
     on `text` (the reference R) with `inversion_guidance_scale`; image (B, 3, H, W) in [-1, 1] or latents."""
+    check_images(sd, image)
+    check_texts(text, guided=params.inversion_guidance_scale > 1)
+    check_generator(generator, len(text))
     if params.sampler == "dpmsolver++":
         return invert_dpm(sd, image, text, params, generator, callback)
     N = params.num_inference_steps
@@ -420,6 +494,12 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     replaced by the inverted ones, y = M y + (1 - M) x.
     mask (B, 1, h, w) of 0 / 1, or None for plain DDIM decoding (the paper's "Encode-Decode" baseline).
     Returns the final latents (B, C, h, w); `to_pixels` decodes them."""
+    latents = inversion.latents if isinstance(inversion, Inversion) else inversion
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
+        raise ValueError("inversion: expected an Inversion or its (B, T, C, h, w) latents")
+    mask = check_mask(mask, latents)
+    check_texts(text, guided=params.guidance_scale > 1)
+    check_generator(generator, len(text))
     if params.sampler == "dpmsolver++":
         return decode_dpm(sd, inversion, mask, text, params, callback)
     N = params.num_inference_steps
@@ -563,5 +643,5 @@ def to_pixels(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]; non-finite pixels are an error."""
     pixels = vae_decode(sd, latents / sd.vae.scaling_factor)
     if not bool(torch.isfinite(pixels).all()):
-        raise ImpossibleResultError(f"the decoded pixels are non-finite (NaN or inf); {_OVERFLOW_HINT}")
+        raise ImpossibleResultError(f"the decoded pixels are non-finite (NaN or inf); {overflow_hint(sd.dtype)}")
     return pixels

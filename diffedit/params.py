@@ -132,6 +132,11 @@ _RULES = {
 # "fast": 15 sampler steps, chosen on the shipped model with `diffedit evaluate` (README, "The fast preset": every
 # goal held over 900 held-out edits in about 0.7x the time of its 25 steps; DPM-Solver++ at 15 steps and fewer noise
 # draws for the mask lost edits).
+# The fields only step 1 reads: with a mask given instead of estimated, setting one of them has no effect.
+MASK_STEP_FIELDS = ("num_maps_per_mask", "mask_encode_strength", "mask_thresholding_ratio", "mask_guidance_scale",
+                    "mask_threshold_rule", "per_image_mask_scale", "empty_mask_when_equal", "encode_image_once",
+                    "mask_without_guidance")
+
 PRESETS = {"fast": {"num_inference_steps": 15}}
 
 

@@ -218,25 +218,51 @@ def test_a_given_mask_replaces_the_mask_step_and_is_put_on_the_grid_by_the_rule(
     region[10:30, 20:50] = True
     estimated = method.estimate_mask
     monkeypatch.setattr(method, "estimate_mask", lambda *a, **k: pytest.fail("the mask step ran"))
-    half = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, **FAST)
+    half = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, num_inference_steps=5)
     # 8 x 8 cells: rows 10-29 fill 6/8, 8/8, 6/8 of cell rows 1-3; columns 20-49 fill 4/8, 8/8, 8/8, 8/8, 2/8 of
     # cell columns 2-6. "half" keeps the cells at >= 1/2: full columns 3-5 of rows 1-3, and (2, 2) at 8/8 x 4/8
     grid = np.zeros((8, 8), bool)
     grid[1:4, 3:6] = grid[2, 2] = True
     assert np.array_equal(half.latent_mask, grid) and half.guidance_map is None
-    anywhere = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, mask_rule="any", **FAST)
+    anywhere = edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, mask_rule="any", num_inference_steps=5)
     every = np.zeros((8, 8), bool)
     every[1:4, 2:7] = True  # "any": each cell the region touches
     assert np.array_equal(anywhere.latent_mask, every)
     monkeypatch.setattr(method, "estimate_mask", estimated)
     # the same picture as the per-target loop given that grid
-    p = DiffEditParams.for_model(sd, **FAST)
+    p = DiffEditParams.for_model(sd, num_inference_steps=5)
     pixels = api.model_pixels(sd, photo())
     picture, _, _ = next(api.edit_each(sd, pixels, (64, 64), api.prompt_text(sd, "a cat", p),
                                        [api.prompt_text(sd, "a dog", p)], p, torch.Generator().manual_seed(0), grid))
     assert np.array_equal(np.asarray(picture), np.asarray(half.image))
     with pytest.raises(ValueError, match="mask_rule: expected one of"):
         edit(photo(), "a cat", "a dog", model=sd, mask=region, mask_rule="most")
+
+
+def test_step_one_parameters_with_a_given_mask_are_refused_not_ignored(sd, monkeypatch):
+    """With mask= the mask step does not run, so a mask-step parameter would change nothing: refused by name before
+    any work (a preset's own fields are not the user's and pass)."""
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    region = np.ones((64, 64), bool)
+    for name, value in [("num_maps_per_mask", 1), ("mask_thresholding_ratio", 1.1), ("mask_threshold_rule", "otsu"),
+                        ("mask_encode_strength", 0.9)]:
+        with pytest.raises(ValueError, match=f"{name}: step 1's parameter"):
+            edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, **{name: value})
+
+
+def test_load_model_names_a_bad_device_or_dtype_and_never_ignores_them(sd):
+    for kwargs, error, message in [(dict(device="bogus"), ValueError, "not a device name"),
+                                   (dict(device=3), TypeError, "device: expected"),
+                                   (dict(dtype=torch.int32), ValueError, "dtype torch.int32"),
+                                   (dict(dtype="float8"), ValueError, "dtype 'float8'")]:
+        with pytest.raises(error, match=message):
+            api.load_model(sd, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no such CUDA device"):
+            api.load_model(device="cuda")
+    assert api.load_model(sd, device="cpu", dtype="float32") is sd  # what it already is: as is
+    with pytest.raises(ValueError, match="already loaded.*dtype torch.float16"):
+        api.load_model(sd, dtype=torch.float16)  # was ignored: a float32 model came back
 
 
 def test_a_preset_sits_between_the_models_stored_defaults_and_the_explicit_parameters(sd1_folder, tmp_path):

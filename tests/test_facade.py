@@ -460,3 +460,29 @@ def test_every_argument_that_changes_numbers_is_in_the_one_argument_table():
     for f in (StableDiffusionDiffEdit.generate_mask, StableDiffusionDiffEdit.invert, StableDiffusionDiffEdit.__call__):
         missing = set(inspect.signature(f).parameters) - named - forms
         assert not missing, (f.__name__, missing)
+
+
+def test_bad_call_arguments_are_refused_before_the_work_where_diffusers_runs_on_or_fails_late(sd1):
+    """An empty prompt list (diffusers: a batch-1 inversion, or a reshape error deep in the mask step), a batch of
+    masks for one prompt (diffusers: a shape error in the UNet, after decoding began), and a NaN mask (diffusers:
+    NaN pictures; it passed our range check and became a full mask) are each one ValueError up front; an unknown
+    output_type warns and returns numpy arrays, as diffusers' postprocess does."""
+    ref, ours, _ = sd1
+    image = picture(0)
+    with pytest.raises(ValueError, match="`prompt` is an empty list"):
+        ours.invert(prompt=[], image=image, num_inference_steps=2)
+    with pytest.raises(ValueError, match="`target_prompt` is an empty list"):
+        ours.generate_mask(image=image, source_prompt=[], target_prompt=[])
+    inv = ours.invert(prompt="a cat", image=image, num_inference_steps=2)
+    kw = dict(prompt="a dog", image_latents=inv.latents, num_inference_steps=2)
+    with pytest.raises(ValueError, match="batch size 2 cannot be broadcast to batch size 1"):
+        ours(**kw, mask_image=np.ones((2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        ours(**kw, mask_image=np.full((1, 8, 8), np.nan, np.float32))
+    mask = np.ones((1, 8, 8), np.float32)
+    for output_type in (None, "bogus"):
+        with pytest.warns(FutureWarning, match="returning numpy"):
+            images = ours(**kw, mask_image=mask, output_type=output_type).images
+        with pytest.warns(FutureWarning):
+            expected = ref(**kw, mask_image=mask, output_type=output_type).images
+        assert isinstance(images, np.ndarray) and isinstance(expected, np.ndarray) and images.shape == expected.shape

@@ -5,10 +5,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import PIL.Image
 from PIL import Image
 
-from diffedit.image_files import read_image, to_rgb
+from diffedit.image_files import ImageFileError, read_image, to_rgb
 from diffedit.image_tensors import load_rgb
 
 
@@ -36,6 +37,22 @@ def test_every_image_mode_becomes_8_bit_rgb_with_a_note():
     assert np.asarray(to_rgb(cases["F"], "x")).max() == 128  # float 0.5 is mid-grey
     report = []
     assert to_rgb(base, "x", report.append) is base and report == []
+
+
+def test_wide_samples_are_read_by_their_format_s_range_and_never_clipped():
+    """16-bit samples are 0-65535 whatever their largest value (one of 255 was read as 8-bit white); float samples
+    must be in [0, 1] (values in [-1, 1] were clipped, larger ones divided by 65535, silently); 32-bit integers
+    past 16 bits are refused."""
+    i16 = Image.fromarray(np.full((2, 2), 257 * 100, np.uint16))
+    assert np.asarray(to_rgb(i16, "x")).max() == 100
+    dim = Image.fromarray(np.full((2, 2), 255, np.uint16))
+    assert np.asarray(to_rgb(dim, "x")).max() == 1  # 255 of 65535, not white
+    for samples, message in [(np.full((2, 2), -0.5, np.float32), r"values in \[-0.5, -0.5\]"),
+                             (np.full((2, 2), 1020.0, np.float32), "must be in"),
+                             (np.full((2, 2), np.nan, np.float32), "must be in"),
+                             (np.full((2, 2), 70000, np.int32), "only 0-65535")]:
+        with pytest.raises(ImageFileError, match=message):
+            to_rgb(Image.fromarray(samples), "x")
 
 
 def test_api_reads_transparent_and_animated_images_like_the_command_line(tmp_path):

@@ -168,7 +168,39 @@ def test_api_masks_take_bools_0_1_or_0_255_at_the_images_size_and_refuse_the_res
         assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), type(given)
     for given, error, message in [(want, ValueError, "mask: 6x4 but the image is 4x6"),
                                   (want[None], ValueError, r"mask: an array must be \(H, W\)"),
-                                  (want * 300.0, ValueError, "mask: expected bools"),
+                                  (want * 300.0, ValueError, r"mask: float values must be in \[0, 1\]"),
+                                  (want * np.nan, ValueError, r"mask: float values must be in \[0, 1\]"),
+                                  (want.astype(np.int32) - 1, ValueError, "mask: integer values must be"),
+                                  (want.astype(np.int32) * 70000, ValueError, "mask: integer values must be"),
+                                  (want.astype(str), ValueError, "mask: expected bools"),
                                   ([want], TypeError, "mask: expected a path")]:
         with pytest.raises(error, match=message):
             imgs.load_mask(given, (4, 6) if "6x4" in message else (6, 4))
+
+
+def test_a_mask_means_the_same_region_in_every_form_it_comes_in(tmp_path):
+    """One rule for arrays, tensors, PIL images and files: a 0/1 mask is 0/1 whether it is an array, a PIL image
+    or a PNG (a PIL image of 0/1 was read as 8-bit, all black: an empty mask, silently); 8-bit values count from
+    128, 16-bit ones from 32768, floats from 0.5, whatever else the mask holds; transparent pixels are not edited."""
+    want = np.zeros((4, 6), bool)
+    want[1:3, 2:5] = True
+    zero_one = want.astype(np.uint8)
+    PIL.Image.fromarray(zero_one).save(tmp_path / "m01.png")
+    for given in (zero_one, PIL.Image.fromarray(zero_one), tmp_path / "m01.png", str(tmp_path / "m01.png")):
+        assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), given
+    grey = np.where(want, 128, 127).astype(np.uint8)
+    grey[0, 0] = 1  # a 1 among 8-bit values is dark grey, not "edit"
+    assert np.array_equal(np.asarray(imgs.load_mask(grey, (6, 4))) > 0, want)
+    assert np.array_equal(np.asarray(imgs.load_mask(PIL.Image.fromarray(grey), (6, 4))) > 0, want)
+    floats = np.where(want, 0.5, 0.49).astype(np.float32)
+    for given in (floats, torch.from_numpy(floats), torch.from_numpy(floats).bfloat16(), PIL.Image.fromarray(floats, "F")):
+        assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), type(given)
+    wide = np.where(want, 32768, 32767).astype(np.uint16)
+    PIL.Image.fromarray(wide).save(tmp_path / "m16.png")
+    assert np.array_equal(np.asarray(imgs.load_mask(tmp_path / "m16.png", (6, 4))) > 0, want)
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere...
+    rgba[..., 3] = want * 255  # ...but opaque only inside the region
+    PIL.Image.fromarray(rgba, "RGBA").save(tmp_path / "stroke.png")
+    for given in (PIL.Image.fromarray(rgba, "RGBA"), tmp_path / "stroke.png"):
+        assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), given

@@ -78,8 +78,9 @@ def test_edit_with_vae_options_matches_diffusers_with_the_same_options(pipes, op
     assert i.shape == (batch, size[1], size[0], 3) and max_abs(i, i_ref) < IMAGE_TOL
     if "tiling" in options:  # the tiles changed the numbers, as they do in diffusers
         assert max_abs(i, plain[3]) > 10 * IMAGE_TOL and max_abs(d, plain[2]) > 10 * IMAGE_TOL
-    else:  # slicing alone changes nothing beyond float noise
-        assert max_abs(i, plain[3]) < 1e-5 and rel(l, plain[1]) < 1e-5
+    else:  # slicing alone changes nothing beyond float noise: one image through the VAE rounds unlike a batch of
+        # two (1e-7), which 8 inversion and 8 decoding steps grow to 6e-6 (latents, relative) and 2e-4 (pixels)
+        assert max_abs(i, plain[3]) < 1e-3 and rel(l, plain[1]) < 1e-4
 
 
 def test_tiling_leaves_images_within_the_tile_exactly_unchanged(pipes):
@@ -249,3 +250,27 @@ def test_offload_on_a_gpu_moves_each_network_there_only_while_it_runs(sd1_folder
     assert max_abs(out.images, want.images) < 1e-4  # the same kernels; only cuDNN's algorithm choice may differ
     offloaded.remove_all_hooks()
     assert where() == ("cuda", "cuda", "cuda") and offloaded.model.offload is None
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:x", "", 1.5])
+def test_a_device_torch_does_not_know_is_one_value_error_naming_the_argument(sd1_folder, device):
+    """It used to escape as torch's RuntimeError "Invalid device string"; the offload already on stays on."""
+    sd = StableDiffusionDiffEdit.from_pretrained(sd1_folder).model
+    sd.enable_model_cpu_offload(device="cpu")
+    before = sd.offload
+    with pytest.raises(ValueError) as e:
+        sd.enable_model_cpu_offload(device=device)
+    assert type(e.value) is ValueError
+    assert str(e.value) == (f"enable_model_cpu_offload: device={device!r} is not a device torch knows (e.g. 'cuda', "
+                            "'cuda:1', 'xpu', 'mps', 'cpu')")
+    assert sd.offload is before and before.hooks
+    sd.remove_all_hooks()
+
+
+def test_offload_to_the_meta_device_is_refused_and_the_weights_stay(sd1_folder):
+    """torch takes "meta" as a device: the networks would have been moved there, their weights gone."""
+    sd = StableDiffusionDiffEdit.from_pretrained(sd1_folder).model
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        sd.enable_model_cpu_offload(device="meta")
+    assert sd.offload is None and all(next(getattr(sd, n).parameters()).device.type == "cpu"
+                                      for n in memory.OFFLOAD_ORDER)

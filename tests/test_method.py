@@ -628,3 +628,51 @@ def test_the_negative_prompts_take_their_own_clip_skip(sd):
     assert torch.equal(skipped.cond, base.cond)
     assert torch.equal(skipped.uncond, method.encode_text(sd, ["a dog"], clip_skip=1).cond)
     assert not torch.equal(skipped.uncond, base.uncond)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments checked before any work
+
+
+def test_each_step_refuses_arguments_that_would_fail_deep_inside_or_run_wrong(sd, monkeypatch):
+    """Pictures out of [-1, 1] (0-255 values ran silently), prompt batches of different sizes, guidance without
+    negative prompts (an AttributeError), generator lists of a count that is neither one per picture nor one per
+    draw (silently shared), a generator that is not one (AttributeError), masks off the latent grid or outside
+    [0, 1]: each a ValueError or TypeError naming the argument, before the UNet runs."""
+    p = FAST
+    monkeypatch.setattr(sd.unet, "forward", lambda *a: pytest.fail("the UNet ran"))
+    two, one = texts(sd, ["a cat", "a dog"]), texts(sd, ["a cat"])
+    x = images(1)
+    cases = [
+        (lambda: method.estimate_mask(sd, x * 127.5 + 127.5, one, one, p), ValueError, r"pixels must be in \[-1, 1\]"),
+        (lambda: method.estimate_mask(sd, x, two, one, p), ValueError, "prompt batches differ in size"),
+        (lambda: method.estimate_mask(sd, x, method.TextEmbeddings(one.cond), one, p), ValueError,
+         "negative prompt embeddings"),
+        (lambda: method.estimate_mask(sd, x, one, one, p, [torch.Generator()] * 3), ValueError,
+         "a list of 3 generators for 1 picture"),
+        (lambda: method.estimate_mask(sd, x, one, one, p, 0), TypeError, "generator: expected"),
+        (lambda: method.invert(sd, x, one, p, [torch.Generator()] * 2), ValueError, "give 1"),
+        (lambda: method.invert(sd, x[:, :2], one, p), ValueError, "3 channels"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    latents = torch.zeros(1, 4, 4, 8, 8)
+    for mask, message in [(torch.ones(1, 1, 4, 4), r"expected shape \(1 or 1, 1, 8, 8\)"),
+                          (torch.full((1, 1, 8, 8), 255.0), r"values in \[0, 1\]"),
+                          (torch.full((1, 1, 8, 8), float("nan")), r"values in \[0, 1\]")]:
+        with pytest.raises(ValueError, match=message):
+            method.decode(sd, latents, mask, one, p)
+    # one generator per picture, or one per draw, are both fine (the UNet is reached)
+    for gens in ([torch.Generator()], [torch.Generator()] * p.num_maps_per_mask):
+        with pytest.raises(pytest.fail.Exception, match="the UNet ran"):
+            method.estimate_mask(sd, x, one, one, p, gens)
+
+
+def test_a_bool_mask_decodes_as_its_0_1_float(sd):
+    one = texts(sd, ["a dog"])
+    p = dataclasses.replace(FAST, inpaint_strength=0.4)
+    inv = method.invert(sd, images(1), texts(sd, ["a cat"]), p)
+    region = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    region[..., 2:6, 2:6] = True
+    assert torch.equal(method.decode(sd, inv, region, one, p), method.decode(sd, inv, region.float(), one, p))
