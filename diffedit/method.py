@@ -146,6 +146,10 @@ class TextEmbeddings:
     def __len__(self) -> int:
         return self.cond.shape[0]
 
+    def rows(self, start: int, stop: int) -> TextEmbeddings:
+        """Prompts start .. stop - 1 of the batch."""
+        return TextEmbeddings(self.cond[start:stop], None if self.uncond is None else self.uncond[start:stop])
+
     def repeat_interleave(self, n: int) -> TextEmbeddings:
         """Each prompt n times in a row (diffusers' `num_images_per_prompt` order)."""
         uncond = None if self.uncond is None else self.uncond.repeat_interleave(n, dim=0)
@@ -270,14 +274,26 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     # n posterior samples per image (draw 1), noised to the mask strength (draw 2)
     x0 = encode_images(sd, image, generator, n, params.encode_image_once, rows=B * n)
     xt = sd.scheduler.add_noise(x0, randn(tuple(x0.shape), generator, x0.device, x0.dtype), t)
-    # Noise predictions for both texts, one UNet call
-    eps_source, eps_target = _text_pair_noise(sd, xt, t, source.repeat_interleave(n),
-                                              target.repeat_interleave(n), params)
-    if not bool(torch.isfinite(eps_source).all() & torch.isfinite(eps_target).all()):
-        raise ImpossibleResultError(f"the mask step's noise predictions are non-finite (NaN or inf); {overflow_hint(sd.dtype)}")
+    # Noise predictions for both texts: one UNet call per MASK_DRAWS_PER_CALL draws (one call at the defaults)
+    source, target = source.repeat_interleave(n), target.repeat_interleave(n)
+    gaps = []
+    for start in range(0, B * n, MASK_DRAWS_PER_CALL):
+        stop = start + MASK_DRAWS_PER_CALL
+        eps_source, eps_target = _text_pair_noise(sd, xt[start:stop], t, source.rows(start, stop),
+                                                  target.rows(start, stop), params)
+        gaps.append((eps_target - eps_source).abs())  # (draws, C, h, w)
+    gap = torch.cat(gaps)
+    if not bool(torch.isfinite(gap).all()):
+        raise ImpossibleResultError(f"the mask step's noise predictions are non-finite (NaN or inf); "
+                                    f"{overflow_hint(sd.dtype)}")
     # |eps_Q - eps_R| averaged over the n draws and the latent channels
-    difference = (eps_target - eps_source).abs().reshape(B, n, *eps_target.shape[1:]).mean([1, 2])  # (B, h, w)
+    difference = gap.reshape(B, n, *gap.shape[1:]).mean([1, 2])  # (B, h, w)
     return threshold_map(difference, params)
+
+
+# The mask step's draws per UNet call (each two or three rows): many maps, or many pictures at once, run in calls of
+# this size instead of one call whose activations outgrow memory (and which is no faster per row on a CPU).
+MASK_DRAWS_PER_CALL = 64
 
 
 def _text_pair_noise(sd: StableDiffusion, xt: torch.Tensor, t: torch.Tensor, source: TextEmbeddings,

@@ -676,3 +676,19 @@ def test_a_bool_mask_decodes_as_its_0_1_float(sd):
     region = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     region[..., 2:6, 2:6] = True
     assert torch.equal(method.decode(sd, inv, region, one, p), method.decode(sd, inv, region.float(), one, p))
+
+
+def test_the_mask_step_runs_many_draws_in_calls_of_bounded_size_with_the_same_map(sd, monkeypatch):
+    """Many maps (or pictures) are not one UNet call of unbounded size (100000 maps were an out-of-memory kill):
+    MASK_DRAWS_PER_CALL draws per call, the same random draws, the same map up to the batch's rounding."""
+    p = dataclasses.replace(FAST, num_maps_per_mask=5)
+    source, target, x = texts(sd, ["a cat", "a bowl"]), texts(sd, ["a dog", "a cup"]), images(2)
+    whole = method.estimate_mask(sd, x, source, target, p, torch.Generator().manual_seed(3))
+    calls = []
+    forward = sd.unet.forward
+    monkeypatch.setattr(sd.unet, "forward", lambda x, *a: calls.append(x.shape[0]) or forward(x, *a))
+    monkeypatch.setattr(method, "MASK_DRAWS_PER_CALL", 3)
+    parts = method.estimate_mask(sd, x, source, target, p, torch.Generator().manual_seed(3))
+    assert calls == [9, 9, 9, 3]  # 10 draws in calls of 3, three rows each (the shared "" computed once)
+    torch.testing.assert_close(parts.difference, whole.difference, rtol=0, atol=1e-5)  # rounding of other batches
+    assert torch.equal(parts.mask, whole.mask)
