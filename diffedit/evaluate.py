@@ -211,12 +211,19 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+NO_EDITS = "no edits of this kind"  # the verdict of a goal with nothing to measure: neither PASS nor FAIL
+
+
 def report_lines(summary: dict, timing_applies: bool) -> list[tuple[str, str, str, str]]:
-    """(metric, value, goal, verdict) rows."""
+    """(metric, value, goal, verdict) rows. A goal whose metric has no value (NaN: a success rate of a kind of edit
+    the set holds none of, with --n 1) is neither passed nor failed: its value is "-", its verdict NO_EDITS."""
     rows = []
     for g in GOALS:
         x = summary[g.metric]
         goal = f"{g.op} {g.value:g}" + (f" (aim {g.aim:g})" if g.aim is not None else "")
+        if math.isnan(x):
+            rows.append((g.metric, "-", goal, NO_EDITS))
+            continue
         verdict = ("PASS" if g.passed(x) else "FAIL") if (g.metric != "seconds_per_edit" or timing_applies) else "n/a"
         rows.append((g.metric, f"{x:.3f}", goal, verdict))
     for key in ("mask_recall", "mask_precision", "mask_iou_ceiling", "background_psnr_db_min"):
@@ -247,6 +254,17 @@ def parse_param(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def json_safe(value):
+    """`value` with every NaN or infinite float as None, so that it is valid JSON (null); dicts and lists through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="diffedit evaluate", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,7 +282,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grid", type=Path, help="write a PNG of the first 16 edits (source, truth, mask, result)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    fields = [name for name, _ in args.param]
+    twice = sorted({name for name in fields if fields.count(name) > 1})
+    if twice:
+        raise BadInput(f"--param: {', '.join(twice)} given twice; give each field once")
+    return args
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -311,11 +334,12 @@ def evaluate(args: argparse.Namespace) -> int:
     verdicts = [r[3] for r in rows if r[3] in ("PASS", "FAIL")]
     print("all goals met" if all(v == "PASS" for v in verdicts) else
           f"{verdicts.count('FAIL')} goal(s) not met")
-    report = json.dumps({
+    report = json.dumps(json_safe({
         "model": str(folder), "seed": args.seed, "preset": args.preset, "params": {**model.edit_defaults, **params},
         "device": args.device, "threads": args.threads, "summary": summary,
-        "goals": [{"metric": m, "value": float(v), "goal": g, "verdict": x} for m, v, g, x in rows],
-        "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}, indent=1) + "\n"
+        "goals": [{"metric": m, "value": summary[m], "goal": g, "verdict": x} for m, _, g, x in rows],
+        "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}), indent=1,
+        allow_nan=False) + "\n"
     writers = {"--json": lambda tmp: Path(tmp).write_text(report),
                "--grid": lambda tmp: save_grid(records, tmp, fmt=grid_format)}
     commit([Planned(p.path, p.what, writers[p.what]) for p in planned])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, EXIT_INTERRUPTED, PROG, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
@@ -81,36 +82,90 @@ class ManifestError(FileError):
     """A manifest line that cannot be run, with the file and line named."""
 
 
-def manifest_cases(path: Path) -> list[Case]:
-    """A JSON-lines manifest: every line checked (fields, files, mask size) before any work."""
+MANIFEST_FIELDS = {"image", "source", "target", "mask", "id"}
+
+
+def manifest_text(path: Path) -> str:
+    """The manifest's text: UTF-8, a leading byte-order mark dropped; a file that cannot be read or decoded is one
+    ManifestError naming it (and the line of the first bad byte)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"manifest {path} cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(f"manifest {path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the "
+                            "manifest as UTF-8") from None
+
+
+def check_case_id(case_id: str, where: str) -> None:
+    """An id names the edit's folder under examples/: it must be one plain file name, so nothing is written outside
+    --out."""
+    if case_id in ("", ".", "..") or any(c in case_id for c in "/\\\0") or os.path.isabs(case_id):
+        raise ManifestError(f"{where}: id {case_id!r} is not a plain file name (it names the edit's folder under "
+                            "examples/): give a non-empty id without / or \\, other than . and ..")
+
+
+def manifest_row(line: str, where: str) -> dict:
+    """One line's object, its fields checked."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not {"image", "source", "target"} <= set(row):
+        raise ManifestError(f"{where}: expected an object with image, source and target")
+    unknown = set(row) - MANIFEST_FIELDS
+    if unknown:
+        raise ManifestError(f"{where}: unknown fields {sorted(unknown)}")
+    if not all(isinstance(row[k], str) for k in row):
+        raise ManifestError(f"{where}: values must be strings")
+    return row
+
+
+def manifest_pictures(folder: Path, row: dict, where: str) -> tuple[Image.Image, np.ndarray | None]:
+    """A line's picture and ground-truth region (None without a `mask`), any problem with either named by line."""
     from .image_files import read_image, read_mask
 
-    cases, seen = [], set()
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
+    try:
+        image = read_image(folder / row["image"])
+        truth = None if "mask" not in row else np.asarray(read_mask(folder / row["mask"], image.size)) > 0
+    except (FileError, ValueError) as e:  # a file that cannot be read, or a mask's values that cannot be read as one
+        raise ManifestError(f"{where}: {one_line(e)}") from None
+    return image, truth
+
+
+def manifest_cases(path: Path) -> list[Case]:
+    """A JSON-lines manifest: every line checked (fields, id, files, mask size) before any work. Lines are numbered
+    as in the file (blank lines count), in messages and in the default ids (`line-N`)."""
+    path = Path(path)
+    numbered = [(number, line) for number, line in enumerate(manifest_text(path).split("\n"), 1) if line.strip()]
+    if not numbered:
         raise ManifestError(f"manifest {path} holds no edits")
-    for number, line in enumerate(lines, 1):
+    cases, seen = [], set()
+    for number, line in numbered:
         where = f"manifest {path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not {"image", "source", "target"} <= set(row):
-            raise ManifestError(f"{where}: expected an object with image, source and target")
-        unknown = set(row) - {"image", "source", "target", "mask", "id"}
-        if unknown or not all(isinstance(row[k], str) for k in row):
-            raise ManifestError(f"{where}: unknown fields {sorted(unknown)}" if unknown else f"{where}: values must be "
-                           "strings")
-        image = read_image(path.parent / row["image"])
-        truth = None
-        if "mask" in row:
-            truth = np.asarray(read_mask(path.parent / row["mask"], image.size)) > 0
+        row = manifest_row(line, where)
         case_id = row.get("id", f"line-{number}")
+        check_case_id(case_id, where)
         if case_id in seen:
             raise ManifestError(f"{where}: id {case_id!r} is used twice")
         seen.add(case_id)
+        image, truth = manifest_pictures(path.parent, row, where)
         cases.append(Case(case_id, image, row["source"], row["target"], truth=truth))
     return cases
+
+
+def cases_digest(cases: list[Case]) -> str:
+    """A digest of the edits as they will run (ids, texts, pictures, ground-truth regions): a resumed run must edit
+    the same pictures, whatever the manifest's layout."""
+    h = hashlib.sha256()
+    for case in cases:
+        h.update(json.dumps([case.id, case.source, case.target, case.kind, case.image.size]).encode())
+        h.update(case.image.tobytes())
+        h.update(b"-" if case.truth is None else np.packbits(case.truth).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +178,19 @@ def parse_sweep(text: str) -> tuple[str, list]:
     if not sep or not values:
         raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2,..., got {text!r}")
     return key.strip(), [parse_param(f"{key}={v}")[1] for v in values.split(",")]
+
+
+def repeated(values: list) -> list:
+    """The values given more than once, each named once, in the order given (1 and 1.0 are one value, True and 1
+    two)."""
+    keys = [(isinstance(v, bool), v) for v in values]
+    return [v for i, (k, v) in enumerate(zip(keys, values)) if keys.count(k) > 1 and keys.index(k) == i]
+
+
+def setting_cell(value) -> str:
+    """A swept value as records.csv holds it and a row's key reads it: None as `null` (as --sweep takes it), else
+    its text; a cell read back is already its own text."""
+    return "null" if value is None else str(value)
 
 
 def settings_grid(sweeps: list[tuple[str, list]]) -> list[dict]:
@@ -191,20 +259,55 @@ def row_metrics(case: Case, result: np.ndarray, latent_mask: np.ndarray | None, 
 
 
 def example_name(method_name: str, setting: dict) -> str:
-    return "__".join([method_name, *(f"{k}={v}" for k, v in setting.items())])
+    return "__".join([method_name, *(f"{k}={setting_cell(v)}" for k, v in setting.items())])
+
+
+def wrapped(text: str, fits) -> list[str]:
+    """`text` in lines that each pass `fits` (a line's width test): words kept whole where one fits a line, else
+    cut."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if fits(joined):
+            lines[-1] = joined
+            continue
+        lines.append("")
+        for char in word:  # a word longer than a line is cut where it must be
+            if lines[-1] and not fits(lines[-1] + char):
+                lines.append("")
+            lines[-1] += char
+    return [line for line in lines if line]
+
+
+def titled_to_fit(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) -> Image.Image:
+    """The picture under its title, wrapped over as many lines as the picture's width needs (nothing cut)."""
+    from PIL import ImageDraw
+
+    from .figures import BACKGROUND, TEXT_COLOUR, _font
+
+    font, line_height = _font(font_size), font_size + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = wrapped(title, lambda line: measure.textlength(line, font=font) <= picture.width - 2 * gap)
+    top = len(lines) * line_height + 2 * gap
+    sheet = Image.new("RGB", (picture.width, picture.height + top), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for k, line in enumerate(lines):
+        draw.text((gap, gap + k * line_height), line, fill=TEXT_COLOUR, font=font)
+    sheet.paste(picture, (0, top))
+    return sheet
 
 
 def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]:
     """examples_METHOD.png: a row per kept edit, the input then the method's result under each setting (Pillow
     only, so there whether or not matplotlib is)."""
-    from .figures import display_scale, strip, titled
+    from .figures import display_scale, strip
 
     written = []
     folders = sorted((out / "examples").glob("*"), key=lambda p: (len(p.name), p.name))  # edit 2 before edit 10
     for method_name in methods:
         rows = []
         for folder in folders:
-            labels = [", ".join(str(v) for v in s.values()) or method_name for s in grid]  # the names: the title
+            labels = [", ".join(setting_cell(v) for v in s.values()) or method_name for s in grid]  # names: title
             files = [("input", folder / "input.png")] + [
                 (label, folder / f"{example_name(method_name, s)}.png") for label, s in zip(labels, grid)]
             if not all(path.is_file() for _, path in files):
@@ -221,7 +324,7 @@ def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]
                 sheet.paste(row, (0, y))
                 y += row.height
             fields = ", ".join(grid[0]) if grid and grid[0] else "the model's defaults"
-            titled(sheet, f"{method_name}: the input, then one column per setting ({fields})").save(
+            titled_to_fit(sheet, f"{method_name}: the input, then one column per setting ({fields})").save(
                 out / f"examples_{method_name}.png")
             written.append(out / f"examples_{method_name}.png")
     return written
@@ -229,7 +332,7 @@ def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]
 
 def row_key(edit: str, method: str, seed: int | str, setting: dict) -> str:
     """A row's identity, the same whether built from a run's values or read back from records.csv's cells."""
-    return json.dumps([edit, method, int(seed), {k: str(v) for k, v in setting.items()}], sort_keys=True)
+    return json.dumps([edit, method, int(seed), {k: setting_cell(v) for k, v in setting.items()}], sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -331,19 +434,138 @@ def run_job(sd, job: Job, grid: list[dict], fixed: dict) -> list[tuple[dict, Ima
     return [({**metrics, "seconds": seconds}, picture) for metrics, picture in rows]
 
 
-def read_records(path: Path, columns: list[str] | None = None) -> list[dict]:
+def read_records(path: Path, columns: list[str] | None = None, repair: bool = True) -> list[dict]:
     """The rows of a records.csv written so far. A last line cut by an interruption is dropped from the file
-    (rewritten whole, by rename), so that rows appended after it start on a line of their own."""
+    (rewritten whole, by rename), so that rows appended after it start on a line of their own; with `repair` False
+    (a file another process may be appending to) it is only left out of the rows."""
     if not path.is_file():
         return []
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        commit([Planned(path, "records", lambda tmp: Path(tmp).write_text(text))])
+        if repair:
+            commit([Planned(path, "records", lambda tmp: Path(tmp).write_text(text))])
     rows = list(csv.DictReader(text.splitlines()))
     if columns is not None and rows and list(rows[0]) != columns:
         raise BadInput(f"--resume: {path} has the columns {list(rows[0])}, this run writes {columns}")
     return rows
+
+
+SEED_MAX = 2**63 - 1  # seed + the edit's index must fit the generator's 64 bits
+RUN_FILES = ("records.csv", "summary.csv", "summary.md", "shards", "examples", "plots")
+MODEL_KEYS = ("model_fingerprint", "model_edit_defaults")  # config.json's entries known once the model is loaded
+WHAT_CHANGED = {"edits_digest": "the edits' pictures, texts or ids", "model_fingerprint": "the model's weights or "
+                "configs", "model_edit_defaults": "the model's stored edit defaults, its diffedit.json"}
+
+
+def check_methods(methods: list[str]) -> None:
+    """Known method names, at least one, each once."""
+    unknown = sorted(set(methods) - set(METHOD_NAMES))
+    if unknown or not methods:
+        raise BadInput(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                       f"{', '.join(METHOD_NAMES)}")
+    if repeated(methods):
+        raise BadInput(f"--methods: {', '.join(repeated(methods))} given twice; name each method once")
+
+
+def check_seeds(seeds: list[int]) -> None:
+    """Ints in [0, SEED_MAX], each once."""
+    text = ",".join(map(str, seeds))
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX for s in seeds):
+        raise BadInput(f"--seeds {text}: seeds are ints in [0, {SEED_MAX}]")
+    if repeated(seeds):
+        raise BadInput(f"--seeds {text}: {', '.join(map(str, repeated(seeds)))} given twice; give each seed once")
+
+
+def check_sweep(sweep: list[tuple[str, list]], fixed: dict) -> None:
+    """Each field swept once and not also fixed, each of its values once."""
+    swept = [name for name, _ in sweep]
+    twice = sorted({f for f in swept if swept.count(f) > 1} | (set(swept) & set(fixed)))
+    if twice:
+        raise BadInput(f"--sweep / --param: {', '.join(twice)} given twice; sweep a field once, or fix it")
+    for name, values in sweep:
+        if not values:
+            raise BadInput(f"--sweep {name}: no values; give {name}=V1,V2,...")
+        if repeated(values):
+            raise BadInput(f"--sweep {name}: {', '.join(setting_cell(v) for v in repeated(values))} given twice; "
+                           "give each value once")
+
+
+def check_out(out: str | Path) -> Path:
+    """The run's folder: given (an empty --out would be the current folder), and not a file."""
+    if str(out) == "":
+        raise BadInput("--out is empty: give the run's folder (it is created if need be)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; give a folder")
+    return out
+
+
+def run_files(out: Path) -> list[str]:
+    """The run's files in `out` that hold something (a folder: any entry)."""
+    found = [name for name in RUN_FILES if ((out / name).is_file() and (out / name).stat().st_size)
+             or ((out / name).is_dir() and any((out / name).iterdir()))]
+    return found + sorted(p.name for p in out.glob("examples_*.png"))
+
+
+def previous_config(out: Path, resume: bool) -> dict | None:
+    """The config.json of the run already in `out`, None when there is none; refused without `resume`. A folder
+    holding a run's files without its config.json is refused either way: nothing says what its rows are."""
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        found = run_files(out) if out.is_dir() else []
+        if found:
+            raise BadInput(f"--out {out} holds part of a run ({', '.join(found)}) but no config.json, so it cannot "
+                           "be resumed: remove those files or choose another --out")
+        return None
+    if not resume:
+        raise BadInput(f"{out} holds a run already: pass --resume to continue it, or choose another --out")
+    try:
+        before = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--resume: {config_file} cannot be read ({one_line(e)}); choose another --out") from None
+    if not isinstance(before, dict):
+        raise BadInput(f"--resume: {config_file} is not a run's config; choose another --out")
+    return {"preset": None, "compile": None, **before}  # runs from before both
+
+
+def check_same_run(before: dict | None, config: dict, keys: list[str], out: Path) -> None:
+    """A resumed run's `keys` of config.json must be the run's: else refused, each difference named (old -> new)."""
+    if before is None:
+        return
+    now = json.loads(json.dumps(config))  # tuples as lists, as config.json holds them
+    changed = [difference(k, before, now) for k in keys if (k in before, before.get(k)) != (k in now, now.get(k))]
+    if changed:
+        raise BadInput(f"--resume: {out} was run with other settings: {'; '.join(changed)}; resume it with its own "
+                       "settings, or choose another --out")
+
+
+def difference(key: str, before: dict, now: dict) -> str:
+    """`key old -> new` (JSON values; "(not recorded)" for a key one side lacks), with what a digest stands for."""
+    shown = [json.dumps(d[key]) if key in d else "(not recorded)" for d in (before, now)]
+    return f"{key} {shown[0]} -> {shown[1]}" + (f" ({WHAT_CHANGED[key]} changed)" if key in WHAT_CHANGED else "")
+
+
+def finished_rows(out: Path, columns: list[str], world: int, own: Path) -> list[dict]:
+    """The rows already written: records.csv's and every shard's (an interrupted torchrun run's, of any size).
+    One process repairs a cut last line in each; under torchrun a rank repairs only its `own` shard."""
+    paths = [out / "records.csv", *sorted((out / "shards").glob("records-*.csv"))]
+    return [r for path in paths for r in read_records(path, columns, repair=world == 1 or path == own)]
+
+
+class Interrupted(KeyboardInterrupt):
+    """An experiment stopped by the user once it had begun writing: the message says what is kept and how to
+    continue."""
+
+
+def interrupted(out: Path) -> Interrupted:
+    """What an interrupted run says: config.json and the rows written so far (records.csv's and the shards') are
+    kept, and --resume continues."""
+    files = [out / "records.csv", *sorted((out / "shards").glob("records-*.csv"))]
+    kept = sum(len(read_records(path, repair=False)) for path in files)
+    return Interrupted(f"interrupted; kept {out / 'config.json'} and the {kept} rows finished so far "
+                       f"({', '.join(str(p) for p in files if p.is_file()) or 'none yet'}): run the same command with "
+                       "--resume to continue")
 
 
 def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40, edit_seed: int = 0,
@@ -354,21 +576,25 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
     edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
-    `baselines.METHODS`; sweep: [(DiffEditParams field, [values])], every combination; param: fields fixed for every
-    row; preset: None or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds: each row's
-    generator is seeded by seed + the edit's index; batch_size: edits run together through the three steps (the
-    same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide mask clamp or
-    regularizer run one at a time); compile_mode: None, or torch.compile's mode for the UNet
-    (`StableDiffusion.compile_unet`). Every check comes before any work; a bad value is a ValueError naming it."""
+    `baselines.METHODS`, each once; sweep: [(DiffEditParams field, [values])], every combination; param: fields
+    fixed for every row; preset: None or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds:
+    each row's generator is seeded by seed + the edit's index (seeds in [0, 2**63 - 1], each once); batch_size:
+    edits run together through the three steps (the same numbers as one at a time within ~1e-5; settings that keep
+    the reference's batch-wide mask clamp or regularizer run one at a time); compile_mode: None, or torch.compile's
+    mode for the UNet (`StableDiffusion.compile_unet`). Every check comes before any work; a bad value is a
+    ValueError naming it. Interrupted once it has begun writing, it raises `Interrupted` (a KeyboardInterrupt)
+    saying what is kept."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
-    # Before any work: methods, edits, the grid, the model, the output folder
-    methods = list(methods)
-    unknown = sorted(set(methods) - set(METHOD_NAMES))
-    if unknown or not methods:
-        raise BadInput(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                       f"{', '.join(METHOD_NAMES)}")
+    # Before any work: the output folder, methods, seeds, the grid, edits, the model, a run already there
+    out = check_out(out)
+    methods, fixed, sweep, seeds = list(methods), dict(param or {}), list(sweep), list(seeds)
+    check_methods(methods)
+    check_seeds(seeds)
+    check_sweep(sweep, fixed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
     if edits == "shapes":
         cases = shapes_cases(n, edit_seed)
     elif Path(edits).is_file():
@@ -378,38 +604,23 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     if NEEDS_TRUTH & set(methods) and any(c.truth is None for c in cases):
         raise BadInput("--methods diffedit-gt-mask needs a ground-truth mask for every edit (a `mask` in each "
                        "manifest line)")
-    fixed, sweep, seeds = dict(param or {}), list(sweep), list(seeds)
     swept = [name for name, _ in sweep]
-    twice = sorted({f for f in swept if swept.count(f) > 1} | (set(swept) & set(fixed)))
-    if twice:
-        raise BadInput(f"--sweep / --param: {', '.join(twice)} given twice; sweep a field once, or fix it")
     try:  # the preset's fields under --param; a swept field is the sweep's
         fixed = {**{k: v for k, v in with_preset(preset, {}).items() if k not in swept}, **fixed}
     except (TypeError, ValueError) as e:
         raise BadInput(f"--{one_line(e)}") from None
     grid = settings_grid(sweep)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise BadInput(f"--seeds {','.join(map(str, seeds))}: seeds are ints >= 0")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
     location = model_location(model)
     from .params import read_edit_defaults
 
     local_defaults = read_edit_defaults(Path(location)) if isinstance(location, Path) else {}
     check_grid(fixed, grid, local_defaults)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file; give a folder")
     config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "preset": preset,
               "param": fixed, "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
-              "device": device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__}
-    config_file = out / "config.json"
-    if config_file.is_file():
-        if not resume:
-            raise BadInput(f"{out} holds a run already: pass --resume to continue it, or choose another --out")
-        before = {"preset": None, "compile": None, **json.loads(config_file.read_text())}  # runs from before both
-        if {k: v for k, v in before.items() if k != "model_fingerprint"} != config:
-            raise BadInput(f"--resume: {out} was run with other settings ({config_file}); choose another --out")
+              "device": device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__,
+              "edits_digest": cases_digest(cases)}
+    before = previous_config(out, resume)
+    check_same_run(before, config, [k for k in {**(before or {}), **config} if k not in MODEL_KEYS], out)
     try:
         torch_device, _ = pick_device(device, "float32")
     except ValueError as e:
@@ -422,84 +633,134 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
             check_params_for_model(sd, DiffEditParams.for_model(sd, **fixed, **setting))
         except (TypeError, ValueError) as e:
             raise BadInput(f"setting {setting or fixed}: {one_line(e)}") from None
+    config.update(model_fingerprint=model_identity(sd), model_edit_defaults=dict(sd.edit_defaults))
+    check_same_run(before, config, list(MODEL_KEYS), out)
     rank, world = distributed()  # after every check: joining the group waits for every rank's checks
+    plan = Plan(cases, methods, seeds, grid, fixed, batch_size)
+    done = finished_rows(out, plan.columns, world, own_file(out, rank, world))
     out.mkdir(parents=True, exist_ok=True)
-    if sd.folder is not None:
-        from .saved_inversion import fingerprint_of
-
-        config["model_fingerprint"] = fingerprint_of(sd)
     if rank == 0:
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        new_rows = run_rows(sd, plan, out, done, rank, world, quiet)
+        if rank == 0:
+            finish(out, plan, new_rows, quiet)
+    except KeyboardInterrupt:
+        raise interrupted(out) from None
+    return out / "records.csv"
 
-    # The jobs not done yet (this rank's share of them); each job's rows appended and flushed when it finishes
-    columns = ["edit", "kind", "method", "seed", *swept, *METRICS]
-    records_file = out / "records.csv"
-    shard_file = records_file if world == 1 else out / "shards" / f"records-{rank}.csv"
-    shard_file.parent.mkdir(exist_ok=True)
-    done = read_records(records_file, columns) + (read_records(shard_file, columns) if world > 1 else [])
-    done_keys = {row_key(r["edit"], r["method"], r["seed"], {k: r[k] for k in swept}) for r in done}
-    together = batch_size if all(batchable(DiffEditParams.for_model(sd, **fixed, **s)) for s in grid) else 1
-    jobs = plan_jobs(cases, methods, seeds, together)
 
-    def key(job: Job, case: Case, setting: dict) -> str:
-        return row_key(case.id, job.method, job.seed, setting)
+def own_file(out: Path, rank: int, world: int) -> Path:
+    """The file a process appends its rows to: records.csv alone, a shard of its own under torchrun."""
+    return out / "records.csv" if world == 1 else out / "shards" / f"records-{rank}.csv"
 
-    order = [row_key(case.id, method, seed, setting)  # records.csv's order, whatever the batching
-             for case in cases for seed in seeds for method in methods for setting in grid]
-    todo = [job for job in shard(jobs, methods, rank, world)
-            if any(key(job, case, setting) not in done_keys for _, case, setting in job_rows(job, grid))]
+
+def model_identity(sd) -> str | None:
+    """The model's fingerprint (`saved_inversion.fingerprint_of`), None for a model without files."""
+    from .saved_inversion import fingerprint_of
+
+    return None if sd.folder is None else fingerprint_of(sd)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run computes: its edits, methods, seeds, settings (over the fixed fields) and batch size."""
+
+    cases: list[Case]
+    methods: list[str]
+    seeds: list[int]
+    grid: list[dict]
+    fixed: dict
+    batch_size: int
+
+    @property
+    def swept(self) -> list[str]:
+        return list(self.grid[0]) if self.grid else []
+
+    @property
+    def columns(self) -> list[str]:
+        return ["edit", "kind", "method", "seed", *self.swept, *METRICS]
+
+    def order(self) -> list[str]:
+        """records.csv's order of row keys (edit, seed, method, setting), whatever the batching."""
+        return [row_key(case.id, method, seed, setting) for case in self.cases for seed in self.seeds
+                for method in self.methods for setting in self.grid]
+
+
+def run_rows(sd, plan: Plan, out: Path, done: list[dict], rank: int, world: int, quiet: bool) -> int:
+    """This rank's jobs not done yet, each job's rows appended to its file (`own_file`) and flushed when it finishes
+    (the first seed's pictures of the first edits kept for the examples grid); the number of new rows, over every
+    rank."""
     from tqdm import tqdm
 
+    grid, swept, shard_file = plan.grid, plan.swept, own_file(out, rank, world)
+    done_keys = {row_key(r["edit"], r["method"], r["seed"], {k: r[k] for k in swept}) for r in done}
+    together = plan.batch_size if all(batchable(DiffEditParams.for_model(sd, **plan.fixed, **s)) for s in grid) else 1
+    key = lambda job, case, setting: row_key(case.id, job.method, job.seed, setting)
+    todo = [job for job in shard(plan_jobs(plan.cases, plan.methods, plan.seeds, together), plan.methods, rank, world)
+            if any(key(job, case, setting) not in done_keys for _, case, setting in job_rows(job, grid))]
+    shard_file.parent.mkdir(exist_ok=True)
     fresh = not shard_file.is_file() or not shard_file.read_text()
     new_rows = 0
     with open(shard_file, "a", newline="") as f:  # the rows kept stay; new ones are appended, one flush per job
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=plan.columns)
         if fresh:
             writer.writeheader()
         bar = tqdm(total=sum(len(job_rows(job, grid)) for job in todo), desc="experiment", unit="row",
                    disable=quiet or not sys.stderr.isatty())
         for job in todo:
-            results = run_job(sd, job, grid, fixed)
+            results = run_job(sd, job, grid, plan.fixed)
             for (i, case, setting), (metrics, picture) in zip(job_rows(job, grid), results):
                 if key(job, case, setting) in done_keys:
                     continue  # kept from before the interruption
-                if i < EXAMPLES and job.seed == seeds[0]:  # kept for the examples grid
-                    folder = out / "examples" / case.id
-                    folder.mkdir(parents=True, exist_ok=True)
-                    case.image.save(folder / "input.png")
-                    picture.save(folder / f"{example_name(job.method, setting)}.png")
+                if i < EXAMPLES and job.seed == plan.seeds[0]:  # kept for the examples grid
+                    keep_example(out / "examples" / case.id, case, example_name(job.method, setting), picture)
                 writer.writerow({"edit": case.id, "kind": case.kind, "method": job.method, "seed": job.seed,
-                                 **setting, **{k: _cell(metrics.get(k)) for k in METRICS}})
+                                 **{k: setting_cell(v) for k, v in setting.items()},
+                                 **{k: _cell(metrics.get(k)) for k in METRICS}})
                 new_rows += 1
             f.flush()
             bar.update(len(results))
         bar.close()
-    if world > 1:
-        import torch.distributed as dist
+    return new_rows if world == 1 else all_ranks_sum(new_rows)
 
-        import torch
 
-        counted = torch.tensor([new_rows])
-        dist.all_reduce(counted)  # also waits until every shard is complete
-        new_rows = int(counted)
-        if rank != 0:
-            return records_file
-    # records.csv in edit, seed, method, setting order, whatever order the rows were written in (batches, ranks,
-    # resumed runs)
-    merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), columns, swept, order)
+def keep_example(folder: Path, case: Case, name: str, picture: Image.Image) -> None:
+    """An edit's input and one result, for the examples grid (the folder is the edit's id: a plain file name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    case.image.save(folder / "input.png")
+    picture.save(folder / f"{name}.png")
+
+
+def all_ranks_sum(count: int) -> int:
+    """The sum of every rank's `count`; also waits until every rank (and so every shard) is done."""
+    import torch
+    import torch.distributed as dist
+
+    counted = torch.tensor([count])
+    dist.all_reduce(counted)
+    return int(counted)
+
+
+def finish(out: Path, plan: Plan, new_rows: int, quiet: bool) -> None:
+    """Rank 0, every row written: records.csv in edit, seed, method, setting order whatever order the rows were
+    written in (batches, ranks, resumed runs), the summary, the examples grids and the plots."""
+    records_file = out / "records.csv"
+    merge_shards(records_file, sorted((out / "shards").glob("records-*.csv")), plan.columns, plan.swept,
+                 plan.order())
     rows = read_records(records_file)
-    write_summary(rows, swept, out)
-    example_grids(out, methods, grid)
+    write_summary(rows, plan.swept, out)
+    example_grids(out, plan.methods, plan.grid)
     from . import plots
 
     if plots.available():
-        plots.write_plots(rows, swept, out)
+        for reason in plots.write_plots(rows, plan.swept, out)[1]:
+            print(f"diffedit: note: {reason}", file=sys.stderr)
     else:
         print("diffedit: note: no plots: matplotlib is not installed (pip install -e \".[plots]\")", file=sys.stderr)
     if not quiet:
         print(f"diffedit: wrote {len(rows)} rows ({new_rows} new) to {records_file}, summary in "
               f"{out / 'summary.md'}", file=sys.stderr)
-    return records_file
 
 
 def distributed() -> tuple[int, int]:
@@ -622,6 +883,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise BadInput(f"--seeds {args.seeds}: expected comma-separated ints") from None
+    fields = [name for name, _ in args.param]
+    if repeated(fields):
+        raise BadInput(f"--param: {', '.join(repeated(fields))} given twice; fix each field once")
     return args
 
 
@@ -629,14 +893,18 @@ def main(argv: list[str] | None = None) -> int:
     """`diffedit experiment` under the command-line contract (`console.guarded`)."""
     argv = sys.argv[1:] if argv is None else argv
 
-    def run() -> None:
+    def run() -> int | None:
         args = parse_args(argv)
-        run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
-                       methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
-                       param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
-                       model=args.model,
-                       device=args.device, batch_size=args.batch_size, resume=args.resume, quiet=args.quiet,
-                       compile_mode=args.compile)
+        try:
+            run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
+                           methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
+                           param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
+                           model=args.model, device=args.device, batch_size=args.batch_size, resume=args.resume,
+                           quiet=args.quiet, compile_mode=args.compile)
+        except Interrupted as e:  # once writing began: what is kept (the contract's own line says nothing was)
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        return None
 
     return guarded(run, debug="--debug" in argv)
 

@@ -105,18 +105,29 @@ def mask_iou_vs(rows: list[dict], field: str, others: list[str], path: Path) -> 
     return True
 
 
-def write_plots(rows: list[dict], swept: list[str], out: Path) -> list[Path]:
-    """Every plot the records support, into out/plots/; the paths written."""
+def write_plots(rows: list[dict], swept: list[str], out: Path) -> tuple[list[Path], list[str]]:
+    """Every plot the records support, into out/plots/ (left out when there is none): the paths written, and a
+    line for each plot the sweep asks for but the records cannot give, saying why."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no screen
     folder = out / "plots"
+    existed = folder.is_dir()
     folder.mkdir(exist_ok=True)
-    written = []
-    if "inpaint_strength" in swept and tradeoff(rows, folder / "tradeoff.png"):
-        written.append(folder / "tradeoff.png")
+    written, skipped = [], []
+    if "inpaint_strength" in swept:
+        if tradeoff(rows, folder / "tradeoff.png"):
+            written.append(folder / "tradeoff.png")
+        else:
+            skipped.append("no plots/tradeoff.png: no row has both an edit success and a background PSNR (they need "
+                           "the shapes judge and a ground-truth region: run --edits shapes)")
     for field in (f for f in swept if f in MASK_FIELDS):
         path = folder / f"mask_iou_vs_{field}.png"
         if mask_iou_vs(rows, field, [o for o in swept if o != field], path):
             written.append(path)
-    return written
+        else:
+            skipped.append(f"no plots/{path.name}: no diffedit row has a mask IoU (it needs --methods diffedit and a "
+                           "ground-truth region for the edits: a `mask` in each manifest line, or --edits shapes)")
+    if not existed and not any(folder.iterdir()):
+        folder.rmdir()
+    return written, skipped

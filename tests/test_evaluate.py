@@ -298,3 +298,34 @@ def test_compile_compiles_the_unet_once_before_the_edits(tmp_path, monkeypatch, 
     monkeypatch.setattr(StableDiffusion, "compile_unet", lambda self, mode: modes.append(mode))
     assert evaluate.main(["--n", "1", "--quiet", "--compile", "--param", "num_inference_steps=4"]) in (0, 1)
     assert modes == ["default"]
+
+
+def test_a_goal_with_no_edits_of_its_kind_is_neither_passed_nor_failed():
+    """One edit (a colour edit): shape success has nothing to measure (NaN); it is shown as such, not as a FAIL."""
+    summary = {"mask_iou": 0.6, "colour_edit_success": 1.0, "shape_edit_success": float("nan"),
+               "background_psnr_db": 40.0, "seconds_per_edit": 1.0, "mask_recall": 0.5, "mask_precision": 0.25,
+               "mask_iou_ceiling": 0.875, "background_psnr_db_min": 30.0}
+    rows = evaluate.report_lines(summary, True)
+    assert rows[2] == ("shape_edit_success", "-", ">= 0.7", "no edits of this kind")
+    assert [r[3] for r in rows[:5]] == ["PASS", "PASS", "no edits of this kind", "PASS", "PASS"]
+
+
+def test_one_edit_reports_shape_success_as_no_edits_and_writes_valid_json(tmp_path, capsys):
+    def no_nan(text):
+        raise ValueError(f"{text} is not JSON")
+
+    evaluate.main(["--n", "1", "--quiet", "--param", "num_inference_steps=5", "--param", "num_maps_per_mask=2",
+                   "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    shape = next(line for line in out.splitlines() if line.startswith("shape_edit_success"))
+    assert shape.endswith("no edits of this kind") and "FAIL" not in shape
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=no_nan)  # NaN / Infinity refused
+    assert report["summary"]["shape_edit_success"] is None
+    assert next(g for g in report["goals"] if g["metric"] == "shape_edit_success") == {
+        "metric": "shape_edit_success", "value": None, "goal": ">= 0.7", "verdict": "no edits of this kind"}
+
+
+def test_a_param_given_twice_is_refused(capsys):
+    assert evaluate.main(["--n", "1", "--param", "eta=0", "--param", "eta=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--param: eta given twice" in err[0], err

@@ -15,7 +15,15 @@ from diffedit.console import BadInput
 
 torch.set_num_threads(1)
 
-SMALL = ["--n", "2", "--param", "num_inference_steps=8", "--param", "num_maps_per_mask=2", "--quiet"]
+SMALL_PARAMS = ("num_inference_steps=8", "num_maps_per_mask=2")
+SMALL = ["--n", "2", *(arg for value in SMALL_PARAMS for arg in ("--param", value)), "--quiet"]
+
+
+def small_with(extra: list[str]) -> list[str]:
+    """SMALL, then `extra`, without SMALL's --param of a field that `extra` fixes itself (a field is fixed once)."""
+    own = {value.split("=")[0] for flag, value in zip(extra, extra[1:]) if flag == "--param"}
+    params = [arg for value in SMALL_PARAMS if value.split("=")[0] not in own for arg in ("--param", value)]
+    return ["--n", "2", *params, "--quiet", *extra]
 
 
 def records(folder) -> list[dict]:
@@ -66,7 +74,8 @@ def test_a_diffedit_row_holds_the_scores_of_the_one_call_apis_edit(grid_run):
     assert row["edit_success"] == str(int(evaluate.judge(edit, np.asarray(result.image))[0]))
 
 
-def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monkeypatch):
+def test_an_interrupted_run_says_what_it_kept_and_resumes_to_the_same_records(grid_run, tmp_path, monkeypatch,
+                                                                                 capsys):
     out = tmp_path / "run"
     argv = ["experiment", "--out", str(out), "--methods", "diffedit,diffedit-gt-mask,encode-decode,sdedit",
             "--sweep", "inpaint_strength=0.4,0.6", "--seeds", "0,3", *SMALL]
@@ -80,12 +89,139 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
 
     monkeypatch.setattr(experiment, "run_job", dies_at_the_third)
     assert cli.main(argv) == 130 and len(records(out)) == 4  # two jobs of one edit and two settings
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was written" not in err[0], err  # config.json and four rows were
+    assert f"kept {out / 'config.json'} and the 4 rows finished so far" in err[0] and "--resume to continue" in err[0]
     with open(out / "records.csv", "a") as f:
         f.write("shapes-0-0,colour,sdedit,0,0.4,0.5")  # a row cut mid-line
     monkeypatch.setattr(experiment, "run_job", run_job)
     assert cli.main(argv) == 2  # not without --resume
     assert cli.main([*argv, "--resume"]) == 0
     assert without_seconds(records(out)) == without_seconds(records(grid_run))
+
+
+def test_an_interrupt_before_anything_is_written_says_so(tmp_path, monkeypatch, capsys):
+    from diffedit import StableDiffusion
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", interrupted)
+    assert cli.main(["experiment", "--out", str(tmp_path / "run"), *SMALL]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_one_process_resumes_an_interrupted_torchrun_run_from_its_shards(grid_run, tmp_path, monkeypatch):
+    """Rank 1 of two finished its jobs into shards/records-1.csv, rank 0 none: a one-process --resume computes only
+    rank 0's jobs and merges both into the uninterrupted run's records."""
+    import shutil
+
+    out = tmp_path / "run"
+    (out / "shards").mkdir(parents=True)
+    shutil.copy(grid_run / "config.json", out)
+    methods = list(experiment.METHOD_NAMES)
+    jobs = experiment.plan_jobs(experiment.shapes_cases(2, 0), methods, [0, 3], 1)
+    rank_1 = {(case.id, job.method, str(job.seed)) for job in experiment.shard(jobs, methods, 1, 2)
+              for _, case in job.cases}
+    kept = [r for r in records(grid_run) if (r["edit"], r["method"], r["seed"]) in rank_1]
+    with open(out / "shards" / "records-1.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    run_job, calls = experiment.run_job, []
+    monkeypatch.setattr(experiment, "run_job", lambda *args: calls.append(args[1]) or run_job(*args))
+    assert cli.main(["experiment", "--out", str(out), "--methods", ",".join(methods), "--sweep",
+                     "inpaint_strength=0.4,0.6", "--seeds", "0,3", *SMALL, "--resume"]) == 0
+    rows_of = lambda job_list: [([i for i, _ in job.cases], job.method, job.seed) for job in job_list]
+    assert rows_of(calls) == rows_of(experiment.shard(jobs, methods, 0, 2)) and 0 < len(kept) < len(records(grid_run))
+    assert without_seconds(records(out)) == without_seconds(records(grid_run)) and not (out / "shards").exists()
+
+
+def test_a_swept_null_is_written_as_null_and_resume_keeps_its_rows(tmp_path, monkeypatch):
+    argv = ["experiment", "--out", str(tmp_path / "run"), "--sweep", "clip_skip=null,1", *small_with(["--n", "1"])]
+    assert cli.main(argv) == 0
+    rows = records(tmp_path / "run")
+    assert [r["clip_skip"] for r in rows] == ["null", "1"]
+    monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("a finished row was computed again"))
+    assert cli.main([*argv, "--resume"]) == 0 and records(tmp_path / "run") == rows
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_with_a_runs_files_but_no_config_is_refused_and_left_as_it_was(resume, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "records.csv").write_text("edit,kind\nx,colour\n")
+    code = cli.main(["experiment", "--out", str(out), *SMALL, *(["--resume"] if resume else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds part of a run (records.csv) but no config.json" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["records.csv"]
+    assert (out / "records.csv").read_text() == "edit,kind\nx,colour\n"
+
+
+def test_the_largest_seed_runs_as_far_as_its_last_edits_generator(tmp_path):
+    path = experiment.run_experiment(tmp_path / "s", n=2, methods=["sdedit"], seeds=[2**63 - 1],
+                                     param={"num_inference_steps": 4})
+    assert [r["seed"] for r in records(path.parent)] == [str(2**63 - 1)] * 2
+
+
+def change_manifest(folder, model):
+    lines = (folder / "m.jsonl").read_text().replace("into", "to")
+    (folder / "m.jsonl").write_text(lines)
+
+
+def change_stored_defaults(folder, model):
+    defaults = json.loads((model / "diffedit.json").read_text())
+    (model / "diffedit.json").write_text(json.dumps({**defaults, "mask_thresholding_ratio": 2.5}))
+
+
+def change_weights(folder, model):
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last weight's lowest bits: the file still loads
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (change_manifest, "edits_digest \"[0-9a-f]+\" -> \"[0-9a-f]+\" \\(the edits' pictures, texts or ids changed\\)"),
+    (change_stored_defaults, "model_edit_defaults .*\"mask_thresholding_ratio\": 4.0.* -> .*"
+                             "\"mask_thresholding_ratio\": 2.5.*diffedit.json changed"),
+    (change_weights, "model_fingerprint \"[0-9a-f]+\" -> \"[0-9a-f]+\" \\(the model's weights or configs changed\\)"),
+])
+def test_resume_refuses_other_inputs_naming_what_changed_and_keeps_the_run(change, message, tmp_path, capsys):
+    import re
+    import shutil
+
+    from diffedit import shapes
+    from diffedit.locations import SHIPPED_MODEL
+
+    model = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, model)
+    edit = evaluate.heldout_edits(1, 5)[0]
+    Image.fromarray(shapes.render(edit.source)[0]).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "source": edit.source.caption,
+                                                  "target": f"turn it into {edit.target.caption}"}) + "\n")
+    argv = ["experiment", "--out", str(tmp_path / "run"), "--edits", str(tmp_path / "m.jsonl"), "--model",
+            str(model), "--param", "num_inference_steps=4", "--param", "num_maps_per_mask=2", "--quiet"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    change(tmp_path, model)
+    assert cli.main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_resume_with_other_settings_names_each_one_old_and_new(grid_run, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(grid_run, tmp_path / "run")
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), "--methods", "diffedit", "--sweep",
+                     "inpaint_strength=0.4,0.6", "--seeds", "0,4", *SMALL, "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert 'methods ["diffedit", "diffedit-gt-mask", "encode-decode", "sdedit"] -> ["diffedit"]; seeds [0, 3] -> ' \
+        '[0, 4]; resume it with its own settings' in err[0], err
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -99,13 +235,22 @@ def test_an_interrupted_run_resumes_to_the_same_records(grid_run, tmp_path, monk
     (["--sweep", "eta=0,0.5", "--sweep", "eta=1"], "eta given twice"),
     (["--sweep", "eta=0,0.5", "--param", "eta=1"], "eta given twice"),
     (["--preset", "slow"], "invalid choice: 'slow'"),
+    (["--sweep", "inpaint_strength=0.4,0.4"], "--sweep inpaint_strength: 0.4 given twice"),
+    (["--sweep", "inpaint_strength=0.4,0.40"], "--sweep inpaint_strength: 0.4 given twice"),  # one number
+    (["--seeds", "0,3,0"], "--seeds 0,3,0: 0 given twice"),
+    (["--methods", "diffedit,sdedit,diffedit"], "--methods: diffedit given twice"),
+    (["--param", "eta=0", "--param", "eta=1"], "--param: eta given twice"),
+    (["--seeds", "99999999999999999999"], "seeds are ints in [0, 9223372036854775807]"),
+    (["--seeds", "0,18446744073709551615"], "seeds are ints in [0, 9223372036854775807]"),  # + the edit's index
+    (["--out", ""], "--out is empty"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("work started"))
-    code = cli.main(["experiment", "--out", str(tmp_path / "run"), *SMALL, *extra])
+    monkeypatch.chdir(tmp_path)  # --out "" would be the current folder
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), *small_with(extra)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "run" / "records.csv").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written, anywhere
 
 
 def test_a_manifest_runs_the_users_own_pictures_and_needs_masks_for_the_ground_truth_method(tmp_path, capsys):
@@ -130,7 +275,9 @@ def test_a_manifest_runs_the_users_own_pictures_and_needs_masks_for_the_ground_t
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 1: not JSON"), ('{"image": "a.png"}', "expected an object with image, source and target"),
+    ('{"image": "missing.png", "source": "a", "target": "b"}', "line 1: input image"),
     ('{"image": "missing.png", "source": "a", "target": "b"}', "missing.png does not exist"),
+    ('{"image": "a.png", "source": "a", "target": "b", "mask": "gone.png"}', "line 1: mask"),
     ('{"image": "a.png", "source": "a", "target": "b", "colour": "red"}', "unknown fields ['colour']"),
 ])
 def test_a_bad_manifest_line_is_named(line, message, tmp_path):
@@ -138,6 +285,46 @@ def test_a_bad_manifest_line_is_named(line, message, tmp_path):
     (tmp_path / "m.jsonl").write_text(line + "\n")
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         experiment.manifest_cases(tmp_path / "m.jsonl")
+
+
+@pytest.mark.parametrize("case_id", ["../../ESCAPED", "/tmp/abs", "", ".", "..", "a/b", "a\\b", "a\u0000b"])
+def test_an_id_that_is_not_a_plain_file_name_is_refused_with_its_line_and_nothing_is_written(case_id, tmp_path,
+                                                                                            capsys):
+    """ids name folders under examples/: one that would leave --out (or name no folder) is refused before work."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "source": "a", "target": "b"}
+    (tmp_path / "m.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps({**good, 'id': case_id})}\n")
+    with pytest.raises(experiment.ManifestError, match="line 2: id .* is not a plain file name"):
+        experiment.manifest_cases(tmp_path / "m.jsonl")
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    code = cli.main(["experiment", "--out", str(work / "run"), "--edits", str(tmp_path / "m.jsonl"), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "line 2: id" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "deep", "er", "m.jsonl"]
+
+
+def test_manifest_lines_are_numbered_as_in_the_file_blank_lines_counting(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "source": "a", "target": "b"})
+    (tmp_path / "m.jsonl").write_text(f"\n{good}\n   \n{good}\n")
+    assert [c.id for c in experiment.manifest_cases(tmp_path / "m.jsonl")] == ["line-2", "line-4"]
+    (tmp_path / "m.jsonl").write_text(f"{good}\n\n\n{{not json\n")
+    with pytest.raises(experiment.ManifestError, match="line 4: not JSON"):
+        experiment.manifest_cases(tmp_path / "m.jsonl")
+
+
+def test_a_manifest_must_be_utf8_and_may_begin_with_a_byte_order_mark(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "source": "a caf\u00e9", "target": "b"}, ensure_ascii=False)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
+    assert [c.source for c in experiment.manifest_cases(tmp_path / "bom.jsonl")] == ["a caf\u00e9"]
+    (tmp_path / "latin1.jsonl").write_bytes(good.encode() + b"\n" + good.encode("latin-1") + b"\n")
+    with pytest.raises(experiment.ManifestError, match=r"line 2: not UTF-8 text \(byte 0xe9\); save the manifest"):
+        experiment.manifest_cases(tmp_path / "latin1.jsonl")
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), "--edits", str(tmp_path / "latin1.jsonl"), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not UTF-8 text" in err[0], err
 
 
 def test_metrics_on_hand_built_maps():
@@ -172,6 +359,35 @@ def test_plots_show_the_tradeoff_and_the_mask_ablation_and_are_optional(grid_run
     assert not (tmp_path / "bare" / "plots").exists() and (tmp_path / "bare" / "summary.md").is_file()
 
 
+def test_plots_a_manifest_cannot_give_are_named_on_stderr_with_the_reason(tmp_path, capsys):
+    """A manifest without masks: no judge and no ground truth, so neither the trade-off nor the mask plot can be
+    drawn; each is named with why, and no empty plots/ is left."""
+    Image.new("RGB", (32, 32), "pink").save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "source": "a", "target": "b"}) + "\n")
+    assert cli.main(["experiment", "--out", str(tmp_path / "run"), "--edits", str(tmp_path / "m.jsonl"),
+                     "--sweep", "inpaint_strength=0.4,0.6", "--sweep", "mask_thresholding_ratio=3", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "note: no plots/tradeoff.png: no row has both an edit success and a background PSNR" in err
+    assert "note: no plots/mask_iou_vs_mask_thresholding_ratio.png: no diffedit row has a mask IoU" in err
+    assert not (tmp_path / "run" / "plots").exists()
+
+
+def test_the_examples_title_is_wrapped_to_the_sheets_width_with_nothing_cut():
+    from PIL import ImageDraw
+
+    from diffedit.figures import _font
+
+    title = "diffedit: the input, then one column per setting (inpaint_strength, mask_thresholding_ratio)"
+    sheet = experiment.titled_to_fit(Image.new("RGB", (272, 100), "white"), title)
+    font, measure = _font(14), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = experiment.wrapped(title, lambda line: measure.textlength(line, font=font) <= 272 - 16)
+    assert len(lines) == 3 and " ".join(lines) == title  # every word, whole, over three lines
+    assert sheet.size == (272, 100 + 3 * 18 + 16)
+    assert experiment.wrapped("abcdefgh", lambda line: len(line) <= 3) == ["abc", "def", "gh"]  # a word too long
+    wide = experiment.titled_to_fit(Image.new("RGB", (2000, 100), "white"), title)
+    assert wide.size == (2000, 100 + 18 + 16)  # one line
+
+
 def test_the_same_run_from_python(grid_run, tmp_path):
     import diffedit
 
@@ -182,8 +398,10 @@ def test_the_same_run_from_python(grid_run, tmp_path):
     assert without_seconds(records(path.parent)) == without_seconds(records(grid_run))
     with pytest.raises(ValueError, match="--methods: unknown magic"):
         diffedit.run_experiment(tmp_path / "bad", methods=["magic"])
-    with pytest.raises(ValueError, match="seeds are ints >= 0"):
+    with pytest.raises(ValueError, match="seeds are ints in"):
         diffedit.run_experiment(tmp_path / "bad", seeds=[-1])
+    with pytest.raises(ValueError, match="--out is empty"):
+        diffedit.run_experiment("")
 
 
 def test_torchrun_shards_the_rows_and_rank_0_merges_what_one_process_writes(grid_run, tmp_path):
