@@ -44,7 +44,13 @@ def offload_device(gpu_id: int | None = None, device: str | torch.device | None 
         if not torch.accelerator.is_available():
             return None
         device = torch.accelerator.current_accelerator()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's "Invalid device string", or not a device at all
+        raise ValueError(f"enable_model_cpu_offload: device={device!r} is not a device torch knows (e.g. 'cuda', "
+                         "'cuda:1', 'xpu', 'mps', 'cpu')") from None
+    if device.type == "meta":
+        raise ValueError("enable_model_cpu_offload: device='meta' holds no data; the networks' weights would be lost")
     if gpu_id is not None and device.index is not None:
         raise ValueError(f"enable_model_cpu_offload: gpu_id={gpu_id} and device={device} both give an index; pass "
                          f"one of the two (device={device.type!r} with gpu_id, or device={str(device)!r} alone)")
@@ -97,10 +103,10 @@ def model_cpu_offload(sd: StableDiffusion, gpu_id: int | None = None,
                       device: str | torch.device | None = None) -> ModelOffload | None:
     """Offload for `sd` (its previous offload removed first), or None with a warning when there is no
     accelerator to offload to: diffusers raises there; we run as before on the CPU, same numbers."""
+    target = offload_device(gpu_id, device)  # first: a bad argument leaves the current offload as it is
     if sd.offload is not None:
         sd.offload.remove()
         sd.offload = None
-    target = offload_device(gpu_id, device)
     if target is None:
         warnings.warn("enable_model_cpu_offload: no accelerator is available, so nothing is offloaded and the model "
                       "runs where it is (on the CPU)", stacklevel=3)

@@ -21,7 +21,7 @@ from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.lora import (NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, lora_file, lora_from_tensors,
                           read_lora_file, save_lora_file, tensors_digest)
-from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig
+from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig, check_model_index
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .models import textual_inversion
@@ -137,8 +137,7 @@ class StableDiffusion:
             if not (folder / name).is_dir():
                 raise ModelNotFoundError(f"{folder} has no {name}/ folder")
         model_index = _read(index, lambda: json.loads(index.read_text()))
-        if not isinstance(model_index, dict):
-            raise ConfigError(f"{index}: expected a JSON object")
+        check_model_index(model_index, index)
         safety_checker, feature_extractor = load_safety_components(folder, model_index, str(path_or_repo_id),
                                                                    device, dtype, variant)
 

@@ -2,7 +2,9 @@
 
 Every key of a config file is either read, ignored on purpose (bookkeeping, or a training-only value), or pinned
 to the one value we implement. Anything else fails loudly with the field named, so a checkpoint we do not support
-is refused at load time instead of giving wrong pictures.
+is refused at load time instead of giving wrong pictures. Every value read is checked too: sizes are ints (not bools)
+>= 1, lists hold what they should, epsilons and scales are finite positive numbers, the heads divide the width they
+split and norm_num_groups every channel count; `from_file` names the file in the error.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..validation import ConfigError, check_keys
+from ..validation import BOOL, POSITIVE, ConfigError, Rule, check_keys, int_at_least, is_int, optional
 
 # Keys that never change the computation.
 _BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "architectures",
@@ -36,14 +38,60 @@ def load_json_object(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+POSITIVE_INT: Rule = int_at_least(1)
+
+
+def _ints(value: Any) -> bool:
+    """A non-empty JSON list of ints >= 1."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(is_int(v) and v >= 1 for v in value)
+
+
+INT_LIST: Rule = _ints, "a non-empty list of ints >= 1"
+INT_OR_LIST: Rule = (lambda v: (is_int(v) and v >= 1) or _ints(v)), "an int >= 1 or a list of them, one per level"
+TEXT_LIST: Rule = ((lambda v: isinstance(v, (list, tuple)) and all(isinstance(t, str) for t in v)),
+                   "a list of block names")
+# A default picture size: one int, or [height, width] of equal ints (diffusers accepts a pair; every SD pipeline
+# multiplies it as a number, so only a square one has a meaning here).
+SAMPLE_SIZE: Rule = ((lambda v: (is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                            and all(is_int(x) and x >= 1 for x in v) and v[0] == v[1])),
+                     "an int >= 1 (or a pair of equal ones: a non-square default size is not supported)")
+
+
+def _read(kind: str, raw: dict[str, Any], name: str, default: Any, rule: Rule) -> Any:
+    """The field's value (`default` when absent), checked: a ConfigError names the field, the value and what it
+    must be."""
+    value = raw.get(name, default)
+    test, what = rule
+    if not test(value):
+        raise ConfigError(f"{kind} config: {name}={value!r} must be {what}")
+    return value
+
+
 def _per_level(kind: str, name: str, value: Any, levels: int) -> tuple[int, ...]:
-    """An int, or one int per UNet level."""
-    if isinstance(value, int):
+    """An int, or one int per UNet level (the value already checked as INT_OR_LIST)."""
+    if is_int(value):
         return (value,) * levels
     value = tuple(value)
     if len(value) != levels:
         raise ConfigError(f"{kind} config: {name} has {len(value)} entries for {levels} levels")
     return value
+
+
+def _sample_size(value: Any) -> int:
+    """A checked SAMPLE_SIZE as one int."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _check_groups(kind: str, groups: int, channels: tuple[int, ...]) -> None:
+    """GroupNorm splits every channel count of the network into `groups` equal groups."""
+    if bad := [c for c in channels if c % groups]:
+        raise ConfigError(f"{kind} config: norm_num_groups={groups} must divide every channel count of "
+                          f"block_out_channels={list(channels)} (not {', '.join(map(str, bad))})")
+
+
+def _with_file(path: Path, error: ConfigError) -> ConfigError:
+    """A parse error of a config file, with the file named first."""
+    return ConfigError(f"{path}: {error}")
 
 
 # --------------------------------------------------------------------------------------------------- UNet
@@ -112,10 +160,11 @@ class UNetConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "UNetConfig":
         read = {f.name for f in fields(cls)} | {"attention_head_dim", "num_attention_heads"}
         check_keys("unet", raw, read - {"num_heads"}, _UNET_IGNORED | _BOOKKEEPING, _UNET_PINNED)
-        blocks = tuple(raw.get("block_out_channels", cls.block_out_channels))
+        field = lambda name, default, rule: _read("unet", raw, name, default, rule)
+        blocks = tuple(field("block_out_channels", cls.block_out_channels, INT_LIST))
         levels = len(blocks)
-        down = tuple(raw.get("down_block_types", cls.down_block_types))
-        up = tuple(raw.get("up_block_types", cls.up_block_types))
+        down = tuple(field("down_block_types", cls.down_block_types, TEXT_LIST))
+        up = tuple(field("up_block_types", cls.up_block_types, TEXT_LIST))
         for name, types, allowed in (("down_block_types", down, _DOWN_TYPES), ("up_block_types", up, _UP_TYPES)):
             if len(types) != levels:
                 raise ConfigError(f"unet config: {name} has {len(types)} entries for {levels} levels")
@@ -123,35 +172,61 @@ class UNetConfig:
                 if t not in allowed:
                     raise ConfigError(f"unet config: unsupported block {t!r} in {name} (supported: {allowed})")
         # diffusers' SD UNets store the *number of heads* under attention_head_dim; num_attention_heads wins if set.
-        heads = raw.get("num_attention_heads") or raw.get("attention_head_dim", 8)
-        layers = raw.get("transformer_layers_per_block", 1)
+        heads_name = "num_attention_heads" if raw.get("num_attention_heads") is not None else "attention_head_dim"
+        heads = _per_level("unet", heads_name, field(heads_name, 8, INT_OR_LIST), levels)
+        # Each attention splits its level's channels into equal heads. (diffusers builds a narrower attention,
+        # heads x (channels // heads) wide, when they do not divide; its checkpoints then do not fit this UNet.)
+        attending = {i for i, t in enumerate(down) if t.startswith("CrossAttn")} | {levels - 1}  # + the mid block
+        attending |= {levels - 1 - k for k, t in enumerate(up) if t.startswith("CrossAttn")}
+        for i in sorted(attending):
+            if blocks[i] % heads[i]:
+                raise ConfigError(f"unet config: {heads_name}={raw.get(heads_name, 8)!r} gives {heads[i]} attention "
+                                  f"heads at level {i}, which do not divide its {blocks[i]} channels "
+                                  "(diffusers' SD UNets store the number of heads under this name)")
+        layers = _per_level("unet", "transformer_layers_per_block",
+                            field("transformer_layers_per_block", 1, INT_OR_LIST), levels)
         groups = raw.get("norm_num_groups", 32)
         if groups is None:
             raise ConfigError("unet config: norm_num_groups=None is not supported")
+        groups = field("norm_num_groups", 32, POSITIVE_INT)
+        _check_groups("unet", groups, blocks)
+        sample = raw.get("sample_size")
         return cls(
-            in_channels=raw.get("in_channels", 4),
-            out_channels=raw.get("out_channels", 4),
+            in_channels=field("in_channels", 4, POSITIVE_INT),
+            out_channels=field("out_channels", 4, POSITIVE_INT),
             block_out_channels=blocks,
             down_block_types=down,
             up_block_types=up,
-            layers_per_block=_int_only("unet", "layers_per_block", raw.get("layers_per_block", 2)),
-            num_heads=_per_level("unet", "attention_head_dim", heads, levels),
-            transformer_layers_per_block=_per_level("unet", "transformer_layers_per_block", layers, levels),
-            cross_attention_dim=_int_only("unet", "cross_attention_dim", raw.get("cross_attention_dim", 768)),
+            layers_per_block=_int_only("unet", "layers_per_block", field("layers_per_block", 2, INT_OR_LIST)),
+            num_heads=heads,
+            transformer_layers_per_block=layers,
+            cross_attention_dim=_int_only("unet", "cross_attention_dim",
+                                          field("cross_attention_dim", 768, INT_OR_LIST)),
             norm_num_groups=groups,
-            norm_eps=raw.get("norm_eps", 1e-5),
-            use_linear_projection=bool(raw.get("use_linear_projection", False)),
-            upcast_attention=bool(raw.get("upcast_attention", False)),
-            sample_size=raw.get("sample_size") or 64,
+            norm_eps=field("norm_eps", 1e-5, POSITIVE),
+            use_linear_projection=bool(field("use_linear_projection", False, optional(BOOL))),  # null: off
+            upcast_attention=bool(field("upcast_attention", False, optional(BOOL))),
+            # diffusers' default is None (no default size); ours 64, SD 1.x's latent side
+            sample_size=64 if sample is None else _sample_size(field("sample_size", 64, SAMPLE_SIZE)),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "UNetConfig":
-        return cls.from_dict(load_json_object(path))
+        raw = load_json_object(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise _with_file(_config_path(path), e) from None
+
+
+def _config_path(path: str | Path) -> Path:
+    """The config file a path names (a folder: its config.json), as `load_json_object` reads it."""
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
 
 
 def _int_only(kind: str, name: str, value: Any) -> int:
-    if not isinstance(value, int):
+    if not is_int(value):
         raise ConfigError(f"{kind} config: {name}={value!r} must be a single integer")
     return value
 
@@ -189,26 +264,32 @@ class VAEConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
         read = {f.name for f in fields(cls)} | {"down_block_types", "up_block_types"}
         check_keys("vae", raw, read, _VAE_IGNORED | _BOOKKEEPING, _VAE_PINNED)
-        blocks = tuple(raw.get("block_out_channels", cls.block_out_channels))
+        field = lambda name, default, rule: _read("vae", raw, name, default, rule)
+        blocks = tuple(field("block_out_channels", cls.block_out_channels, INT_LIST))
         for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = tuple(raw.get(name, (allowed,) * len(blocks)))
+            types = tuple(field(name, (allowed,) * len(blocks), TEXT_LIST))
             if len(types) != len(blocks) or any(t != allowed for t in types):
                 raise ConfigError(f"vae config: unsupported {name}={list(types)} (expected {allowed} per level)")
-        sample = raw.get("sample_size", 512)
+        groups = field("norm_num_groups", 32, POSITIVE_INT)
+        _check_groups("vae", groups, blocks)  # the VAE's attention has one head: nothing to divide there
         return cls(
-            in_channels=raw.get("in_channels", 3),
-            out_channels=raw.get("out_channels", 3),
+            in_channels=field("in_channels", 3, POSITIVE_INT),
+            out_channels=field("out_channels", 3, POSITIVE_INT),
             block_out_channels=blocks,
-            layers_per_block=raw.get("layers_per_block", 2),
-            latent_channels=raw.get("latent_channels", 4),
-            norm_num_groups=raw.get("norm_num_groups", 32),
-            scaling_factor=float(raw.get("scaling_factor", 0.18215)),
-            sample_size=sample[0] if isinstance(sample, (list, tuple)) else sample,
+            layers_per_block=_int_only("vae", "layers_per_block", field("layers_per_block", 2, INT_OR_LIST)),
+            latent_channels=field("latent_channels", 4, POSITIVE_INT),
+            norm_num_groups=groups,
+            scaling_factor=float(field("scaling_factor", 0.18215, POSITIVE)),
+            sample_size=_sample_size(field("sample_size", 512, SAMPLE_SIZE)),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "VAEConfig":
-        return cls.from_dict(load_json_object(path))
+        raw = load_json_object(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise _with_file(_config_path(path), e) from None
 
 
 # --------------------------------------------------------------------------------------------------- CLIP text
@@ -253,14 +334,37 @@ class CLIPTextConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "CLIPTextConfig":
         if "text_config" in raw:  # a full CLIPModel config: take its text half
             raw = raw["text_config"]
+            if not isinstance(raw, dict):
+                raise ConfigError("text_encoder config: text_config must be a JSON object")
         read = {f.name for f in fields(cls)}
         check_keys("text_encoder", raw, read, _HF_GENERIC | _BOOKKEEPING)
-        _check_activation("text_encoder", raw.get("hidden_act", "quick_gelu"))
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        return cls(**_clip_tower_fields("text_encoder", raw, cls))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "CLIPTextConfig":
-        return cls.from_dict(load_json_object(path))
+        raw = load_json_object(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise _with_file(_config_path(path), e) from None
+
+
+def _clip_tower_fields(kind: str, raw: dict[str, Any], cls) -> dict[str, Any]:
+    """A CLIP text or vision config's values, each checked (sizes are ints >= 1, layer_norm_eps a positive number,
+    the activation one we implement), and the heads dividing the width as transformers requires; the dataclass's
+    default for an absent field."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    values = {}
+    for name, default in defaults.items():
+        if name == "hidden_act":
+            _check_activation(kind, raw.get(name, default))
+            values[name] = raw.get(name, default)
+        else:
+            values[name] = _read(kind, raw, name, default, POSITIVE if name == "layer_norm_eps" else POSITIVE_INT)
+    if values["hidden_size"] % values["num_attention_heads"]:
+        raise ConfigError(f"{kind} config: num_attention_heads={values['num_attention_heads']} must divide "
+                          f"hidden_size={values['hidden_size']} (each head takes an equal share of the width)")
+    return values
 
 
 # --------------------------------------------------------------------------------------------------- CLIP vision
@@ -286,13 +390,12 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "CLIPVisionConfig":
-        check_keys("safety_checker vision_config", raw, {f.name for f in fields(cls)}, _HF_GENERIC | _BOOKKEEPING)
-        config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        _check_activation("safety_checker vision_config", config.hidden_act)
-        if config.image_size % config.patch_size or config.hidden_size % config.num_attention_heads:
-            raise ConfigError(f"safety_checker vision_config: image_size={config.image_size} must be a multiple of "
-                              f"patch_size={config.patch_size} and hidden_size={config.hidden_size} of "
-                              f"num_attention_heads={config.num_attention_heads}")
+        kind = "safety_checker vision_config"
+        check_keys(kind, raw, {f.name for f in fields(cls)}, _HF_GENERIC | _BOOKKEEPING)
+        config = cls(**_clip_tower_fields(kind, raw, cls))
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"{kind}: image_size={config.image_size} must be a multiple of "
+                              f"patch_size={config.patch_size}")
         return config
 
 
@@ -329,4 +432,66 @@ class SafetyCheckerConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SafetyCheckerConfig":
-        return cls.from_dict(load_json_object(path))
+        raw = load_json_object(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise _with_file(_config_path(path), e) from None
+
+
+# --------------------------------------------------------------------------------------------------- model_index.json
+
+# diffusers' schedulers for SD pipelines (its KarrasDiffusionSchedulers, the `_compatibles` of DDIMScheduler), less
+# EDMEulerScheduler (a model trained for EDM's sigmas: its config has no beta schedule for DDIM to read). DiffEdit
+# samples with DDIM whatever the folder ships, reading the scheduler's betas and prediction type; any other class
+# (flow matching, LCM, TCD, ...) belongs to a model DDIM does not sample.
+SD_SCHEDULERS = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
+)
+# The inverse schedulers diffusers' DiffEdit pipeline takes (it saves the one it ran with).
+INVERSE_SCHEDULERS = ("DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler")
+# component -> the [library, class] entries we build it from; each is required.
+MODEL_INDEX_CLASSES: dict[str, tuple[list[str], ...]] = {
+    "unet": (["diffusers", "UNet2DConditionModel"],),
+    "vae": (["diffusers", "AutoencoderKL"],),
+    "text_encoder": (["transformers", "CLIPTextModel"],),
+    "tokenizer": (["transformers", "CLIPTokenizer"], ["transformers", "CLIPTokenizerFast"]),
+    "scheduler": tuple(["diffusers", name] for name in SD_SCHEDULERS),
+}
+_OPTIONAL_INDEX = {"inverse_scheduler": tuple(["diffusers", name] for name in INVERSE_SCHEDULERS),
+                   "image_encoder": ()}  # only absent or none: an IP-Adapter image encoder is not used
+# Read by `diffedit/safety.py` (checker, image processor, requires_safety_checker), or bookkeeping.
+_INDEX_ELSEWHERE = {"safety_checker", "feature_extractor", "requires_safety_checker", "_class_name",
+                    "_diffusers_version", "_name_or_path"}
+
+
+def _named(entry: Any) -> bool:
+    """A model_index.json entry that names a component (not absent, null or [null, null])."""
+    return entry is not None and entry != [None, None]
+
+
+def check_model_index(raw: dict[str, Any], path: str | Path) -> None:
+    """A model folder's model_index.json names, for each component we build, the class we build it as (diffusers'
+    [library, class] pairs, `MODEL_INDEX_CLASSES`), and no component we would leave out (an SDXL `text_encoder_2`,
+    say); the scheduler may be any of `SD_SCHEDULERS`, since DiffEdit samples with DDIM from its config. One
+    ConfigError names the file and the entry. (The safety checker's entries are `safety.load_safety_components`'.)"""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    for name, allowed in {**MODEL_INDEX_CLASSES, **_OPTIONAL_INDEX}.items():
+        entry = raw.get(name)
+        if name in MODEL_INDEX_CLASSES and not _named(entry):
+            raise ConfigError(f"{path}: no {name} entry; a Stable Diffusion folder names it ({allowed[0]})")
+        if _named(entry) and entry not in allowed:
+            if name == "scheduler":
+                what = f"DiffEdit samples with DDIM from the config of one of diffusers' SD schedulers: " \
+                       f"{', '.join(SD_SCHEDULERS)}"
+            else:
+                what = f"diffedit builds {' or '.join(map(str, allowed))}" if allowed else "set it to [null, null]"
+            raise ConfigError(f"{path}: unsupported {name} {entry!r}; {what}")
+    if unknown := sorted(set(raw) - set(MODEL_INDEX_CLASSES) - set(_OPTIONAL_INDEX) - _INDEX_ELSEWHERE):
+        raise ConfigError(f"{path}: unknown component(s) {', '.join(unknown)}; diffedit loads Stable Diffusion 1.x "
+                          f"/ 2.x folders ({', '.join(MODEL_INDEX_CLASSES)}, optionally inverse_scheduler, "
+                          "safety_checker, feature_extractor)")

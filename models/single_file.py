@@ -12,7 +12,8 @@ One .safetensors holds the whole model under three prefixes:
 
 The key tables are built from our modules' own state-dict keys (so from the configs), never listed per model. Reading
 is strict like `weights.load_state`: every key of the file is used or is one of the known unused entries below, every
-shape is checked, and one WeightsError lists every problem. Known unused entries (diffusers' converter skips them too):
+shape and dtype is checked (a floating-point weight stored as integers is refused), and one WeightsError lists every
+problem. Known unused entries (diffusers' converter skips them too):
 - `model_ema.*`: EMA copies of the UNet (diffusers loads the non-EMA weights unless asked; so do we);
 - the training schedule's buffers (`betas`, `alphas_cumprod`, ...) and CLIP's `position_ids`;
 - OpenCLIP's `text_projection` and `logit_scale` (used by image-text similarity only), and its last residual block,
@@ -31,7 +32,7 @@ from torch import nn
 
 from .config import UNetConfig, VAEConfig
 from ..validation import PICKLE_SUFFIXES
-from .weights import IGNORED_KEYS, WeightsError, key_problems, read_safetensors, shape_fits
+from .weights import IGNORED_KEYS, WeightsError, key_problems, not_floating, read_safetensors, shape_fits
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -209,6 +210,7 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
     slots = layout(modules, text_layout)
     text_layers = modules["text_encoder"].config.num_hidden_layers
     wanted: dict[str, tuple] = {}  # file key -> expected shape (blocks of a fused key summed)
+    floating: set[str] = set()  # file keys of tensors the model holds in floating point
     for name, table in slots.items():
         expected = modules[name].state_dict()
         for key, slot in table.items():
@@ -216,11 +218,14 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
             if slot.parts > 1:
                 shape = (shape[0] * slot.parts, *shape[1:])
             wanted[slot.key] = shape + ((1, 1) if slot.conv else ())
+            if expected[key].is_floating_point():
+                floating.add(slot.key)
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(k for k in set(state) - set(wanted) if not _known_unused(k, text_layers))
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {wanted[k]}" for k in set(wanted) & set(state)
                        if not shape_fits(state[k], torch.Size(wanted[k])))
-    problems = key_problems(missing, unexpected, misshaped, 8)
+    wrong_dtype = not_floating(state, floating, 8)
+    problems = key_problems(missing, unexpected, misshaped, 8) + ([f"  {wrong_dtype}"] if wrong_dtype else [])
     if problems:
         raise WeightsError("\n".join([f"{source}: not a single-file checkpoint of this model ({_describe(state)}, "
                                       f"{'OpenCLIP' if text_layout == 'openclip' else 'OpenAI CLIP'} text encoder "

@@ -13,6 +13,9 @@ file's name without its extension is the token.
 A vector of shape (D,) or (1, D) adds one token; (n, D) adds `<tok>`, `<tok>_1`, ..., `<tok>_{n-1}`, and `<tok>`
 in a prompt stands for all n. Refused as diffusers refuses them: a token already in the vocabulary (or its
 `<tok>_1`), a width other than the text encoder's, duplicate tokens, path and token lists of different lengths.
+Refused where diffusers accepts them: a token the tokenizer already reads as one token, such as a plain word
+("paintings", whose entry is `paintings</w>`) or a known token in other letter case ("Red"), which would take
+that word's place in every prompt.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..validation import PICKLE_SUFFIXES, listed
+from .tokenizer import END_OF_WORD
 from .weights import WeightsError, read_safetensors
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"  # what diffusers looks for in a folder
@@ -163,6 +167,14 @@ def check_fits(embeddings: list[Embedding], tokenizer, width: int) -> None:
             if name in vocab:
                 raise ValueError(f"{e.origin}: token {name!r} is already in the tokenizer's vocabulary; pick "
                                  "another with token= (or unload_textual_inversion() the loaded one)")
+        # diffusers checks the vocabulary's entries only, and CLIP's whole words are entries with `</w>` ("red</w>"):
+        # it takes "paintings" or "Red" and every prompt's word then reads as the learned one. A token the tokenizer
+        # already reads as one token (in any case) is refused.
+        if (known := tokenizer.single_token(e.token)) is not None:
+            word = known.removesuffix(END_OF_WORD)
+            raise ValueError(f"{e.origin}: token {e.token!r} is already a word of the tokenizer ({known!r}): every "
+                             f"prompt's {word!r} would read as the learned one; pick another with token= (e.g. "
+                             f"'<{e.token.lower()}>')")
         vector_of = re.fullmatch(r"(.+)_\d+", e.token)
         if vector_of and vector_of.group(1) in added | {o.token for o in embeddings if o is not e}:
             raise ValueError(f"{e.origin}: token {e.token!r} reads as a vector of the word {vector_of.group(1)!r}; "

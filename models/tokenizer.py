@@ -215,6 +215,12 @@ class CLIPTokenizer:
         """The words `add_word` added, with their id counts, in id order."""
         return list(self._words)
 
+    def single_token(self, text: str) -> str | None:
+        """The one token the tokenizer reads `text` as (after lower-casing: a vocabulary word `word</w>`, a
+        vocabulary entry, a special or an added token), or None when it reads it as several."""
+        tokens = self._backend.encode(text).tokens
+        return tokens[0] if len(tokens) == 1 else None
+
     @staticmethod
     def word_tokens(word: str, n_ids: int) -> list[str]:
         """The token texts of a word with n ids: `word`, `word_1`, ..., `word_{n-1}` (diffusers' names)."""

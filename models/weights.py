@@ -107,6 +107,17 @@ def key_problems(missing: list[str], unexpected: list[str], misshaped: list[str]
             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
 
 
+def not_floating(state: dict[str, torch.Tensor], floating: set[str], limit: int = 6) -> str:
+    """The problem, or "": tensors of `state` whose keys the model holds in floating point (`floating`) stored as
+    integers or bools (a damaged or mislabelled file: converting them would run the model on truncated weights)."""
+    wrong = sorted(f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+                   if k in floating and not v.is_floating_point())
+    if not wrong:
+        return ""
+    return (f"weights the model holds in floating point are stored as integers or bools: {listed(wrong, limit)}; "
+            "a damaged or mislabelled file (save them as float32, float16 or bfloat16)")
+
+
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Copy a checkpoint into `module` after checking every key and shape; fail once, listing every problem.
@@ -123,6 +134,8 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     problems = key_problems(missing, unexpected, misshaped, 12)
     if problems:
         raise WeightsError("\n".join([f"{source}: weights do not fit the model", *problems]))
+    if wrong := not_floating(state, {k for k, v in expected.items() if v.is_floating_point()}):
+        raise WeightsError(f"{source}: {wrong}")
     ready = {k: state[k].reshape(expected[k].shape).to(device=device, dtype=_cast(state[k], dtype))
              for k in expected}
     assert len(ready) == len(expected), "every key of the model is copied exactly once"

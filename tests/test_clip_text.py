@@ -119,3 +119,27 @@ def test_full_size_state_dict_keys_and_shapes_match_transformers(raw):
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == expected
     assert not any("position_ids" in k for k in got)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_attention_heads", 5, "num_attention_heads=5 must divide hidden_size=32"),
+    ("num_attention_heads", 64, "num_attention_heads=64 must divide hidden_size=32"),
+    ("hidden_size", "32", "hidden_size='32' must be an int >= 1"),
+    ("num_hidden_layers", 2.0, "num_hidden_layers=2.0 must be an int >= 1"),
+    ("vocab_size", True, "vocab_size=True must be an int >= 1"),
+    ("layer_norm_eps", float("nan"), "layer_norm_eps=nan must be a positive number"),
+])
+def test_config_values_that_cannot_run_are_refused_at_parse_time_naming_the_field(field, value, words):
+    """They used to load and fail at the first forward pass (heads not dividing the width), or escape as a raw
+    TypeError."""
+    with pytest.raises(ValueError) as e:
+        CLIPTextConfig.from_dict({**SD1_STYLE, field: value})
+    assert type(e.value).__name__ == "ConfigError" and str(e.value).startswith(f"text_encoder config: {words}")
+
+
+@pytest.mark.parametrize("heads", [5, 64])
+def test_heads_that_do_not_divide_the_width_are_refused_as_transformers_refuses_them(heads):
+    with pytest.raises(Exception, match="not a multiple of the number of attention heads"):  # its config validator
+        transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**SD1_STYLE, "num_attention_heads": heads}))
+    with pytest.raises(ValueError, match=f"num_attention_heads={heads} must divide hidden_size=32"):
+        CLIPTextConfig.from_dict({**SD1_STYLE, "num_attention_heads": heads})

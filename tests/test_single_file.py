@@ -393,6 +393,27 @@ def test_non_finite_weight_is_refused(sd1_file, sd1_folder, tmp_path):
         StableDiffusion.from_single_file(bad, config=sd1_folder)
 
 
+def test_integer_and_bool_weights_are_refused_naming_the_files_keys_and_dtypes(sd1_file, sd1_folder, tmp_path):
+    """They used to escape from load_state_dict as torch's "Only Tensors of floating point ... can require
+    gradients"; now they are one more line of the file's one error, with the other problems."""
+    text_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+
+    def change(s):
+        s[CONV_IN] = s[CONV_IN].to(torch.int32)
+        s[text_key] = s[text_key].bool()
+        s.pop(VAE_Q)
+
+    bad = edited_copy(sd1_file, tmp_path, change)
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_single_file(bad, config=sd1_folder)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith(f"{bad}: not a single-file checkpoint of this model")
+    assert lines[1:] == [f"  missing: {VAE_Q}",
+                         f"  weights the model holds in floating point are stored as integers or bools: {text_key} "
+                         f"(bool), {CONV_IN} (int32); a damaged or mislabelled file (save them as float32, float16 "
+                         "or bfloat16)"]
+
+
 def test_pickle_truncated_and_missing_files_are_refused(sd1_file, sd1_folder, tmp_path):
     class Trap:
         def __reduce__(self):  # unpickling this would create the marker file

@@ -263,3 +263,160 @@ def test_a_config_that_is_not_a_json_object_is_one_config_error_naming_the_file(
     (folder / "unet" / "config.json").write_bytes(content)
     with pytest.raises(ConfigError, match=r"unet/config.json (is not valid JSON|must hold a JSON object)"):
         StableDiffusion.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("component, key, dtype", [("unet", "conv_in.weight", torch.int32),
+                                                   ("vae", "decoder.conv_out.bias", torch.int64),
+                                                   ("text_encoder", "final_layer_norm.weight", torch.bool)])
+def test_integer_or_bool_weights_are_one_weights_error_naming_the_key_and_dtype(sd1_folder, tmp_path, component,
+                                                                                key, dtype):
+    """They used to escape from load_state_dict as torch's "Only Tensors of floating point ... can require
+    gradients"."""
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    f = next((folder / component).glob("*.safetensors"))
+    state = load_file(f)
+    name = next(k for k in state if k.endswith(key))  # the text encoder's keys carry the hub's text_model. prefix
+    state[name] = state[name].to(dtype)
+    save_file(state, f)
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_pretrained(folder)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{component}/: ")
+    assert f"stored as integers or bools: {key} ({str(dtype).removeprefix('torch.')})" in message
+
+
+BAD_CONFIGS = {
+    # name: (component, field, value, words of the message)
+    "text width as text": ("text_encoder", "hidden_size", "32", "hidden_size='32' must be an int >= 1"),
+    "text heads not dividing": ("text_encoder", "num_attention_heads", 5,
+                                "num_attention_heads=5 must divide hidden_size=32"),
+    "text eps zero": ("text_encoder", "layer_norm_eps", 0, "layer_norm_eps=0 must be a positive number"),
+    "vae layers per level": ("vae", "layers_per_block", [1, 1, 1, 1], "layers_per_block=[1, 1, 1, 1] must be a "
+                                                                      "single integer"),
+    "vae scaling text": ("vae", "scaling_factor", "abc", "scaling_factor='abc' must be a positive number"),
+    "vae groups": ("vae", "norm_num_groups", 3, "norm_num_groups=3 must divide every channel count"),
+    "vae non-square size": ("vae", "sample_size", [64, 32], "sample_size=[64, 32] must be an int >= 1 (or a pair of "
+                                                           "equal ones"),
+    "unet groups": ("unet", "norm_num_groups", 7, "norm_num_groups=7 must divide every channel count of "
+                                                  "block_out_channels=[32, 64]"),
+    "unet heads 3": ("unet", "attention_head_dim", 3, "attention_head_dim=3 gives 3 attention heads at level 0, "
+                                                     "which do not divide its 32 channels"),
+    "unet heads 64": ("unet", "attention_head_dim", 64, "attention_head_dim=64 gives 64 attention heads at level 0"),
+    "unet bool width": ("unet", "cross_attention_dim", True, "cross_attention_dim=True must be"),
+    "unet flag as text": ("unet", "use_linear_projection", "false", "use_linear_projection='false' must be None "
+                                                                    "or True or False"),
+    "unet block list": ("unet", "block_out_channels", [32, "64"], "block_out_channels=[32, '64'] must be a "
+                                                                 "non-empty list of ints"),
+    "unet nested layers": ("unet", "transformer_layers_per_block", [[1, 1], 1], "transformer_layers_per_block="),
+    "unet sample pair": ("unet", "sample_size", [8, 16], "sample_size=[8, 16] must be an int >= 1 (or a pair"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CONFIGS)
+def test_a_config_value_of_the_wrong_type_or_size_is_one_config_error_naming_the_file_and_field(sd1_folder, tmp_path,
+                                                                                                name):
+    """Each of these used to load and fail at the first forward pass, or escape as a raw TypeError / ValueError."""
+    component, key, value, words = BAD_CONFIGS[name]
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    cfg = folder / component / "config.json"
+    raw = json.loads(cfg.read_text())
+    raw[key] = value
+    cfg.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError) as e:
+        StableDiffusion.from_pretrained(folder)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{cfg}: {component} config: ")
+    assert words in message
+
+
+def test_a_square_sample_size_pair_reads_as_its_side(sd1_folder, tmp_path):
+    """diffusers accepts [h, w]; every SD pipeline uses it as one number, so only a square pair is read (as that
+    number); a non-square one is refused (above)."""
+    folder = shutil.copytree(sd1_folder, tmp_path / "m")
+    for component, side in (("unet", 8), ("vae", 64)):
+        cfg = folder / component / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "sample_size": [side, side]}))
+    sd = StableDiffusion.from_pretrained(folder)
+    assert sd.unet.config.sample_size == 8 and sd.vae.config.sample_size == 64
+
+
+def test_model_index_of_diffusers_stable_diffusion_and_diffedit_pipelines_passes(sd1_folder, tmp_path):
+    """The folders diffusers writes: StableDiffusionPipeline's (the fixture) and the DiffEdit pipeline's, which adds
+    its inverse_scheduler; also the official repos' PNDM scheduler and a checker with its image processor."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+
+    from diffedit.models.config import check_model_index
+
+    index = json.loads((sd1_folder / "model_index.json").read_text())
+    check_model_index(index, sd1_folder / "model_index.json")
+    check_model_index({**index, "scheduler": ["diffusers", "PNDMScheduler"],
+                       "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+                       "feature_extractor": ["transformers", "CLIPImageProcessor"]}, "official")
+    parts = StableDiffusionDiffEditPipeline.from_pretrained(sd1_folder, safety_checker=None,
+                                                            requires_safety_checker=False).components
+    scheduler = DDIMScheduler.from_config(parts["scheduler"].config)
+    pipe = StableDiffusionDiffEditPipeline(**{**parts, "scheduler": scheduler,
+                                              "inverse_scheduler": DDIMInverseScheduler.from_config(scheduler.config)})
+    pipe.register_to_config(_name_or_path=str(sd1_folder))
+    pipe.save_config(tmp_path)  # model_index.json only
+    saved = json.loads((tmp_path / "model_index.json").read_text())
+    assert saved["inverse_scheduler"] == ["diffusers", "DDIMInverseScheduler"]
+    check_model_index(saved, tmp_path / "model_index.json")
+
+
+BAD_INDEXES = {
+    # name: (entries changed, words of the message)
+    "other unet class": ({"unet": ["diffusers", "UNet2DModel"]},
+                         "unsupported unet ['diffusers', 'UNet2DModel']; diffedit builds ['diffusers', "
+                         "'UNet2DConditionModel']"),
+    "no unet": ({"unet": None}, "no unet entry"),
+    "unet of no component": ({"unet": [None, None]}, "no unet entry"),
+    "other vae": ({"vae": ["diffusers", "AutoencoderTiny"]}, "unsupported vae ['diffusers', 'AutoencoderTiny']"),
+    "other text encoder": ({"text_encoder": ["transformers", "T5EncoderModel"]}, "unsupported text_encoder"),
+    "other tokenizer": ({"tokenizer": ["transformers", "T5TokenizerFast"]}, "unsupported tokenizer"),
+    "text encoder from another library": ({"text_encoder": ["diffusers", "CLIPTextModel"]},
+                                          "unsupported text_encoder"),
+    "flow-matching scheduler": ({"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]},
+                                "unsupported scheduler ['diffusers', 'FlowMatchEulerDiscreteScheduler']; DiffEdit "
+                                "samples with DDIM"),
+    "LCM scheduler": ({"scheduler": ["diffusers", "LCMScheduler"]}, "unsupported scheduler"),
+    "other inverse scheduler": ({"inverse_scheduler": ["diffusers", "DDIMScheduler"]},
+                                "unsupported inverse_scheduler"),
+    "image encoder": ({"image_encoder": ["transformers", "CLIPVisionModelWithProjection"]},
+                      "unsupported image_encoder"),
+    "SDXL's second text encoder": ({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                                    "tokenizer_2": ["transformers", "CLIPTokenizer"]},
+                                   "unknown component(s) text_encoder_2, tokenizer_2"),
+    "not a pair": ({"vae": "AutoencoderKL"}, "unsupported vae 'AutoencoderKL'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INDEXES)
+def test_model_index_naming_a_class_we_do_not_build_or_an_extra_component_is_one_config_error(sd1_folder, name):
+    """`check_model_index`, which from_pretrained calls."""
+    from diffedit.models.config import check_model_index
+
+    changes, words = BAD_INDEXES[name]
+    index = {**json.loads((sd1_folder / "model_index.json").read_text()), **changes}
+    path = sd1_folder / "model_index.json"
+    with pytest.raises(ConfigError) as e:
+        check_model_index(index, path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: ") and words in str(e.value)
+
+
+def test_from_pretrained_refuses_a_folder_whose_model_index_names_another_unet(sd1_folder, tmp_path):
+    """The check is wired into loading: a UNet2DModel folder was loaded as a UNet2DConditionModel."""
+    folder = tmp_path / "other"
+    shutil.copytree(sd1_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "UNet2DModel"]}))
+    with pytest.raises(ConfigError, match="unsupported unet"):
+        StableDiffusion.from_pretrained(folder)
+
+
+def test_accepted_schedulers_are_diffusers_sd_schedulers_but_edm():
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+    from diffedit.models.config import SD_SCHEDULERS
+
+    assert set(SD_SCHEDULERS) == {s.name for s in KarrasDiffusionSchedulers} - {"EDMEulerScheduler"}

@@ -332,6 +332,30 @@ def test_wrong_width_and_taken_tokens_are_refused_like_diffusers_and_change_noth
     assert "token '<g>_5' reads as a vector of the word '<g>'; pick another with token=" in one_line_error(e)
 
 
+def test_a_token_the_tokenizer_reads_as_one_word_is_refused_where_diffusers_lets_it_replace_the_word(models,
+                                                                                                     tmp_path):
+    """diffusers refuses only vocabulary entries; CLIP's words are entries with `</w>`, so it takes "paintings" (or
+    "Red", matched after lower-casing) and every prompt's word is then read as the learned one. We refuse them, from
+    a state dict or a file, whatever the case, and change nothing."""
+    sd, pipe = models
+    prompt = ["two paintings of a red barn"]
+    before = ref_ids(pipe, prompt)
+    pipe.load_textual_inversion({"paintings": vectors(1, 40)})  # diffusers: accepted ...
+    after = ref_ids(pipe, prompt)
+    assert not torch.equal(after, before) and pipe.tokenizer.get_vocab()["paintings"] in after[0].tolist()  # hijacked
+    file = write(tmp_path / "e.safetensors", {"<e>": vectors(1, 41)})
+    for source, token, word in [({"paintings": vectors(1, 40)}, None, "paintings"), (file, "Red", "red"),
+                                (file, "SKS", "sks"), ({"<x>": vectors(3, 42)}, "Cat", "cat")]:
+        with pytest.raises(ValueError) as e:
+            sd.load_textual_inversion(source, token=token)
+        assert f"token {token or word!r} is already a word of the tokenizer ('{word}</w>'): every prompt's {word!r} " \
+               f"would read as the learned one; pick another with token= (e.g. '<{word}>')" in one_line_error(e)
+    assert len(sd.tokenizer) == 49408 and torch.equal(sd.tokenizer(prompt), before)
+    sd.load_textual_inversion(file)
+    with pytest.raises(ValueError, match="token '<E>' is already a word of the tokenizer \\('<e>'\\)"):
+        sd.load_textual_inversion({"<E>": vectors(1, 43)})  # the loaded word in other letter case
+
+
 BAD_FILES = {
     # name: (write it, the error's class, words of its one line)
     "missing": (lambda p: p, WeightsError, "not found"),

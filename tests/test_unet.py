@@ -173,3 +173,49 @@ def test_upcast_attention_in_half_precision_on_cuda_runs_the_fused_kernel_in_its
     expected = F.scaled_dot_product_attention(*map(split, half)).transpose(1, 2).reshape(2, 4096, 320)
     assert torch.equal(got, expected)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"attention_head_dim": 3}, "attention_head_dim=3 gives 3 attention heads at level 0, which do not divide its 32 "
+                                "channels"),
+    ({"attention_head_dim": 64}, "attention_head_dim=64 gives 64 attention heads at level 0"),
+    ({"attention_head_dim": [2, 3]}, "attention_head_dim=[2, 3] gives 3 attention heads at level 1, which do not "
+                                     "divide its 64 channels"),
+    ({"norm_num_groups": 7}, "norm_num_groups=7 must divide every channel count of block_out_channels=[32, 64] (not "
+                             "32, 64)"),
+    ({"norm_num_groups": 0}, "norm_num_groups=0 must be an int >= 1"),
+    ({"sample_size": [16, 8]}, "sample_size=[16, 8] must be an int >= 1 (or a pair of equal ones"),
+    ({"sample_size": "16"}, "sample_size='16' must be"),
+    ({"in_channels": 4.0}, "in_channels=4.0 must be an int >= 1"),
+    ({"layers_per_block": "2"}, "layers_per_block='2' must be an int >= 1 or a list"),
+    ({"norm_eps": "1e-5"}, "norm_eps='1e-5' must be a positive number"),
+    ({"upcast_attention": 1}, "upcast_attention=1 must be None or True or False"),
+    ({"down_block_types": "CrossAttnDownBlock2D"}, "down_block_types='CrossAttnDownBlock2D' must be a list of block"),
+    ({"transformer_layers_per_block": [[1], [1]]}, "transformer_layers_per_block=[[1], [1]] must be an int >= 1 or "
+                                                   "a list of them"),
+    ({"block_out_channels": []}, "block_out_channels=[] must be a non-empty list of ints >= 1"),
+])
+def test_config_values_that_cannot_run_are_refused_at_parse_time_naming_the_field(change, words):
+    """They used to load (and crash at the first forward pass, or store a list as the sample size) or escape as raw
+    TypeErrors."""
+    from diffedit.validation import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        UNetConfig.from_dict({**CONFIGS["sd1"], **change})
+    assert str(e.value).startswith(f"unet config: {words}")
+
+
+def test_heads_of_a_level_without_attention_are_not_checked_and_a_square_pair_is_its_side():
+    """diffusers never reads them there (3level's first level has no attention); [16, 16] reads as 16."""
+    raw = {**CONFIGS["3level"], "attention_head_dim": [3, 3, 4], "sample_size": [16, 16]}
+    config = UNetConfig.from_dict(raw)
+    assert config.num_heads == (3, 3, 4) and config.sample_size == 16
+
+
+def test_group_count_diffusers_refuses_is_refused_too():
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    with pytest.raises(ValueError, match="must be divisible by num_groups"):
+        RefUNet(**{**CONFIGS["sd1"], "norm_num_groups": 7})
+    with pytest.raises(ValueError, match="norm_num_groups=7 must divide"):
+        UNetConfig.from_dict({**CONFIGS["sd1"], "norm_num_groups": 7})

@@ -113,3 +113,23 @@ def test_properties_follow_the_config():
     assert vae.scaling_factor == 0.18215
     assert vae.downsample_factor == 8
     assert asdict(vae.config)["latent_channels"] == 4
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"layers_per_block": [1, 1]}, "layers_per_block=[1, 1] must be a single integer"),
+    ({"scaling_factor": "abc"}, "scaling_factor='abc' must be a positive number"),
+    ({"scaling_factor": 0}, "scaling_factor=0 must be a positive number"),
+    ({"norm_num_groups": 3}, "norm_num_groups=3 must divide every channel count of block_out_channels=[16, 32]"),
+    ({"sample_size": [32, 16]}, "sample_size=[32, 16] must be an int >= 1 (or a pair of equal ones"),
+    ({"latent_channels": None}, "latent_channels=None must be an int >= 1"),
+    ({"block_out_channels": [16, 32.0]}, "block_out_channels=[16, 32.0] must be a non-empty list of ints"),
+])
+def test_config_values_that_cannot_run_are_refused_at_parse_time_naming_the_field(change, words):
+    """They used to escape as raw TypeErrors, fail in the first forward pass, or (a non-square sample_size) take
+    the first side as the tile size."""
+    from diffedit.validation import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        VAEConfig.from_dict({**TINY, **change})
+    assert str(e.value).startswith(f"vae config: {words}")
+
