@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -27,13 +28,13 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import (COUNT, GUIDANCE, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP, BadInput, Parser, Reporter,
-                      add_compile_flag, guarded)
+from .console import (COUNT, GUIDANCE, MAX_NUM_MAPS, NUM_MAPS, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP, BadInput, Parser,
+                      Reporter, add_compile_flag, guarded)
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
-from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, plan_images, planned_image
+from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, expand_names, plan_images, planned_image
 from .params import PRESETS, SAMPLERS, THRESHOLD_RULES
-from .saved_inversion import load_inversion, read_inversion_metadata, save_inversion
+from .saved_inversion import check_picture, load_inversion, read_inversion_metadata, save_inversion
 from .timing import timed
 from .validation import FileError, check_readable, one_line, shorten
 
@@ -71,8 +72,10 @@ mask and output. Output names (-o, --mask-out, --compare-out): with one target, 
 ... is added before the extension (out.png -> out-1.png, out-2.png), unless the name holds a placeholder: {i} (the
 target's number, from 1) or {target} (the target text made file-name safe), e.g. -o "edits/{i}-{target}.png".
 
-reuse: `diffedit invert` saves the inversion, `diffedit mask` the mask; pass them with --latents / --mask. Steps,
-strength, image size and model must match the inversion's (taken from the file when not given).
+reuse: `diffedit invert` saves the inversion, `diffedit mask` the mask; pass them with --latents / --mask. The
+picture, model, steps, strength, sampler, inversion guidance, LoRA files, weights and --lora-scale must match the
+inversion's (the settings are taken from the file when not given). With --mask the mask-step flags (--num-maps,
+--mask-strength, --threshold-ratio, --threshold-rule) have nothing to do and are refused.
 
 """
 
@@ -141,13 +144,7 @@ def lora_scale(text: str) -> float:
 def lora_spec(text: str) -> tuple[Path, float]:
     """--lora FILE[:WEIGHT] -> (file, weight); the file must exist and be a readable .safetensors (torch-free: the
     header only), so a bad one is refused before any model work."""
-    head, sep, tail = text.rpartition(":")
-    try:
-        path, weight = (Path(head), float(tail)) if sep and head else (Path(text), 1.0)
-    except ValueError:  # a colon that is part of the path
-        path, weight = Path(text), 1.0
-    if not math.isfinite(weight):
-        raise argparse.ArgumentTypeError(f"LoRA weight must be a finite number, got {tail}")
+    path, weight = _lora_path_and_weight(text)
     if path.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"{path} is not a .safetensors file: diffedit never unpickles "
                                          ".bin/.ckpt/.pt LoRAs; convert it to .safetensors")
@@ -164,6 +161,24 @@ def lora_spec(text: str) -> tuple[Path, float]:
     return path, weight
 
 
+def _lora_path_and_weight(text: str) -> tuple[Path, float]:
+    """FILE[:WEIGHT] split at its last colon; a path that exists as written keeps its colons. After a
+    .safetensors name the part past the colon must be a finite number (else: a bad weight, named)."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).is_file():
+        return Path(text), 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if Path(head).suffix != ".safetensors":  # a colon that is part of the path
+            return Path(text), 1.0
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"bad LoRA weight {tail!r} in {text!r}: give FILE[:WEIGHT] with WEIGHT a "
+                                         "finite number (e.g. style.safetensors:0.8)")
+    return Path(head), weight
+
+
 def embedding_arg(text: str) -> tuple[str, str | None]:
     """--embedding FILE[:TOKEN] -> (FILE, TOKEN or None); a path that exists as written keeps its colons."""
     if ":" in text and not Path(text).exists():
@@ -176,7 +191,9 @@ def _add_mask_options(p: argparse.ArgumentParser, defaults_note: str) -> None:
     g = p.add_argument_group("mask estimation")
     g.add_argument("--mask-strength", type=RATIO, metavar="R",
                    help=f"noise level of the mask's noised copies, in (0, 1]{defaults_note}")
-    g.add_argument("--num-maps", type=COUNT, metavar="N", help=f"noise draws averaged per mask{defaults_note}")
+    g.add_argument("--num-maps", type=NUM_MAPS, metavar="N",
+                   help=f"noise draws averaged per mask, 1 to {MAX_NUM_MAPS} (the mask step's time grows with it)"
+                        f"{defaults_note}")
     g.add_argument("--threshold-ratio", type=POSITIVE, metavar="R",
                    help=f"the map is clamped at R x its mean and rescaled to [0, 1]{defaults_note}")
     g.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
@@ -235,7 +252,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     mask.add_argument("-o", "--output", required=True, metavar="MASK", help="binary mask (white = edited)")
     mask.add_argument("--heatmap-out", metavar="PATH", help="also write the guidance map as a heat map")
     mask.add_argument("--guidance", type=GUIDANCE, metavar="G",
-                      help=f"classifier-free guidance scale of the noise predictions; <= 1 turns it off{note}")
+                      help="classifier-free guidance scale of the noise predictions; <= 1 turns it off. It cannot "
+                           "change the mask (both texts share the empty negative prompt, so it only scales the "
+                           f"difference the threshold divides out); accepted for scripts shared with edit{note}")
     _add_mask_options(mask, note)
     _add_common(mask, note)
 
@@ -298,7 +317,28 @@ def load_or_refuse(model: str, device, dtype, config: str | None = None):
             return StableDiffusion.from_single_file(model, config=config, device=device, dtype=dtype)
         return StableDiffusion.from_pretrained(model, device=device, dtype=dtype)
     except (ModelNotFoundError, FileError) as e:  # missing, or a config or weight file it cannot use
-        raise BadInput(f"cannot load model {model}: {one_line(e)}") from e
+        raise BadInput(f"cannot load model {model}: {few_keys(one_line(e))}") from e
+
+
+KEYS_SHOWN = 3  # keys named per kind (missing, unexpected, mis-shaped) in a message about a model's weights
+_KEY_LIST = re.compile(r"\b(missing|unexpected|mis-shaped): (.*?)(?=(?:; (?:missing|unexpected|mis-shaped): )|$)")
+
+
+def few_keys(message: str, limit: int = KEYS_SHOWN) -> str:
+    """A weights error's lists of keys cut to `limit` each, with how many there are in all, so that a foreign
+    checkpoint's error stays one readable line (the loaders list up to a dozen keys of up to a hundred characters)."""
+    def cut(match: re.Match) -> str:
+        text = match.group(2)
+        counted = re.search(r", \.\.\. \((\d+) in all\)$", text)  # `listed` left some out already
+        if counted:
+            text = text[:counted.start()]
+        items = re.split(r", (?![^(]*\))", text)  # a mis-shaped entry holds commas inside its parentheses
+        total = int(counted.group(1)) if counted else len(items)
+        if total <= limit:
+            return match.group(0)
+        return f"{match.group(1)}: {', '.join(items[:limit])}, ... ({total} in all)"
+
+    return _KEY_LIST.sub(cut, message)
 
 
 def model_config(args, model: str) -> str | None:
@@ -347,10 +387,11 @@ def local_edit_defaults(model: str, config: str | None = None) -> dict:
     return read_edit_defaults(Path(config or model).expanduser())
 
 
-def command_params(args, edit_defaults: dict, uses: tuple[str, ...]):
+def command_params(args, edit_defaults: dict, uses: tuple[str, ...], max_steps: int = 1000):
     """The run's DiffEditParams: the flags over the model's `edit_defaults`; `uses` names the steps run ("mask",
     "invert", "decode") whose step counts are checked: a strength with int(steps x strength) = 0 would run no step.
-    Called before the model is loaded (with a local folder's diffedit.json) and again after."""
+    Called before the model is loaded (with a local folder's diffedit.json) and again after, with `max_steps`, the
+    model's schedule length (before: 1000, Stable Diffusion's and the shipped model's), the most steps that fit."""
     from .params import CORRECTIONS, layered, with_preset
 
     try:
@@ -364,8 +405,13 @@ def command_params(args, edit_defaults: dict, uses: tuple[str, ...]):
     checks += [("--strength", p.inpaint_strength)] if {"invert", "decode"} & set(uses) else []
     for flag, value in checks:
         if int(n * value) == 0:
+            needed = math.ceil(1 / value)
+            if needed > max_steps:
+                raise BadInput(f"{flag} {value:g} is too small for any allowed step count: it runs a step only from "
+                               f"--steps {needed}, and the model's schedule has {max_steps}; with --steps {n} use "
+                               f"{flag} >= {1 / n:g}")
             raise BadInput(f"{flag} {value:g} with --steps {n} runs no step (int({n} x {value:g}) = 0): use "
-                           f"{flag} >= {1 / n:g} or --steps >= {math.ceil(1 / value)}")
+                           f"{flag} >= {1 / n:g} or --steps >= {needed}")
     return p
 
 
@@ -379,14 +425,20 @@ def params_summary(p) -> dict:
 # Saved inversions (diffedit.saved_inversion): the file's settings become the run's
 
 
-def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, int]) -> None:
-    """Take steps, strength, inversion guidance and the sampler from the file when not given; refuse a mismatch
-    with the image, the flags or the preset's fields."""
+def apply_latents_metadata(meta: dict, path: Path, args, picture: Image.Image, report: Reporter) -> None:
+    """Take steps, strength, inversion guidance, the sampler and the LoRA scale from the file when not given; refuse
+    a mismatch with the picture (its size, then its pixels' digest where the file records one), the flags or the
+    preset's fields. A file from before the picture's digest was recorded is used unchecked, with a note."""
+    image_size = picture.size
     if (meta["width"], meta["height"]) != image_size:
         raise BadInput(f"{path} was inverted from a {meta['width']}x{meta['height']} image but {args.image} is "
                        f"{image_size[0]}x{image_size[1]}")
+    if not check_picture(meta, picture, path):
+        report.note(f"{path} does not record which picture it inverted (written by an older diffedit): it is not "
+                    f"checked against {args.image}; invert again to have it checked")
     preset = PRESETS[args.preset] if args.preset else {}
-    fields = (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance"), ("sampler", "sampler"))
+    fields = (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance"), ("sampler", "sampler"),
+              ("lora_scale", "lora_scale"))
     for flag, key in fields:
         given, name, field = getattr(args, flag), "--" + flag.replace("_", "-"), FLAG_FIELDS[flag][0]
         recorded = meta.get(key, "ddim") if key == "sampler" else meta[key]  # files from before: DDIM
@@ -402,6 +454,70 @@ def apply_latents_metadata(meta: dict, path: Path, args, image_size: tuple[int, 
 
 def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flag combinations that would be silently ignored or silently wrong, refused before anything is read
+
+MASK_STEP_FLAGS = ("mask_strength", "num_maps", "threshold_ratio", "threshold_rule")
+
+
+def check_flag_combinations(args) -> None:
+    """Refuse flags that could not do what they say: an empty path, --lora-scale without --lora, one LoRA file
+    given twice (its effect would double), and with `edit --mask` the mask step's flags (no mask is estimated)."""
+    for flag, value in _path_flags(args):
+        if not value.strip():
+            raise BadInput(f"{flag} is empty: give a file name")
+    if args.lora_scale is not None and not args.lora:
+        raise BadInput("--lora-scale needs --lora (it scales the LoRA adapters; without one it changes nothing)")
+    seen: dict[Path, Path] = {}
+    for path, _ in args.lora:
+        key = path.resolve()
+        if key in seen:
+            also = "" if seen[key] == path else f" (also as {seen[key]})"
+            raise BadInput(f"--lora {path} is given twice{also}: its effect would add up; give it once, with the "
+                           "weight you want (FILE:WEIGHT)")
+        seen[key] = path
+    if getattr(args, "mask", None) is not None:
+        given = ["--" + flag.replace("_", "-") for flag in MASK_STEP_FLAGS if getattr(args, flag) is not None]
+        if given:
+            named = " and ".join(given)
+            raise BadInput(f"{named} set{'s' if len(given) == 1 else ''} how the mask is estimated, but --mask "
+                           f"{args.mask} gives the mask: drop {named}")
+
+
+def _path_flags(args) -> list[tuple[str, str]]:
+    """(flag, value) of every file the command reads or writes that was given."""
+    names = (("IMAGE", "image"), ("-o", "output"), ("--mask-out", "mask_out"), ("--compare-out", "compare_out"),
+             ("--heatmap-out", "heatmap_out"), ("--latents", "latents"), ("--mask", "mask"))
+    return [(flag, getattr(args, name)) for flag, name in names if getattr(args, name, None) is not None]
+
+
+def check_distinct_names(outs: list[tuple[str, str | None]], targets: list[str]) -> None:
+    """Refuse two targets whose outputs of one kind would have the same name (the same target twice, or two that
+    a {target} placeholder spells alike), naming both targets."""
+    for flag, pattern in outs:
+        if pattern is None:
+            continue
+        first: dict[str, int] = {}
+        for i, path in enumerate(expand_names(pattern, targets), 1):
+            key = str(path.resolve())
+            if key in first:
+                j = first[key]
+                raise BadInput(f"--target {j} ({shorten(targets[j - 1])}) and --target {i} "
+                               f"({shorten(targets[i - 1])}) would both be written to {path} ({flag} {pattern}): "
+                               "give different targets, or put {i} in the name")
+            first[key] = i
+
+
+def mask_guidance_note(args, report: Reporter) -> None:
+    """`mask --guidance G`: say that it cannot change the mask. Both texts are guided from the same negative prompt
+    (""), so eps_Q - eps_R = G (c_Q - c_R) (diffusers' swapped guidance: (1 - G) (c_Q - c_R)), and the threshold,
+    relative to the map's mean, divides the constant out; G <= 1 runs unguided: the same map up to that constant."""
+    if args.guidance is not None:
+        report.note(f"--guidance {args.guidance:g} does not change the mask (beyond float rounding): both texts are "
+                    "guided from the same empty negative prompt, so it only scales the noise difference, which the "
+                    "threshold (relative to its mean) divides out; it matters for `diffedit edit`'s decoding")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,7 +561,8 @@ class CommandRun:
         self.model = model
         from .api import check_params_for_model
 
-        p = command_params(self.args, self.sd.edit_defaults, params_uses)  # the strengths, by their flags
+        p = command_params(self.args, self.sd.edit_defaults, params_uses,  # the strengths, by their flags
+                           self.sd.scheduler.config.num_train_timesteps)
         try:
             check_params_for_model(self.sd, p, uses=())  # the step count against the model's schedule
         except ValueError as e:  # the library names the field, the command line its flag
@@ -603,6 +720,7 @@ def _flag_names(targets: list[str]) -> list[str]:
 def cmd_edit(args, report: Reporter) -> dict:
     run, targets, image_path = CommandRun(args, report), args.target, Path(args.image)
     # Arguments and paths (no torch yet)
+    check_flag_combinations(args)
     if args.source is None and not (args.mask and args.latents):
         raise BadInput("edit needs --source (what the image shows; may be \"\") unless --latents and --mask give "
                        "the inversion and the mask")
@@ -610,16 +728,16 @@ def cmd_edit(args, report: Reporter) -> dict:
     meta = read_inversion_metadata(Path(args.latents)) if args.latents else None  # torch-free: the header only
     inputs = {"input image": image_path, **({"latents file": Path(args.latents)} if args.latents else {}),
               **({"mask file": Path(args.mask)} if args.mask else {})}
-    plan = plan_images([("output", args.output), ("--mask-out", args.mask_out), ("--compare-out", args.compare_out)],
-                       targets, inputs, args.force, "pass --force",
-                       {"--mask-out": "L"})
+    outs = [("output", args.output), ("--mask-out", args.mask_out), ("--compare-out", args.compare_out)]
+    check_distinct_names([("-o" if kind == "output" else kind, pattern) for kind, pattern in outs], targets)
+    plan = plan_images(outs, targets, inputs, args.force, "pass --force", {"--mask-out": "L"})
     if any(fmt in LOSSY_FORMATS for _, fmt in plan.get("--mask-out", [])):
         report.note("--mask-out in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = _check_model_or_latents_model(args, meta)
     # Inputs
     run.read_image(image_path)
     if meta is not None:
-        apply_latents_metadata(meta, Path(args.latents), args, run.image.size)
+        apply_latents_metadata(meta, Path(args.latents), args, run.image, report)
     given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG) if args.mask else None
     uses = ("decode",) + (() if given_mask is not None else ("mask",)) + (() if meta else ("invert",))
     command_params(args, local_edit_defaults(model, model_config(args, model)), uses)
@@ -664,12 +782,15 @@ def cmd_edit(args, report: Reporter) -> dict:
 def cmd_mask(args, report: Reporter) -> dict:
     run, targets, image_path = CommandRun(args, report), args.target, Path(args.image)
     # Arguments and paths (no torch yet)
+    check_flag_combinations(args)
     check_readable(image_path, "input image", ImageFileError)
-    plan = plan_images([("output", args.output), ("--heatmap-out", args.heatmap_out)], targets,
-                       {"input image": image_path}, args.force, "pass --force", {"output": "L"})
+    outs = [("output", args.output), ("--heatmap-out", args.heatmap_out)]
+    check_distinct_names([("-o" if kind == "output" else kind, pattern) for kind, pattern in outs], targets)
+    plan = plan_images(outs, targets, {"input image": image_path}, args.force, "pass --force", {"output": "L"})
     if any(fmt in LOSSY_FORMATS for _, fmt in plan["output"]):
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
     model = str(model_location(args.model))
+    mask_guidance_note(args, report)
     run.read_image(image_path)
     command_params(args, local_edit_defaults(model, model_config(args, model)), ("mask",))
     # Model, checks, the method
@@ -701,6 +822,7 @@ def cmd_mask(args, report: Reporter) -> dict:
 def cmd_invert(args, report: Reporter) -> dict:
     run = CommandRun(args, report)
     image_path, out = Path(args.image), Path(args.output)
+    check_flag_combinations(args)
     check_readable(image_path, "input image", ImageFileError)
     check_outputs([Planned(out, "output")], {"input image": image_path}, args.force, "pass --force")
     if out.suffix.lower() != ".safetensors":
@@ -723,7 +845,7 @@ def cmd_invert(args, report: Reporter) -> dict:
             inversion = method.invert(run.sd, pixels, text, p, generator, callback=lambda *_: bar.update(1))
     with run.timed("write"):
         save_inversion(out, inversion, model=run.sd, params=p, image_size=run.image.size, prompt=args.prompt,
-                       seed=args.seed)
+                       seed=args.seed, picture=run.image)
     entry = {"latents": str(out), "num_latents": int(inversion.latents.shape[1]),
              "latent_shape": list(inversion.latents.shape[2:])}
     summary = run.summary("invert", p, [entry], {"prompt": args.prompt})
@@ -732,6 +854,23 @@ def cmd_invert(args, report: Reporter) -> dict:
 
 
 COMMANDS = {"edit": cmd_edit, "mask": cmd_mask, "invert": cmd_invert}
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float (NaN, inf) inside it made None, so that it is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(summary: dict) -> str:
+    """The --json summary as standard JSON: never NaN or Infinity (json's default writes both, which JSON parsers
+    other than Python's refuse)."""
+    return json.dumps(finite_or_none(summary), indent=2, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,6 +888,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             raise BadInput("give a command: edit, mask or invert (see `diffedit --help`)")
         summary = COMMANDS[args.command](args, Reporter(args.quiet))
         if args.json:
-            print(json.dumps(summary, indent=2))
+            print(strict_json(summary))
 
     return guarded(run, debug="--debug" in argv)

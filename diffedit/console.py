@@ -73,6 +73,16 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise BadInput(f"{message} (see `{self.prog} --help`)")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, except that arguments no (sub)command takes point to that command's --help: argparse
+        reports them from the top parser, whose help does not list the command's flags."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            where = f"{self.prog} {command}" if command else self.prog
+            raise BadInput(f"unrecognized arguments: {' '.join(extras)} (see `{where} --help`)")
+        return parsed
+
 
 def number(kind: type, lo=None, hi=None, lo_open=False):
     """An argparse type: an int or float (finite) in a range, refused with the valid range named."""
@@ -99,6 +109,11 @@ def number(kind: type, lo=None, hi=None, lo_open=False):
 STEPS = number(int, 1)
 RATIO = number(float, 0, 1, lo_open=True)
 COUNT = number(int, 1)
+# Noise draws per mask: the paper and diffusers use 10; the mask step runs them in UNet calls of a bounded number of
+# draws, so memory stays flat, but the time grows with the count: past 1000 the average changes little and a run
+# would take hours, so larger counts are refused before any work.
+MAX_NUM_MAPS = 1000
+NUM_MAPS = number(int, 1, MAX_NUM_MAPS)
 POSITIVE = number(float, 0, lo_open=True)
 GUIDANCE = number(float, 0)
 TIMESTEP = number(int, 0)

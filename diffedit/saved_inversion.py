@@ -5,9 +5,10 @@ of each; `clean` (C, h, w), the image latents the encoding started from. Its str
 are compatible with: the model (its path or repo id and a fingerprint of its files), the step count, the encoding
 ratio, the inversion's guidance scale, the image's size and working size, the prompt, the seed, the mode and the
 LoRA adapters (`lora`: each active one's file digest and weight; absent in older files: none) and the learned
-words (`embeddings`: each textual-inversion word, its id count and a digest of its vectors; absent: none)
-(`format` "diffedit-latents", `version` "1"). Files written by `diffedit invert` since version 0.1.0 have this
-layout and load here.
+words (`embeddings`: each textual-inversion word, its id count and a digest of its vectors; absent: none) and
+the picture (`image_digest`: `picture_digest` of the RGB picture that was inverted; absent in older files, which
+load but cannot be checked against a picture) (`format` "diffedit-latents", `version` "1"). Files written by
+`diffedit invert` since version 0.1.0 have this layout and load here.
 
 `read_inversion_metadata` is torch-free and cheap (the command line checks a file before it loads anything);
 `load_inversion` checks the tensors and, given a model, that they come from it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from .outputs import Planned, commit
@@ -91,9 +93,41 @@ def read_inversion_metadata(path: Path) -> dict:
         for key in ("steps", "width", "height"):
             meta[key] = int(meta[key])
         meta["strength"], meta["guidance"] = float(meta["strength"]), float(meta["guidance"])
+        meta["lora_scale"] = float(meta.get("lora_scale", 1.0))  # files from before --lora-scale: 1
     except (KeyError, ValueError) as e:
-        raise InversionFileError(f"latents file {path} has damaged metadata ({e})") from None
+        raise InversionFileError(f"latents file {path} has damaged metadata ({e}): invert again") from None
+    for key, valid in _METADATA_RANGES.items():
+        if not valid(meta[key]):
+            raise InversionFileError(f"latents file {path} has damaged metadata ({key}={meta[key]}): invert again")
     return meta
+
+
+# What each number of the metadata may hold; anything else (NaN, inf, out of range) is a damaged file.
+_METADATA_RANGES = {
+    "steps": lambda v: v >= 1, "width": lambda v: v >= 1, "height": lambda v: v >= 1,
+    "strength": lambda v: 0 < v <= 1,  # NaN fails every comparison
+    "guidance": lambda v: math.isfinite(v) and v >= 0,
+    "lora_scale": math.isfinite,
+}
+
+
+def picture_digest(picture) -> str:
+    """A digest of a picture's pixels as the commands read them (a PIL image: mode, size and bytes): what a saved
+    inversion records, so that `edit --latents` refuses another picture. Torch-free."""
+    h = hashlib.sha256(f"{picture.mode}:{picture.width}x{picture.height}:".encode())
+    h.update(picture.tobytes())
+    return h.hexdigest()[:32]
+
+
+def check_picture(meta: dict, picture, path: Path) -> bool:
+    """Refuse a saved inversion (its metadata `meta`) of another picture than `picture` (a PIL image read as the
+    commands read it). False when the file records no picture (written before the record existed): unchecked."""
+    recorded = meta.get("image_digest")
+    if not recorded:
+        return False
+    if recorded != picture_digest(picture):
+        raise InversionFileError(f"{path} was inverted from another picture; invert this one")
+    return True
 
 
 def recorded_model(sd) -> str:
@@ -104,9 +138,10 @@ def recorded_model(sd) -> str:
 
 
 def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
-                       seed: int | None = None) -> dict:
+                       seed: int | None = None, picture=None) -> dict:
     """What a saved inversion records (all strings once written). `model` is the StableDiffusion that inverted,
-    `params` the DiffEditParams, `image_size` the input image's (width, height)."""
+    `params` the DiffEditParams, `image_size` the input image's (width, height), `picture` (optional) the PIL image
+    that was inverted, recorded as its `picture_digest`."""
     from . import __version__
     from .params import CORRECTIONS
 
@@ -124,6 +159,7 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
             "sampler": params.sampler, "lora": lora_record(model), "lora_scale": params.lora_scale,
             "embeddings": embeddings_record(model),
+            **({} if picture is None else {"image_digest": picture_digest(picture)}),
             "diffedit_version": __version__}
 
 
@@ -159,15 +195,16 @@ def inversion_writer(inversion, metadata: dict):
 
 
 def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, picture=None) -> dict:
     """Save the inversion of one image (`method.invert`'s result) to `path` (.safetensors), written to a
-    temporary file and renamed, so an existing file is replaced whole or not at all. Returns the metadata."""
+    temporary file and renamed, so an existing file is replaced whole or not at all. Returns the metadata. With
+    `picture` (the PIL image inverted) the file records its digest, which `check_picture` compares."""
     path = Path(path)
     if inversion.latents.shape[0] != 1:
         raise ValueError(f"inversion: a file holds one image's inversion, got a batch of "
                          f"{inversion.latents.shape[0]}")
     meta = inversion_metadata(inversion, model=model, params=params, image_size=image_size, prompt=prompt,
-                              seed=seed)
+                              seed=seed, picture=picture)
     commit([Planned(path, "latents file", inversion_writer(inversion, meta))])
     return meta
 

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import termios
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +242,6 @@ def test_invert_saves_latents_with_the_metadata_that_guards_reuse(steps_run):
 def test_edit_reuses_saved_latents_and_mask(steps_run, sd):
     from diffedit import method
     from diffedit.image_tensors import to_output
-    from diffedit import api
 
     folder, mask, _, reuse = steps_run
     assert_ok(reuse)
@@ -291,6 +289,60 @@ def test_latents_from_another_model_or_other_settings_are_refused(steps_run, mod
     assert snapshot(folder) == before
 
 
+def test_latents_of_another_picture_are_refused_and_older_files_without_the_record_are_used_with_a_note(
+        steps_run, model_folder):
+    """invert records a digest of the picture's pixels; edit --latents with another picture of the same size is
+    refused before any work. A file written before the record existed (no `image_digest`) still loads, noted."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder, _, invert, _ = steps_run
+    assert_ok(invert)
+    with safe_open(str(folder / "in.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert len(meta["image_digest"]) == 32
+    shape_image(colour=(30, 200, 30)).save(folder / "green.png")  # the same size, another picture
+    before = snapshot(folder)
+    base = ["--latents", "in.safetensors", "--mask", "mask.png", "--target", "x", "--model", model_folder]
+    assert_bad_input(diffedit("edit", "green.png", *base, "-o", "o.png", cwd=folder),
+                     "in.safetensors was inverted from another picture; invert this one")
+    assert snapshot(folder) == before
+    old = {k: v for k, v in meta.items() if k != "image_digest"}
+    save_file(tensors, str(folder / "old.safetensors"), metadata=old)
+    result = diffedit("edit", "green.png", *base[2:], "--latents", "old.safetensors", "-o", "old.png", cwd=folder)
+    assert_ok(result)
+    assert "note: old.safetensors does not record which picture it inverted" in result.stderr
+    for name in ("green.png", "old.safetensors", "old.png"):
+        (folder / name).unlink()
+
+
+def test_a_foreign_single_file_checkpoint_is_refused_in_one_short_line(bad_folder):
+    """A .safetensors --model that is no checkpoint of the model names a few of its missing keys and how many,
+    not a thousand characters of them."""
+    line = assert_bad_input(diffedit("edit", "in.png", "--source", "a", "--target", "b", "-o", "out.png", "--model",
+                                     "foreign.safetensors", cwd=bad_folder),
+                            "cannot load model foreign.safetensors", "in all)")
+    assert len(line) < 700, line
+    assert line.count("cond_stage_model.") <= 3
+
+
+def test_mask_notes_that_guidance_does_not_change_the_mask(tmp_path, capsys):
+    """Both texts are guided from the same empty negative prompt, so G only scales eps_Q - eps_R and the
+    mean-relative threshold divides it out: the same mask (and heat map, up to rounding) at any G, and `mask` says
+    so."""
+    shape_image().save(tmp_path / "in.png")
+    for g in ("0", "3", "12"):
+        assert cli.main(["mask", str(tmp_path / "in.png"), "--source", SOURCE, "--target", TARGETS[0], "--guidance",
+                         g, "-o", str(tmp_path / f"m{g}.png"), "--heatmap-out", str(tmp_path / f"h{g}.png"),
+                         *FAST]) == 0
+        err = capsys.readouterr().err
+        assert f"note: --guidance {g} does not change the mask" in err
+    read = lambda name: np.asarray(Image.open(tmp_path / name), dtype=int)
+    for g in ("3", "12"):
+        assert np.array_equal(read(f"m{g}.png"), read("m0.png"))
+        assert np.abs(read(f"h{g}.png") - read("h0.png")).max() <= 1  # the same map up to float rounding
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Odd but valid input: accepted with a note, output at the input's size
 
@@ -314,7 +366,7 @@ def _odd_images(folder: Path) -> dict:
         "la.png": ["alpha channel (fully opaque): dropped"],
         "animated.gif": ["has 2 frames: using the first", "a palette image: converted to RGB"],
         "cmyk.jpg": ["CMYK: converted to RGB"],
-        "grey16.png": ["16-bit greyscale: converted to 8-bit RGB"],
+        "grey16.png": ["16-bit greyscale (0-65535 values): converted to 8-bit RGB"],
         "grey.png": ["greyscale: converted to RGB"],
     }
 
@@ -430,6 +482,7 @@ def bad_folder(tmp_path_factory):
     (folder / "a-folder").mkdir()
     shape_image((100, 100)).save(folder / "big.png")
     Image.new("L", (32, 32), 255).save(folder / "small-mask.png")
+    Image.new("L", (64, 64), 255).save(folder / "mask.png")
     (folder / "existing.png").write_bytes(b"precious")
     from safetensors.numpy import save_file
 
@@ -443,13 +496,27 @@ BAD_ARGS = [
     (["in.png", "--strength", "0"], ["--strength", "in (0, 1]"]),
     (["in.png", "--steps", "0"], ["--steps", ">= 1"]),
     (["in.png", "--steps", "ten"], ["--steps", "expected an integer", "'ten'"]),
-    (["in.png", "--num-maps", "0"], ["--num-maps", ">= 1"]),
+    (["in.png", "--num-maps", "0"], ["--num-maps", "in [1, 1000]"]),
+    (["in.png", "--num-maps", "1001"], ["--num-maps", "in [1, 1000]", "got 1001"]),
     (["in.png", "--mask-strength", "nan"], ["--mask-strength", "in (0, 1]"]),
     (["in.png", "--threshold-ratio", "-1"], ["--threshold-ratio", "> 0"]),
     (["in.png", "--guidance", "x"], ["--guidance", "a number"]),
     (["in.png", "--guidance-min-timestep", "-5"], ["--guidance-min-timestep", ">= 0"]),
     (["in.png", "--seed", "-3"], ["--seed"]),
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
+    (["in.png", "--strength", "1e-9"], ["--strength 1e-09 is too small for any allowed step count",
+                                        "schedule has 1000", "--strength >= 0.25"]),
+    (["in.png", "--lora-scale", "0.5"], ["--lora-scale needs --lora"]),
+    (["in.png", "--mask", "mask.png", "--num-maps", "3"], ["--num-maps sets how the mask is estimated",
+                                                           "--mask mask.png gives the mask", "drop --num-maps"]),
+    (["in.png", "--mask", "mask.png", "--mask-strength", "0.5", "--threshold-ratio", "2", "--threshold-rule",
+      "otsu"], ["--mask-strength and --threshold-ratio and --threshold-rule set how the mask is estimated"]),
+    (["in.png", "--lora", "foreign.safetensors:abc"], ["bad LoRA weight 'abc'", "finite number"]),
+    (["in.png", "--lora", "foreign.safetensors:"], ["bad LoRA weight ''", "finite number"]),
+    (["in.png", "-o", ""], ["-o is empty: give a file name"]),
+    (["in.png", "--mask-out", ""], ["--mask-out is empty: give a file name"]),
+    (["in.png", "--target", "b", "-o", "{target}.png"], ["--target 1 ('b') and --target 2 ('b') would both be "
+                                                          "written to b.png (-o {target}.png)"]),
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
     (["in.png", "--preset", "slow"], ["--preset", "invalid choice: 'slow'", "fast"]),
     (["in.png", "--compile", "fastest"], ["--compile", "invalid choice: 'fastest'", "reduce-overhead"]),
@@ -491,6 +558,8 @@ def test_other_commands_and_missing_arguments_are_bad_input(bad_folder, model_fo
     assert_bad_input(diffedit("edit", "in.png", "--source", "a", "-o", "o.png", cwd=bad_folder), "--target")
     assert_bad_input(diffedit("mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--num-maps",
                               "0", cwd=bad_folder), "--num-maps")
+    assert_bad_input(diffedit("mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--latents", "x",
+                              cwd=bad_folder), "unrecognized arguments: --latents x", "see `diffedit mask --help`")
     assert_bad_input(diffedit(cwd=bad_folder), "give a command")
     assert_bad_input(diffedit("frobnicate", cwd=bad_folder), "invalid choice")
     assert snapshot(bad_folder) == before
@@ -732,3 +801,37 @@ def test_lora_scale_scales_every_adapter_in_all_steps(tmp_path, sd, model_folder
     assert meta["scaled"]["lora_scale"] == "0.5" and meta["weighted"]["lora_scale"] == "1.0"
     assert_bad_input(diffedit(*common, "-o", "x.safetensors", "--lora-scale", "nan", cwd=tmp_path),
                      "--lora-scale", "finite number")
+
+
+def test_latents_inverted_at_another_lora_scale_are_refused_and_the_files_scale_is_used(tmp_path, sd, model_folder):
+    shape_image().save(tmp_path / "in.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    lora = _shipped_lora(sd, tmp_path / "style.safetensors")
+    assert_ok(diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "lat.safetensors", "--lora", lora.name,
+                       "--lora-scale", "0.5", "--model", model_folder, "--steps", "4", cwd=tmp_path))
+    base = ["edit", "in.png", "--latents", "lat.safetensors", "--mask", "mask.png", "--target", "x", "--model",
+            model_folder, "--lora", lora.name]
+    assert_bad_input(diffedit(*base, "--lora-scale", "1", "-o", "a.png", cwd=tmp_path),
+                     "lat.safetensors was inverted with --lora-scale 0.5 but this run asks --lora-scale 1")
+    assert not (tmp_path / "a.png").exists()
+    result = diffedit(*base, "-o", "b.png", "--json", cwd=tmp_path)
+    assert_ok(result)
+    assert json.loads(result.stdout)["parameters"]["lora_scale"] == 0.5
+
+
+def test_the_same_lora_file_twice_is_refused_as_its_effect_would_double(tmp_path, sd):
+    shape_image().save(tmp_path / "in.png")
+    lora = _shipped_lora(sd, tmp_path / "style.safetensors")
+    result = diffedit("invert", "in.png", "--prompt", "x", "-o", "o.safetensors", "--lora", lora.name, "--lora",
+                      f"./{lora.name}:0.5", cwd=tmp_path)
+    assert_bad_input(result, f"--lora {lora.name} is given twice", "would add up")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_json_summary_is_strict_json_with_non_finite_numbers_as_null():
+    """Python's json writes NaN and Infinity, which other JSON parsers refuse: the summary never holds them."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    text = cli.strict_json({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": "nan"})
+    assert json.loads(text, parse_constant=refuse) == {"a": None, "b": [1.5, None, {"c": None}], "d": "nan"}

@@ -66,3 +66,24 @@ def test_notes_are_kept_and_said_unless_quiet_and_warnings_are_said_once(capsys)
     assert loud.notes == quiet.notes == ["odd input"] and loud.warnings == quiet.warnings == ["careful"]
     err = capsys.readouterr().err
     assert err == "diffedit: note: odd input\ndiffedit: warning: careful\ndiffedit: warning: careful\n"
+
+
+def test_the_num_maps_flag_refuses_counts_past_1000_before_any_work():
+    from diffedit.console import MAX_NUM_MAPS, NUM_MAPS
+
+    assert NUM_MAPS("1") == 1 and NUM_MAPS(str(MAX_NUM_MAPS)) == MAX_NUM_MAPS == 1000
+    with pytest.raises(argparse.ArgumentTypeError, match=r"expected an integer in \[1, 1000\], got 100000"):
+        NUM_MAPS("100000")
+
+
+def test_an_argument_no_subcommand_takes_points_to_that_subcommands_help():
+    from diffedit.console import Parser
+
+    parser = Parser(prog="diffedit")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    sub.add_parser("mask").add_argument("--source")
+    with pytest.raises(BadInput, match=r"unrecognized arguments: --latents x \(see `diffedit mask --help`\)"):
+        parser.parse_args(["mask", "--source", "a", "--latents", "x"])
+    with pytest.raises(BadInput, match=r"unrecognized arguments: --nope \(see `diffedit --help`\)"):
+        parser.parse_args(["--nope"])
+    assert parser.parse_args(["mask", "--source", "a"]).source == "a"

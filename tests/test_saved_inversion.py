@@ -14,8 +14,8 @@ import diffedit
 from diffedit import DiffEditParams, StableDiffusion, method
 from diffedit.image_tensors import to_tensor
 from diffedit.models.lora import file_digest
-from diffedit.saved_inversion import (InversionFileError, load_inversion, model_fingerprint, read_inversion_metadata,
-                                      save_inversion)
+from diffedit.saved_inversion import (InversionFileError, check_picture, load_inversion, model_fingerprint,
+                                      picture_digest, read_inversion_metadata, save_inversion)
 from diffedit.validation import FileError
 
 STEPS = 4
@@ -97,6 +97,11 @@ def test_a_file_from_another_model_is_refused(sd, inverted, tmp_path):
     ({"version": "2"}, "has version 2; this diffedit reads version 1"),
     ({"steps": "four"}, "damaged metadata"),
     ({"guidance": None}, "damaged metadata"),
+    ({"guidance": "1e400"}, r"damaged metadata \(guidance=inf\): invert again"),
+    ({"strength": "nan"}, r"damaged metadata \(strength=nan\)"),
+    ({"strength": "1.5"}, r"damaged metadata \(strength=1.5\)"),
+    ({"lora_scale": "-inf"}, r"damaged metadata \(lora_scale=-inf\)"),
+    ({"steps": "0"}, r"damaged metadata \(steps=0\)"),
 ])
 def test_damaged_or_foreign_metadata_is_one_file_error(sd, inverted, tmp_path, damage, message):
     inversion, params = inverted
@@ -229,3 +234,23 @@ def test_an_inversion_made_with_learned_words_is_refused_without_the_same_vector
         sd.unload_textual_inversion()
     with pytest.raises(InversionFileError, match="inverted with learned words"):
         load_inversion(path, sd)
+
+
+def test_a_file_records_its_pictures_digest_and_check_picture_refuses_another(sd, inverted, tmp_path):
+    """`picture=` records a digest of the picture's pixels (mode, size and bytes); check_picture passes the same
+    pixels (from another file too), refuses any other, and says False (unchecked) for a file without the record."""
+    from PIL import Image
+
+    inversion, params = inverted
+    picture = Image.new("RGB", (64, 64), (200, 30, 30))
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64), picture=picture)
+    read = read_inversion_metadata(path)
+    assert read["image_digest"] == meta["image_digest"] == picture_digest(picture)
+    assert check_picture(read, picture.copy(), path) is True
+    other = picture.copy()
+    other.putpixel((63, 63), (200, 30, 31))  # one channel of one pixel
+    with pytest.raises(InversionFileError, match="inv.safetensors was inverted from another picture; invert this one"):
+        check_picture(read, other, path)
+    unrecorded = save_inversion(tmp_path / "old.safetensors", inversion, model=sd, params=params, image_size=(64, 64))
+    assert "image_digest" not in unrecorded and check_picture(unrecorded, other, path) is False
