@@ -58,7 +58,20 @@ def offload_device(gpu_id: int | None = None, device: str | torch.device | None 
         raise ValueError(f"enable_model_cpu_offload: gpu_id must be an accelerator index >= 0, got {gpu_id!r}")
     if device.type == "cpu":
         return CPU  # accepted: the moves are no-ops
-    return torch.device(device.type, gpu_id or device.index or 0)
+    device = torch.device(device.type, gpu_id or device.index or 0)
+    check_available(device)
+    return device
+
+
+def check_available(device: torch.device) -> None:
+    """A ValueError unless tensors can be made on `device`: a device this torch build or machine lacks used to be
+    accepted and fail at the first move, with the offload already set up."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CUDA missing from the build is an AssertionError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"enable_model_cpu_offload: device {device} is not available here ({reason}); pick an "
+                         "available accelerator, or leave device out to use the one present") from None
 
 
 class ModelOffload:

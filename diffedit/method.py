@@ -124,12 +124,13 @@ def check_mask(mask: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor
         raise TypeError(f"mask: expected a (B, 1, h, w) tensor or None, got {type(mask).__name__}")
     batch, (h, w) = latents.shape[0], latents.shape[-2:]
     if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or tuple(mask.shape[-2:]) != (h, w):
-        raise ValueError(f"mask: expected shape ({batch} or 1, 1, {h}, {w}) (the latent grid), got "
-                         f"{tuple(mask.shape)}")
-    mask = mask.to(latents.dtype) if mask.dtype == torch.bool else mask
-    if not mask.is_floating_point() or not bool(((mask >= 0) & (mask <= 1)).all()):
-        raise ValueError("mask: expected values in [0, 1] (1 = edit), e.g. 0 / 1 floats or bools")
-    return mask.to(latents.dtype)
+        batches = "1" if batch == 1 else f"{batch} or 1"
+        raise ValueError(f"mask: expected shape ({batches}, 1, {h}, {w}) (the latent grid), got "
+                         f"{tuple(mask.shape)}" + ("; estimate_mask's (B, h, w) mask is mask[:, None]"
+                                                   if mask.ndim == 3 else ""))
+    if mask.is_complex() or not bool(((mask >= 0) & (mask <= 1)).all()):
+        raise ValueError("mask: expected values in [0, 1] (1 = edit), e.g. 0 / 1 floats, integers or bools")
+    return mask.to(latents.dtype)  # bools and integers (0 / 1) become 0 / 1 floats
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,16 +233,19 @@ def encode_images(sd: StableDiffusion, image: torch.Tensor, generator: Generator
     """Latents sampled from the VAE posterior, times the scaling factor (Rombach et al. 2022, §3.1):
     (B * repeats, C, h, w), each image's `repeats` rows together, from one draw of that shape.
 
-    `once=False` encodes each repeat separately, as diffusers' `generate_mask` does (D8); the numbers are the same.
+    `once=False` encodes each repeat separately, as diffusers' `generate_mask` does (D8; in `repeats` calls of the B
+    pictures, where diffusers makes one call of B * repeats rows); the numbers are the same.
     `rows`, a multiple of the sampled rows, tiles the samples (diffusers' deprecated image-to-prompt broadcast).
     A batch with the latent channel count is taken as latents and only repeated."""
     image = image.to(device=sd.device, dtype=sd.dtype)
     if image.shape[1] == sd.vae.config.latent_channels:
         latents = image.repeat_interleave(repeats, dim=0)
     else:
-        post = vae_encode(sd, image if once else image.repeat_interleave(repeats, dim=0))
-        if once:
-            post = DiagonalGaussian(post.moments.repeat_interleave(repeats, dim=0))  # (B * repeats, 2C, h, w)
+        # once: one encode, its moments repeated; else each repeat encoded as diffusers does, B pictures per call
+        # (one call of B * repeats rows held every copy's activations at once)
+        moments = [vae_encode(sd, image).moments for _ in range(1 if once else repeats)]  # each (B, 2C, h, w)
+        post = DiagonalGaussian(torch.stack(moments, dim=1).flatten(0, 1) if not once else
+                                moments[0].repeat_interleave(repeats, dim=0))  # (B * repeats, 2C, h, w)
         latents = sd.vae.scaling_factor * post.sample(generator)
     rows = rows or latents.shape[0]
     if rows % latents.shape[0]:
@@ -513,6 +517,10 @@ def decode(sd: StableDiffusion, inversion: Inversion | torch.Tensor, mask: torch
     latents = inversion.latents if isinstance(inversion, Inversion) else inversion
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
         raise ValueError("inversion: expected an Inversion or its (B, T, C, h, w) latents")
+    if latents.shape[0] != len(text):
+        raise ValueError(f"the inversion holds {latents.shape[0]} picture(s) but {len(text)} target prompt(s) were "
+                         "given: give one prompt per inverted picture (invert with as many prompts as you decode "
+                         "with, or Inversion.repeat_interleave(n) for n targets per picture)")
     mask = check_mask(mask, latents)
     check_texts(text, guided=params.guidance_scale > 1)
     check_generator(generator, len(text))

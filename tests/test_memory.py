@@ -208,6 +208,7 @@ def test_offload_without_an_accelerator_warns_once_and_changes_nothing(pipes, mo
 def test_offload_device_follows_diffusers_rules(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(memory, "check_available", lambda device: None)  # the rules, on any machine
     assert memory.offload_device() == torch.device("cuda", 0)
     assert memory.offload_device(gpu_id=1) == torch.device("cuda", 1)
     assert memory.offload_device(device="cuda:2") == torch.device("cuda", 2)
@@ -264,6 +265,19 @@ def test_a_device_torch_does_not_know_is_one_value_error_naming_the_argument(sd1
     assert str(e.value) == (f"enable_model_cpu_offload: device={device!r} is not a device torch knows (e.g. 'cuda', "
                             "'cuda:1', 'xpu', 'mps', 'cpu')")
     assert sd.offload is before and before.hooks
+    sd.remove_all_hooks()
+
+
+@pytest.mark.parametrize("device", ["xpu", "cuda:63"], ids=["xpu", "index_63"])
+def test_offload_to_a_device_this_machine_lacks_is_refused_and_the_current_offload_stays(sd1_folder, device):
+    """It was accepted, and the next step failed inside the hooks (an AssertionError from torch without CUDA)."""
+    sd = StableDiffusionDiffEdit.from_pretrained(sd1_folder).model
+    sd.enable_model_cpu_offload(device="cpu")
+    before = sd.offload
+    with pytest.raises(ValueError, match=r"device .* is not available here \(.+\); pick an available accelerator"):
+        sd.enable_model_cpu_offload(device=device)
+    assert sd.offload is before and all(next(getattr(sd, n).parameters()).device.type == "cpu"
+                                        for n in memory.OFFLOAD_ORDER)
     sd.remove_all_hooks()
 
 

@@ -106,6 +106,18 @@ def test_one_encode_with_n_draws_equals_n_encodes(sd):
     assert not torch.equal(once[0], once[1])  # distinct draws per row
 
 
+def test_encoding_each_repeat_runs_the_vae_on_the_pictures_not_on_every_copy_at_once(sd, monkeypatch):
+    """D8 off (the reference behaviour): 10 maps of 2 pictures are 10 VAE calls of 2 rows (one call of 20 rows held
+    every copy's activations at once); each call's row order is the pictures', the draws the same as one encode."""
+    calls, encode = [], sd.vae.encode
+    monkeypatch.setattr(sd.vae, "encode", lambda x: calls.append(x.shape[0]) or encode(x))
+    x = images(2, seed=4)
+    each = method.encode_images(sd, x, torch.Generator().manual_seed(1), repeats=10, once=False)
+    assert calls == [2] * 10
+    once = method.encode_images(sd, x, torch.Generator().manual_seed(1), repeats=10, once=True)
+    torch.testing.assert_close(each, once, rtol=0, atol=1e-6)  # the same encoding, rounded in other batches
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Steps 2 and 3: inversion and masked decoding
 
@@ -658,11 +670,18 @@ def test_each_step_refuses_arguments_that_would_fail_deep_inside_or_run_wrong(sd
         with pytest.raises(error, match=message):
             call()
     latents = torch.zeros(1, 4, 4, 8, 8)
-    for mask, message in [(torch.ones(1, 1, 4, 4), r"expected shape \(1 or 1, 1, 8, 8\)"),
+    for mask, message in [(torch.ones(1, 1, 4, 4), r"expected shape \(1, 1, 8, 8\)"),
+                          (torch.ones(1, 8, 8), r"expected shape \(1, 1, 8, 8\).*mask\[:, None\]"),
                           (torch.full((1, 1, 8, 8), 255.0), r"values in \[0, 1\]"),
                           (torch.full((1, 1, 8, 8), float("nan")), r"values in \[0, 1\]")]:
         with pytest.raises(ValueError, match=message):
             method.decode(sd, latents, mask, one, p)
+    # prompts and inverted pictures one to one: 2 prompts on 1 inversion (silently decoded the first picture under
+    # both) and 1 prompt on 2 inversions (a raw shape error inside the UNet)
+    for inverted, text, message in [(latents, two, "holds 1 picture.* but 2 target prompt"),
+                                     (torch.zeros(2, 4, 4, 8, 8), one, "holds 2 picture.* but 1 target prompt")]:
+        with pytest.raises(ValueError, match=message):
+            method.decode(sd, inverted, None, text, p)
     # one generator per picture, or one per draw, are both fine (the UNet is reached)
     for gens in ([torch.Generator()], [torch.Generator()] * p.num_maps_per_mask):
         with pytest.raises(pytest.fail.Exception, match="the UNet ran"):
@@ -676,6 +695,19 @@ def test_a_bool_mask_decodes_as_its_0_1_float(sd):
     region = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     region[..., 2:6, 2:6] = True
     assert torch.equal(method.decode(sd, inv, region, one, p), method.decode(sd, inv, region.float(), one, p))
+
+
+def test_an_integer_0_1_mask_decodes_as_its_float_and_other_integers_are_refused(sd):
+    """estimate_mask's own mask is int64: mask[:, None] is a valid decoding mask (it was refused as not float)."""
+    one, p = texts(sd, ["a dog"]), dataclasses.replace(FAST, inpaint_strength=0.4)
+    inv = method.invert(sd, images(1), texts(sd, ["a cat"]), p)
+    region = torch.zeros(1, 1, 8, 8, dtype=torch.int64)
+    region[..., 2:6, 2:6] = 1
+    float_mask = method.decode(sd, inv, region.float(), one, p)
+    for dtype in (torch.int64, torch.uint8, torch.int32):
+        assert torch.equal(method.decode(sd, inv, region.to(dtype), one, p), float_mask)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        method.decode(sd, inv, region * 255, one, p)
 
 
 def test_the_mask_step_runs_many_draws_in_calls_of_bounded_size_with_the_same_map(sd, monkeypatch):
