@@ -66,7 +66,8 @@ def read_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None,
     img = open_image(Path(path), "mask", max_pixels, limit_name)
     if img.size != size:
         raise ImageFileError(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
-    return Image.fromarray(mask_cells(mask_samples(img), f"mask {path}").astype(np.uint8) * 255, "L")
+    return Image.fromarray(mask_cells(mask_samples(img), f"mask {path}", sample_bits(img)).astype(np.uint8) * 255,
+                           "L")
 
 
 def mask_samples(img: Image.Image) -> np.ndarray:
@@ -81,12 +82,19 @@ def mask_samples(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"))
 
 
-def mask_cells(samples: np.ndarray, what: str) -> np.ndarray:
+def sample_bits(img: Image.Image) -> int | None:
+    """16 for a picture stored with 16-bit samples (its values are 0-65535 whatever its darkest and brightest
+    pixels), else None: the values say."""
+    return 16 if img.mode.startswith("I;16") else None
+
+
+def mask_cells(samples: np.ndarray, what: str, bits: int | None = None) -> np.ndarray:
     """(H, W) mask samples -> (H, W) bool, edit where True; one reading for every form a mask comes in:
     - bools as they are;
     - floats in [0, 1]: edit where >= 0.5;
     - integers: all in {0, 1}: edit where 1 (a 0/1 mask, as numpy users write one); else 8-bit (0-255) values,
-      edit where >= 128, or 16-bit ones (0-65535, any value over 255), edit where >= 32768.
+      edit where >= 128, or 16-bit ones (0-65535, any value over 255, or `bits` 16: a 16-bit picture, however
+      dark), edit where >= 32768.
     Anything else (NaN, negative values, floats past 1, integers past 65535) is a ValueError naming `what`."""
     if samples.dtype == np.bool_:
         return samples
@@ -102,7 +110,7 @@ def mask_cells(samples: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what}: integer values must be 0 / 1, 0-255 or 0-65535, got [{lo}, {hi}]")
     if hi <= 1:
         return samples == 1
-    return samples >= (128 if hi <= 255 else 32768)
+    return samples >= (128 if hi <= 255 and bits != 16 else 32768)
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float samples

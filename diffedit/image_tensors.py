@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_files import displayed_rgb, mask_cells, mask_samples, read_image, read_mask
+from .image_files import displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -216,8 +216,9 @@ def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
     size, shape or type is an error naming `mask`."""
     if isinstance(mask, (str, os.PathLike)):
         return read_mask(Path(mask), size)
+    bits = None
     if isinstance(mask, PIL.Image.Image):
-        samples = mask_samples(mask)
+        samples, bits = mask_samples(mask), sample_bits(mask)
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
         if isinstance(mask, torch.Tensor):
             mask = mask.detach().cpu()
@@ -230,4 +231,4 @@ def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
                         f"{type(mask).__name__}")
     if samples.shape[::-1] != tuple(size):
         raise ValueError(f"mask: {samples.shape[1]}x{samples.shape[0]} but the image is {size[0]}x{size[1]}")
-    return PIL.Image.fromarray(mask_cells(samples, "mask").astype(np.uint8) * 255, "L")
+    return PIL.Image.fromarray(mask_cells(samples, "mask", bits).astype(np.uint8) * 255, "L")

@@ -198,6 +198,15 @@ def test_a_mask_means_the_same_region_in_every_form_it_comes_in(tmp_path):
     wide = np.where(want, 32768, 32767).astype(np.uint16)
     PIL.Image.fromarray(wide).save(tmp_path / "m16.png")
     assert np.array_equal(np.asarray(imgs.load_mask(tmp_path / "m16.png", (6, 4))) > 0, want)
+    # a 16-bit picture is 0-65535 however dark: one whose brightest pixel is 255 is all black, not 8-bit white
+    # (it was read by its values, as 0-255: the dark region became the edit)
+    dark = np.where(want, 255, 0).astype(np.uint16)
+    PIL.Image.fromarray(dark).save(tmp_path / "dark16.png")
+    for given in (PIL.Image.fromarray(dark), tmp_path / "dark16.png"):
+        assert not np.asarray(imgs.load_mask(given, (6, 4))).any(), given
+    assert np.array_equal(np.asarray(imgs.load_mask(dark, (6, 4))) > 0, want)  # an array says no depth: 0-255
+    PIL.Image.fromarray(zero_one.astype(np.uint16)).save(tmp_path / "m01_16.png")  # 0/1 in 16 bits is still 0/1
+    assert np.array_equal(np.asarray(imgs.load_mask(tmp_path / "m01_16.png", (6, 4))) > 0, want)
     rgba = np.zeros((4, 6, 4), np.uint8)
     rgba[..., :3] = 255  # white everywhere...
     rgba[..., 3] = want * 255  # ...but opaque only inside the region
