@@ -158,11 +158,12 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors and header metadata; a pickle or anything else is refused."""
-    if path.suffix != ".safetensors":
+    if not path.exists():
+        raise WeightsError(f"LoRA file {path} does not exist: give a .safetensors file or a folder holding "
+                           f"{WEIGHT_NAME} on this machine")
+    if path.suffix != ".safetensors" or not path.is_file():
         raise WeightsError(f"LoRA file {path} is not a .safetensors file: diffedit never unpickles .bin/.ckpt/.pt "
                            "files; convert it to .safetensors")
-    if not path.is_file():
-        raise WeightsError(f"LoRA file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -199,7 +200,8 @@ def _checked_value(source: str, key: str, value, part: str) -> torch.Tensor | fl
     """A weight as a floating-point tensor, an alpha as a float; both finite, or a WeightsError naming the key."""
     if not isinstance(value, torch.Tensor):
         raise WeightsError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
-    if not value.is_floating_point():
+    integer_alpha = part == "alpha" and value.dtype != torch.bool and not value.is_complex()
+    if not value.is_floating_point() and not integer_alpha:  # kohya trainers write some alphas as int64
         raise WeightsError(f"{source}: {key} holds {str(value.dtype).removeprefix('torch.')} values; LoRA weights "
                            "are floating point (a quantized or damaged file)")
     if part == "alpha" and value.numel() != 1:
@@ -207,7 +209,7 @@ def _checked_value(source: str, key: str, value, part: str) -> torch.Tensor | fl
     if not bool(torch.isfinite(value).all()):
         raise WeightsError(f"{source}: {key} holds non-finite values (NaN or inf): a damaged file or a diverged "
                            "training run")
-    return value.item() if part == "alpha" else value
+    return float(value.item()) if part == "alpha" else value
 
 
 def _locate(key: str, layers: dict[str, dict[str, nn.Module]],

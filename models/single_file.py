@@ -226,6 +226,8 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
                        if not shape_fits(state[k], torch.Size(wanted[k])))
     wrong_dtype = not_floating(state, floating, 8)
     problems = key_problems(missing, unexpected, misshaped, 8) + ([f"  {wrong_dtype}"] if wrong_dtype else [])
+    if problems and not (missing or unexpected or misshaped):  # this model's checkpoint, with damaged values
+        raise WeightsError(f"{source}: its keys and shapes are this model's, but the {wrong_dtype}")
     if problems:
         raise WeightsError("\n".join([f"{source}: not a single-file checkpoint of this model ({_describe(state)}, "
                                       f"{'OpenCLIP' if text_layout == 'openclip' else 'OpenAI CLIP'} text encoder "

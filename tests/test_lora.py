@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 import pytest
 import safetensors.torch
 import torch
@@ -454,13 +456,29 @@ def test_a_metadata_header_we_cannot_honour_is_refused(sd1_pair, tmp_path, heade
     assert expected in one_line_error(WeightsError, lambda: ours.load_lora_weights(path))
 
 
+def test_a_kohya_file_with_integer_alphas_matches_diffusers(sd1_pair, tmp_path):
+    """Some kohya trainers store `.alpha` as int64; diffusers reads the number (it was refused as not floating
+    point); a bool alpha is still refused."""
+    ours, ref = sd1_pair
+    path = write_lora(tmp_path / "f.safetensors", random_pairs(ours.model.unet, 4, alpha_of=lambda n, r: 2))
+    tensors = safetensors.torch.load_file(str(path))
+    save_file({k: v.long() if k.endswith(".alpha") else v for k, v in tensors.items()}, str(tmp_path / "i.safetensors"))
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(tmp_path / "i.safetensors"), adapter_name="ints")
+    assert rel(ours.invert(**kw, generator=gen(2)).latents, ref.invert(**kw, generator=gen(2)).latents) < LATENT_TOL
+    assert all(p.alpha == 2.0 for p in ours.model.lora.adapters["ints"]["unet"].values())
+    save_file({k: v.bool() if k.endswith(".alpha") else v for k, v in tensors.items()}, str(tmp_path / "b.safetensors"))
+    assert "holds bool values" in one_line_error(WeightsError, lambda: ours.load_lora_weights(tmp_path / "b.safetensors"))
+
+
 def test_pickles_missing_and_corrupt_files_are_refused(sd1_pair, tmp_path):
     ours, _ = sd1_pair
     pickle = tmp_path / "lora.bin"
     pickle.write_bytes(b"not read")
     assert ".safetensors" in one_line_error(WeightsError, lambda: ours.load_lora_weights(pickle))
-    assert "does not exist" in one_line_error(WeightsError,
-                                              lambda: ours.load_lora_weights(tmp_path / "none.safetensors"))
+    for missing in (tmp_path / "none.safetensors", tmp_path / "nofolder", "nofolder"):  # named as missing, not
+        assert "does not exist" in one_line_error(WeightsError, lambda: ours.load_lora_weights(missing))  # as pickles
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     assert "corrupt" in one_line_error(WeightsError, lambda: ours.load_lora_weights(corrupt))
@@ -485,6 +503,15 @@ def test_adapter_names_weights_and_components_are_checked(sd1_pair, tmp_path):
                               ({"unet": 0.5}, "per-component")]:
         assert expected in one_line_error(ValueError, lambda: ours.set_adapters("a", weights))
     assert "twice" in one_line_error(ValueError, lambda: ours.set_adapters(["a", "a"], [0.5, 0.7]))
+    # numpy numbers and one-number tensors are numbers (diffusers takes np.float32); they are stored as Python's
+    ours.set_adapters(["a", "b"], [np.float32(0.5), torch.tensor(0.25, dtype=torch.float64)])
+    assert ours.model.lora.weights == {"a": 0.5, "b": 0.25}
+    assert all(type(w) is float for w in ours.model.lora.weights.values())
+    ours.set_adapters(["a", "b"], (np.int64(2), torch.tensor([1])))
+    assert ours.model.lora.weights == {"a": 2, "b": 1}
+    ours.set_adapters(["a", "b"], (0.5, 0.25))
+    for weights in (np.bool_(True), np.float64("nan"), torch.tensor([0.5, 0.5]), torch.tensor(True)):
+        assert "finite numbers" in one_line_error(ValueError, lambda: ours.set_adapters("a", weights))
     assert ours.model.lora.weights == {"a": 0.5, "b": 0.25}  # a refused call changes nothing
 
 

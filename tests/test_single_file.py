@@ -412,6 +412,15 @@ def test_integer_and_bool_weights_are_refused_naming_the_files_keys_and_dtypes(s
                          f"  weights the model holds in floating point are stored as integers or bools: {text_key} "
                          f"(bool), {CONV_IN} (int32); a damaged or mislabelled file (save them as float32, float16 "
                          "or bfloat16)"]
+    # with every key and shape right, the file is this model's, damaged: one line that says so (its heading
+    # called it "not a single-file checkpoint of this model")
+    (tmp_path / "only").mkdir()
+    only = edited_copy(sd1_file, tmp_path / "only", lambda s: s.__setitem__(CONV_IN, s[CONV_IN].to(torch.int32)))
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_single_file(only, config=sd1_folder)
+    assert str(e.value) == (f"{only}: its keys and shapes are this model's, but the weights the model holds in "
+                            f"floating point are stored as integers or bools: {CONV_IN} (int32); a damaged or "
+                            "mislabelled file (save them as float32, float16 or bfloat16)")
 
 
 def test_pickle_truncated_and_missing_files_are_refused(sd1_file, sd1_folder, tmp_path):
