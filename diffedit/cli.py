@@ -405,11 +405,13 @@ def command_params(args, edit_defaults: dict, uses: tuple[str, ...], max_steps: 
     checks += [("--strength", p.inpaint_strength)] if {"invert", "decode"} & set(uses) else []
     for flag, value in checks:
         if int(n * value) == 0:
-            needed = math.ceil(1 / value)
+            needed = 1 / value  # inf for a subnormal value
             if needed > max_steps:
-                raise BadInput(f"{flag} {value:g} is too small for any allowed step count: it runs a step only from "
-                               f"--steps {needed}, and the model's schedule has {max_steps}; with --steps {n} use "
-                               f"{flag} >= {1 / n:g}")
+                shown = math.ceil(needed) if needed < 1e6 else f"{needed:.3g}"  # not a 300-digit number
+                needs = f"it runs a step only from --steps {shown}, and " if math.isfinite(needed) else ""
+                raise BadInput(f"{flag} {value:g} is too small for any allowed step count: {needs}the model's "
+                               f"schedule has {max_steps}; with --steps {n} use {flag} >= {1 / n:g}")
+            needed = math.ceil(needed)
             raise BadInput(f"{flag} {value:g} with --steps {n} runs no step (int({n} x {value:g}) = 0): use "
                            f"{flag} >= {1 / n:g} or --steps >= {needed}")
     return p
@@ -453,7 +455,10 @@ def apply_latents_metadata(meta: dict, path: Path, args, picture: Image.Image, r
 
 
 def _shown(value) -> str:
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    """A number as short as it reads (1, 0.5), in full where that would round it (0.50000001 is not 0.5)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
             traceback.print_exception(e)
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command that had written files raises one saying what it kept
+        print(f"{PROG}: {e}" if str(e) else f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `diffedit ... --json | head -1`: the reader left; end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import COUNT, EXIT_INTERRUPTED, PROG, SEED, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
@@ -493,7 +493,7 @@ def check_sweep(sweep: list[tuple[str, list]], fixed: dict) -> None:
 
 def check_out(out: str | Path) -> Path:
     """The run's folder: given (an empty --out would be the current folder), and not a file."""
-    if str(out) == "":
+    if not str(out).strip():  # "" is the current folder; " " a folder named by a slip of the keyboard
         raise BadInput("--out is empty: give the run's folder (it is created if need be)")
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -612,6 +612,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     grid = settings_grid(sweep)
     location = model_location(model)
     from .params import read_edit_defaults
+    from .saved_inversion import model_fingerprint
 
     local_defaults = read_edit_defaults(Path(location)) if isinstance(location, Path) else {}
     check_grid(fixed, grid, local_defaults)
@@ -620,7 +621,11 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
               "device": device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__,
               "edits_digest": cases_digest(cases)}
     before = previous_config(out, resume)
-    check_same_run(before, config, [k for k in {**(before or {}), **config} if k not in MODEL_KEYS], out)
+    # a local folder's identity is known before loading: every difference is named in one message
+    early = ({"model_fingerprint": model_fingerprint(location), "model_edit_defaults": local_defaults}
+             if isinstance(location, Path) and location.is_dir() else {})
+    check_same_run(before, {**config, **early},
+                   [k for k in {**(before or {}), **config} if k not in MODEL_KEYS or k in early], out)
     try:
         torch_device, _ = pick_device(device, "float32")
     except ValueError as e:
@@ -895,16 +900,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int | None:
         args = parse_args(argv)
-        try:
-            run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
-                           methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
-                           param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
-                           model=args.model, device=args.device, batch_size=args.batch_size, resume=args.resume,
-                           quiet=args.quiet, compile_mode=args.compile)
-        except Interrupted as e:  # once writing began: what is kept (the contract's own line says nothing was)
-            print(f"{PROG}: {e}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        return None
+        # interrupted once writing began, the Interrupted's message says what is kept (`console.guarded`)
+        run_experiment(args.out, edits=args.edits, n=args.n, edit_seed=args.edit_seed,
+                       methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
+                       param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
+                       model=args.model, device=args.device, batch_size=args.batch_size, resume=args.resume,
+                       quiet=args.quiet, compile_mode=args.compile)
 
     return guarded(run, debug="--debug" in argv)
 

@@ -102,7 +102,9 @@ def mask_cells(samples: np.ndarray, what: str, bits: int | None = None) -> np.nd
         raise ValueError(f"{what}: expected bools, 0 / 1, 0-255 or floats in [0, 1], got dtype {samples.dtype}")
     lo, hi = (samples.min(), samples.max()) if samples.size else (0, 0)
     if np.issubdtype(samples.dtype, np.floating):
-        if not (np.isfinite(samples).all() and 0 <= lo and hi <= 1):
+        if not np.isfinite(samples).all():
+            raise ValueError(f"{what}: float values must be in [0, 1], got NaN or inf")
+        if not (0 <= lo and hi <= 1):
             raise ValueError(f"{what}: float values must be in [0, 1], got [{lo:g}, {hi:g}] (0-255 values: pass "
                              "integers)")
         return samples >= 0.5

@@ -587,6 +587,20 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     run = TrainingRun(Path(out), s, checkpoint_dir, resume)
+    try:
+        return _stages(run, device, install, command)
+    except KeyboardInterrupt:  # files are written from the first step on: say what is kept
+        saved = sorted(p.name for p in run.ckpt_dir.glob("*.safetensors"))
+        kept = f"the checkpoints {', '.join(saved)} in {run.ckpt_dir}" if saved else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted; kept {run.out / 'log.jsonl'} and {kept}: continue with the same "
+                                "command and --resume") from None
+    finally:
+        run.log_file.close()
+
+
+def _stages(run: TrainingRun, device: torch.device, install: bool, command: str) -> Path:
+    """`train`'s work in `run`'s folders: the stages, the preview, the export and the install."""
+    s = run.s
     run.log({"event": "settings", **asdict(s), "torch": torch.__version__,
              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "threads": torch.get_num_threads()})
@@ -610,7 +624,6 @@ def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, res
     run.log({"event": "exported", "folder": str(folder), "size_mb": round(folder_size_mb(folder), 2), **stats})
     if install:
         run.log({"event": "installed", "folder": str(install_shipped(folder))})
-    run.log_file.close()
     return folder
 
 

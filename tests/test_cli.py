@@ -506,6 +506,9 @@ BAD_ARGS = [
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
     (["in.png", "--strength", "1e-9"], ["--strength 1e-09 is too small for any allowed step count",
                                         "schedule has 1000", "--strength >= 0.25"]),
+    (["in.png", "--strength", "1e-300"], ["only from --steps 1e+300,"]),  # was the 301-digit integer
+    (["in.png", "--mask-strength", "1e-320"], ["--mask-strength 9.99989e-321 is too small for any allowed step "
+                                               "count: the model's schedule has 1000"]),  # 1 / x overflows
     (["in.png", "--lora-scale", "0.5"], ["--lora-scale needs --lora"]),
     (["in.png", "--mask", "mask.png", "--num-maps", "3"], ["--num-maps sets how the mask is estimated",
                                                            "--mask mask.png gives the mask", "drop --num-maps"]),
@@ -813,6 +816,8 @@ def test_latents_inverted_at_another_lora_scale_are_refused_and_the_files_scale_
             model_folder, "--lora", lora.name]
     assert_bad_input(diffedit(*base, "--lora-scale", "1", "-o", "a.png", cwd=tmp_path),
                      "lat.safetensors was inverted with --lora-scale 0.5 but this run asks --lora-scale 1")
+    assert_bad_input(diffedit(*base, "--lora-scale", "0.50000001", "-o", "a.png", cwd=tmp_path),  # not "0.5 vs 0.5"
+                     "with --lora-scale 0.5 but this run asks --lora-scale 0.50000001")
     assert not (tmp_path / "a.png").exists()
     result = diffedit(*base, "-o", "b.png", "--json", cwd=tmp_path)
     assert_ok(result)

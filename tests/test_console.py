@@ -43,6 +43,9 @@ def test_an_interrupt_is_exit_130_and_success_is_0(capsys):
     assert guarded(raising(KeyboardInterrupt())) == EXIT_INTERRUPTED == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert guarded(lambda: None) == 0
+    # a command that had written files says what it kept, in its own words, instead
+    assert guarded(raising(KeyboardInterrupt("interrupted; kept run/log.jsonl"))) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "diffedit: interrupted; kept run/log.jsonl\n"
 
 
 def test_flag_types_accept_their_bounds_and_name_the_range_past_them():

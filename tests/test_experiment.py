@@ -186,6 +186,9 @@ def change_weights(folder, model):
     (change_stored_defaults, "model_edit_defaults .*\"mask_thresholding_ratio\": 4.0.* -> .*"
                              "\"mask_thresholding_ratio\": 2.5.*diffedit.json changed"),
     (change_weights, "model_fingerprint \"[0-9a-f]+\" -> \"[0-9a-f]+\" \\(the model's weights or configs changed\\)"),
+    # both at once: both named (the model was compared only after the edits matched, so one went unnamed)
+    (lambda folder, model: change_manifest(folder, model) or change_weights(folder, model),
+     "edits_digest .*pictures, texts or ids changed\\); model_fingerprint .*weights or configs changed\\)"),
 ])
 def test_resume_refuses_other_inputs_naming_what_changed_and_keeps_the_run(change, message, tmp_path, capsys):
     import re
@@ -243,6 +246,7 @@ def test_resume_with_other_settings_names_each_one_old_and_new(grid_run, tmp_pat
     (["--seeds", "99999999999999999999"], "seeds are ints in [0, 9223372036854775807]"),
     (["--seeds", "0,18446744073709551615"], "seeds are ints in [0, 9223372036854775807]"),  # + the edit's index
     (["--out", ""], "--out is empty"),
+    (["--out", "  "], "--out is empty"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("work started"))

@@ -169,7 +169,7 @@ def test_api_masks_take_bools_0_1_or_0_255_at_the_images_size_and_refuse_the_res
     for given, error, message in [(want, ValueError, "mask: 6x4 but the image is 4x6"),
                                   (want[None], ValueError, r"mask: an array must be \(H, W\)"),
                                   (want * 300.0, ValueError, r"mask: float values must be in \[0, 1\]"),
-                                  (want * np.nan, ValueError, r"mask: float values must be in \[0, 1\]"),
+                                  (want * np.nan, ValueError, r"mask: float values must be in \[0, 1\], got NaN or inf$"),
                                   (want.astype(np.int32) - 1, ValueError, "mask: integer values must be"),
                                   (want.astype(np.int32) * 70000, ValueError, "mask: integer values must be"),
                                   (want.astype(str), ValueError, "mask: expected bools"),

@@ -126,6 +126,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert steps["unet_steps"] == 3 and steps["vae_steps"] == 2
 
 
+def test_ctrl_c_during_training_says_which_files_it_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    """It said "nothing was written" while the log and the VAE checkpoint stayed on disk."""
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_unet", stop)  # after the VAE stage saved its checkpoint
+    code = train.main(["--out", str(tmp_path / "run"), "--vae-steps", "1", "--unet-steps", "1", "--vae-batch-size",
+                       "2", "--scale-samples", "8", "--time-budget-s", "0", "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert code == 130 and err[-1:] == [f"diffedit: interrupted; kept {tmp_path / 'run' / 'log.jsonl'} and the "
+                                   f"checkpoints vae.safetensors in {ckpt}: continue with the same command and "
+                                   "--resume"]
+    assert (ckpt / "vae.safetensors").is_file() and (tmp_path / "run" / "log.jsonl").stat().st_size
+
+
 def test_time_budget_stops_both_stages_and_still_exports(tmp_path):
     s = replace(SMOKE, vae_steps=10**6, unet_steps=10**6, time_budget_s=3.0, preview_n=0)
     folder = train.train(s, tmp_path)
