@@ -392,14 +392,21 @@ def command_params(args, edit_defaults: dict, uses: tuple[str, ...], max_steps: 
     "invert", "decode") whose step counts are checked: a strength with int(steps x strength) = 0 would run no step.
     Called before the model is loaded (with a local folder's diffedit.json) and again after, with `max_steps`, the
     model's schedule length (before: 1000, Stable Diffusion's and the shipped model's), the most steps that fit."""
-    from .params import CORRECTIONS, layered, with_preset
+    from .params import CORRECTIONS, NOT_IN_REFERENCE, layered, with_preset
 
     try:
-        p = layered(edit_defaults, with_preset(args.preset, explicit_params(args)))
+        given = with_preset(args.preset, explicit_params(args))
+        p = layered(edit_defaults, given)
     except (TypeError, ValueError) as e:
         raise BadInput(one_line(e)) from None
     if args.reference_behaviour:  # the flags name no correction, so turning them all off last is the same as in between
-        p = p.updated({name: False for name in CORRECTIONS.values()})
+        for name, only in NOT_IN_REFERENCE.items():
+            if name in given and given[name] != only:
+                flag = next(f for f, names in FLAG_FIELDS.items() if name in names).replace("_", "-")
+                raise BadInput(f"--{flag} {given[name]} has no counterpart in diffusers, whose numbers "
+                               f"--reference-behaviour gives: drop one of the two")
+        # the model's stored defaults for them (the shipped model's guidance interval) are set aside
+        p = p.updated({**{name: False for name in CORRECTIONS.values()}, **NOT_IN_REFERENCE})
     n = p.num_inference_steps
     checks = [("--mask-strength", p.mask_encode_strength)] if "mask" in uses else []
     checks += [("--strength", p.inpaint_strength)] if {"invert", "decode"} & set(uses) else []

@@ -35,6 +35,10 @@ CORRECTIONS = {
     "D9": "mask_without_guidance",
 }
 
+# Fields diffusers 0.42.1's pipeline has no argument for, with the one value it runs: the command line's
+# --reference-behaviour refuses other values given as flags and resets the model's stored ones to these.
+NOT_IN_REFERENCE = {"guidance_min_timestep": 0, "mask_threshold_rule": "ratio", "sampler": "ddim"}
+
 
 @dataclass(frozen=True)
 class DiffEditParams:

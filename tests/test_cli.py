@@ -429,6 +429,36 @@ def test_reference_behaviour_gives_diffusers_full_mask_for_the_same_text(tmp_pat
     assert (np.asarray(Image.open(tmp_path / "mask.png")) == 255).all()
 
 
+def test_reference_behaviour_sets_aside_the_models_guidance_interval_and_refuses_settings_diffusers_lacks(
+        tmp_path, model_folder):
+    """diffusers guides every decoding step: the shipped model's stored guidance_min_timestep (300) is not applied
+    under --reference-behaviour (it was, so the numbers were not diffusers'), and flags diffusers has no argument
+    for are refused. The picture is the API's with every correction off and every step guided."""
+    from diffedit import edit
+    from diffedit.params import CORRECTIONS
+
+    assert SHIPPED_DEFAULTS["guidance_min_timestep"] == 300
+    shape_image().save(tmp_path / "in.png")
+    result = diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--json",
+                      "--reference-behaviour", "--model", model_folder, *FAST, cwd=tmp_path)
+    assert_ok(result)
+    assert json.loads(result.stdout)["parameters"]["guidance_min_timestep"] == 0
+    off = {name: False for name in CORRECTIONS.values()}
+    kw = dict(seed=0, num_inference_steps=4, num_maps_per_mask=2, **off)
+    every_step = edit(tmp_path / "in.png", SOURCE, TARGETS[0], model_folder, guidance_min_timestep=0, **kw)
+    interval = edit(tmp_path / "in.png", SOURCE, TARGETS[0], model_folder, **kw)
+    ours = np.asarray(Image.open(tmp_path / "out.png"))
+    assert np.array_equal(ours, np.asarray(every_step.image))
+    assert not np.array_equal(ours, np.asarray(interval.image))  # the interval changes this edit's pixels
+    for flags, message in [(["--guidance-min-timestep", "300"], "--guidance-min-timestep 300 has no counterpart"),
+                           (["--sampler", "dpmsolver++"], "--sampler dpmsolver++ has no counterpart"),
+                           (["--threshold-rule", "otsu"], "--threshold-rule otsu has no counterpart")]:
+        assert_bad_input(diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "x.png",
+                                  "--reference-behaviour", "--model", model_folder, *FAST, *flags, cwd=tmp_path),
+                         message)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_progress_bars_show_on_a_terminal_and_force_overwrites_the_input(tmp_path, model_folder):
     shape_image().save(tmp_path / "in.png")
     before = (tmp_path / "in.png").read_bytes()
