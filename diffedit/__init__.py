@@ -1,6 +1,8 @@
 """DiffEdit (Couairon et al., ICLR 2023) and the Stable Diffusion parts it runs on, written from scratch in PyTorch.
 
-Public names are imported on first use, so that `import diffedit.models` stays light.
+Public names and submodules are imported on first use, so that `import diffedit` and `import diffedit.models` stay
+light: `diffedit.edit`, `diffedit.baselines.METHODS` or `diffedit.reuse.SharedSteps` work after a bare
+`import diffedit`, and only then load what they need.
 """
 
 import importlib
@@ -28,11 +30,23 @@ _EXPORTS = {
 }
 
 
+# The public submodules, reachable as attributes (`diffedit.baselines`) as well as by import. `__main__` is left
+# out (it is `python -m diffedit`, not an API); `demo` and `plots` import Gradio and matplotlib only when used.
+_SUBMODULES = frozenset({
+    "api", "baselines", "bench", "checkpoint_file", "cli", "console", "demo", "evaluate", "experiment", "facade",
+    "figures", "image_files", "image_tensors", "locations", "memory", "method", "models", "official_configs",
+    "outputs", "params", "plots", "random_models", "reuse", "safety", "saved_inversion", "schedulers", "shapes",
+    "shipped_model", "stable_diffusion", "timing", "train", "validation",
+})
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # also binds it here: later lookups skip this
     raise AttributeError(f"module 'diffedit' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
