@@ -3,7 +3,8 @@ flag types that name their valid range, and notes, warnings and progress bars on
 
 The contract (docs/design.md §5): bad input (arguments, files, models, output paths) is one line
 `diffedit: error: ...` and exit status 2; a failure inside is one line and exit status 1; an interrupt is exit
-status 130; a traceback only with --debug. Torch-free, so a command refuses bad arguments in milliseconds.
+status 130 (its line says what was kept); stdout closed by its reader is exit status 141, quietly; a traceback
+only with --debug. Torch-free, so a command refuses bad arguments in milliseconds.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
     except KeyboardInterrupt as e:  # a command that had written files raises one saying what it kept
         print(f"{PROG}: {e}" if str(e) else f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `diffedit ... --json | head -1`: the reader left; end quietly, as Unix tools do
+    except BrokenPipeError:  # `diffedit ... --json | true`: the reader left first; end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug

@@ -176,6 +176,7 @@ def test_vae_tiling_and_slicing_leave_an_image_within_the_tile_unchanged(edited,
     assert_ok(result)
     for name in ("out-1.png", "out-2.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(folder / name)))
+    assert "tiles this small" not in result.stderr  # nothing tiled, nothing to warn about
 
 
 def test_vae_tiling_flag_tiles_a_larger_image_as_the_api_does(tmp_path, sd):
@@ -194,6 +195,8 @@ def test_vae_tiling_flag_tiles_a_larger_image_as_the_api_does(tmp_path, sd):
         sd.disable_vae_tiling()
     got = np.asarray(Image.open(tmp_path / "out.png"), dtype=int)
     assert np.abs(got - tiled).max() <= 1 and np.abs(got - plain).max() > 1
+    # the shipped model's 64-pixel tiles spoil the picture: said, not left for the user to find
+    assert "--vae-tiling with this model's 64-pixel tiles: tiles this small change the picture" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
