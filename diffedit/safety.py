@@ -9,6 +9,7 @@ shipped one) gives the pixels back and no flags (None).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,9 +31,13 @@ FEATURE_EXTRACTOR = "feature_extractor"
 SAFETY_CHECKER_CLASSES = (["stable_diffusion", "StableDiffusionSafetyChecker"],)
 # One processor under its three transformers names (CLIPImageProcessorPil: transformers 5's name without torchvision)
 FEATURE_EXTRACTOR_CLASSES = tuple(["transformers", name] for name in PROCESSOR_TYPES)
-NO_CHECKER_WARNING = ("{source} has no safety checker but its model_index.json sets requires_safety_checker "
-                      "(diffusers warns the same): keep the filter on for anything public, as the Stable Diffusion "
-                      "license asks")
+# diffusers' pipelines warn when no checker is loaded but `requires_safety_checker` is true, set so or absent (its
+# default); the line says which
+NO_CHECKER_WARNING = ("{source} has no safety checker but {requires} (diffusers warns the same): keep the filter on "
+                      "for anything public, as the Stable Diffusion license asks, or set requires_safety_checker to "
+                      "false in model_index.json to say it is off on purpose")
+REQUIRES_SET = "its model_index.json sets requires_safety_checker to true"
+REQUIRES_DEFAULT = "its model_index.json does not set requires_safety_checker, so diffusers' default, true, applies"
 
 
 def run_safety_checker(sd: StableDiffusion, pixels: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
@@ -64,7 +69,7 @@ def load_safety_components(folder: Path, index: dict, source: str, device: torch
     default) asks for one. Every way the folders are broken is one ConfigError / WeightsError line."""
     has_checker = names_component(index, SAFETY_CHECKER, SAFETY_CHECKER_CLASSES)
     has_processor = names_component(index, FEATURE_EXTRACTOR, FEATURE_EXTRACTOR_CLASSES)
-    requires = index.get("requires_safety_checker", True)
+    requires = index.get("requires_safety_checker", True)  # diffusers' default
     if not isinstance(requires, bool):
         raise ConfigError(f"model_index.json: requires_safety_checker={requires!r} must be true or false")
     if has_checker and not has_processor:
@@ -79,11 +84,12 @@ def load_safety_components(folder: Path, index: dict, source: str, device: torch
                               f"model again, or set safety_checker to [null, null] in model_index.json to run "
                               "without a safety checker")
     if not has_checker and requires:
-        warnings.warn(NO_CHECKER_WARNING.format(source=source), stacklevel=3)
+        said = REQUIRES_SET if "requires_safety_checker" in index else REQUIRES_DEFAULT
+        warnings.warn(NO_CHECKER_WARNING.format(source=source, requires=said), stacklevel=3)
     processor = CLIPImageProcessor.from_folder(folder / FEATURE_EXTRACTOR) if has_processor else None
     if not has_checker:
         return None, processor
-    config = SafetyCheckerConfig.from_file(folder / SAFETY_CHECKER / "config.json")
+    config = checker_config(folder / SAFETY_CHECKER / "config.json")
     if processor.config.output_size != (config.vision.image_size,) * 2:
         raise ConfigError(f"{FEATURE_EXTRACTOR}/{CONFIG_FILE} makes {processor.config.output_size} pictures but the "
                           f"safety checker takes {config.vision.image_size}x{config.vision.image_size}: the two "
@@ -93,3 +99,27 @@ def load_safety_components(folder: Path, index: dict, source: str, device: torch
     state = component_weights(folder / SAFETY_CHECKER, "transformers", variant)
     checker = load_state(checker, state, f"{SAFETY_CHECKER}/", device, dtype)
     return checker.eval().requires_grad_(False), processor
+
+
+def checker_config(path: Path) -> SafetyCheckerConfig:
+    """The checker's config.json; an empty one (0 bytes, only whitespace, or {}) is named as the fault, not
+    read as transformers' defaults (whose 224x224 tower then fails a later check that blames another file)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = None  # `from_file` names what is wrong
+    if text is not None:
+        fix = ("fetch the model again (a download may not have finished), or set safety_checker to [null, null] in "
+               "model_index.json to run without a safety checker")
+        if not text.strip():
+            what = "is empty (0 bytes)" if not text else "holds only whitespace"
+            raise ConfigError(f"config file {path} {what}: it must describe the safety checker (its vision_config); "
+                              f"{fix}")
+        try:
+            empty = json.loads(text) == {}
+        except json.JSONDecodeError:
+            empty = False  # `from_file` names it
+        if empty:
+            raise ConfigError(f"config file {path} is an empty JSON object ({{}}): it must describe the safety "
+                              f"checker (its vision_config); {fix}")
+    return SafetyCheckerConfig.from_file(path)

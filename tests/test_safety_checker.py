@@ -388,10 +388,58 @@ def edit_index(folder, **changes):
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
+def diffusers_warns_no_checker(folder) -> bool:
+    """Whether diffusers' StableDiffusionPipeline, loading `folder`, logs its "You have disabled the safety
+    checker" warning."""
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        StableDiffusionPipeline.from_pretrained(folder)
+    finally:
+        logger.removeHandler(handler)
+    return any("disabled the safety checker" in line for line in said)
+
+
+@pytest.mark.parametrize("requires", ["true", "absent", "false"])
+def test_the_no_checker_warning_comes_when_diffusers_warns_and_says_whether_model_index_sets_it(checked_folder,
+                                                                                              tmp_path, requires):
+    """requires_safety_checker set true, absent (diffusers' default, true) or false, with no checker named: ours
+    warns exactly when diffusers does, and the line says truthfully whether model_index.json sets it."""
+    folder = shutil.copytree(checked_folder, tmp_path / "model")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=[None, None])
+    index.pop("requires_safety_checker", None)
+    if requires != "absent":
+        index["requires_safety_checker"] = requires == "true"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        StableDiffusion.from_pretrained(folder)
+    said = [str(w.message) for w in caught if "safety checker" in str(w.message)]
+    assert bool(said) == diffusers_warns_no_checker(folder) == (requires != "false")
+    if requires == "true":
+        assert said == [f"{folder} has no safety checker but its model_index.json sets requires_safety_checker to "
+                        "true (diffusers warns the same): keep the filter on for anything public, as the Stable "
+                        "Diffusion license asks, or set requires_safety_checker to false in model_index.json to say "
+                        "it is off on purpose"]
+    elif requires == "absent":
+        assert len(said) == 1 and "sets requires_safety_checker" not in said[0]
+        assert said[0].startswith(f"{folder} has no safety checker but its model_index.json does not set "
+                                  "requires_safety_checker, so diffusers' default, true, applies (diffusers warns")
+
+
 def test_requires_safety_checker_warns_as_diffusers_when_no_checker_is_named(checked_folder, tmp_path):
     folder = shutil.copytree(checked_folder, tmp_path / "model")
     edit_index(folder, safety_checker=[None, None])
-    with pytest.warns(UserWarning, match="has no safety checker but its model_index.json sets requires_safety_checker"):
+    with pytest.warns(UserWarning, match="has no safety checker but its model_index.json sets requires_safety_checker "
+                                         "to true"):
         sd = StableDiffusion.from_pretrained(folder)
     assert sd.safety_checker is None and sd.feature_extractor is not None
     edit_index(folder, requires_safety_checker=False)
@@ -446,6 +494,14 @@ BROKEN = {
                        ConfigError, "hidden_act='relu'"),
     "config_not_json": (lambda f: (f / "safety_checker" / "config.json").write_text("{"), ConfigError,
                         "not valid JSON"),
+    "config_empty_file": (lambda f: (f / "safety_checker" / "config.json").write_text(""), ConfigError,
+                          r"safety_checker/config.json is empty \(0 bytes\): it must describe the safety checker "
+                          r"\(its vision_config\); fetch the model again"),
+    "config_whitespace": (lambda f: (f / "safety_checker" / "config.json").write_text(" \n"), ConfigError,
+                          r"safety_checker/config.json holds only whitespace: it must describe"),
+    "config_empty_object": (lambda f: (f / "safety_checker" / "config.json").write_text("{}"), ConfigError,
+                            r"safety_checker/config.json is an empty JSON object \(\{\}\): it must describe the "
+                            r"safety checker \(its vision_config\); fetch the model again"),
     "processor_type": (lambda f: _write_json(f, "feature_extractor/preprocessor_config.json",
                                              lambda r: r.update(image_processor_type="SiglipImageProcessor")),
                        ConfigError, "unsupported processor 'SiglipImageProcessor'"),
