@@ -7,10 +7,13 @@ the shapes world's held-out edits.
 The page's work is done by `Demo`, importable and testable without Gradio or a server: `Demo.edit` runs DiffEdit's
 three steps through one `reuse.SharedSteps`, so a repeat with only the decoding changed reuses the inversion and one
 with only the thresholding changed reuses the difference map (both exact: the result equals a fresh
-`diffedit.edit`); `Demo.rethreshold` cuts a remembered map again without the model; `Demo.shapes_edit` runs one
-held-out shapes-world edit against its ground truth. Settings are named and checked as the command line names and
-checks them (`diffedit edit --strength ...`, the same messages). `build_page` wraps a `Demo` in Gradio's Blocks;
-Gradio is imported only there and in `main`, so `import diffedit` and the other commands never need it.
+`diffedit.edit`); `Demo.rethreshold` cuts a remembered map again without the model (the page does so only while
+the picture, prompts and mask settings are those the map was computed from: `Demo.map_changes`);
+`Demo.shapes_edit` runs one held-out shapes-world edit against its ground truth. Settings are named and checked as
+the command line names and checks them (`diffedit edit --strength ...`, the same messages). `build_page` wraps a
+`Demo` in Gradio's Blocks; Gradio is imported only there and in `main`, so `import diffedit` and the other commands
+never need it. Uploads reach `Demo` unopened (`Upload`), so every bad one gets its one line, naming the picture as
+the user knows it.
 
 One model per process, one edit at a time (a lock, and one queue slot for the events that run the model); the
 server listens on 127.0.0.1 unless --host says otherwise, and is never shared through Gradio's tunnel unless --share.
@@ -19,10 +22,17 @@ server listens on 127.0.0.1 unless --host says otherwise, and is never shared th
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import errno
+import hashlib
+import math
 import os
+import socket
 import sys
 import threading
 import traceback
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .console import COUNT, BadInput, Parser, guarded
-from .image_files import DEFAULT_MAX_PIXELS, read_image
+from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, model_location
 from .validation import one_line, shorten
 
@@ -89,14 +99,36 @@ def _require_gradio():
 # What the page shows
 
 
+# The mask step's settings (`reuse.MASK_FIELDS`) by the page's names; a field the page does not show keeps its own
+MAP_SETTING = {"num_inference_steps": "steps", "num_maps_per_mask": "num_maps", "mask_encode_strength": "mask_strength",
+               "mask_guidance_scale": "mask_guidance"}
+
+
 @dataclass(frozen=True)
 class MapState:
     """What re-thresholding needs, kept per browser session: the difference map (1, h, w) of the last edit, the
-    picture it was computed for and the parameters it was cut with."""
+    picture it was computed for and the parameters it was cut with; `inputs`: what the map was computed from (the
+    picture's digest, the prompts, the mask step's settings and the seed, by the page's names), so that a map is
+    never cut for another picture or other settings (`Demo.map_changes`)."""
 
     difference: object  # torch.Tensor (1, h, w)
     picture: Image.Image
     params: object  # DiffEditParams
+    inputs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A picture uploaded through the page or the API: the server's copy (`path`) and the name the user knows it by
+    (`name`, the uploaded file's; None when the browser sent none). The page hands uploads to `Demo` unopened, so
+    that every way one is unusable gets `Demo`'s one line (naming the picture as `name`, with a fix a web user can
+    act on), not Gradio's bare error."""
+
+    path: str
+    name: str | None = None
+
+    def shown(self) -> str:
+        return f"the uploaded picture {self.name!r}" if self.name else "the uploaded picture"
 
 
 @dataclass(frozen=True)
@@ -122,6 +154,41 @@ class EditView:
         lines = [f"**{said}**", f"timings: {steps}; total {sum(self.timings.values()):.2f} s",
                  f"mask: {self.coverage:.0%} of the picture"]
         return "\n\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def store_inline(url: str, name: str | None, cache: str) -> Path:
+    """A data: URL's bytes, unchanged, as a file under `cache` (one folder per content, as Gradio stores uploads);
+    one that cannot be decoded is one BadInput line."""
+    head, _, body = url.partition(",")
+    try:
+        data = base64.b64decode(body, validate=True) if head.endswith(";base64") else \
+            urllib.parse.unquote_to_bytes(body)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{Upload('', name).shown()} is not an image (its data: URL does not decode): upload a "
+                       "picture file (PNG, JPEG, WebP or any format Pillow reads)") from None
+    folder = Path(cache) / hashlib.sha256(data).hexdigest()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (Path(name or "").name or "picture")
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def picture_digest(picture: Image.Image) -> str:
+    """A sha1 of a picture's mode, size and pixels: equal digests, the same picture."""
+    digest = hashlib.sha1(f"{picture.mode} {picture.size}".encode())
+    digest.update(picture.tobytes())
+    return digest.hexdigest()
+
+
+def too_large(shown: str, width: int, height: int, max_pixels: int) -> str:
+    """The web user's line for a picture over the server's pixel limit: the size to resize it to, not a flag."""
+    s = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, int(width * s)), max(1, int(height * s))
+    h = max(1, min(h, max_pixels // w))  # float rounding, or a sliver whose short side was raised to 1
+    w = max(1, min(w, max_pixels // h))
+    return (f"{shown} is {width}x{height} ({width * height / 1e6:.1f} megapixels), over this server's limit of "
+            f"{max_pixels} pixels: resize it to at most {w}x{h} pixels and upload it again")
 
 
 def coverage(mask: Image.Image) -> float:
@@ -241,9 +308,12 @@ class Demo:
         return {**{name: getattr(p, f) for name, f in SHOWN_FIELD.items()}, "seed": 0}
 
     def read_picture(self, image) -> tuple[Image.Image, list[str]]:
-        """An image file (checked as the command line checks it, --max-pixels included) or a PIL picture, as RGB;
-        with its notes."""
+        """An image file (checked as the command line checks it, --max-pixels included), an `Upload` (checked the
+        same way, named as the user knows it, with fixes a web user can act on) or a PIL picture, as RGB; with its
+        notes."""
         notes: list[str] = []
+        if isinstance(image, Upload):
+            return self._read_upload(image, notes.append), notes
         if isinstance(image, Image.Image):
             w, h = image.size
             if w * h > self.max_pixels:
@@ -254,6 +324,46 @@ class Demo:
         if image is None or image == "":
             raise BadInput("no image: upload one or pick an example")
         return read_image(Path(image), notes.append, self.max_pixels, MAX_PIXELS_FLAG), notes
+
+    def _read_upload(self, upload: Upload, note) -> Image.Image:
+        """An uploaded picture as RGB; too large, not an image, corrupt: one line naming it as the user knows it
+        (never the server's copy) and what to do."""
+        path, shown = Path(upload.path), upload.shown()
+        Image.MAX_IMAGE_PIXELS = None  # the server's own limit is checked here, before decoding (as `open_image`)
+        try:
+            with Image.open(path) as probe:  # reads the header only
+                width, height = probe.size
+        except Exception:  # noqa: BLE001 - not an image, corrupt: `read_image` below names what is wrong
+            pass
+        else:
+            if width * height > self.max_pixels:
+                raise ImageFileError(too_large(shown, width, height, self.max_pixels))
+        try:
+            return read_image(path, note, self.max_pixels, MAX_PIXELS_FLAG)
+        except ImageFileError as e:
+            said = str(e)
+            opened = f"input image {path}" not in said  # the file opened: the message's own fix applies
+            said = said.replace(f"input image {path}", shown).replace(str(path), shown)
+            fix = "" if opened else ": upload the picture again, or another one (PNG, JPEG, WebP or any format " \
+                                    "Pillow reads)"
+            raise ImageFileError(said + fix) from None
+
+    def map_inputs(self, picture: Image.Image, source: str, target: str, p, seed: int) -> dict:
+        """What an edit's difference map is computed from: the picture's digest, the prompts, the mask step's
+        settings (`reuse.MASK_FIELDS`, by the page's names) and the seed."""
+        from .reuse import MASK_FIELDS
+
+        return {"picture": picture_digest(picture), "source": source, "target": target,
+                **{MAP_SETTING.get(f, f): getattr(p, f) for f in MASK_FIELDS}, "seed": seed}
+
+    def map_changes(self, state: MapState, image, source: str, target: str, **settings) -> tuple[str, ...]:
+        """What differs between the inputs of `state`'s map and these (picture, source, target, a mask setting,
+        seed: the page's names), in that order; () when re-thresholding `state` shows the mask an edit of these
+        inputs would cut. Bad input: the edit's one line."""
+        p, seed = self.params(settings)
+        picture, _ = self.read_picture(image)
+        now = self.map_inputs(picture, source, target, p, seed)
+        return tuple(name for name, value in state.inputs.items() if now.get(name) != value)
 
     def _shared_steps(self, pixels, source):
         """The SharedSteps of this image and source prompt: a new one (the old forgotten) when either changed, so
@@ -316,7 +426,7 @@ class Demo:
         overlay, heat = mask_pictures(picture, latent_mask, est.guidance_map[0].float().cpu().numpy())
         mask = image_tensors.latent_mask_to_image(latent_mask, picture.size)
         return EditView(edited, mask, overlay, heat, timings, reused, coverage(mask), tuple(notes),
-                        MapState(est.difference.cpu(), picture, p))
+                        MapState(est.difference.cpu(), picture, p, self.map_inputs(picture, source, target, p, seed)))
 
     @staticmethod
     def rethreshold(state: MapState, threshold_ratio=None, threshold_rule=None) -> tuple[Image.Image, Image.Image,
@@ -426,14 +536,28 @@ def build_page(demo: Demo):
     gr = _require_gradio()
     d = demo.defaults()
 
-    def slider(name: str, lo: float, hi: float, step: float, label: str, integer: bool = False):
-        control = gr.Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
-                            info=HELP[name], elem_id=name)
-        # The value reaches `Demo`'s checks as sent, so an API call out of range gets the command line's message
-        # (Gradio's own range check, and its rounding, would answer first). An instance attribute, not a subclass:
-        # Gradio writes a .pyi file beside the module of every component class.
+    def as_sent(control):
+        """`control` with its value reaching `Demo`'s checks as sent, so an API call out of range, a fractional seed
+        or an unknown rule gets the command line's message (Gradio's own range and choice checks, and its
+        rounding, would answer first, or round silently). An instance attribute, not a subclass: Gradio writes a
+        .pyi file beside the module of every component class."""
         control.preprocess = lambda payload: payload
         return control
+
+    def slider(name: str, lo: float, hi: float, step: float, label: str, integer: bool = False):
+        return as_sent(gr.Slider(lo, hi, value=d[name], step=step, precision=0 if integer else None, label=label,
+                                 info=HELP[name], elem_id=name))
+
+    def take_upload(payload):
+        """The image's payload as an `Upload`, unopened (Gradio's own preprocessing opens it with Pillow and fails
+        on a file that is not a picture with a bare "Error"). A picture sent inline (a data: URL) is stored as sent
+        (Gradio's would re-encode it as lossy WebP) in Gradio's cache, as an upload is."""
+        if payload is not None and payload.url and payload.url.startswith("data:"):
+            try:
+                return Upload(str(store_inline(payload.url, payload.orig_name, image.GRADIO_CACHE)), payload.orig_name)
+            except BadInput as e:  # raised here, before `page_errors` can word it
+                raise gr.Error(str(e), print_exception=False) from None
+        return Upload(payload.path, payload.orig_name) if payload is not None and payload.path else None  # None: none
 
     with gr.Blocks(title="DiffEdit demo") as page:
         gr.Markdown(INTRO)
@@ -442,6 +566,7 @@ def build_page(demo: Demo):
                 with gr.Column():
                     image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                      label="picture", elem_id="image", height=256)
+                    image.preprocess = take_upload  # an instance attribute, as in `as_sent`
                     source = gr.Textbox(label="source: what the picture shows", elem_id="source")
                     target = gr.Textbox(label="target: what it should show", elem_id="target")
                     run = gr.Button("Edit", variant="primary", elem_id="run")
@@ -460,11 +585,12 @@ def build_page(demo: Demo):
                 strength = slider("strength", 0.05, 1.0, 0.05, "encoding ratio")
                 steps = slider("steps", 1, 100, 1, "steps", integer=True)
                 guidance = slider("guidance", 0.0, 15.0, 0.5, "guidance")
-                seed = gr.Number(value=0, precision=0, label="seed", info=HELP["seed"], elem_id="seed")
+                seed = as_sent(gr.Number(value=0, precision=0, label="seed", info=HELP["seed"], elem_id="seed"))
             with gr.Row():
                 threshold_ratio = slider("threshold_ratio", 0.5, 10.0, 0.1, "thresholding ratio")
-                threshold_rule = gr.Radio(["ratio", "otsu"], value=d["threshold_rule"], label="thresholding rule",
-                                          info=HELP["threshold_rule"], elem_id="threshold_rule")
+                threshold_rule = as_sent(gr.Radio(["ratio", "otsu"], value=d["threshold_rule"],
+                                                  label="thresholding rule", info=HELP["threshold_rule"],
+                                                  elem_id="threshold_rule"))
                 num_maps = slider("num_maps", 1, 20, 1, "number of maps", integer=True)
                 mask_strength = slider("mask_strength", 0.05, 1.0, 0.05, "mask strength")
                 mask_guidance = slider("mask_guidance", 0.0, 15.0, 0.5, "mask guidance")
@@ -480,18 +606,36 @@ def build_page(demo: Demo):
                                  guidance=guidance, mask_guidance=mask_guidance, steps=steps, seed=seed)
                 return view.edited, view.overlay, view.heat, view.report(), view.state
 
+            named = {"strength": strength, "threshold_ratio": threshold_ratio, "threshold_rule": threshold_rule,
+                     "num_maps": num_maps, "mask_strength": mask_strength, "guidance": guidance,
+                     "mask_guidance": mask_guidance, "steps": steps, "seed": seed}
+            settings = list(named.values())
+
             @page_errors
-            def rethreshold(state, threshold_ratio, threshold_rule):
+            def rethreshold(state, image, source, target, *values):
+                """The last edit's map cut again, only if it is the map of what the page shows now: the same picture,
+                prompts, mask settings and seed (a new upload, or one that arrived while an edit ran, is not cut
+                with another picture's map)."""
                 if state is None:
                     return gr.skip(), gr.skip(), "edit first: the thresholding cuts the map an edit computed"
-                return demo.rethreshold(state, threshold_ratio, threshold_rule)
+                given = dict(zip(named, values))
+                changed = demo.map_changes(state, image, source, target, **given)
+                if changed:
+                    shown = (None, None) if "picture" in changed else (gr.skip(), gr.skip())  # never another's mask
+                    return (*shown, f"**not re-thresholded**: the {', '.join(changed)} changed since the last edit, "
+                                    "whose map this would cut; press Edit to compute the map of what is shown now")
+                return demo.rethreshold(state, given["threshold_ratio"], given["threshold_rule"])
 
-            settings = [strength, threshold_ratio, threshold_rule, num_maps, mask_strength, guidance, mask_guidance,
-                        steps, seed]
+            def forget():
+                """A new picture: the last edit's results and map are another picture's."""
+                return None, None, None, "", None
+
             run.click(edit, [image, source, target, *settings], [edited, overlay, heat, report, state],
                       api_name="edit", concurrency_id="model", concurrency_limit=1)
+            image.change(forget, None, [edited, overlay, heat, report, state], api_visibility="private",
+                         show_progress="hidden")
             for control in (threshold_ratio, threshold_rule):  # as the user moves it, dragging included
-                control.input(rethreshold, [state, threshold_ratio, threshold_rule], [overlay, heat, report],
+                control.input(rethreshold, [state, image, source, target, *settings], [overlay, heat, report],
                               api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
         with gr.Tab("Shapes world: held-out edits"):
@@ -500,8 +644,9 @@ def build_page(demo: Demo):
                         "after) beside DiffEdit's mask, their IoU, and whether the edit worked. Meaningful with the "
                         "shipped model (or one trained on the shapes world).")
             with gr.Row():
-                kind = gr.Radio(["colour", "shape"], value="colour", label="edit", elem_id="kind")
-                number = gr.Number(value=0, precision=0, minimum=0, label="edit number (its seed)", elem_id="number")
+                kind = as_sent(gr.Radio(["colour", "shape"], value="colour", label="edit", elem_id="kind"))
+                number = as_sent(gr.Number(value=0, precision=0, minimum=0, label="edit number (its seed)",
+                                           elem_id="number"))
                 draw = gr.Button("Draw a random edit and run it", variant="primary", elem_id="draw")
                 again = gr.Button("Run this one", elem_id="again")
             with gr.Row(elem_classes="shapes"):
@@ -530,15 +675,69 @@ def build_page(demo: Demo):
     return page
 
 
-def serve(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = False, block: bool = True):
-    """Launch `page` on host:port (one request at a time runs the model; the rest wait in the queue); with
-    `block` False, return once it is serving (close it with `page.close()`)."""
+ANY_ADDRESS_HINT = "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
+
+
+def check_address(host: str, port: int) -> None:
+    """That the server can listen on host:port, checked as it will listen (uvicorn's socket: IPv6 when the host has a
+    colon, SO_REUSEADDR, so a port just closed counts as free) and before the model loads: a host that is empty,
+    unknown or not this machine's, a port in use or reserved is one BadInput line naming it and the fix."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1], as Gradio takes it
+    if not name or name != name.strip():
+        raise BadInput(f"argument --host: expected an address or a host name, got {host!r}: pass one, "
+                       f"{ANY_ADDRESS_HINT}")
+    family = socket.AF_INET6 if ":" in name else socket.AF_INET
+    try:
+        socket.getaddrinfo(name, port, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadInput(f"argument --host: {host!r} is not an address and no host of that name is known "
+                       f"({getattr(e, 'strerror', None) or e}): pass an address of this machine, {ANY_ADDRESS_HINT}"
+                       ) from None
+    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((name, port))
+            return
+        except OSError as e:
+            error = e
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        hint = ""
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((name, 0))
+                hint = f", e.g. --port {s.getsockname()[1]} (free now)"
+        except OSError:
+            pass
+        raise BadInput(f"argument --port: port {port} on {host} is in use (another program listens there): pass "
+                       f"another --port{hint}")
+    if error.errno == errno.EADDRNOTAVAIL:
+        raise BadInput(f"argument --host: {host} is not an address of this machine ({reason}): pass one of its "
+                       f"addresses, {ANY_ADDRESS_HINT}")
+    if error.errno == errno.EACCES:
+        raise BadInput(f"argument --port: listening on port {port} needs administrator rights here ({reason}): pass "
+                       "a --port of 1024 or more")
+    raise BadInput(f"cannot listen on {host}:{port} ({reason}): pass another --host or --port")
+
+
+def serve(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool = False, block: bool = True,
+          started: Callable[[object], None] | None = None):
+    """Launch `page` on host:port (one request at a time runs the model; the rest wait in the queue); `started`
+    hears the page once it listens (its `local_url`, and `share_url` with `share`). With `block` False, return once
+    it is serving (close it with `page.close()`); else serve until interrupted."""
     page.queue(max_size=32)
     try:
-        return page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                           quiet=not block, css=CSS, footer_links=["api"], max_file_size=MAX_UPLOAD)
-    except OSError as e:
-        raise BadInput(f"cannot serve on {host}:{port}: {one_line(e)} (pass another --port or --host)") from None
+        launched = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                               quiet=True, css=CSS, footer_links=["api"], max_file_size=MAX_UPLOAD)
+    except OSError as e:  # taken since `check_address`, or a failure it cannot foresee: its line if it sees one
+        check_address(host, port)
+        said = one_line(e).split(". You can specify")[0]  # Gradio's advice names its own settings, not our flags
+        raise BadInput(f"cannot serve on {host}:{port}: {said} (pass another --port or --host)") from None
+    if started is not None:
+        started(page)
+    if block:
+        page.block_thread()
+    return launched
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -571,13 +770,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The model found, Gradio present, the model loaded, then the page served until interrupted."""
+    """The model found, Gradio present, the address free, the model loaded, then the page served until
+    interrupted; "serving" is said once it listens."""
     model_location(args.model)  # a missing model is said before anything is imported or loaded
     _require_gradio()
+    check_address(args.host, args.port)  # before the model loads
     demo = Demo.load(args.model, args.device, args.dtype, args.max_pixels)
-    print(f"diffedit demo: {args.model or SHIPPED_MODEL.name} on {demo.sd.device}, serving http://{args.host}:"
-          f"{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    serve(build_page(demo), args.host, args.port, args.share, block=True)
+
+    def started(page) -> None:
+        shared = f"; public link {page.share_url}" if getattr(page, "share_url", None) else \
+            "; no public link (Gradio's tunnel could not be reached)" if args.share else ""
+        print(f"diffedit demo: {args.model or SHIPPED_MODEL.name} on {demo.sd.device}, serving {page.local_url}"
+              f"{shared} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+
+    serve(build_page(demo), args.host, args.port, args.share, block=True, started=started)
 
 
 def main(argv: list[str] | None = None) -> int:

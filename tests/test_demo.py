@@ -1,6 +1,7 @@
 """`diffedit demo`: the page's work (`demo.Demo`) called directly, the Gradio API through `gradio_client` against a
-server the test starts on a free localhost port, and the page itself in headless Chromium (Debian's, driven by
-playwright; no browser download).
+server the test starts on a free localhost port, the page's own events (re-thresholding, uploads) through Gradio's
+queue protocol as the page's JavaScript sends them (`Tab`), and the page itself in headless Chromium (Debian's,
+driven by playwright; no browser download).
 
 Every edit the demo returns is compared with a fresh `diffedit.edit` of the same settings, pixel for pixel, whatever
 work it reused. The Gradio and browser tests skip with the reason when Gradio, gradio_client, playwright or chromium
@@ -9,12 +10,15 @@ instead, since `.ci/run` installs all of them.
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import re
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +157,57 @@ def test_rethresholding_cuts_the_remembered_map_without_the_model_as_an_edit_wou
         app.rethreshold(view.state, 0, "ratio")
 
 
+def test_map_changes_names_each_input_the_remembered_map_was_not_computed_from(app):
+    """Re-thresholding may cut a remembered map only for the picture, prompts, mask settings and seed it was
+    computed from; the thresholding and the decoding's settings do not change the map."""
+    view = app.edit(IMAGE, SOURCE, TARGET, **FAST)
+    assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, **FAST) == ()
+    assert app.map_changes(view.state, Image.open(IMAGE), SOURCE, TARGET, **FAST) == ()  # the same pixels
+    assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, **FAST, threshold_ratio=3.0, threshold_rule="otsu",
+                           strength=0.4, guidance=3.0, mask_guidance=app.defaults()["mask_guidance"]) == ()
+    assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, **FAST, guidance=3.0) == ("mask_guidance",)  # both
+    other, source, target = demo.EXAMPLES[1]
+    assert app.map_changes(view.state, other, SOURCE, TARGET, **FAST) == ("picture",)
+    assert app.map_changes(view.state, other, source, target, **FAST) == ("picture", "source", "target")
+    assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, **FAST, seed=1) == ("seed",)
+    assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, steps=12, num_maps=2, mask_strength=0.4,
+                           mask_guidance=3.0) == ("steps", "mask_strength", "mask_guidance")
+    with pytest.raises(BadInput, match="^no image: upload one or pick an example$"):
+        app.map_changes(view.state, None, SOURCE, TARGET, **FAST)
+
+
+def test_an_upload_too_large_is_named_as_the_user_knows_it_with_a_size_to_resize_to(app, tmp_path):
+    small = demo.Demo(app.sd, max_pixels=64 * 64 - 1)
+    with pytest.raises(ImageFileError) as e:
+        small.edit(demo.Upload(str(IMAGE), "circle.png"), SOURCE, TARGET)
+    assert str(e.value) == ("the uploaded picture 'circle.png' is 64x64 (0.0 megapixels), over this server's limit of "
+                            "4095 pixels: resize it to at most 63x63 pixels and upload it again")
+    with pytest.raises(ImageFileError, match="^the uploaded picture is 64x64"):  # no name sent
+        small.edit(demo.Upload(str(IMAGE)), SOURCE, TARGET)
+    for w, h, limit, fits in ((2049, 2048, 2048 * 2048, "2048x2047"), (4000, 3000, 10**6, "1154x866"),
+                              (5000, 10, 4999, "1580x3"), (3, 10**6, 10**4, "1x10000")):
+        said = demo.too_large("it", w, h, limit)
+        assert said.endswith(f"resize it to at most {fits} pixels and upload it again"), said
+        tw, th = map(int, fits.split("x"))
+        assert tw * th <= limit and tw <= w and th <= h
+
+
+def test_an_upload_that_is_not_a_picture_or_corrupt_is_named_as_the_user_knows_it(app, tmp_path):
+    text = tmp_path / "x1"
+    text.write_text("not a picture")
+    cut = tmp_path / "x2"
+    cut.write_bytes(IMAGE.read_bytes()[:200])
+    with pytest.raises(ImageFileError) as e:
+        app.edit(demo.Upload(str(text), "notes.png"), SOURCE, TARGET)
+    assert str(e.value) == ("the uploaded picture 'notes.png' is not an image (or not in a format Pillow reads): "
+                            "upload the picture again, or another one (PNG, JPEG, WebP or any format Pillow reads)")
+    with pytest.raises(ImageFileError) as e:
+        app.edit(demo.Upload(str(cut), "cut.png"), SOURCE, TARGET)
+    assert str(e.value).startswith("the uploaded picture 'cut.png' is truncated or corrupt (")
+    assert str(e.value).endswith("): upload the picture again, or another one (PNG, JPEG, WebP or any format Pillow "
+                                 "reads)") and str(tmp_path) not in str(e.value)
+
+
 def test_edits_from_several_threads_run_one_at_a_time(app, monkeypatch):
     import threading
 
@@ -279,6 +334,67 @@ def test_bad_demo_arguments_are_one_line_and_exit_2(capsys, argv, message):
     assert err.startswith(f"diffedit: error: {message}") and err.count("\n") == 1
 
 
+ANY_ADDRESS = "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network interface)"
+
+
+@pytest.mark.parametrize("case", ["busy_port", "unknown_host", "not_this_machine", "empty_host"])
+def test_a_busy_port_or_a_bad_host_is_refused_before_the_model_loads_and_nothing_says_serving(capsys, monkeypatch,
+                                                                                            case):
+    need(("gradio",))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr(demo.Demo, "load", no_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv, message = {
+            "busy_port": (["--port", str(port)], rf"argument --port: port {port} on 127\.0\.0\.1 is in use \(another "
+                                                 r"program listens there\): pass another --port, e\.g\. --port \d+ "
+                                                 r"\(free now\)"),
+            "unknown_host": (["--host", "no.such.host.invalid"], r"argument --host: 'no\.such\.host\.invalid' is not "
+                             r"an address and no host of that name is known \(.+\): pass an address of this machine, "
+                             + re.escape(ANY_ADDRESS)),
+            "not_this_machine": (["--host", "192.0.2.1"], r"argument --host: 192\.0\.2\.1 is not an address of this "
+                                 r"machine \(.+\): pass one of its addresses, " + re.escape(ANY_ADDRESS)),
+            "empty_host": (["--host", ""], r"argument --host: expected an address or a host name, got '': pass one, "
+                           + re.escape(ANY_ADDRESS)),
+        }[case]
+        assert cli.main(["demo", *argv, "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "serving" not in captured.err + captured.out
+    assert re.fullmatch(f"diffedit: error: {message}\n", captured.err), captured.err
+
+
+def test_serving_is_said_once_the_page_listens_and_never_when_it_failed_to_start(app, capsys, monkeypatch):
+    need(("gradio",))
+    import gradio
+
+    monkeypatch.setattr(demo.Demo, "load", classmethod(lambda cls, *args: cls(app.sd)))
+    port, seen = free_port(), {}
+
+    def taken(*args, **kwargs):  # the port taken between the check and the start
+        raise OSError("Cannot find empty port in range")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gradio.Blocks, "launch", taken)
+        assert demo.main(["--port", str(port), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"diffedit: error: cannot serve on 127.0.0.1:{port}: ")
+    assert "serving" not in captured.err + captured.out and captured.err.count("\n") == 1
+
+    def block_thread(page):  # where the command waits for Ctrl-C: look, then stop
+        seen["said"] = capsys.readouterr().err
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # it listens
+        page.close()
+
+    monkeypatch.setattr(gradio.Blocks, "block_thread", block_thread)
+    assert demo.main(["--port", str(port), "--device", "cpu"]) == 0
+    assert seen["said"] == f"diffedit demo: shapes-sd on cpu, serving http://127.0.0.1:{port}/ (Ctrl-C stops it)\n"
+
+
 def test_without_gradio_the_demo_says_how_to_install_it_and_exits_2(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     assert cli.main(["demo"]) == 2
@@ -327,6 +443,210 @@ def client(server):
     from gradio_client import Client
 
     return Client(server, verbose=False, analytics_enabled=False)
+
+
+class Tab:
+    """One browser tab on the served page, speaking Gradio's queue protocol as the page's JavaScript does: an event
+    (`fire`) runs each dependency bound to it with the current values of its inputs (a State's value is the
+    server's, per session), and its outputs become the current values (gr.skip() leaves one as it was). Pictures are
+    uploaded first, as the browser uploads them. For what the API client cannot reach: the page's private events,
+    and the order in which a user triggers them."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=300)
+        self.session = uuid.uuid4().hex
+        config = self.http.get("config").json()
+        self.api, self.dependencies = config["api_prefix"], config["dependencies"]
+        self.values = {c["id"]: c["props"].get("value") for c in config["components"]}
+        self.ids = {c["props"]["elem_id"]: c["id"] for c in config["components"] if c["props"].get("elem_id")}
+        self.states = {c["id"] for c in config["components"] if c["type"] == "state"}
+
+    def upload(self, path: Path, name: str) -> dict:
+        with open(path, "rb") as f:
+            (server_path,) = self.http.post(f"{self.api}/upload", files={"files": (name, f)}).json()
+        return {"path": server_path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+
+    def set(self, elem_id: str, value, *events: str) -> str | None:
+        """The user sets a value, which fires `events` (an upload: "upload", "change"); the last error or None."""
+        self.values[self.ids[elem_id]] = value
+        errors = [self.fire(elem_id, event) for event in events]
+        return next((e for e in reversed(errors) if e is not None), None)
+
+    def fire(self, elem_id: str, event: str) -> str | None:
+        """Runs each dependency bound to elem_id's event: the error shown (a gr.Error's message, or Gradio's bare
+        "Error") or None."""
+        error = None
+        for dep in self.dependencies:
+            if [self.ids[elem_id], event] in dep["targets"]:
+                error = self._run(dep) or error
+        return error
+
+    def _run(self, dep: dict) -> str | None:
+        data = [None if i in self.states else self.values[i] for i in dep["inputs"]]
+        joined = self.http.post(f"{self.api}/queue/join", json={
+            "data": data, "fn_index": dep["id"], "session_hash": self.session, "event_data": None,
+            "trigger_id": dep["targets"][0][0]})
+        event_id = joined.json()["event_id"]
+        with self.http.stream("GET", f"{self.api}/queue/data", params={"session_hash": self.session}) as stream:
+            for line in stream.iter_lines():
+                message = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+                if message.get("event_id") != event_id or message.get("msg") != "process_completed":
+                    continue
+                if not message["success"]:
+                    return message["output"].get("error") or "Error"
+                for i, value in zip(dep["outputs"], message["output"]["data"]):
+                    if i in self.states:
+                        continue
+                    if isinstance(value, dict) and value.get("__type__") == "update":
+                        if "value" in value:
+                            self.values[i] = value["value"]
+                    else:
+                        self.values[i] = value
+                return None
+        raise AssertionError(f"the event {dep['api_name']} never completed")
+
+    def picture(self, elem_id: str) -> Image.Image | None:
+        value = self.values[self.ids[elem_id]]
+        return None if value is None else Image.open(value["path"]).convert("RGB")
+
+    def text(self, elem_id: str) -> str:
+        return self.values[self.ids[elem_id]] or ""
+
+
+def edit_on(tab: Tab, image: Path, source: str, target: str, **settings) -> None:
+    tab.set("image", tab.upload(image, image.name), "upload", "change")
+    for name, value in {"source": source, "target": target, **FAST, **settings}.items():
+        tab.set(name, value)
+    assert tab.fire("run", "click") is None
+    assert "timings" in tab.text("report")
+
+
+def test_rethresholding_after_a_new_upload_never_cuts_the_old_pictures_map(app, server):
+    """Edit one picture, upload another, move the thresholding: the old picture's mask is not shown for the new one;
+    after an edit of the new one, the re-cut mask is the new picture's (as a fresh edit with that thresholding)."""
+    tab = Tab(server)
+    edit_on(tab, IMAGE, SOURCE, TARGET)
+    assert tab.picture("overlay") is not None
+    other, source, target = demo.EXAMPLES[1]
+    tab.set("image", tab.upload(other, other.name), "upload", "change")
+    assert tab.set("threshold_ratio", 2.0, "input") is None
+    assert tab.picture("overlay") is None and tab.picture("heat") is None and tab.picture("edited") is None
+    assert tab.text("report").startswith("edit first")
+    edit_on(tab, other, source, target, threshold_ratio=2.0)
+    assert tab.set("threshold_ratio", 1.5, "input") is None
+    assert "re-thresholded the remembered map" in tab.text("report")
+    expected = app.edit(other, source, target, **FAST, threshold_ratio=1.5)
+    assert same_picture(tab.picture("overlay"), expected.overlay) and same_picture(tab.picture("heat"), expected.heat)
+
+
+def test_rethresholding_names_what_changed_since_the_edit_even_when_no_upload_event_said_so(app, server):
+    """The map is checked against what the page shows, not only forgotten on an upload (one that arrives while an
+    edit runs is followed by that edit's map): another picture clears the mask, another prompt or mask setting
+    keeps the edit's own mask; a decoding setting changes nothing of the map, which is re-cut."""
+    tab = Tab(server)
+    edit_on(tab, IMAGE, SOURCE, TARGET)
+    edited_overlay = tab.picture("overlay")
+    tab.set("source", "a red disc on a gray background")
+    tab.set("mask_strength", 0.4)
+    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert tab.text("report").startswith("**not re-thresholded**: the source, mask_strength changed since the last "
+                                         "edit, whose map this would cut; press Edit")
+    assert same_picture(tab.picture("overlay"), edited_overlay)  # the edit's own mask, as it was
+    tab.set("source", SOURCE)
+    tab.set("mask_strength", demo.Demo(app.sd).defaults()["mask_strength"])
+    uploaded, other = tab.values[tab.ids["image"]], demo.EXAMPLES[1][0]
+    tab.set("image", tab.upload(other, other.name))  # no event: as if it came before the edit finished
+    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert tab.text("report").startswith("**not re-thresholded**: the picture changed since the last edit")
+    assert tab.picture("overlay") is None and tab.picture("heat") is None
+    tab.set("image", uploaded)
+    tab.set("guidance", 3.0)
+    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert "re-thresholded the remembered map" in tab.text("report")
+    expected = app.edit(IMAGE, SOURCE, TARGET, **FAST, threshold_rule="otsu")
+    assert same_picture(tab.picture("overlay"), expected.overlay)
+
+
+def test_an_upload_that_is_not_a_picture_gets_one_line_naming_it_and_the_fix_on_the_page_and_the_api(server, client,
+                                                                                                      tmp_path):
+    from gradio_client import handle_file
+
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    expected = ("the uploaded picture 'notes.png' is not an image (or not in a format Pillow reads): upload the "
+                "picture again, or another one (PNG, JPEG, WebP or any format Pillow reads)")
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(text)), SOURCE, TARGET, api_name="/edit")
+    assert str(e.value) == expected
+    tab = Tab(server)
+    tab.set("image", tab.upload(text, "notes.png"), "upload", "change")
+    tab.set("source", SOURCE)
+    tab.set("target", TARGET)
+    assert tab.fire("run", "click") == expected
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(IMAGE.read_bytes()[:200])
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(cut)), SOURCE, TARGET, api_name="/edit")
+    assert str(e.value).startswith("the uploaded picture 'cut.png' is truncated or corrupt (")
+    assert "/gradio" not in str(e.value) and str(e.value).endswith(", or another one (PNG, JPEG, WebP or any format "
+                                                                   "Pillow reads)")
+
+
+def test_a_picture_sent_inline_is_read_as_sent_and_one_that_is_not_a_picture_is_named(app, server):
+    """A data: URL's picture is edited from its own bytes (as a fresh edit of the file: Gradio's own reading would
+    store it as lossy WebP), and text in one gets the page's one line."""
+    import base64
+
+    tab = Tab(server)
+    inline = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    tab.set("image", {"url": inline, "path": None, "orig_name": "pasted.png", "meta": {"_type": "gradio.FileData"}},
+            "change")
+    for name, value in {"source": SOURCE, "target": TARGET, **FAST}.items():
+        tab.set(name, value)
+    assert tab.fire("run", "click") is None
+    assert same_picture(tab.picture("edited"), api.edit(IMAGE, SOURCE, TARGET, model=app.sd, seed=0,
+                                                        **FAST_FIELDS).image)
+    for url in ("data:image/png;base64," + base64.b64encode(b"not a picture").decode(), "data:image/png;base64,%%"):
+        tab.set("image", {"url": url, "path": None, "orig_name": "pasted.png", "meta": {"_type": "gradio.FileData"}})
+        said = tab.fire("run", "click")
+        assert said.startswith("the uploaded picture 'pasted.png' is not an image ("), said
+        assert said.endswith("(PNG, JPEG, WebP or any format Pillow reads)") and "/tmp" not in said
+
+
+def test_an_upload_over_the_servers_limit_names_the_picture_and_a_size_to_resize_to(client, tmp_path):
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2049, 2048)).save(big)
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(big)), SOURCE, TARGET, api_name="/edit")
+    assert str(e.value) == ("the uploaded picture 'big.png' is 2049x2048 (4.2 megapixels), over this server's limit of "
+                            "4194304 pixels: resize it to at most 2048x2047 pixels and upload it again")
+
+
+@pytest.mark.parametrize("seed", [1.5, "seven"])
+def test_a_fractional_or_non_numeric_seed_through_the_api_is_refused_not_rounded(client, tmp_path, capsys, seed):
+    from gradio_client import handle_file
+
+    expected = cli_message(tmp_path, capsys, f"--seed={seed}")
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(IMAGE)), SOURCE, TARGET, steps=10, num_maps=2, seed=seed, api_name="/edit")
+    assert str(e.value) == expected and "expected an integer" in expected
+    with pytest.raises(Exception, match=r"^edit number: expected an integer in \[0, 2\*\*63\), got "):
+        client.predict("colour", seed, api_name="/shapes")
+
+
+def test_an_unknown_threshold_rule_through_the_api_gets_the_message_naming_the_valid_rules(client, tmp_path, capsys):
+    from gradio_client import handle_file
+
+    expected = cli_message(tmp_path, capsys, "--threshold-rule=mean")
+    with pytest.raises(Exception) as e:
+        client.predict(handle_file(str(IMAGE)), SOURCE, TARGET, threshold_rule="mean", api_name="/edit")
+    assert str(e.value) == expected and "'ratio', 'otsu'" in expected
+    with pytest.raises(Exception, match=r"^kind: expected colour or shape, got 'size'$"):
+        client.predict("size", 3, api_name="/shapes")
 
 
 def test_the_api_edit_endpoint_returns_the_edited_image_first_at_the_models_defaults(app, client):
