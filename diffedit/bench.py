@@ -28,7 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import COUNT, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, THREADS, BadInput, Parser, add_compile_flag, guarded
+from .locations import model_location
 from .outputs import Planned, check_outputs, commit
 
 STAGES = ("mask", "invert", "decode")
@@ -159,9 +160,10 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
 
     from .api import check_params_for_model, pick_device
     from .facade import StableDiffusionDiffEdit
-    from .locations import EXAMPLE_IMAGE, model_location
+    from .locations import EXAMPLE_IMAGE
     from .params import DiffEditParams
     from .random_models import PRESETS, write_random_model
+    from .shipped_model import SCHEDULER_CONFIG
     from .stable_diffusion import resolve_model_folder
 
     try:  # before anything is written or loaded
@@ -173,6 +175,9 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
             raise BadInput("--model and --config: give one (a folder to measure, or a shape to fill at random)")
         if config not in PRESETS:
             raise BadInput(f"--config {config}: choose from {', '.join(PRESETS)}")
+        # what can be checked on the preset's configs, before its weights are written (6 GB for sd15)
+        check_size(size, 2 ** (len(PRESETS[config].vae["block_out_channels"]) - 1))
+        check_steps(settings.num_inference_steps, SCHEDULER_CONFIG["num_train_timesteps"])
         with tempfile.TemporaryDirectory(prefix=f"diffedit-bench-{config}-") as folder:
             write_random_model(config, Path(folder))
             report = run_bench(folder, device=device, dtype=dtype, runs=runs, threads=threads, settings=settings,
@@ -181,7 +186,11 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
         return {**report, "model": f"random weights, {config} shapes"}
     if threads is not None:
         torch.set_num_threads(threads)
-    folder = resolve_model_folder(model_location(model))
+    location = model_location(model)
+    if isinstance(location, Path) and location.is_file():
+        raise BadInput(f"--model {model} is a single-file checkpoint; bench measures a diffusers model folder (the "
+                       "reference loads folders): give the folder, or --config for official shapes")
+    folder = resolve_model_folder(location)
     ours = StableDiffusionDiffEdit.from_pretrained(folder, device=torch_device, dtype=torch_dtype)
     try:  # before any timed work: the settings run on this model's schedule
         check_params_for_model(ours.model, DiffEditParams.reference(
@@ -189,10 +198,7 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
             mask_encode_strength=settings.mask_encode_strength, num_maps_per_mask=settings.num_maps_per_mask))
     except ValueError as e:
         raise BadInput(f"--steps {settings.num_inference_steps}: {e}") from None
-    if size is not None and size % ours.vae_scale_factor:
-        nearest = max(1, round(size / ours.vae_scale_factor)) * ours.vae_scale_factor
-        raise BadInput(f"--size {size}: the picture's side must be a multiple of the VAE's factor "
-                       f"{ours.vae_scale_factor}, e.g. --size {nearest}")
+    check_size(size, ours.vae_scale_factor)
     size = size or ours.model.unet.config.sample_size * ours.vae_scale_factor
     image = Image.open(EXAMPLE_IMAGE).convert("RGB").resize((size, size), Image.BICUBIC)
     sides = {"ours": ours}
@@ -223,9 +229,10 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
               "compile_mode": compile_mode if compile_unet else None, "size": size, "vae_tiling": vae_tiling,
               "sides": {}}
     for name, pipe in sides.items():
-        summary, tflop = summarize(times[name]), flop_count(pipe, image, settings, torch_device) / 1e12
-        report["sides"][name] = {
-            "stages": summary, "edit_tflop": tflop, "achieved_tflops": tflop / summary["total"]["median_s"],
+        summary, batch_tflop = summarize(times[name]), flop_count(pipe, image, settings, torch_device) / 1e12
+        report["sides"][name] = {  # the FLOPs are counted over one call, a whole batch
+            "stages": summary, "edit_tflop": batch_tflop / settings.batch_size,
+            "achieved_tflops": batch_tflop / summary["total"]["median_s"],
             "seconds_per_edit": summary["total"]["median_s"] / settings.batch_size,
             "peak_memory_mib": (peaks[name] / 2**20 if name in peaks else None)}
     if torch_device.type != "cuda":
@@ -242,6 +249,27 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
                                   torch.Generator().manual_seed(seed))
         report["agreement"] = agreement({**outputs["ours"], "picture": same_inputs}, ref)
     return report
+
+
+# The largest --size: 8192x8192 pixels, 16 times the 2048x2048 tiling check; past it the picture alone is gigabytes.
+MAX_SIZE = 8192
+
+
+def check_size(size: int | None, factor: int) -> None:
+    """--size: at most MAX_SIZE, a multiple of the VAE's downsampling factor."""
+    if size is not None and size > MAX_SIZE:
+        raise BadInput(f"--size {size}: at most {MAX_SIZE} pixels a side")
+    if size is not None and size % factor:
+        nearest = max(1, round(size / factor)) * factor
+        raise BadInput(f"--size {size}: the picture's side must be a multiple of the VAE's factor {factor}, e.g. "
+                       f"--size {nearest}")
+
+
+def check_steps(steps: int, schedule: int) -> None:
+    """--steps: at most the schedule's timesteps."""
+    if steps > schedule:
+        raise BadInput(f"--steps {steps}: the model's schedule has {schedule} timesteps; use --steps {schedule} or "
+                       "fewer")
 
 
 def render(report: dict) -> str:
@@ -282,7 +310,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--runs", type=COUNT, default=3, help="timed runs of each side after the warm-up (default 3)")
-    p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--batch-size", type=COUNT, default=1, help="pictures per call (default 1)")
     p.add_argument("--steps", type=COUNT, default=50, help="num_inference_steps (default 50, diffusers')")
     p.add_argument("--no-reference", action="store_true", help="time ours only")
@@ -302,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         args = parse_args(argv)
         planned = [Planned(Path(args.json), "--json")] if args.json else []
-        check_outputs(planned, {})  # before any work: a file path in a writable folder
+        protected = [] if args.config else [("model", Path(model_location(args.model)))]
+        check_outputs(planned, {}, protected=protected)  # before any work: a file path in a writable folder
         report = run_bench(args.model, config=args.config, device=args.device, dtype=args.dtype, runs=args.runs,
                            threads=args.threads,
                            settings=Settings(num_inference_steps=args.steps, batch_size=args.batch_size),

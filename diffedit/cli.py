@@ -685,6 +685,15 @@ class CommandRun:
         print(f"{PROG}: wrote {names}{detail} in {t['total']:.1f} s ({parts})", file=sys.stderr)
 
 
+def protected_inputs(args, model: str) -> list[tuple[str, Path]]:
+    """What no output may overwrite, --force or not: the model (folder or single file), its --config folder, the
+    LoRA and embedding files."""
+    config = getattr(args, "config", None)
+    return [("model", Path(model)), *([("--config folder", Path(config))] if config else []),
+            *[("--lora file", Path(path)) for path, _ in args.lora],
+            *[("--embedding file", Path(path)) for path, _ in args.embedding]]
+
+
 def _check_model_or_latents_model(args, meta: dict | None) -> str:
     """--model, else the model a latents file was inverted with, else the shipped model."""
     if args.model is None and meta is not None and meta.get("model"):
@@ -753,10 +762,11 @@ def cmd_edit(args, report: Reporter) -> dict:
               **({"mask file": Path(args.mask)} if args.mask else {})}
     outs = [("output", args.output), ("--mask-out", args.mask_out), ("--compare-out", args.compare_out)]
     check_distinct_names([("-o" if kind == "output" else kind, pattern) for kind, pattern in outs], targets)
-    plan = plan_images(outs, targets, inputs, args.force, "pass --force", {"--mask-out": "L"})
+    model = _check_model_or_latents_model(args, meta)
+    plan = plan_images(outs, targets, inputs, args.force, "pass --force", {"--mask-out": "L"},
+                       protected_inputs(args, model))
     if any(fmt in LOSSY_FORMATS for _, fmt in plan.get("--mask-out", [])):
         report.note("--mask-out in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
-    model = _check_model_or_latents_model(args, meta)
     # Inputs
     run.read_image(image_path)
     if meta is not None:
@@ -809,10 +819,11 @@ def cmd_mask(args, report: Reporter) -> dict:
     check_readable(image_path, "input image", ImageFileError)
     outs = [("output", args.output), ("--heatmap-out", args.heatmap_out)]
     check_distinct_names([("-o" if kind == "output" else kind, pattern) for kind, pattern in outs], targets)
-    plan = plan_images(outs, targets, {"input image": image_path}, args.force, "pass --force", {"output": "L"})
+    model = str(model_location(args.model))
+    plan = plan_images(outs, targets, {"input image": image_path}, args.force, "pass --force", {"output": "L"},
+                       protected_inputs(args, model))
     if any(fmt in LOSSY_FORMATS for _, fmt in plan["output"]):
         report.note("a mask in a lossy format (JPEG/WebP) is not exactly binary; .png keeps it exact")
-    model = str(model_location(args.model))
     mask_guidance_note(args, report)
     run.read_image(image_path)
     command_params(args, local_edit_defaults(model, model_config(args, model)), ("mask",))
@@ -847,11 +858,12 @@ def cmd_invert(args, report: Reporter) -> dict:
     image_path, out = Path(args.image), Path(args.output)
     check_flag_combinations(args)
     check_readable(image_path, "input image", ImageFileError)
-    check_outputs([Planned(out, "output")], {"input image": image_path}, args.force, "pass --force")
+    model = str(model_location(args.model))
+    check_outputs([Planned(out, "output")], {"input image": image_path}, args.force, "pass --force",
+                  protected_inputs(args, model))
     if out.suffix.lower() != ".safetensors":
         raise BadInput(f"output {out}: latents are saved as .safetensors (name it e.g. "
                        f"{out.with_suffix('.safetensors')})")
-    model = str(model_location(args.model))
     run.read_image(image_path)
     command_params(args, local_edit_defaults(model, model_config(args, model)), ("invert",))
     p = run.load_model_and_params(model, ("invert",))

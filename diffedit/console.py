@@ -119,6 +119,9 @@ POSITIVE = number(float, 0, lo_open=True)
 GUIDANCE = number(float, 0)
 TIMESTEP = number(int, 0)
 SEED = number(int, 0, 2**63 - 1)
+# torch CPU threads: far past any core count, thread creation fails (20000) or the process dies (50000)
+MAX_THREADS = 1024
+THREADS = number(int, 1, MAX_THREADS)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile MODE)
 
 

@@ -76,9 +76,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_outputs(planned: list[Planned], inputs: dict[str, Path], overwrite_inputs: bool = False,
-                  overwrite_hint: str = "pass overwrite_inputs=True") -> None:
+                  overwrite_hint: str = "pass overwrite_inputs=True",
+                  protected: list[tuple[str, Path]] | None = None) -> None:
     """Every output: a file path in an existing, writable folder, distinct from the others, and not one of the
-    `inputs` ({label: path}) unless `overwrite_inputs` (`overwrite_hint` says how to ask for that)."""
+    `inputs` ({label: path}) unless `overwrite_inputs` (`overwrite_hint` says how to ask for that), nor one of the
+    `protected` files or inside a protected folder (`check_protected`)."""
+    check_protected(planned, protected or [])
     seen: dict[str, Planned] = {}
     for p in planned:
         if p.path.is_dir():
@@ -102,15 +105,30 @@ def check_outputs(planned: list[Planned], inputs: dict[str, Path], overwrite_inp
                 raise OutputPathError(f"{p.what} {p.path} is the {label}; {overwrite_hint} to overwrite it")
 
 
+def check_protected(planned: list[Planned], protected: list[tuple[str, Path]]) -> None:
+    """No output is a protected input ((label, file or folder) pairs: the model, its configs, a LoRA or embedding file)
+    or lies inside a protected folder: those are never overwritten, whatever the overwrite flag says (an inversion
+    written over the UNet's weights used to replace them)."""
+    for p in planned:
+        out = os.path.normcase(os.path.realpath(p.path))
+        for label, path in protected:
+            base = os.path.normcase(os.path.realpath(path))
+            inside = os.path.isdir(base) and out.startswith(base.rstrip(os.sep) + os.sep)
+            if out == base or inside:
+                raise OutputPathError(f"{p.what} {p.path} would overwrite {'a file of ' if inside else ''}the "
+                                      f"{label} {path}; write it elsewhere")
+
+
 def plan_images(outs: list[tuple[str, str | None]], targets: list[str], inputs: dict[str, Path],
                 overwrite_inputs: bool = False, overwrite_hint: str = "pass overwrite_inputs=True",
-                modes: dict[str, str] | None = None) -> dict[str, list[tuple[Path, str]]]:
+                modes: dict[str, str] | None = None,
+                protected: list[tuple[str, Path]] | None = None) -> dict[str, list[tuple[Path, str]]]:
     """Image outputs by kind: for each (kind, name pattern or None), one (path, Pillow format) per target
     (`expand_names`), every path checked (`check_outputs`, `image_format` in the kind's mode from `modes`, "RGB"
     when not named) before any work."""
     paths = {what: expand_names(pattern, targets) for what, pattern in outs if pattern is not None}
     check_outputs([Planned(path, what) for what, ps in paths.items() for path in ps], inputs, overwrite_inputs,
-                  overwrite_hint)
+                  overwrite_hint, protected)
     modes = modes or {}
     return {what: [(path, image_format(path, what, modes.get(what, "RGB"))) for path in ps]
             for what, ps in paths.items()}

@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import shapes
-from .console import COUNT, POSITIVE, RATIO, SEED, BadInput, Parser, guarded, number
+from .console import COUNT, POSITIVE, RATIO, SEED, THREADS, BadInput, Parser, guarded, number
 from .locations import SHIPPED_MODEL, model_location
 from .models.clip_text import CLIPTextModel
 from .models.tokenizer import CLIPTokenizer
@@ -538,7 +538,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(<= 0: none). Default: CPU 6900, CUDA 450")
     p.add_argument("--vae-budget-fraction", type=RATIO,
                    help="share of the budget for the VAE stage (CPU 0.2, CUDA 0.3)")
-    p.add_argument("--threads", type=COUNT, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, help="torch CPU threads")
     p.add_argument("--log-every", type=COUNT)
     p.add_argument("--save-every-s", type=POSITIVE)
     p.add_argument("--preview-n", type=STEPS_OR_NONE, help="generated samples to score at the end (0: none)")

@@ -65,6 +65,11 @@ def test_random_weights_in_a_preset_shape_are_measured_on_both_sides_in_batches(
     ours = report["sides"]["ours"]
     assert ours["seconds_per_edit"] == pytest.approx(ours["stages"]["total"]["median_s"] / 2)
     assert report["agreement"]["agree"]
+    # FLOPs per edit are per edit: a batch of 2 counts what one edit alone counts (it reported the batch's)
+    assert cli.main(["bench", "--config", "tiny", "--runs", "1", "--steps", "3", "--no-reference", "--json",
+                     str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())["sides"]["ours"]
+    assert ours["edit_tflop"] == pytest.approx(one["edit_tflop"], rel=1e-3)
 
 
 def test_model_and_config_together_are_refused(capsys):
@@ -127,6 +132,45 @@ def test_a_size_off_the_vae_grid_is_refused_before_any_timed_work(monkeypatch, c
     assert cli.main(["bench", "--config", "tiny", "--size", "100"]) == 2
     assert "--size 100: the picture's side must be a multiple of the VAE's factor 8, e.g. --size 96" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "7"], "--size 7: the picture's side must be a multiple of the VAE's factor 8, e.g. --size 8"),
+    (["--size", "400000"], "--size 400000: at most 8192 pixels a side"),
+    (["--steps", "5000"], "--steps 5000: the model's schedule has 1000 timesteps"),
+])
+def test_sizes_and_step_counts_a_preset_cannot_run_are_refused_before_its_weights_are_written(args, message,
+                                                                                              monkeypatch, capsys):
+    """--config sd15 wrote 6 GB of random weights (28 s) before refusing --size 7; --size 400000 was killed."""
+    from diffedit import random_models
+
+    monkeypatch.setattr(random_models, "write_random_model", lambda *a, **k: pytest.fail("model written"))
+    assert cli.main(["bench", "--config", "sd15", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_the_json_report_never_overwrites_the_models_files(tmp_path, monkeypatch, capsys):
+    """`--json m/unet/config.json` replaced the UNet's config with the report (exit 0, the model unloadable)."""
+    import shutil
+
+    from diffedit.locations import SHIPPED_MODEL
+
+    shutil.copytree(SHIPPED_MODEL, tmp_path / "m")
+    before = (tmp_path / "m" / "unet" / "config.json").read_bytes()
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("work started"))
+    assert cli.main(["bench", "--model", str(tmp_path / "m"), "--json", str(tmp_path / "m" / "unet" /
+                                                                           "config.json")]) == 2
+    assert "would overwrite a file of the model" in capsys.readouterr().err
+    assert (tmp_path / "m" / "unet" / "config.json").read_bytes() == before
+
+
+def test_a_single_file_model_and_absurd_thread_counts_are_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert cli.main(["bench", "--model", str(tmp_path / "model.safetensors")]) == 2
+    assert "is a single-file checkpoint; bench measures a diffusers model folder" in capsys.readouterr().err
+    assert cli.main(["bench", "--threads", "20000"]) == 2  # libgomp failed at 20000; 50000 was a segfault
+    assert "--threads" in capsys.readouterr().err
 
 
 def test_a_missing_gpu_is_refused_before_a_random_model_is_written(monkeypatch, capsys):

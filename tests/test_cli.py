@@ -749,6 +749,35 @@ def test_the_sampler_flag_runs_dpm_solver_and_a_saved_inversion_keeps_its_sample
 # --lora FILE[:WEIGHT]
 
 
+def test_no_output_overwrites_the_model_or_a_lora_file_even_with_force(tmp_path, sd, model_folder):
+    """`invert -o` on the model's UNet weights replaced them with a 13 KB latents file (exit 0): the model, its
+    files, and LoRA files are inputs no output may overwrite, --force or not; nothing is written."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_folder, model)
+    shape_image().save(tmp_path / "in.png")
+    lora = _shipped_lora(sd, tmp_path / "style.safetensors")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = {p: p.read_bytes() for p in (weights, lora, model / "diffedit.json")}
+    common = ["--model", str(model), "--steps", "4", "--force"]
+    cases = [
+        (["invert", "in.png", "--prompt", SOURCE, "-o", str(weights), *common],
+         f"output {weights} would overwrite a file of the model {model}"),
+        (["invert", "in.png", "--prompt", SOURCE, "-o", lora.name, "--lora", lora.name, *common],
+         f"output {lora.name} would overwrite the --lora file {lora.name}"),
+        (["edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", str(model / "diffedit.json.png"),
+          "--num-maps", "2", *common], "would overwrite a file of the model"),
+        (["mask", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--heatmap-out",
+          str(model / "unet" / "heat.png"), *common], "--heatmap-out"),
+    ]
+    for argv, message in cases:
+        assert_bad_input(diffedit(*argv, cwd=tmp_path), message)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (model / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert not (tmp_path / "out.png").exists()
+
+
 def _shipped_lora(sd, path: Path, width: int | None = None) -> Path:
     """A kohya LoRA (rank 2, alpha 1) with random non-zero pairs on the shipped UNet's cross-attention keys and the
     text encoder's first query projection; `width` makes A's input width wrong (a LoRA for another model)."""
