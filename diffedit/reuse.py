@@ -29,9 +29,11 @@ from .method import Generator, Inversion, MaskEstimate, TextEmbeddings
 from .params import DiffEditParams
 from .stable_diffusion import StableDiffusion
 
-# What `method.estimate_mask` reads before `method.threshold_map` (whose fields, THRESHOLD_FIELDS, only cut the map)
+# What `method.estimate_mask` reads before `method.threshold_map` (whose fields, THRESHOLD_FIELDS, only cut the map);
+# not encode_image_once (D8), which changes the cost only: each repeat's encode is of the same B pictures, so the
+# same numbers
 MASK_FIELDS = ("num_inference_steps", "num_maps_per_mask", "mask_encode_strength", "mask_guidance_scale",
-               "mask_without_guidance", "encode_image_once", "sampler", "lora_scale")
+               "mask_without_guidance", "sampler", "lora_scale")
 THRESHOLD_FIELDS = ("mask_thresholding_ratio", "mask_threshold_rule", "per_image_mask_scale", "empty_mask_when_equal")
 # What `method.invert` reads, besides inpaint_strength (how far it runs)
 INVERSION_FIELDS = ("num_inference_steps", "inversion_guidance_scale", "num_reg_steps", "lambda_auto_corr",

@@ -150,7 +150,7 @@ def test_writing_to_a_closed_pipe_ends_quietly(tmp_path):
                          stderr=subprocess.PIPE)
     p.stdout.close()  # the reader is gone before the command prints
     err = p.stderr.read().decode()
-    assert p.wait() == 141 and err == ""  # 128 + SIGPIPE, and not a word
+    assert (p.wait(), err) == (141, "")  # 128 + SIGPIPE, and not a word (a failure shows what was said)
     assert (tmp_path / "m.png").is_file()  # the outputs were written before the summary
 
 
