@@ -148,8 +148,14 @@ def prompt_warnings(sd: StableDiffusion, named: list[tuple[str, str]]) -> list[s
             messages.append(f"{label} has {n} tokens but the text encoder reads {room}: the last {n - room} are "
                             f"dropped (from about {shorten(' '.join(words[lo:]))})")
         if label.lstrip("-").startswith("target") and not text.strip():
-            messages.append(f"{label} is empty: the edit has no text to steer towards")
+            messages.append(empty_target(label))
     return messages
+
+
+def empty_target(label: str) -> str:
+    """The warning for an empty or blank target prompt, `label` naming it ("--target" on the command line,
+    "target" or "targets[i]" in the API)."""
+    return f"{label} is empty: the edit has no text to steer towards"
 
 
 def same_prompt(sd: StableDiffusion, source: str, target: str) -> bool:
@@ -208,9 +214,10 @@ def edit(image, source: str, target: str, model: StableDiffusion | str | os.Path
     0-1 / 0-255: `image_tensors.load_mask`), put on the latent grid by `mask_rule` ("half" of a cell's pixels or
     "any": `image_tensors.latent_mask_from_image`); preset: None or a name in `params.PRESETS` ("fast"), whose
     fields go between the model's stored defaults and `params`; `params`: `DiffEditParams` fields. Every argument
-    is checked before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument."""
+    is checked before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument.
+    An empty or blank target is warned about (a UserWarning), as the command line warns about --target."""
     _check_prompt(target, "target")
-    return edit_targets(image, source, [target], model, seed, mask, mask_rule, preset, **params)[0]
+    return _edit(image, source, [target], model, seed, mask, mask_rule, preset, params, labels=["target"])[0]
 
 
 def _check_prompt(text, name: str) -> None:
@@ -237,8 +244,18 @@ def check_arguments(source, targets, seed, params: dict) -> None:
 
 def check_params_for_model(sd: StableDiffusion, p: DiffEditParams,
                            uses: tuple[str, ...] = ("mask", "invert", "decode")) -> None:
-    """The parameters that depend on the model, checked before any work: the step count fits its schedules, and
-    the strength of each step in `uses` runs at least one step."""
+    """The parameters that depend on the model, checked before any work: the step count fits its schedules,
+    `clip_skip` its text encoder's depth, `guidance_min_timestep` its schedule's length, and the strength of each
+    step in `uses` runs at least one step."""
+    layers = len(sd.text_encoder.encoder.layers)
+    if p.clip_skip is not None and p.clip_skip > layers:
+        raise ValueError(f"clip_skip={p.clip_skip} is past the model's text encoder, which has {layers} layers: "
+                         f"give None or 0 .. {layers} ({layers}: its token embeddings, normalized)")
+    train_steps = sd.scheduler.config.num_train_timesteps
+    if p.guidance_min_timestep > train_steps:
+        raise ValueError(f"guidance_min_timestep={p.guidance_min_timestep} is past the model's schedule: give 0 .. "
+                         f"{train_steps} (its num_train_timesteps; {train_steps} already guides no step, 0 guides "
+                         "every step)")
     try:
         sd.scheduler.timesteps(p.num_inference_steps)
         sd.inverse_scheduler.timesteps(p.num_inference_steps)
@@ -256,6 +273,13 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
                  **params) -> list[EditResult]:
     """`edit` for several targets: one inversion of the image, one mask (or the given one) and one decoding per
     target. The first result equals `edit(image, source, targets[0], ..., seed=seed)`."""
+    return _edit(image, source, targets, model, seed, mask, mask_rule, preset, params)
+
+
+def _edit(image, source: str, targets: list[str], model, seed: int | None, mask, mask_rule: str, preset: str | None,
+          params: dict, labels: list[str] | None = None) -> list[EditResult]:
+    """`edit_targets`' work; `labels` name the targets in warnings (`targets[i]` by default). Called by `edit` and
+    `edit_targets` alike, so a warning points at the caller's line."""
     unused = [name for name in MASK_STEP_FIELDS if name in params] if mask is not None else []
     if unused:
         raise ValueError(f"{', '.join(unused)}: step 1's parameter(s), which do nothing when mask= is given; drop "
@@ -270,6 +294,9 @@ def edit_targets(image, source: str, targets: list[str], model: StableDiffusion 
     sd = load_model(model)
     p = DiffEditParams.for_model(sd, **params)
     check_params_for_model(sd, p, uses=("invert", "decode") if given is not None else ("mask", "invert", "decode"))
+    for i, target in enumerate(targets):
+        if not target.strip():
+            warnings.warn(empty_target(labels[i] if labels else f"targets[{i}]"), UserWarning, stacklevel=3)
     pixels = model_pixels(sd, picture)
     latent_mask = None if given is None else image_tensors.latent_mask_from_image(
         given, (pixels.shape[-1], pixels.shape[-2]), sd.vae_scale_factor, mask_rule)  # (h, w) bool

@@ -34,6 +34,7 @@ from .schedulers.dpm_solver import alpha_sigma as dpm_alpha_sigma
 from .schedulers.dpm_solver import data_prediction as dpm_data_prediction
 from .models.vae import DiagonalGaussian
 from .schedulers.noise import randn
+from .validation import shorten
 
 Generator = torch.Generator | list[torch.Generator] | None
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, timestep, latents)
@@ -160,14 +161,43 @@ class TextEmbeddings:
 def encode_text(sd: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None = None,
                 clip_skip: int | None = None, negative_clip_skip: int | None = None,
                 lora_scale: float = 1.0) -> TextEmbeddings:
-    """CLIP text states of the prompts (and of the negative prompts, when given), the text encoder's LoRA
-    adapters (if any) at `lora_scale`."""
+    """CLIP text states of the prompts (and of the negative prompts, when given, one per prompt), the text
+    encoder's LoRA adapters (if any) at `lora_scale`. `prompts` is a list even for one prompt: a bare string is
+    refused, not read as one prompt per character."""
+    check_prompt_list(prompts, "prompts")
+    if negative_prompts is not None:
+        check_prompt_list(negative_prompts, "negative_prompts")
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"negative_prompts: {len(negative_prompts)} negative prompt(s) for {len(prompts)} "
+                             "prompt(s): give one per prompt ([\"\"] * len(prompts) for none)")
+
     def states(texts: list[str], skip: int | None) -> torch.Tensor:
         with sd.lora.scaled("text_encoder", lora_scale):
             return sd.text_encoder(sd.tokenizer(list(texts)).to(sd.device), clip_skip=skip)
 
     uncond = None if negative_prompts is None else states(negative_prompts, negative_clip_skip)
     return TextEmbeddings(states(prompts, clip_skip), uncond)
+
+
+def check_prompt_list(texts, name: str) -> None:
+    """A non-empty list (or tuple) of strings, else a TypeError / ValueError naming `name` and the fix."""
+    if isinstance(texts, str):
+        raise TypeError(f"{name}: expected a list of strings, got a string: pass [{shorten(texts)}] for one prompt")
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ValueError(f"{name}: expected at least one prompt, got an empty list")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}]: expected a string (a prompt; may be \"\"), got {type(text).__name__}")
+
+
+def check_params(params) -> None:
+    """The steps' `params`: a DiffEditParams (a dict of fields is refused, not read field by field)."""
+    if not isinstance(params, DiffEditParams):
+        fix = "DiffEditParams(**params)" if isinstance(params, dict) else "DiffEditParams(...)"
+        raise TypeError(f"params: expected a DiffEditParams, got {type(params).__name__}: pass {fix} (or "
+                        "DiffEditParams.for_model(sd, ...) for the model's stored defaults)")
 
 
 def at_lora_scale(step):
@@ -179,6 +209,7 @@ def at_lora_scale(step):
     def run(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         sd, params = bound.arguments["sd"], bound.arguments["params"]
+        check_params(params)
         with sd.lora.scaled("unet", params.lora_scale):
             return step(*args, **kwargs)
     return run
@@ -347,16 +378,26 @@ def threshold_map(difference: torch.Tensor, params: DiffEditParams) -> MaskEstim
 
     The mean is the batch's in diffusers (D2) and each image's when `per_image_mask_scale`. A zero map (the two
     texts give the same noise) is 0/0 = NaN in diffusers, hence a full mask (D3); `empty_mask_when_equal` makes
-    it an empty mask and warns."""
+    it an empty mask and warns. It also takes a clamp that rounds to 0 on a map that is not zero (a tiny ratio:
+    1e-300 is 0 in float32) as what it tends to, a clamp just above 0: the rescaled map is 1 where the map is
+    > 0, 0 where it is 0 (diffusers: 0/0, a full mask)."""
+    check_params(params)
     if params.per_image_mask_scale:
         scale = difference.mean(dim=(1, 2), keepdim=True) * params.mask_thresholding_ratio  # (B, 1, 1)
     else:
         scale = difference.mean() * params.mask_thresholding_ratio
-    if params.empty_mask_when_equal and bool((scale == 0).any()):
-        warnings.warn("the source and target prompts give identical noise predictions: the mask is empty "
-                      "(nothing would be edited)", stacklevel=3)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    guidance_map = torch.minimum(difference.clamp(min=0), scale) / scale
+    clamped = difference.clamp(min=0)
+    if params.empty_mask_when_equal:
+        # identical texts: told by the map itself (all zero), not by the clamp (which a tiny ratio rounds to 0)
+        equal = ~(clamped > 0).flatten(1).any(dim=1)  # (B,)
+        if bool(equal.any()):
+            which = "" if len(equal) == 1 else f" for picture(s) {', '.join(map(str, equal.nonzero()[:, 0].tolist()))}"
+            warnings.warn(f"the source and target prompts give identical noise predictions{which}: the mask is "
+                          "empty (nothing would be edited)", stacklevel=3)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        guidance_map = torch.where(scale > 0, torch.minimum(clamped, safe) / safe, (clamped > 0).to(clamped.dtype))
+    else:
+        guidance_map = torch.minimum(clamped, scale) / scale
     cut = 0.5 if params.mask_threshold_rule == "ratio" else otsu_threshold(guidance_map)  # scalar or (B, 1, 1)
     mask = torch.where(guidance_map <= cut, 0, 1)
     return MaskEstimate(mask, guidance_map, difference)
@@ -550,8 +591,7 @@ def invert_dpm(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, p
     decoding's own levels, cleanest first, so that the decoding finds a latent at every level it pastes. The first
     step leaves the clean end as DDIM's inversion does (the network at the first level, on the clean latents:
     x = alpha x0 + sigma eps); the next is first order, the rest second order on the previous x0."""
-    if params.num_reg_steps > 0:
-        raise ValueError("the noise regularizer (num_reg_steps > 0) runs with sampler='ddim' only")
+    check_params(params)  # a DiffEditParams refuses num_reg_steps > 0 and eta > 0 with this sampler
     dpm, N = schedule(sd, params), params.num_inference_steps
     steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")  # noisiest first
     s = dpm.levels(N)[N - len(steps) : N].flip(0)  # (n,) the levels, cleanest first
@@ -583,6 +623,7 @@ def decode_dpm(sd: StableDiffusion, inversion: Inversion, mask: torch.Tensor | N
     """Step 3 with DPM-Solver++ (2M; first order at the first step and onto the clean end): from the inverted
     latent at the first decoding level; after each step, outside the mask, the inverted latent at the level the
     step reached (the clean latents after the last)."""
+    check_params(params)
     dpm, N = schedule(sd, params), params.num_inference_steps
     steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")
     s, first = dpm.levels(N), N - len(steps)  # s: (N + 1,) levels of the whole schedule, then 0
@@ -665,6 +706,14 @@ def pasted_latents(sd: StableDiffusion, inversion: Inversion | torch.Tensor, ste
 @torch.no_grad()
 def to_pixels(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W), roughly in [-1, 1]; non-finite pixels are an error."""
+    channels = sd.vae.config.latent_channels
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents: expected a (B, {channels}, h, w) tensor (decode's output), got "
+                        f"{type(latents).__name__}")
+    if latents.ndim != 4 or latents.shape[1] != channels or not latents.is_floating_point():
+        raise ValueError(f"latents: expected floating-point (B, {channels}, h, w) latents (decode's output; "
+                         f"{channels}: the VAE's latent channels), got {tuple(latents.shape)} {latents.dtype}"
+                         + ("; one picture's latents are latents[None]" if latents.ndim == 3 else ""))
     pixels = vae_decode(sd, latents / sd.vae.scaling_factor)
     if not bool(torch.isfinite(pixels).all()):
         raise ImpossibleResultError(f"the decoded pixels are non-finite (NaN or inf); {overflow_hint(sd.dtype)}")

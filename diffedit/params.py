@@ -13,6 +13,7 @@ what the one-call API and the command line run; the diffusers-compatible facade 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -39,6 +40,14 @@ CORRECTIONS = {
 # --reference-behaviour refuses other values given as flags and resets the model's stored ones to these.
 NOT_IN_REFERENCE = {"guidance_min_timestep": 0, "mask_threshold_rule": "ratio", "sampler": "ddim"}
 
+# Noise draws per mask: the paper and diffusers use 10; the mask step runs them in UNet calls of a bounded number of
+# draws, so memory stays flat, but the time grows with the count: past 1000 the average changes little and a run
+# would take hours, so larger counts are refused before any work (the command line's --num-maps too).
+MAX_NUM_MAPS = 1000
+# The largest value of the other int fields: int32's. Past it a count is no setting (hours or years of work) and a
+# timestep cannot be compared with the schedule's tensors (10**30: "int too big to convert").
+MAX_INT = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class DiffEditParams:
@@ -64,7 +73,7 @@ class DiffEditParams:
     # Guidance interval (Kynkaanniemi et al., arXiv 2404.07724): steps at timesteps below this run on the target
     # prompt alone (scale 1, one UNet call), the rest with guidance_scale. 0, the paper's way: every step guided.
     guidance_min_timestep: int = 0
-    eta: float = 0.0  # DDIM eta; 0 draws no noise
+    eta: float = 0.0  # DDIM's eta in [0, 1] (Song et al. 2021, eq. 16): 0 draws no noise, 1 is DDPM's; DDIM only
     # All three steps.
     num_inference_steps: int = 50
     clip_skip: int | None = None
@@ -88,7 +97,23 @@ class DiffEditParams:
     mask_without_guidance: bool = True  # D9: mask_guidance_scale <= 1 works; CFG on the mask is (uncond, cond)
 
     def __post_init__(self):
+        for f in fields(self):  # numpy scalars (np.int64(4), np.float32(0.5)) as the Python numbers they equal
+            value = getattr(self, f.name)
+            if type(value) not in (int, float, bool) and (plain := plain_number(value)) is not value:
+                object.__setattr__(self, f.name, plain)
         check_fields(self, _RULES, "DiffEditParams")
+        for name, (lo, cap) in _CAPS.items():
+            value = getattr(self, name)
+            if value is not None and value > cap:
+                raise ValueError(f"DiffEditParams.{name}: expected an int in [{lo}, {cap}]"
+                                 f"{_CAP_REASONS.get(name, '')}, got {value!r}")
+        if self.sampler != "ddim":
+            for name, off, what in (("eta", 0, "DDIM's noise; DPM-Solver++ draws none"),
+                                    ("num_reg_steps", 0, "the noise regularizer")):
+                if getattr(self, name) != off:
+                    raise ValueError(f"DiffEditParams.{name}: {name}={getattr(self, name)!r} ({what}) runs with "
+                                     f"sampler='ddim' only; set {name}={off} or sampler='ddim' (sampler is "
+                                     f"{self.sampler!r})")
 
     @classmethod
     def reference(cls, **overrides) -> DiffEditParams:
@@ -117,19 +142,38 @@ class DiffEditParams:
         return layered(model.edit_defaults, overrides)
 
 
+def plain_number(value):
+    """A numpy scalar (or another `numbers.Integral` / `numbers.Real`) as the Python int / float it equals, so that
+    later code sees Python numbers; anything else (bools and np.bool_ included) as it is."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 _RULES = {
     **{name: int_at_least(1) for name in ("num_maps_per_mask", "num_inference_steps", "num_auto_corr_rolls")},
     **{name: int_at_least(0) for name in ("num_reg_steps", "guidance_min_timestep")},
-    **{name: number_in(0, 1) for name in ("mask_encode_strength", "inpaint_strength")},
+    **{name: number_in(0, 1) for name in ("mask_encode_strength", "inpaint_strength", "eta")},
     "mask_thresholding_ratio": POSITIVE,
     "mask_threshold_rule": one_of(THRESHOLD_RULES),
     "sampler": one_of(SAMPLERS),
     **{name: number_at_least(0) for name in ("mask_guidance_scale", "inversion_guidance_scale", "guidance_scale",
-                                             "lambda_auto_corr", "lambda_kl", "eta")},
+                                             "lambda_auto_corr", "lambda_kl")},
     "clip_skip": optional(int_at_least(0)),
     "lora_scale": (is_number, "a finite number"),
     **{name: BOOL for name in CORRECTIONS.values()},
 }
+# Upper bounds of the int fields, checked after _RULES (which says the type and the lower bound)
+_CAPS = {"num_maps_per_mask": (1, MAX_NUM_MAPS), "num_inference_steps": (1, MAX_INT),
+         "num_auto_corr_rolls": (1, MAX_INT), "num_reg_steps": (0, MAX_INT), "guidance_min_timestep": (0, MAX_INT),
+         "clip_skip": (0, MAX_INT)}
+_CAP_REASONS = {"num_maps_per_mask": " (noise draws averaged per mask: the time grows with the count, the average "
+                                     "changes little past the cap)",
+                "guidance_min_timestep": " (a model's num_train_timesteps, usually 1000, already guides no step)"}
 
 
 # Named settings between a model's stored defaults and explicit overrides (`--preset NAME`, `preset=` in the API).

@@ -184,6 +184,8 @@ class CLIPTokenizer:
     def num_tokens(self, prompt: str) -> int:
         """Number of tokens of `prompt`, without bos and eos (0 for an empty or blank prompt); a multi-id added
         word counts all its ids."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
         return len(self._encode(prompt)[0])
 
     def _encode(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -258,9 +260,16 @@ class CLIPTokenizer:
 
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         """LongTensor (B, model_max_length). Prompts longer than model_max_length - 2 tokens are cut (eos
-        stays last) with a warning naming the prompt and the dropped text."""
+        stays last) with a warning naming the prompt and the dropped text. Anything but a string or a list (or
+        tuple) of strings is a TypeError naming the offending prompt."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a string or a list of strings, got {type(prompts).__name__}")
+        for row, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompts[{row}]: expected a string (a prompt; may be \"\"), got "
+                                f"{type(prompt).__name__}")
         room = self.model_max_length - 2  # bos and eos
         ids = torch.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -281,3 +282,48 @@ def test_a_preset_sits_between_the_models_stored_defaults_and_the_explicit_param
     assert explicit.params.num_inference_steps == 5  # explicit over the preset
     by_hand = edit(photo(), "a cat", "a dog", model=model, seed=1, num_inference_steps=15)
     assert by_hand.params == p and np.array_equal(np.asarray(by_hand.image), np.asarray(result.image))
+
+
+def test_clip_skip_and_guidance_min_timestep_past_the_model_are_refused_before_work(sd, monkeypatch):
+    """clip_skip past the text encoder's depth failed at run time (exit 1 and a half-made run folder in evaluate /
+    experiment), guidance_min_timestep=10**30 with "int too big to convert": check_params_for_model, which every
+    command calls before work, refuses both against the model."""
+    monkeypatch.setattr(api, "model_pixels", lambda *a: pytest.fail("work started"))
+    layers, train_steps = len(sd.text_encoder.encoder.layers), sd.scheduler.config.num_train_timesteps
+    for change, message in [
+        (dict(clip_skip=layers + 1), rf"clip_skip={layers + 1} is past the model's text encoder, which has {layers} "
+                                     rf"layers: give None or 0 \.\. {layers}"),
+        (dict(guidance_min_timestep=train_steps + 1),
+         rf"guidance_min_timestep={train_steps + 1} is past the model's schedule: give 0 \.\. {train_steps} \(its "
+         rf"num_train_timesteps; {train_steps} already guides no step"),
+        (dict(guidance_min_timestep=10**30), r"guidance_min_timestep: expected an int in \[0, 2147483647\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            edit(photo(), "a cat", "a dog", model=sd, **change)
+    api.check_params_for_model(sd, DiffEditParams(clip_skip=layers, guidance_min_timestep=train_steps))  # the ends
+
+
+def test_an_empty_or_blank_target_is_warned_about_in_the_command_lines_words(sd, monkeypatch):
+    """The command line warned "--target is empty", the API said nothing: now a UserWarning naming the argument as
+    the API names it, in the same words, pointing at the caller's line, before any work."""
+    monkeypatch.setattr(api, "model_pixels", lambda *a: pytest.fail("work started"))
+    (cli_line,) = api.prompt_warnings(sd, [("--target", "")])
+    for call, label in [(lambda: edit(photo(), "a cat", "", model=sd), "target"),
+                        (lambda: edit(photo(), "a cat", "   ", model=sd), "target"),
+                        (lambda: edit_targets(photo(), "a cat", ["a dog", " \n"], model=sd), "targets[1]")]:
+        with pytest.warns(UserWarning) as record, pytest.raises(pytest.fail.Exception, match="work started"):
+            call()
+        assert [str(w.message) for w in record] == [cli_line.replace("--target", label, 1)]
+        assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(pytest.fail.Exception, match="work started"):
+            edit(photo(), "", "a dog", model=sd)  # an empty source is allowed: no warning
+
+
+def test_numpy_parameters_run_as_the_python_numbers_they_equal(sd):
+    """np.int64 steps and np.float32 scales were refused; result.params holds plain Python numbers."""
+    result = edit(photo(), "a cat", "a dog", model=sd, seed=0, num_inference_steps=np.int64(5),
+                  num_maps_per_mask=np.int32(2), mask_thresholding_ratio=np.float32(2.0))
+    assert result.params == DiffEditParams.for_model(sd, **FAST)
+    assert type(result.params.num_inference_steps) is int and type(result.params.mask_thresholding_ratio) is float

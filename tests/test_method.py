@@ -2,6 +2,7 @@
 pix2pix-zero regularizer's losses against diffusers' own."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -95,6 +96,38 @@ def test_threshold_is_per_image_and_equal_texts_give_an_empty_mask():
     assert not torch.equal(ref.mask[0], ref.mask[1])  # one scalar for the whole batch (D2)
     one = method.threshold_map(difference[2:], DiffEditParams.reference())
     assert torch.isnan(one.guidance_map).all() and one.mask.min() == 1  # 0/0 (D3)
+
+
+@pytest.mark.parametrize("ratio", [1e-300, 1e-45])  # 0 in float32; float32's smallest, whose product is 0
+def test_a_tiny_thresholding_ratio_clamps_just_above_zero_and_is_not_taken_for_identical_prompts(ratio):
+    """ratio x mean rounds to 0 in float32 for a tiny ratio: that clamp was read as "identical prompts" (the scale
+    swapped for 1, a 76% mask of a map over [0, 1] and a false warning). A clamp at ~0 rescales every value > 0 to 1:
+    the mask is where the map is > 0, as a tiny ratio whose clamp does not round to 0 (1e-30) gives; zero values stay
+    unedited."""
+    difference = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    difference[:, :2] = 0.0
+    for per_image in (True, False):
+        params = DiffEditParams(mask_thresholding_ratio=ratio, per_image_mask_scale=per_image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "identical noise predictions" warning
+            est = method.threshold_map(difference, params)
+        assert torch.equal(est.mask, (difference > 0).long()) and int(est.mask.sum()) == 2 * 6 * 8
+        representable = method.threshold_map(difference, dataclasses.replace(params, mask_thresholding_ratio=1e-30))
+        assert torch.equal(est.guidance_map, representable.guidance_map)
+        assert torch.equal(est.mask, representable.mask)
+    ref = method.threshold_map(difference, DiffEditParams.reference(mask_thresholding_ratio=1e-300))
+    assert torch.isnan(ref.guidance_map).all() and bool(ref.mask.eq(1).all())  # diffusers' 0/0 (D3) is kept
+
+
+def test_identical_prompts_are_told_by_a_zero_map_even_when_the_clamp_is_the_batchs():
+    """D2 off, D3 on: one picture's texts agree (its map is zero) while the batch's clamp is not: its mask is empty
+    and the warning names it; the other picture is cut as before."""
+    difference = torch.stack([torch.arange(16.0).reshape(4, 4), torch.zeros(4, 4)])
+    params = DiffEditParams(per_image_mask_scale=False, mask_thresholding_ratio=1.0)
+    with pytest.warns(UserWarning, match=r"identical noise predictions for picture\(s\) 1: the mask is empty"):
+        est = method.threshold_map(difference, params)
+    # the clamp is the batch's mean, 3.75; the cut at half of it
+    assert est.mask[1].max() == 0 and torch.equal(est.mask[0], (difference[0] > 1.875).long())
 
 
 def test_one_encode_with_n_draws_equals_n_encodes(sd):
@@ -686,6 +719,52 @@ def test_each_step_refuses_arguments_that_would_fail_deep_inside_or_run_wrong(sd
     for gens in ([torch.Generator()], [torch.Generator()] * p.num_maps_per_mask):
         with pytest.raises(pytest.fail.Exception, match="the UNet ran"):
             method.estimate_mask(sd, x, one, one, p, gens)
+
+
+def test_encode_text_refuses_a_bare_string_mismatched_negatives_and_non_strings(sd, monkeypatch):
+    """A string was read as one prompt per character ("a red circle": 12 prompts), negative_prompts="" as an empty
+    batch, and mismatched batch sizes failed later inside the UNet: each refused naming the argument and the fix."""
+    monkeypatch.setattr(sd.text_encoder, "forward", lambda *a, **k: pytest.fail("the text encoder ran"))
+    cases = [
+        (("a red circle", [""]), TypeError, r"prompts: expected a list of strings, got a string: pass \['a red circle'\]"),
+        ((["a red circle"], ""), TypeError, r"negative_prompts: expected a list of strings, got a string"),
+        ((["a", "b"], [""]), ValueError, r"negative_prompts: 1 negative prompt\(s\) for 2 prompt\(s\)"),
+        ((["a"], ["", ""]), ValueError, r"negative_prompts: 2 negative prompt\(s\) for 1 prompt\(s\)"),
+        ((None,), TypeError, "prompts: expected a list of strings, got NoneType"),
+        (([],), ValueError, "prompts: expected at least one prompt"),
+        ((["a", None],), TypeError, r"prompts\[1\]: expected a string"),
+        ((["a"], [3]), TypeError, r"negative_prompts\[0\]: expected a string .*got int"),
+    ]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            method.encode_text(sd, *args)
+
+
+def test_each_step_refuses_params_that_are_not_a_diffedit_params(sd, monkeypatch):
+    """A dict of fields gave AttributeError ('dict' object has no attribute 'lora_scale')."""
+    monkeypatch.setattr(sd.unet, "forward", lambda *a: pytest.fail("the UNet ran"))
+    one, x, fields = texts(sd, ["a cat"]), images(1), {"num_maps_per_mask": 2}
+    for call in (lambda: method.estimate_mask(sd, x, one, one, fields),
+                 lambda: method.invert(sd, x, one, fields),
+                 lambda: method.decode(sd, torch.zeros(1, 4, 4, 8, 8), None, one, fields),
+                 lambda: method.invert_dpm(sd, x, one, fields),
+                 lambda: method.threshold_map(torch.rand(1, 8, 8), fields)):
+        with pytest.raises(TypeError, match=r"params: expected a DiffEditParams, got dict: pass DiffEditParams\(\*\*params\)"):
+            call()
+
+
+def test_to_pixels_refuses_latents_that_are_not_b_c_h_w(sd, monkeypatch):
+    """3-D latents failed inside the VAE's group norm with a RuntimeError about weights."""
+    monkeypatch.setattr(sd.vae, "decode", lambda *a, **k: pytest.fail("the VAE ran"))
+    for latents, error, message in [
+        (torch.zeros(4, 8, 8), ValueError, r"latents: expected floating-point \(B, 4, h, w\) latents .*got \(4, 8, 8\)"
+                                           r".*latents\[None\]"),
+        (torch.zeros(1, 3, 8, 8), ValueError, r"got \(1, 3, 8, 8\)"),
+        (torch.zeros(1, 4, 8, 8, dtype=torch.long), ValueError, "torch.int64"),
+        (np.zeros((1, 4, 8, 8), np.float32), TypeError, "latents: expected a .* tensor .*got ndarray"),
+    ]:
+        with pytest.raises(error, match=message):
+            method.to_pixels(sd, latents)
 
 
 def test_a_bool_mask_decodes_as_its_0_1_float(sd):

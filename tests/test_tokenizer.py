@@ -253,6 +253,22 @@ def test_single_string_is_a_batch_of_one_and_empty_list_gives_no_rows():
 # --- loud failures -------------------------------------------------------------------------------------------------
 
 
+def test_a_prompt_that_is_not_a_string_is_a_type_error_naming_it():
+    """None, [None] and ["a", 3] failed inside the tokenizers library ("object of type 'NoneType' has no len()",
+    "TextInputSequence must be str"), without saying which prompt."""
+    tok = CLIPTokenizer.default()
+    for prompts, message in [(None, "prompts: expected a string or a list of strings, got NoneType"),
+                             (3, "got int"), (b"a cat", "got bytes"),
+                             ([None], r"prompts\[0\]: expected a string .*got NoneType"),
+                             (["a", 3], r"prompts\[1\]: expected a string .*got int")]:
+        with pytest.raises(TypeError, match=message):
+            tok(prompts)
+    with pytest.raises(TypeError, match="prompt: expected a string, got NoneType"):
+        tok.num_tokens(None)
+    assert torch.equal(tok(("a cat", "")), tok(["a cat", ""]))  # a tuple is a batch too
+
+
+
 @pytest.mark.parametrize("config, field", [
     ({"truncate_everything": True}, "truncate_everything"),
     ({"do_lower_case": False}, "do_lower_case"),
