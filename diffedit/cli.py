@@ -589,7 +589,8 @@ class CommandRun:
         try:
             check_params_for_model(self.sd, p, uses=())  # the step count against the model's schedule
         except ValueError as e:  # the library names the field, the command line its flag
-            raise BadInput(one_line(e).replace("num_inference_steps=", "--steps ", 1)) from None
+            raise BadInput(one_line(e).replace("num_inference_steps=", "--steps ", 1)
+                           .replace("guidance_min_timestep=", "--guidance-min-timestep ", 1)) from None
         return p
 
     def check_prompts(self, named: list[tuple[str, str]], pairs: list[tuple[str, str]]) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .locations import ModelNotFoundError
 from .outputs import OutputPathError
+from .params import MAX_NUM_MAPS  # one cap for --num-maps and DiffEditParams
 from .validation import FileError, one_line
 
 PROG = "diffedit"
@@ -110,10 +111,6 @@ def number(kind: type, lo=None, hi=None, lo_open=False):
 STEPS = number(int, 1)
 RATIO = number(float, 0, 1, lo_open=True)
 COUNT = number(int, 1)
-# Noise draws per mask: the paper and diffusers use 10; the mask step runs them in UNet calls of a bounded number of
-# draws, so memory stays flat, but the time grows with the count: past 1000 the average changes little and a run
-# would take hours, so larger counts are refused before any work.
-MAX_NUM_MAPS = 1000
 NUM_MAPS = number(int, 1, MAX_NUM_MAPS)
 POSITIVE = number(float, 0, lo_open=True)
 GUIDANCE = number(float, 0)
