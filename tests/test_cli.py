@@ -535,6 +535,7 @@ BAD_ARGS = [
     (["in.png", "--threshold-ratio", "-1"], ["--threshold-ratio", "> 0"]),
     (["in.png", "--guidance", "x"], ["--guidance", "a number"]),
     (["in.png", "--guidance-min-timestep", "-5"], ["--guidance-min-timestep", ">= 0"]),
+    (["in.png", "--guidance-min-timestep", "1001"], ["--guidance-min-timestep 1001", "1000"]),
     (["in.png", "--seed", "-3"], ["--seed"]),
     (["in.png", "--strength", "0.1"], ["--strength 0.1 with --steps 4 runs no step", "--strength >= 0.25"]),
     (["in.png", "--strength", "1e-9"], ["--strength 1e-09 is too small for any allowed step count",
