@@ -124,10 +124,16 @@ class StableDiffusion:
         textual_inversion.unload(self.tokenizer, self.text_encoder, tokens)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, revision: str | None = None,
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device | None = "cpu",
+                        dtype: torch.dtype | str | None = torch.float32, revision: str | None = None,
                         variant: str | None = None) -> "StableDiffusion":
-        """Load every component; weights in any stored dtype are converted to `dtype` on `device`."""
+        """Load every component; weights in any stored dtype are converted to `dtype` on `device`.
+
+        device: "cpu" (None: the same), "cuda", "cuda:N", "mps" or a torch.device, present on this machine; dtype:
+        torch.float32 (None: the same), torch.float16 or torch.bfloat16, or its name ("float16"). Anything else is
+        a ValueError (a TypeError for a device that is neither a name nor a torch.device) naming `device` or
+        `dtype`, before anything is read (`checked_device`, `checked_dtype`)."""
+        device, dtype = checked_device(device), checked_dtype(dtype)
         folder = resolve_model_folder(path_or_repo_id, revision, variant)
         if folder.is_file():
             raise ModelNotFoundError(f"{folder} is a single-file checkpoint: load it with "
@@ -171,20 +177,23 @@ class StableDiffusion:
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
-                         config: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> "StableDiffusion":
+                         config: str | os.PathLike | None = None, device: str | torch.device | None = "cpu",
+                         dtype: torch.dtype | str | None = torch.float32,
+                         prediction_type: str | None = None) -> "StableDiffusion":
         """Load an original-layout (CompVis / LDM) .safetensors checkpoint holding the UNet, VAE and text encoder.
 
         config: a diffusers model folder or hub repo id whose configs, tokenizer and scheduler go with the weights;
         without it the file's keys say SD 1.x or SD 2.x (diffusers' rule) and the official SD 1.5 / SD 2.1 configs
         are used, SD 2.x assumed v-prediction as diffusers does (SD 2 base is epsilon: say so).
-        prediction_type: overrides the scheduler's ("epsilon", "v_prediction", "sample").
+        prediction_type: overrides the scheduler's ("epsilon", "v_prediction", "sample"). device and dtype: as
+        `from_pretrained` takes them, checked before the file is read.
         Strict like `from_pretrained`: one WeightsError lists every missing, unexpected or mis-shaped entry; a
         pickle (.ckpt) is refused. See `checkpoint_file` and `models/single_file.py`.
         """
         from .checkpoint_file import load_single_file
 
-        return load_single_file(pretrained_model_link_or_path, config, device, dtype, prediction_type)
+        return load_single_file(pretrained_model_link_or_path, config, checked_device(device), checked_dtype(dtype),
+                                prediction_type)
 
     # --------------------------------------------------------------------------------------------- LoRA
     # diffusers' names and arguments; the substance is in models/lora.py.
@@ -279,6 +288,45 @@ class StableDiffusion:
         if unknown:
             raise ValueError(f"components {unknown} carry no LoRA; choose from {list(NETWORKS)}")
         return tuple(components)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # what the networks run in
+
+
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """The device a model loads onto: None is the CPU; a name ("cpu", "cuda", "cuda:1", "mps") or a torch.device
+    that exists on this machine. Anything else is a ValueError naming `device` and the fix (a TypeError for what is
+    neither a name nor a torch.device): torch's own errors (an AssertionError for CUDA on a CPU-only build, a raw
+    RuntimeError for "gpu") would come only after the first files are read."""
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a name such as 'cpu' or 'cuda', or a torch.device; got "
+                        f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device}: a model loads onto cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"device {device}: no such CUDA device here (use cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: no Apple GPU is available (use cpu)")
+    return device
+
+
+def checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype a model loads in: None is float32; torch.float32, torch.float16 or torch.bfloat16, or its name
+    ("float16" or "torch.float16"). Anything else ("auto", "fp16", numpy's float16, torch.int8) is a ValueError
+    naming `dtype`."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16 (or its name)")
+    return dtype
 
 
 def _read(path: Path, reader):

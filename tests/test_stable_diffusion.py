@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -420,3 +421,37 @@ def test_accepted_schedulers_are_diffusers_sd_schedulers_but_edm():
     from diffedit.models.config import SD_SCHEDULERS
 
     assert set(SD_SCHEDULERS) == {s.name for s in KarrasDiffusionSchedulers} - {"EDMEulerScheduler"}
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"dtype": "auto"}, ValueError, "dtype 'auto': expected torch.float32, torch.float16 or torch.bfloat16"),
+    ({"dtype": "fp16"}, ValueError, "dtype 'fp16'"),
+    ({"dtype": torch.int8}, ValueError, "dtype torch.int8"),
+    ({"dtype": np.float16}, ValueError, "dtype <class 'numpy.float16'>: expected torch.float32"),
+    ({"device": "gpu"}, ValueError, "device 'gpu': not a device name"),
+    ({"device": "CPU"}, ValueError, "device 'CPU': not a device name"),
+    ({"device": "meta"}, ValueError, "device meta: a model loads onto cpu, cuda, cuda:N or mps"),
+    ({"device": 0}, TypeError, "device: expected a name such as 'cpu' or 'cuda', or a torch.device; got int"),
+    pytest.param({"device": "cuda"}, ValueError, "device cuda: no such CUDA device here \\(use cpu\\)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_device_or_dtype_it_cannot_load_in_is_one_error_naming_it_before_any_file_is_read(sd1_folder, kwargs, error,
+                                                                                            message, monkeypatch):
+    from diffedit import stable_diffusion
+
+    monkeypatch.setattr(stable_diffusion, "resolve_model_folder", lambda *a: pytest.fail("a file was read"))
+    with pytest.raises(error, match=message):
+        StableDiffusion.from_pretrained(sd1_folder, **kwargs)
+    with pytest.raises(error, match=message):
+        StableDiffusion.from_single_file(sd1_folder / "absent.safetensors", **kwargs)
+
+
+@pytest.mark.parametrize("dtype, loaded", [(None, torch.float32), ("float16", torch.float16),
+                                           ("torch.bfloat16", torch.bfloat16)])
+def test_dtype_none_is_float32_and_a_dtypes_name_is_taken_as_load_model_takes_it(dtype, loaded):
+    """dtype=None used to keep the stored dtype: the shipped model's fp16 weights then ran in float16 on the CPU."""
+    import diffedit
+
+    sd = StableDiffusion.from_pretrained(diffedit.SHIPPED_MODEL, device=None, dtype=dtype)
+    assert sd.dtype == loaded and sd.device == torch.device("cpu")
+    assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {loaded}
