@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
+import os
 from pathlib import Path
 
-from .outputs import Planned, commit
+from .outputs import OutputPathError, Planned, check_outputs, commit
 from .validation import FileError, check_readable, one_line
 
 FORMAT = "diffedit-latents"
@@ -31,6 +33,11 @@ VERSION = "1"
 class InversionFileError(FileError):
     """A saved inversion that cannot be used (not one, damaged, from another version or model), with the file
     named."""
+
+
+class InversionPathError(FileError, OutputPathError):
+    """Where `save_inversion` cannot write (a folder, a missing or read-only folder, a file of the model): the
+    package's file error and the command line's output-path error at once, with the path named."""
 
 
 def model_fingerprint(folder: Path, configs: str = "") -> str:
@@ -197,27 +204,135 @@ def inversion_writer(inversion, metadata: dict):
 def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[int, int], prompt: str | None = None,
                    seed: int | None = None, picture=None) -> dict:
     """Save the inversion of one image (`method.invert`'s result) to `path` (.safetensors), written to a
-    temporary file and renamed, so an existing file is replaced whole or not at all. Returns the metadata. With
-    `picture` (the PIL image inverted) the file records its digest, which `check_picture` compares."""
-    path = Path(path)
-    if inversion.latents.shape[0] != 1:
-        raise ValueError(f"inversion: a file holds one image's inversion, got a batch of "
-                         f"{inversion.latents.shape[0]}")
+    temporary file and renamed, so an existing file is replaced whole or not at all. Returns the metadata.
+
+    model: the StableDiffusion that inverted (loaded from a folder or single file); params: the DiffEditParams
+    `method.invert` ran with. The file records params' step count, encoding ratio, sampler, inversion guidance,
+    LoRA scale and corrections as what the inversion used: the Inversion itself does not know them. What its
+    tensors show is checked (its levels must be the ones params' num_inference_steps, inpaint_strength and sampler
+    give on this model, its latent channels the model's); the inversion guidance, LoRA scale and corrections
+    cannot be seen in the latents, so params must be the very ones the inversion ran with. image_size: the input
+    picture's (width, height), ints >= 1; prompt: None or the text it was inverted with; seed: None or an int in
+    [0, 2**63); picture (optional): the PIL image inverted, recorded as its digest (`check_picture` compares it).
+    Every argument and the path (a file in an existing, writable folder, not inside the model's folder nor its
+    file: `InversionPathError`) is checked before anything is written: a wrong type is a TypeError, a wrong value
+    a ValueError, each naming the argument."""
+    path = check_save_arguments(path, inversion, model, params, image_size, prompt, seed, picture)
+    image_size = (int(image_size[0]), int(image_size[1]))
+    seed = None if seed is None else int(seed)
     meta = inversion_metadata(inversion, model=model, params=params, image_size=image_size, prompt=prompt,
                               seed=seed, picture=picture)
     commit([Planned(path, "latents file", inversion_writer(inversion, meta))])
     return meta
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy int, not a bool."""
+    import numpy as np
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_model_argument(model, what: str, optional: bool = False) -> None:
+    """`model` is a loaded StableDiffusion (or None when `optional`): else a TypeError saying how to get one."""
+    from .stable_diffusion import StableDiffusion
+
+    if (model is None and optional) or isinstance(model, StableDiffusion):
+        return
+    raise TypeError(f"model: expected {'None or ' if optional else ''}the loaded StableDiffusion {what} (load a "
+                    f"folder with StableDiffusion.from_pretrained or a file with from_single_file), got "
+                    f"{type(model).__name__}")
+
+
+def check_save_arguments(path, inversion, model, params, image_size, prompt, seed, picture) -> Path:
+    """What `save_inversion` checks before it writes anything (its docstring says what each must be); the path
+    as a Path."""
+    import torch
+
+    from .method import Inversion
+    from .params import DiffEditParams
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
+    check_model_argument(model, "that inverted")
+    if model.folder is None:
+        raise ValueError("model: an inversion is saved with the model folder or file it came from; load the model "
+                         "with StableDiffusion.from_pretrained or from_single_file")
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"inversion: expected method.invert's result (a method.Inversion), got "
+                        f"{type(inversion).__name__}")
+    if not isinstance(params, DiffEditParams):
+        raise TypeError(f"params: expected the DiffEditParams the inversion ran with, got {type(params).__name__}")
+    if (isinstance(image_size, (str, bytes)) or not hasattr(image_size, "__len__") or len(image_size) != 2
+            or not all(_is_int(v) and v >= 1 for v in image_size)):
+        raise ValueError(f"image_size: expected the picture's (width, height), two ints >= 1, got {image_size!r}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected None or the text the picture was inverted with, got "
+                        f"{type(prompt).__name__}")
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
+    if picture is not None:
+        import PIL.Image
+
+        if not isinstance(picture, PIL.Image.Image):
+            raise TypeError(f"picture: expected None or the PIL image that was inverted, got "
+                            f"{type(picture).__name__}")
+    latents, timesteps, clean = inversion.latents, inversion.timesteps, inversion.clean
+    if latents.ndim != 5:
+        raise ValueError(f"inversion: expected latents of shape (1, T, C, h, w), got {tuple(latents.shape)}")
+    if latents.shape[0] != 1:
+        raise ValueError(f"inversion: a file holds one image's inversion, got a batch of {latents.shape[0]}")
+    if tuple(clean.shape) != (1, *latents.shape[2:]) or tuple(timesteps.shape) != (latents.shape[1],):
+        raise ValueError(f"inversion: its tensors disagree (latents {tuple(latents.shape)}, timesteps "
+                         f"{tuple(timesteps.shape)}, clean {tuple(clean.shape)})")
+    if latents.shape[2] != model.vae.config.latent_channels:
+        raise ValueError(f"inversion: {latents.shape[2]} latent channels, but the model's VAE has "
+                         f"{model.vae.config.latent_channels}: it was made with another model")
+    if not all(bool(torch.isfinite(t).all()) for t in (latents, clean)):
+        raise ValueError("inversion: holds NaN or infinite values; a file of it could never be used (invert again)")
+    expected = inversion_levels(model, params)
+    if not torch.equal(timesteps.detach().cpu().long(), expected):
+        raise ValueError(f"params: num_inference_steps={params.num_inference_steps}, inpaint_strength="
+                         f"{params.inpaint_strength:g} and sampler {params.sampler} give the levels "
+                         f"{expected.tolist()} on this model, but the inversion holds {timesteps.tolist()}: pass the "
+                         "params it was inverted with")
+    try:
+        check_outputs([Planned(Path(path), "latents file")], {}, protected=[("model", model.folder)])
+    except OutputPathError as e:
+        raise InversionPathError(str(e)) from None
+    return Path(path)
+
+
+def inversion_levels(model, params):
+    """The levels (timesteps, noisiest first) `method.invert` leaves latents at for `params` on `model`: DDIM's
+    inverse schedule, or DPM-Solver++'s decoding levels. A step count or ratio that runs no step is a ValueError
+    naming `params`."""
+    from . import method
+
+    try:
+        n = params.num_inference_steps
+        if params.sampler == "dpmsolver++":
+            return method.strength_timesteps(method.schedule(model, params), n, params.inpaint_strength,
+                                             "inpaint_strength").cpu().long()
+        count = len(method.strength_timesteps(model.scheduler, n, params.inpaint_strength, "inpaint_strength"))
+        return model.inverse_scheduler.timesteps(n)[:count].flip(0).cpu().long()
+    except ValueError as e:
+        raise ValueError(f"params: {one_line(e)}") from None
+
+
 def load_inversion(path: Path, model=None):
     """A saved inversion -> (method.Inversion with a batch of one, metadata). With a model (a StableDiffusion
     loaded from a folder) the file must come from that model (same fingerprint) and the tensors go to its device
-    and dtype; without one they stay float32 on the CPU."""
+    and dtype; without one (None) they stay float32 on the CPU. A model of another type (a folder's name) is a
+    TypeError."""
     import torch
     from safetensors.torch import load_file
 
     from .method import Inversion
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__}")
+    check_model_argument(model, "to check the file against and load it onto", optional=True)
     path = Path(path)
     meta = read_inversion_metadata(path)
     if model is not None and model.folder is not None:

@@ -56,7 +56,8 @@ def test_save_then_load_gives_the_same_tensors_and_the_settings(sd, inverted, tm
 
 def test_the_mode_names_the_corrections_that_ran(sd, inverted, tmp_path):
     inversion, params = inverted
-    for p, mode in ((DiffEditParams.reference(num_inference_steps=STEPS), "reference"),
+    for p, mode in ((DiffEditParams.reference(num_inference_steps=STEPS, inpaint_strength=params.inpaint_strength),
+                     "reference"),
                     (params.updated({"paste_matching_step": False}), "mixed")):
         save_inversion(tmp_path / f"{mode}.safetensors", inversion, model=sd, params=p, image_size=(64, 64))
         assert read_inversion_metadata(tmp_path / f"{mode}.safetensors")["mode"] == mode
@@ -254,3 +255,106 @@ def test_a_file_records_its_pictures_digest_and_check_picture_refuses_another(sd
         check_picture(read, other, path)
     unrecorded = save_inversion(tmp_path / "old.safetensors", inversion, model=sd, params=params, image_size=(64, 64))
     assert "image_digest" not in unrecorded and check_picture(unrecorded, other, path) is False
+
+
+def nan_latents(inversion):
+    latents = inversion.latents.clone()
+    latents[0, 0, 0, 0, 0] = float("nan")
+    return method.Inversion(latents, inversion.timesteps, inversion.clean)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"image_size": (0, 0)}, ValueError, r"image_size: expected the picture's \(width, height\), two ints >= 1, got "
+                                         r"\(0, 0\)"),
+    ({"image_size": (-5, 7)}, ValueError, r"image_size: .* got \(-5, 7\)"),
+    ({"image_size": (64.0, 64.0)}, ValueError, r"image_size: .* got \(64.0, 64.0\)"),
+    ({"image_size": ("64", "64")}, ValueError, r"image_size: .* got \('64', '64'\)"),
+    ({"image_size": (True, 64)}, ValueError, "image_size"),
+    ({"image_size": 64}, ValueError, "image_size"),
+    ({"seed": -1}, ValueError, r"seed: expected None or an int in \[0, 2\*\*63\), got -1"),
+    ({"seed": 1.5}, ValueError, "seed: expected None or an int"),
+    ({"prompt": 3}, TypeError, "prompt: expected None or the text"),
+    ({"picture": "a.png"}, TypeError, "picture: expected None or the PIL image"),
+    ({"model": None}, TypeError, "model: expected the loaded StableDiffusion that inverted .*from_pretrained.*got "
+                                 "NoneType"),
+    ({"model": "folder"}, TypeError, "model: expected the loaded StableDiffusion .*got str"),
+    ({"params": lambda inv, p: p.to_dict()}, TypeError, "params: expected the DiffEditParams the inversion ran "
+                                                           "with"),
+    ({"inversion": "latents"}, TypeError, r"inversion: expected method.invert's result"),
+    ({"inversion": lambda inv, p: nan_latents(inv)}, ValueError, "inversion: holds NaN or infinite values"),
+    ({"params": lambda inv, p: p.updated({"num_inference_steps": 5})}, ValueError,
+     r"params: num_inference_steps=5, inpaint_strength=0.6 and sampler ddim give the levels \[401, 201, 1\] on this "
+     r"model, but the inversion holds \[251, 1\]: pass the params it was inverted with"),
+    ({"params": lambda inv, p: p.updated({"sampler": "dpmsolver++"})}, ValueError,
+     r"sampler dpmsolver\+\+ give the levels \[401, 201\]"),
+    ({"params": lambda inv, p: p.updated({"inpaint_strength": 0.2})}, ValueError,
+     r"params: inpaint_strength=0.2 with num_inference_steps=4 runs no step"),
+    ({"path": 3}, TypeError, "path: expected a file path"),
+])
+def test_save_refuses_what_load_would_refuse_or_misread_before_writing(sd, inverted, tmp_path, change, error,
+                                                                      message):
+    """What save_inversion used to write and load_inversion then refused as damaged (a size of 0, a float size,
+    NaN latents, params of another step count), or wrote as a wrong record (another sampler's params), or failed
+    on with Python's own error (a model that is a folder's name): refused, naming the argument, nothing written."""
+    inversion, params = inverted
+    args = {"path": tmp_path / "inv.safetensors", "inversion": inversion, "model": sd, "params": params,
+            "image_size": (64, 64)}
+    for key, value in change.items():
+        args[key] = value(inversion, params) if callable(value) else value
+    with pytest.raises(error, match=message):
+        save_inversion(args.pop("path"), args.pop("inversion"), **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_ints_are_a_size_and_a_seed_and_are_recorded_as_python_ints(sd, inverted, tmp_path):
+    import numpy as np
+
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(np.int64(70), np.int32(64)),
+                          seed=np.int64(5))
+    assert [(meta[k], type(meta[k])) for k in ("width", "height", "seed")] == [(70, int), (64, int), (5, int)]
+    read = read_inversion_metadata(path)
+    assert (read["width"], read["height"], read["seed"]) == (70, 64, "5")
+
+
+@pytest.mark.parametrize("where, message", [
+    (".", r"latents file \. is a folder; give a file name"),
+    ("missing/inv.safetensors", "output folder missing does not exist"),
+])
+def test_a_path_that_cannot_be_written_is_the_packages_file_error(sd, inverted, tmp_path, monkeypatch, where,
+                                                                   message):
+    """`.` used to fail in os.replace (OSError: Device or resource busy), a missing folder with FileNotFoundError on
+    a temporary file's name: now one error that is both the package's file error and the command line's output-path
+    error, with the path named, before anything is written."""
+    from diffedit.outputs import OutputPathError
+    from diffedit.saved_inversion import InversionPathError
+
+    monkeypatch.chdir(tmp_path)
+    inversion, params = inverted
+    with pytest.raises(InversionPathError, match=message) as e:
+        save_inversion(where, inversion, model=sd, params=params, image_size=(64, 64))
+    assert isinstance(e.value, FileError) and isinstance(e.value, OutputPathError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_inversion_is_never_written_into_the_models_folder(inverted, tmp_path):
+    model_folder = shutil.copytree(diffedit.SHIPPED_MODEL, tmp_path / "model")
+    copy = StableDiffusion.from_pretrained(model_folder)
+    inversion, params = inverted
+    before = sorted(p.relative_to(model_folder) for p in model_folder.rglob("*"))
+    for where in (model_folder / "inv.safetensors", model_folder / "unet" / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(FileError, match="would overwrite .*the model"):
+            save_inversion(where, inversion, model=copy, params=params, image_size=(64, 64))
+    assert sorted(p.relative_to(model_folder) for p in model_folder.rglob("*")) == before
+    StableDiffusion.from_pretrained(model_folder)  # still loads
+
+
+def test_load_takes_a_loaded_model_or_none_and_refuses_a_folders_name(sd, inverted, tmp_path):
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    with pytest.raises(TypeError, match="model: expected None or the loaded StableDiffusion .*got str"):
+        load_inversion(path, str(diffedit.SHIPPED_MODEL))
+    with pytest.raises(TypeError, match="path: expected a file path"):
+        load_inversion(None, sd)
