@@ -244,10 +244,14 @@ def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2, f
 
 
 def parse_param(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, null), else as a string."""
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true/false, null), else as a string; a KEY that
+    is empty (`=3`) is refused."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} has no parameter name before '=': give KEY=VALUE with KEY a "
+                                         "DiffEditParams field, e.g. guidance_scale=4")
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
@@ -275,7 +279,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="named settings over the model's defaults, under --param (fast: README, The fast preset)")
     p.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="override a DiffEditParams field (repeatable)")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu",
+                   help="where the edits run (default cpu, the timing goal's device; auto: cuda, then mps, then cpu)")
     p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
     add_compile_flag(p)
     p.add_argument("--json", type=Path, help="write the summary and per-edit records here")
@@ -287,32 +292,79 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     twice = sorted({name for name in fields if fields.count(name) > 1})
     if twice:
         raise BadInput(f"--param: {', '.join(twice)} given twice; give each field once")
+    check_seed_stream(args.seed, args.n, "--seed", "--n")
     return args
+
+
+SEED_MAX = 2**63 - 1  # the largest seed `diffedit.edit` takes
+
+
+def check_seed_stream(seed: int, n: int, seed_flag: str, n_flag: str, most: int = SEED_MAX) -> None:
+    """Edit i of n runs at seed + i, so the last edit's seed, seed + n - 1, must be at most `most`; else a
+    BadInput naming both flags and the largest seed that fits."""
+    if seed + n - 1 > most:
+        raise BadInput(f"{seed_flag} {seed} with {n_flag} {n}: edit i runs at seed + i, and the last one's seed "
+                       f"{seed + n - 1} is over {most}; give {seed_flag} at most {most - n + 1} or a smaller {n_flag}")
+
+
+def refuse_lora_scale(fields, where: str, command: str) -> None:
+    """`lora_scale` among `fields`: refused, since `command` loads no LoRA (it has no --lora flag) and the scale
+    could not act, as `edit --lora-scale` without --lora is refused."""
+    if "lora_scale" in fields:
+        raise BadInput(f"{where} lora_scale: {command} loads no LoRA (it has no --lora), so lora_scale could not act; "
+                       "drop it (or run `diffedit edit --lora FILE --lora-scale S`)")
+
+
+def stored_defaults(folder: Path | None, defaults: dict) -> dict:
+    """A model's stored edit defaults (its diffedit.json, read from `folder`), checked on their own: an invalid one
+    is a BadInput naming the file, not the flags layered over it."""
+    from .params import EDIT_DEFAULTS_FILE
+
+    try:
+        DiffEditParams().updated(dict(defaults))
+    except (TypeError, ValueError) as e:
+        where = f"{Path(folder) / EDIT_DEFAULTS_FILE}" if folder is not None else f"the model's {EDIT_DEFAULTS_FILE}"
+        raise BadInput(f"{where}: the model's stored edit defaults are invalid ({one_line(e)}); fix or remove the "
+                       "file") from None
+    return defaults
+
+
+def model_files(location: Path | str) -> list[tuple[str, Path]]:
+    """What no output may overwrite (`outputs.check_protected`): a local model folder (every file in it) or
+    single file; nothing yet for a hub repo id (its cache folder is checked once it is loaded)."""
+    return [("model", location)] if isinstance(location, Path) else []
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """The command: every argument and output location checked before the model loads and the edits run; the
     report printed; 0 when every goal is met, 1 when one is not."""
     from .api import check_params_for_model, pick_device
+    from .params import layered, read_edit_defaults
     from .stable_diffusion import StableDiffusion
 
     # Before any work: parameters, outputs, model location, device
+    refuse_lora_scale(dict(args.param), "--param", "diffedit evaluate")
+    folder = model_location(args.model)
+    local = isinstance(folder, Path) and folder.is_dir()
+    defaults = stored_defaults(folder, read_edit_defaults(folder)) if local else {}
     try:
         params = with_preset(args.preset, dict(args.param))
-        DiffEditParams().updated(params)
+        layered(defaults, params)
     except (TypeError, ValueError) as e:
         raise BadInput(f"--param: {one_line(e)}") from None
     planned = ([Planned(args.json, "--json")] if args.json else []) + \
         ([Planned(args.grid, "--grid")] if args.grid else [])
-    check_outputs(planned, {})
+    check_outputs(planned, {}, protected=model_files(folder))
     grid_format = image_format(args.grid, "--grid") if args.grid else None
-    folder = model_location(args.model)
     try:
         device, _ = pick_device(args.device, "float32")
     except ValueError as e:
         raise BadInput(f"--{e}") from None
     torch.set_num_threads(args.threads)
     model = StableDiffusion.from_pretrained(folder, device=device)
+    if model.folder is not None:  # a hub model's cache folder, known once it is fetched
+        check_outputs(planned, {}, protected=model_files(model.folder))
+    stored_defaults(model.folder, model.edit_defaults)
     if args.compile:
         model.compile_unet(args.compile)
     try:
@@ -323,7 +375,7 @@ def evaluate(args: argparse.Namespace) -> int:
     edits = heldout_edits(args.n, args.seed)
     records = score_edits(model, edits, args.seed, params, progress=not args.quiet)
     summary = summarize(records)
-    timing_applies = args.device == "cpu" and args.threads == 1
+    timing_applies = device.type == "cpu" and args.threads == 1
 
     print(f"model {folder}, {len(edits)} held-out edits (seed {args.seed}), defaults {model.edit_defaults}"
           + (f", preset {args.preset}" if args.preset else "") + (f", overrides {params}" if params else ""))
@@ -336,7 +388,7 @@ def evaluate(args: argparse.Namespace) -> int:
           f"{verdicts.count('FAIL')} goal(s) not met")
     report = json.dumps(json_safe({
         "model": str(folder), "seed": args.seed, "preset": args.preset, "params": {**model.edit_defaults, **params},
-        "device": args.device, "threads": args.threads, "summary": summary,
+        "device": device.type, "threads": args.threads, "summary": summary,
         "goals": [{"metric": m, "value": summary[m], "goal": g, "verdict": x} for m, _, g, x in rows],
         "edits": [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]}), indent=1,
         allow_nan=False) + "\n"

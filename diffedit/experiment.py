@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -35,7 +36,8 @@ from PIL import Image
 
 from . import __version__
 from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
-from .evaluate import background_psnr, background_ssim, heldout_edits, iou, judge, mask_agreement, parse_param, psnr
+from .evaluate import (SEED_MAX, background_psnr, background_ssim, check_seed_stream, heldout_edits, iou, judge,
+                       mask_agreement, parse_param, psnr)
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
@@ -177,6 +179,9 @@ def parse_sweep(text: str) -> tuple[str, list]:
     key, sep, values = text.partition("=")
     if not sep or not values:
         raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2,..., got {text!r}")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} has no field name before '=': give FIELD=V1,V2,... with FIELD a "
+                                         "DiffEditParams field, e.g. inpaint_strength=0.4,0.6")
     return key.strip(), [parse_param(f"{key}={v}")[1] for v in values.split(",")]
 
 
@@ -451,7 +456,6 @@ def read_records(path: Path, columns: list[str] | None = None, repair: bool = Tr
     return rows
 
 
-SEED_MAX = 2**63 - 1  # seed + the edit's index must fit the generator's 64 bits
 RUN_FILES = ("records.csv", "summary.csv", "summary.md", "shards", "examples", "plots")
 MODEL_KEYS = ("model_fingerprint", "model_edit_defaults")  # config.json's entries known once the model is loaded
 WHAT_CHANGED = {"edits_digest": "the edits' pictures, texts or ids", "model_fingerprint": "the model's weights or "
@@ -470,7 +474,7 @@ def check_methods(methods: list[str]) -> None:
 
 def check_seeds(seeds: list[int]) -> None:
     """Ints in [0, SEED_MAX], each once."""
-    text = ",".join(map(str, seeds))
+    text = ",".join(str(s) if isinstance(s, int) else repr(s) for s in seeds)  # "1" (a str) shown as '1'
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX for s in seeds):
         raise BadInput(f"--seeds {text}: seeds are ints in [0, {SEED_MAX}]")
     if repeated(seeds):
@@ -569,36 +573,49 @@ def interrupted(out: Path) -> Interrupted:
 
 
 def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40, edit_seed: int = 0,
-                   methods: list[str] | tuple[str, ...] = ("diffedit",), sweep: list[tuple[str, list]] = (),
-                   param: dict | None = None, preset: str | None = None, seeds: list[int] | tuple[int, ...] = (0,),
-                   model=None, device: str = "cpu", batch_size: int = 1, resume: bool = False,
-                   quiet: bool = True, compile_mode: str | None = None) -> Path:
+                   methods: list[str] | tuple[str, ...] = ("diffedit",),
+                   sweep: list[tuple[str, list]] | dict[str, list] = (), param: dict | None = None,
+                   preset: str | None = None, seeds: list[int] | tuple[int, ...] = (0,), model=None,
+                   device: str | None = None, batch_size: int = 1, resume: bool = False, quiet: bool = True,
+                   compile_mode: str | None = None) -> Path:
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
-    edits: "shapes" (`n` edits of the held-out draw `edit_seed`) or a JSON-lines manifest; methods: names from
-    `baselines.METHODS`, each once; sweep: [(DiffEditParams field, [values])], every combination; param: fields
-    fixed for every row; preset: None or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds:
-    each row's generator is seeded by seed + the edit's index (seeds in [0, 2**63 - 1], each once); batch_size:
-    edits run together through the three steps (the same numbers as one at a time within ~1e-5; settings that keep
-    the reference's batch-wide mask clamp or regularizer run one at a time); compile_mode: None, or torch.compile's
-    mode for the UNet (`StableDiffusion.compile_unet`). Every check comes before any work; a bad value is a
-    ValueError naming it. Interrupted once it has begun writing, it raises `Interrupted` (a KeyboardInterrupt)
-    saying what is kept."""
+    out: the run's folder (str or os.PathLike; not the model's folder nor inside it); edits: "shapes" (`n` edits
+    of the held-out draw `edit_seed`, an int in [0, 2**63 - 1]; n an int >= 1) or the path of a JSON-lines
+    manifest; methods: a list of names from `baselines.METHODS`, each once; sweep: [(DiffEditParams field,
+    [values])] or {field: [values]}, every combination; param: a dict of fields fixed for every row; preset: None
+    or a name in `params.PRESETS`, its fields under `param` and `sweep`; seeds: a list of ints, each row's generator
+    seeded by seed + the edit's index (seeds in [0, 2**63 - 1], each once); model: None (the shipped model), a
+    folder or hub repo id, or a loaded StableDiffusion (used as it is: compile_mode compiles its UNet in place; its
+    active LoRA adapters and learned words are part of the run's model fingerprint); device: None (cpu, or a loaded
+    model's own), "auto", "cpu", "cuda" or "mps"; batch_size: an int >= 1, edits run together through the three
+    steps (the same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide mask clamp
+    or regularizer run one at a time); compile_mode: None, or one of `console.COMPILE_MODES` (torch.compile's mode
+    for the UNet, `StableDiffusion.compile_unet`). `lora_scale` can be swept or fixed only with a loaded model
+    that has active LoRA adapters (the command line loads none). Every check comes before any work: a wrong value
+    (a wrong type of a number or name included) is a ValueError naming it, in the command line's words; a wrong
+    type of a list, dict, path or model a TypeError. Numpy ints are taken as ints. Interrupted once it has begun
+    writing, it raises `Interrupted` (a KeyboardInterrupt) saying what is kept."""
     from .api import check_params_for_model, pick_device
     from .stable_diffusion import StableDiffusion
 
-    # Before any work: the output folder, methods, seeds, the grid, edits, the model, a run already there
-    out = check_out(out)
-    methods, fixed, sweep, seeds = list(methods), dict(param or {}), list(sweep), list(seeds)
-    check_methods(methods)
-    check_seeds(seeds)
+    # Before any work: every argument, the output folder, the grid, edits, the model, a run already there
+    a = checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, model, device, batch_size, resume,
+                          quiet, compile_mode)
+    out, methods, fixed, sweep, seeds, batch_size = a.out, a.methods, a.fixed, a.sweep, a.seeds, a.batch_size
+    given = model if isinstance(model, StableDiffusion) else None
     check_sweep(sweep, fixed)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
+    if given is None or not (given.lora.enabled and given.lora.weights):
+        from .evaluate import refuse_lora_scale
+
+        refuse_lora_scale([name for name, _ in sweep], "--sweep", "diffedit experiment")
+        refuse_lora_scale(fixed, "--param", "diffedit experiment")
     if edits == "shapes":
-        cases = shapes_cases(n, edit_seed)
+        check_seed_stream(max(seeds), a.n, "--seeds", "--n", GENERATOR_SEED_MAX)
+        cases = shapes_cases(a.n, a.edit_seed)
     elif Path(edits).is_file():
         cases = manifest_cases(Path(edits))
+        check_seed_stream(max(seeds), len(cases), "--seeds", "the manifest's edit count", GENERATOR_SEED_MAX)
     else:
         raise BadInput(f"--edits {edits}: give `shapes` or a .jsonl manifest that exists")
     if NEEDS_TRUTH & set(methods) and any(c.truth is None for c in cases):
@@ -607,30 +624,53 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     swept = [name for name, _ in sweep]
     try:  # the preset's fields under --param; a swept field is the sweep's
         fixed = {**{k: v for k, v in with_preset(preset, {}).items() if k not in swept}, **fixed}
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise BadInput(f"--{one_line(e)}") from None
     grid = settings_grid(sweep)
-    location = model_location(model)
+    from .evaluate import stored_defaults
     from .params import read_edit_defaults
     from .saved_inversion import model_fingerprint
 
-    local_defaults = read_edit_defaults(Path(location)) if isinstance(location, Path) else {}
+    if given is not None:
+        location, source = given.folder, given.source or (str(given.folder) if given.folder else "(built in memory)")
+        local_defaults = stored_defaults(given.folder, given.edit_defaults)
+    else:
+        location = model_location(model)
+        source = str(location)
+        local = isinstance(location, Path) and location.is_dir()
+        local_defaults = stored_defaults(location, read_edit_defaults(location)) if local else {}
+    check_run_folder(out, [("model", location)] if isinstance(location, Path) else [],
+                     [("--edits manifest", Path(edits))] if edits != "shapes" else [])
     check_grid(fixed, grid, local_defaults)
-    config = {"edits": str(edits), "n": n, "edit_seed": edit_seed, "methods": methods, "preset": preset,
-              "param": fixed, "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": str(location),
-              "device": device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__,
+    config = {"edits": str(edits), "n": a.n, "edit_seed": a.edit_seed, "methods": methods, "preset": preset,
+              "param": fixed, "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": source,
+              "device": a.device, "batch_size": batch_size, "compile": compile_mode, "diffedit_version": __version__,
               "edits_digest": cases_digest(cases)}
     before = previous_config(out, resume)
     # a local folder's identity is known before loading: every difference is named in one message
-    early = ({"model_fingerprint": model_fingerprint(location), "model_edit_defaults": local_defaults}
-             if isinstance(location, Path) and location.is_dir() else {})
+    if given is not None:
+        early = {"model_fingerprint": model_identity(given), "model_edit_defaults": local_defaults}
+    else:
+        early = ({"model_fingerprint": model_fingerprint(location), "model_edit_defaults": local_defaults}
+                 if isinstance(location, Path) and location.is_dir() else {})
     check_same_run(before, {**config, **early},
                    [k for k in {**(before or {}), **config} if k not in MODEL_KEYS or k in early], out)
     try:
-        torch_device, _ = pick_device(device, "float32")
+        torch_device, _ = pick_device(a.device, "float32")
     except ValueError as e:
         raise BadInput(f"--{e}") from None
-    sd = StableDiffusion.from_pretrained(location, device=torch_device)
+    if given is not None:
+        from .api import _same_device
+
+        if not _same_device(torch_device, given.device):
+            raise BadInput(f"--device {a.device}: the model given is already loaded on {given.device}; pass "
+                           f"device=None (its own) or load it on {a.device}")
+        sd = given
+    else:
+        sd = StableDiffusion.from_pretrained(location, device=torch_device)
+        if sd.folder is not None:  # a hub model's cache folder, known once it is fetched
+            check_run_folder(out, [("model", sd.folder)], [])
+        stored_defaults(sd.folder, sd.edit_defaults)
     if compile_mode is not None:
         sd.compile_unet(compile_mode)
     for setting in grid:
@@ -655,16 +695,131 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     return out / "records.csv"
 
 
+GENERATOR_SEED_MAX = 2**64 - 1  # a row's generator takes seed + the edit's index up to this (torch's manual_seed)
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device's choices
+
+
+@dataclass(frozen=True)
+class Arguments:
+    """`run_experiment`'s arguments as checked: plain ints, lists and dicts."""
+
+    out: Path
+    n: int
+    edit_seed: int
+    methods: list[str]
+    sweep: list[tuple[str, list]]
+    fixed: dict
+    seeds: list[int]
+    device: str
+    batch_size: int
+
+
+def _integer(value) -> bool:
+    """A Python or numpy int, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, model, device, batch_size, resume,
+                      quiet, compile_mode) -> Arguments:
+    """`run_experiment`'s arguments checked on their own, before anything is read: what the command line's flags
+    refuse is refused in the flags' words (a ValueError), a container or path of the wrong type is a TypeError
+    naming the argument."""
+    from .console import COMPILE_MODES
+    from .stable_diffusion import StableDiffusion
+
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out: expected the run's folder (str or os.PathLike), got {type(out).__name__}")
+    out = check_out(out)
+    if not isinstance(edits, (str, os.PathLike)):
+        raise TypeError(f"edits: expected \"shapes\" or a manifest's path (str or os.PathLike), got "
+                        f"{type(edits).__name__}")
+    if not _integer(n) or n < 1:
+        raise BadInput(f"--n: expected an integer >= 1, got {n!r}")
+    if not _integer(edit_seed) or not 0 <= edit_seed <= SEED_MAX:
+        raise BadInput(f"--edit-seed: expected an integer in [0, {SEED_MAX}], got {edit_seed!r}")
+    if isinstance(methods, (str, bytes)) or not isinstance(methods, (list, tuple)):
+        raise TypeError(f"methods: expected a list of method names such as [\"diffedit\"], got "
+                        f"{type(methods).__name__}{f' {methods!r}' if isinstance(methods, str) else ''}")
+    if not all(isinstance(m, str) for m in methods):
+        raise TypeError(f"methods: expected a list of method names (strings), got {list(methods)!r}")
+    check_methods(list(methods))
+    if isinstance(sweep, dict):
+        sweep = list(sweep.items())
+    if isinstance(sweep, (str, bytes)) or not isinstance(sweep, (list, tuple)):
+        raise TypeError(f"sweep: expected [(field, [values]), ...] or {{field: [values]}}, got {type(sweep).__name__}")
+    for entry in sweep:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise TypeError(f"sweep: expected [(field, [values]), ...] or {{field: [values]}}; {entry!r} is not a "
+                            "(field name, list of values) pair")
+        if isinstance(entry[1], (str, bytes)) or not isinstance(entry[1], (list, tuple)):
+            raise TypeError(f"sweep: {entry[0]}'s values must be a list, e.g. ({entry[0]!r}, [{entry[1]!r}]), got "
+                            f"{type(entry[1]).__name__}")
+    if param is not None and not isinstance(param, dict):
+        raise TypeError(f"param: expected None or a dict of DiffEditParams fields, got {type(param).__name__}")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range, np.ndarray)):
+        raise TypeError(f"seeds: expected a list of seeds (ints) such as [0, 1], got {type(seeds).__name__}")
+    seeds = [int(s) if _integer(s) else s for s in seeds]  # numpy ints as ints; anything else is named below
+    check_seeds(seeds)
+    if not (model is None or isinstance(model, (str, os.PathLike, StableDiffusion))):
+        raise TypeError(f"model: expected None (the shipped model), a folder or hub repo id, or a loaded "
+                        f"StableDiffusion; got {type(model).__name__}")
+    if device is None:
+        device = model.device.type if isinstance(model, StableDiffusion) else "cpu"
+    if not isinstance(device, str):
+        raise TypeError(f"device: expected None or a name: {', '.join(DEVICES)}; got {type(device).__name__}")
+    if device not in DEVICES:
+        raise BadInput(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    if not _integer(batch_size) or batch_size < 1:
+        raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
+    for name, flag in (("resume", resume), ("quiet", quiet)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected True or False, got {type(flag).__name__}")
+    if compile_mode is not None and not isinstance(compile_mode, str):
+        raise TypeError(f"compile_mode: expected None or a mode name ({', '.join(COMPILE_MODES)}), got "
+                        f"{type(compile_mode).__name__}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise BadInput(f"--compile {compile_mode}: expected one of {', '.join(COMPILE_MODES)} (the torch.compile "
+                       "modes diffedit offers), or None not to compile")
+    return Arguments(out, int(n), int(edit_seed), list(methods), [(k, list(v)) for k, v in sweep], dict(param or {}),
+                     [int(s) for s in seeds], device, int(batch_size))
+
+
+def check_run_folder(out: Path, protected: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """The run's folder is not a protected folder (the model's) nor inside one, and no protected path or input (the
+    manifest) is one of the files or folders the run writes in it."""
+    folder = Path(os.path.realpath(out))
+    for label, path in protected:
+        base = Path(os.path.realpath(path))
+        if folder == base or base in folder.parents:
+            raise BadInput(f"--out {out} is {'the' if folder == base else 'inside the'} {label}'s folder {path}: the "
+                           "run's files would go among its files; choose another --out")
+    for label, path in [*protected, *inputs]:
+        real = Path(os.path.realpath(path))
+        written = next((name for name in ("config.json", *RUN_FILES) if folder / name in (real, *real.parents)), None)
+        if written is None and real.parent == folder and real.name.startswith("examples_"):
+            written = real.name
+        if written is not None:
+            raise BadInput(f"--out {out}: the run writes {written} there, which would overwrite the {label} {path}; "
+                           "choose another --out")
+
+
 def own_file(out: Path, rank: int, world: int) -> Path:
     """The file a process appends its rows to: records.csv alone, a shard of its own under torchrun."""
     return out / "records.csv" if world == 1 else out / "shards" / f"records-{rank}.csv"
 
 
 def model_identity(sd) -> str | None:
-    """The model's fingerprint (`saved_inversion.fingerprint_of`), None for a model without files."""
-    from .saved_inversion import fingerprint_of
+    """The model's fingerprint (`saved_inversion.fingerprint_of`), None for a model without files; a model given
+    loaded with LoRA adapters or learned words has them in it too (`lora_record`, `embeddings_record`), so that a
+    resumed run with other ones is refused."""
+    from .saved_inversion import embeddings_record, fingerprint_of, lora_record
 
-    return None if sd.folder is None else fingerprint_of(sd)
+    if sd.folder is None:
+        return None
+    extra = [record for record in (lora_record(sd), embeddings_record(sd)) if record != "[]"]
+    if not extra:
+        return fingerprint_of(sd)
+    return f"{fingerprint_of(sd)}+{hashlib.sha256(json.dumps(extra).encode()).hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)

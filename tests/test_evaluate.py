@@ -329,3 +329,111 @@ def test_a_param_given_twice_is_refused(capsys):
     assert evaluate.main(["--n", "1", "--param", "eta=0", "--param", "eta=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--param: eta given twice" in err[0], err
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory):
+    """A copy of the shipped model that a test may find overwritten (it must not be)."""
+    import shutil
+
+    from diffedit.locations import SHIPPED_MODEL
+
+    return shutil.copytree(SHIPPED_MODEL, tmp_path_factory.mktemp("models") / "m3")
+
+
+def folder_bytes(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flag, where", [("--json", "diffedit.json"), ("--json", "unet/config.json"),
+                                         ("--grid", "unet/diffusion_pytorch_model.png"), ("--json", "new.json"),
+                                         ("--json", "training.json")])
+def test_an_output_over_or_inside_the_model_folder_is_refused_before_any_work(model_copy, tmp_path, monkeypatch,
+                                                                             capsys, flag, where):
+    """`--json m3/diffedit.json` used to replace the model's stored defaults with the report: every output is checked
+    against the model (its folder, a symlink to it too) before the model loads, and nothing in it changes."""
+    from diffedit import StableDiffusion
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = folder_bytes(model_copy)
+    link = tmp_path / "link"
+    link.symlink_to(model_copy)
+    for model in (model_copy, link):
+        code = evaluate.main(["--model", str(model), "--n", "1", flag, str(model_copy / where), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"{flag} {model_copy / where} would overwrite" in err[0], err
+        assert f"the model {model}" in err[0]
+    assert folder_bytes(model_copy) == before
+
+
+def test_an_output_inside_the_shipped_model_is_refused_when_no_model_is_named(capsys, monkeypatch):
+    from diffedit import StableDiffusion
+    from diffedit.locations import SHIPPED_MODEL
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    before = (SHIPPED_MODEL / "diffedit.json").read_bytes()
+    assert evaluate.main(["--n", "1", "--json", str(SHIPPED_MODEL / "diffedit.json")]) == 2
+    assert "would overwrite a file of the model" in capsys.readouterr().err
+    assert (SHIPPED_MODEL / "diffedit.json").read_bytes() == before
+
+
+def test_a_hub_models_cache_folder_is_checked_once_it_is_fetched(model_copy, tmp_path, monkeypatch, capsys):
+    """A repo id's files are known only once fetched: an output among them is refused then, before any edit."""
+    from diffedit import StableDiffusion
+
+    loaded = StableDiffusion.from_pretrained(model_copy)
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: loaded)
+    monkeypatch.setattr(evaluate, "score_edits", lambda *a, **k: pytest.fail("an edit ran"))
+    before = folder_bytes(model_copy)
+    assert evaluate.main(["--model", "someone/shapes", "--n", "1", "--json", str(model_copy / "diffedit.json")]) == 2
+    assert f"--json {model_copy / 'diffedit.json'} would overwrite" in capsys.readouterr().err
+    assert folder_bytes(model_copy) == before
+
+
+def test_a_seed_whose_last_edit_would_pass_the_largest_seed_is_refused_before_any_work(capsys):
+    """Edit i runs at seed + i through `diffedit.edit`, whose seeds end at 2**63 - 1: the last edit's seed used to
+    fail after the first edit had run."""
+    top = 2**63 - 1
+    assert evaluate.parse_args(["--seed", str(top - 1), "--n", "2"]).seed == top - 1  # the last edit runs at top
+    assert evaluate.main(["--seed", str(top), "--n", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--seed {top} with --n 2: edit i runs at seed + i" in err[0], err
+    assert f"give --seed at most {top - 1} or a smaller --n" in err[0]
+
+
+def test_lora_scale_is_refused_since_evaluate_loads_no_lora(capsys):
+    assert evaluate.main(["--n", "1", "--param", "lora_scale=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--param lora_scale: diffedit evaluate loads no LoRA" in err[0], err
+
+
+def test_device_auto_is_a_choice_so_the_advice_for_a_missing_gpu_names_only_choices(capsys):
+    assert evaluate.parse_args(["--device", "auto"]).device == "auto"
+    if not torch.cuda.is_available():
+        assert evaluate.main(["--n", "1", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "(use cpu or auto)" in err
+        assert evaluate.main(["--n", "1", "--device", "auto", "--param", "num_inference_steps=4", "--param",
+                              "num_maps_per_mask=2", "--quiet"]) in (0, 1)
+        assert [line.split()[-1] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("seconds_per_edit")] in (["PASS"], ["FAIL"])  # auto is the CPU here: timed
+
+
+def test_invalid_stored_defaults_are_named_by_their_file_not_as_param(model_copy, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(model_copy, tmp_path / "m4")
+    (folder / "diffedit.json").write_text('{"guidance_scale": -1}')
+    assert evaluate.main(["--model", str(folder), "--n", "1", "--param", "num_inference_steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffedit: error: {folder / 'diffedit.json'}: the model's stored "
+                                               "edit defaults are invalid"), err
+    assert "--param" not in err[0] and "guidance_scale" in err[0]
+
+
+def test_a_param_with_an_empty_name_is_refused_saying_so(capsys):
+    assert evaluate.main(["--n", "1", "--param", "=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'=3' has no parameter name before '='" in err[0], err
+    with pytest.raises(Exception, match="no parameter name"):
+        evaluate.parse_param(" =3")

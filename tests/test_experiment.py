@@ -247,6 +247,10 @@ def test_resume_with_other_settings_names_each_one_old_and_new(grid_run, tmp_pat
     (["--seeds", "0,18446744073709551615"], "seeds are ints in [0, 9223372036854775807]"),  # + the edit's index
     (["--out", ""], "--out is empty"),
     (["--out", "  "], "--out is empty"),
+    (["--param", "=3"], "'=3' has no parameter name before '='"),
+    (["--sweep", "=3,4"], "'=3,4' has no field name before '='"),
+    (["--param", "lora_scale=0.5"], "--param lora_scale: diffedit experiment loads no LoRA"),
+    (["--sweep", "lora_scale=0.5,1"], "--sweep lora_scale: diffedit experiment loads no LoRA"),
 ])
 def test_bad_configurations_are_refused_before_any_work(extra, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "run_job", lambda *a: pytest.fail("work started"))
@@ -531,3 +535,174 @@ def test_compile_compiles_the_unet_before_the_rows_and_is_recorded(tmp_path, mon
                                      param={"num_inference_steps": 4, "num_maps_per_mask": 2})
     assert modes == ["max-autotune"] and json.loads((path.parent / "config.json").read_text())["compile"] == \
         "max-autotune"
+
+
+QUICK = {"n": 1, "methods": ["sdedit"], "param": {"num_inference_steps": 4, "num_maps_per_mask": 2}}
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"n": 0}, ValueError, "--n: expected an integer >= 1, got 0"),
+    ({"n": -1}, ValueError, "--n: expected an integer >= 1, got -1"),
+    ({"n": True}, ValueError, "--n: expected an integer >= 1, got True"),
+    ({"n": "2"}, ValueError, "--n: expected an integer >= 1, got '2'"),
+    ({"n": 2.0}, ValueError, "--n: expected an integer >= 1, got 2.0"),
+    ({"edit_seed": 2**70}, ValueError, rf"--edit-seed: expected an integer in \[0, {2**63 - 1}\], got {2**70}"),
+    ({"edit_seed": -1}, ValueError, "--edit-seed: expected an integer in .* got -1"),
+    ({"methods": "diffedit"}, TypeError, "methods: expected a list of method names such as \\[\"diffedit\"\\], got "
+                                         "str 'diffedit'"),
+    ({"methods": [3]}, TypeError, "methods: expected a list of method names"),
+    ({"seeds": 5}, TypeError, "seeds: expected a list of seeds \\(ints\\) such as \\[0, 1\\], got int"),
+    ({"seeds": "0"}, TypeError, "seeds: expected a list of seeds"),
+    ({"sweep": [("eta", 0.5)]}, TypeError, "sweep: eta's values must be a list"),
+    ({"sweep": ["eta"]}, TypeError, r"sweep: expected \[\(field, \[values\]\), ...\] or \{field: \[values\]\}; 'eta' "
+                                    "is not a"),
+    ({"param": [("eta", 1)]}, TypeError, "param: expected None or a dict"),
+    ({"compile_mode": "bogus"}, ValueError, "--compile bogus: expected one of default, reduce-overhead, max-autotune"),
+    ({"compile_mode": 1}, TypeError, "compile_mode: expected None or a mode name"),
+    ({"device": "gpu"}, ValueError, "--device: expected one of auto, cpu, cuda, mps, got 'gpu'"),
+    ({"resume": "no"}, TypeError, "resume: expected True or False"),
+    ({"model": 3}, TypeError, "model: expected None \\(the shipped model\\), a folder or hub repo id, or a loaded "
+                              "StableDiffusion"),
+    ({"edits": 3}, TypeError, "edits: expected \"shapes\" or a manifest's path"),
+    ({"param": {"num_inference_steps": 4, "lora_scale": 0.5}}, ValueError, "--param lora_scale: diffedit experiment "
+                                                                         "loads no LoRA"),
+])
+def test_the_python_api_refuses_what_the_flags_refuse_and_wrong_types_before_any_work(change, error, message, tmp_path,
+                                                                                      monkeypatch):
+    """run_experiment(n=0) used to write an empty run, n=True ran one edit, edit_seed=2**70 ran, and the rest failed
+    with Python's or torch's own words (after loading the model, for compile_mode): now the flags' messages (a
+    ValueError) or a TypeError naming the argument, and nothing written."""
+    from diffedit import StableDiffusion
+
+    monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(experiment, "shapes_cases", lambda *a: pytest.fail("the edits were drawn"))
+    with pytest.raises(error, match=message):
+        experiment.run_experiment(tmp_path / "run", **{**QUICK, **change})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_none_is_refused_rather_than_a_folder_named_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match="out: expected the run's folder"):
+        experiment.run_experiment(None, **QUICK)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seeds_past_the_generators_range_for_the_last_edit_are_refused_before_the_edits_are_drawn(tmp_path,
+                                                                                                  monkeypatch):
+    """A row's generator takes seed + the edit's index up to 2**64 - 1 (the largest seed runs two edits: above);
+    the same rule as evaluate's --seed with --n, checked before the edits are drawn."""
+    monkeypatch.setattr(experiment, "shapes_cases", lambda *a: pytest.fail("the edits were drawn"))
+    with pytest.raises(ValueError, match=f"--seeds {2**63 - 1} with --n {2**64}: edit i runs at seed \\+ i"):
+        experiment.run_experiment(tmp_path / "run", n=2**64, seeds=[0, 2**63 - 1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_dict_numpy_ints_and_a_loaded_model_give_the_runs_records(tmp_path):
+    """{field: [values]} is the sweep's pairs; numpy ints are ints (config.json holds plain ints); a loaded
+    StableDiffusion runs as the folder it came from would (the same fingerprint, so either resumes the other)."""
+    from diffedit import StableDiffusion
+    from diffedit.locations import SHIPPED_MODEL
+
+    listed = experiment.run_experiment(tmp_path / "listed", **QUICK, sweep=[("inpaint_strength", [0.4, 0.6])],
+                                       seeds=[1], batch_size=1)
+    given = experiment.run_experiment(tmp_path / "given", **QUICK, sweep={"inpaint_strength": [0.4, 0.6]},
+                                      seeds=[np.int64(1)], batch_size=np.int64(1),
+                                      model=StableDiffusion.from_pretrained(SHIPPED_MODEL))
+    assert without_seconds(records(given.parent)) == without_seconds(records(listed.parent))
+    one, other = (json.loads((p.parent / "config.json").read_text()) for p in (listed, given))
+    assert other["seeds"] == [1] and other["batch_size"] == 1 and other["sweep"] == one["sweep"]
+    assert other["model_fingerprint"] == one["model_fingerprint"] and other["model"] == one["model"]
+    experiment.run_experiment(tmp_path / "given", **QUICK, sweep=[("inpaint_strength", [0.4, 0.6])], seeds=[1],
+                              resume=True)
+
+
+def test_a_loaded_model_on_another_device_is_refused(tmp_path):
+    from diffedit import StableDiffusion
+    from diffedit.locations import SHIPPED_MODEL
+
+    sd = StableDiffusion.from_pretrained(SHIPPED_MODEL)
+    with pytest.raises(ValueError, match="--device (cuda|mps)"):
+        experiment.run_experiment(tmp_path / "run", **QUICK, model=sd, device="mps" if torch.cuda.is_available()
+                                  else "cuda")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_scale_acts_on_a_loaded_model_with_an_adapter_and_the_adapter_is_in_the_fingerprint(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffedit import StableDiffusion
+    from diffedit.locations import SHIPPED_MODEL
+
+    sd = StableDiffusion.from_pretrained(SHIPPED_MODEL)
+    name, layer = next((n, m) for n, m in sd.unet.named_modules() if n.endswith("attn2.to_v"))
+    flat, draw = "lora_unet_" + name.replace(".", "_"), torch.Generator().manual_seed(0)
+    save_file({f"{flat}.lora_down.weight": torch.randn(1, layer.in_features, generator=draw),
+               f"{flat}.lora_up.weight": torch.randn(layer.out_features, 1, generator=draw)},
+              str(tmp_path / "style.safetensors"))
+    plain = experiment.run_experiment(tmp_path / "plain", **QUICK)
+    sd.load_lora_weights(tmp_path / "style.safetensors", adapter_name="style")
+    path = experiment.run_experiment(tmp_path / "lora", **QUICK, model=sd, sweep={"lora_scale": [0.0, 1.0]})
+    rows = records(path.parent)
+    assert [r["lora_scale"] for r in rows] == ["0.0", "1.0"] and rows[0]["psnr_db"] != rows[1]["psnr_db"]
+    configs = [json.loads((p.parent / "config.json").read_text()) for p in (plain, path)]
+    assert configs[1]["model_fingerprint"].startswith(configs[0]["model_fingerprint"] + "+")
+    sd.set_adapters("style", 0.5)  # the same file at another weight: another model
+    with pytest.raises(ValueError, match="model_fingerprint .*the model's weights or configs changed"):
+        experiment.run_experiment(tmp_path / "lora", **QUICK, model=sd, sweep={"lora_scale": [0.0, 1.0]}, resume=True)
+    sd.unload_lora_weights()
+    with pytest.raises(ValueError, match="--sweep lora_scale: diffedit experiment loads no LoRA"):
+        experiment.run_experiment(tmp_path / "lora", **QUICK, model=sd, sweep={"lora_scale": [0.0, 1.0]}, resume=True)
+
+
+@pytest.mark.parametrize("where, message", [
+    (lambda model, tmp: model, "--out {out} is the model's folder {model}"),
+    (lambda model, tmp: model / "run", "--out {out} is inside the model's folder {model}"),
+    (lambda model, tmp: model / "unet", "--out {out} is inside the model's folder {model}"),
+    (lambda model, tmp: tmp / "link" / "run", "--out {out} is inside the model's folder {model}"),
+])
+def test_a_run_folder_that_is_or_is_inside_the_models_folder_is_refused_before_any_work(where, message, tmp_path,
+                                                                                         capsys):
+    import shutil
+
+    from diffedit.locations import SHIPPED_MODEL
+
+    model = shutil.copytree(SHIPPED_MODEL, tmp_path / "m3")
+    (tmp_path / "link").symlink_to(model)
+    out = where(model, tmp_path)
+    before = {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
+    code = cli.main(["experiment", "--out", str(out), "--model", str(model), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message.format(out=out, model=model) in err[0], err
+    assert {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before
+
+
+def test_a_model_or_manifest_where_the_run_writes_its_files_is_refused(tmp_path, capsys):
+    import shutil
+
+    from diffedit.locations import SHIPPED_MODEL
+
+    model = shutil.copytree(SHIPPED_MODEL, tmp_path / "run" / "examples" / "m")
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), "--model", str(model), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the run writes examples there, which would overwrite the model" in err[0]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "records.csv").write_text(json.dumps({"image": "a.png", "source": "a", "target": "b"}) + "\n")
+    code = cli.main(["experiment", "--out", str(tmp_path), "--edits", str(tmp_path / "records.csv"), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "the run writes records.csv there, which would overwrite the --edits manifest" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "records.csv", "run"]
+
+
+def test_invalid_stored_defaults_are_named_by_their_file(tmp_path, capsys):
+    import shutil
+
+    from diffedit.locations import SHIPPED_MODEL
+
+    model = shutil.copytree(SHIPPED_MODEL, tmp_path / "m4")
+    (model / "diffedit.json").write_text('{"guidance_scale": -1}')
+    code = cli.main(["experiment", "--out", str(tmp_path / "run"), "--model", str(model), *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"diffedit: error: {model / 'diffedit.json'}: the model's stored edit defaults are "
+                             "invalid") and "setting" not in err[0]
