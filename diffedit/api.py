@@ -25,7 +25,7 @@ from . import method
 from .locations import model_location
 from .params import MASK_STEP_FIELDS, DiffEditParams, with_preset
 from .safety import run_safety_checker
-from .stable_diffusion import StableDiffusion
+from .stable_diffusion import StableDiffusion, checked_device, checked_dtype
 from .validation import one_line, shorten
 
 
@@ -66,7 +66,9 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
     folder); a StableDiffusion: as is (a `device` or `dtype` it does not have is an error, not ignored).
     device: "cpu" (the default), "cuda", "cuda:1", "mps" or a torch.device; dtype: torch.float32 (the default),
     float16 or bfloat16, or its name."""
-    where, kind = _checked_device(device), _checked_dtype(dtype)
+    # None: not asked (a loaded model keeps its own), else checked as from_pretrained checks them
+    where = None if device is None else checked_device(device)
+    kind = None if dtype is None else checked_dtype(dtype)
     if isinstance(model, StableDiffusion):
         wrong = [f"{name} {want} (it has {have})" for name, want, have in
                  (("device", where, model.device), ("dtype", kind, model.dtype))
@@ -82,40 +84,6 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
             return StableDiffusion.from_single_file(location, device=where, dtype=kind)
         return StableDiffusion.from_pretrained(location, device=where, dtype=kind)
     raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _checked_device(device: str | torch.device | None) -> torch.device | None:
-    """A device name or torch.device that exists on this machine, or a ValueError naming `device`."""
-    if device is None:
-        return None
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device: expected a name such as 'cpu' or 'cuda', or a torch.device; got "
-                        f"{type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r}: not a device name (cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"device {device}: no such CUDA device here (use cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device}: no Apple GPU is available (use cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {device}: expected cpu, cuda or mps")
-    return device
-
-
-def _checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """float32, float16 or bfloat16 (a torch.dtype or its name), or a ValueError naming `dtype`."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype {dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16")
-    return dtype
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -116,6 +116,10 @@ POSITIVE = number(float, 0, lo_open=True)
 GUIDANCE = number(float, 0)
 TIMESTEP = number(int, 0)
 SEED = number(int, 0, 2**63 - 1)
+# Held-out edits per run (evaluate, experiment --n): drawing 100000 takes seconds and scoring them days; 10**15
+# hung while the edit list was built.
+MAX_EDITS = 100_000
+EDIT_COUNT = number(int, 1, MAX_EDITS)
 # torch CPU threads: far past any core count, thread creation fails (20000) or the process dies (50000)
 MAX_THREADS = 1024
 THREADS = number(int, 1, MAX_THREADS)

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from . import shapes
-from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
+from .console import EDIT_COUNT, SEED, THREADS, BadInput, Parser, add_compile_flag, guarded
 from .locations import model_location
 from .outputs import Planned, check_outputs, commit, image_format
 from .params import PRESETS, DiffEditParams, with_preset
@@ -273,7 +273,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="diffedit evaluate", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model folder or hub repo id (default: the model shipped with the package)")
-    p.add_argument("--n", type=COUNT, default=100, help="number of edits, half colour, half shape (default 100)")
+    p.add_argument("--n", type=EDIT_COUNT, default=100, help="number of edits, half colour, half shape (default 100)")
     p.add_argument("--seed", type=SEED, default=0, help="held-out set and edit seeds (default 0)")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="named settings over the model's defaults, under --param (fast: README, The fast preset)")
@@ -281,7 +281,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="override a DiffEditParams field (repeatable)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu",
                    help="where the edits run (default cpu, the timing goal's device; auto: cuda, then mps, then cpu)")
-    p.add_argument("--threads", type=COUNT, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
+    p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
     add_compile_flag(p)
     p.add_argument("--json", type=Path, help="write the summary and per-edit records here")
     p.add_argument("--grid", type=Path, help="write a PNG of the first 16 edits (source, truth, mask, result)")

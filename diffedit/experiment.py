@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import COUNT, SEED, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, EDIT_COUNT, MAX_EDITS, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import (SEED_MAX, background_psnr, background_ssim, check_seed_stream, heldout_edits, iou, judge,
                        mask_agreement, parse_param, psnr)
 from .image_tensors import latent_mask_to_image
@@ -733,8 +733,8 @@ def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, mo
     if not isinstance(edits, (str, os.PathLike)):
         raise TypeError(f"edits: expected \"shapes\" or a manifest's path (str or os.PathLike), got "
                         f"{type(edits).__name__}")
-    if not _integer(n) or n < 1:
-        raise BadInput(f"--n: expected an integer >= 1, got {n!r}")
+    if not _integer(n) or not 1 <= n <= MAX_EDITS:
+        raise BadInput(f"--n: expected an integer in [1, {MAX_EDITS}], got {n!r}")
     if not _integer(edit_seed) or not 0 <= edit_seed <= SEED_MAX:
         raise BadInput(f"--edit-seed: expected an integer in [0, {SEED_MAX}], got {edit_seed!r}")
     if isinstance(methods, (str, bytes)) or not isinstance(methods, (list, tuple)):
@@ -1018,7 +1018,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run folder: config.json, records.csv, summary.csv, summary.md")
     p.add_argument("--edits", default="shapes", help="`shapes` (the held-out stream, with ground truth) or a .jsonl "
                                                      "manifest")
-    p.add_argument("--n", "--num-edits", dest="n", type=COUNT, default=40,
+    p.add_argument("--n", "--num-edits", dest="n", type=EDIT_COUNT, default=40,
                    help="shapes edits (default 40; under torchrun write --num-edits: torchrun takes --n for its own)")
     p.add_argument("--edit-seed", type=SEED, default=0, help="which held-out draw of shapes edits (default 0)")
     p.add_argument("--methods", default="diffedit", help=f"comma-separated: {', '.join(METHOD_NAMES)}")

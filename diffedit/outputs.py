@@ -115,7 +115,7 @@ def check_protected(planned: list[Planned], protected: list[tuple[str, Path]]) -
             base = os.path.normcase(os.path.realpath(path))
             inside = os.path.isdir(base) and out.startswith(base.rstrip(os.sep) + os.sep)
             if out == base or inside:
-                raise OutputPathError(f"{p.what} {p.path} would overwrite {'a file of ' if inside else ''}the "
+                raise OutputPathError(f"{p.what} {p.path} would {'write into' if inside else 'overwrite'} the "
                                       f"{label} {path}; write it elsewhere")
 
 

@@ -764,11 +764,11 @@ def test_no_output_overwrites_the_model_or_a_lora_file_even_with_force(tmp_path,
     common = ["--model", str(model), "--steps", "4", "--force"]
     cases = [
         (["invert", "in.png", "--prompt", SOURCE, "-o", str(weights), *common],
-         f"output {weights} would overwrite a file of the model {model}"),
+         f"output {weights} would write into the model {model}"),
         (["invert", "in.png", "--prompt", SOURCE, "-o", lora.name, "--lora", lora.name, *common],
          f"output {lora.name} would overwrite the --lora file {lora.name}"),
         (["edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", str(model / "diffedit.json.png"),
-          "--num-maps", "2", *common], "would overwrite a file of the model"),
+          "--num-maps", "2", *common], "would write into the model"),
         (["mask", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "out.png", "--heatmap-out",
           str(model / "unet" / "heat.png"), *common], "--heatmap-out"),
     ]

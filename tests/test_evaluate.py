@@ -361,7 +361,7 @@ def test_an_output_over_or_inside_the_model_folder_is_refused_before_any_work(mo
     for model in (model_copy, link):
         code = evaluate.main(["--model", str(model), "--n", "1", flag, str(model_copy / where), "--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and len(err) == 1 and f"{flag} {model_copy / where} would overwrite" in err[0], err
+        assert code == 2 and len(err) == 1 and f"{flag} {model_copy / where} would write into" in err[0], err
         assert f"the model {model}" in err[0]
     assert folder_bytes(model_copy) == before
 
@@ -373,7 +373,7 @@ def test_an_output_inside_the_shipped_model_is_refused_when_no_model_is_named(ca
     monkeypatch.setattr(StableDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     before = (SHIPPED_MODEL / "diffedit.json").read_bytes()
     assert evaluate.main(["--n", "1", "--json", str(SHIPPED_MODEL / "diffedit.json")]) == 2
-    assert "would overwrite a file of the model" in capsys.readouterr().err
+    assert "would write into the model" in capsys.readouterr().err
     assert (SHIPPED_MODEL / "diffedit.json").read_bytes() == before
 
 
@@ -386,7 +386,7 @@ def test_a_hub_models_cache_folder_is_checked_once_it_is_fetched(model_copy, tmp
     monkeypatch.setattr(evaluate, "score_edits", lambda *a, **k: pytest.fail("an edit ran"))
     before = folder_bytes(model_copy)
     assert evaluate.main(["--model", "someone/shapes", "--n", "1", "--json", str(model_copy / "diffedit.json")]) == 2
-    assert f"--json {model_copy / 'diffedit.json'} would overwrite" in capsys.readouterr().err
+    assert f"--json {model_copy / 'diffedit.json'} would write into" in capsys.readouterr().err
     assert folder_bytes(model_copy) == before
 
 
@@ -437,3 +437,13 @@ def test_a_param_with_an_empty_name_is_refused_saying_so(capsys):
     assert len(err) == 1 and "'=3' has no parameter name before '='" in err[0], err
     with pytest.raises(Exception, match="no parameter name"):
         evaluate.parse_param(" =3")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", str(10**15)], "--n: expected an integer in [1, 100000]"),  # hung building the edit list
+    (["--threads", "20000"], "--threads: expected an integer in [1, 1024]"),  # libgomp failed; 50000 segfaulted
+])
+def test_counts_past_what_a_run_can_do_are_refused_in_one_line(argv, message, capsys):
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -541,11 +541,12 @@ QUICK = {"n": 1, "methods": ["sdedit"], "param": {"num_inference_steps": 4, "num
 
 
 @pytest.mark.parametrize("change, error, message", [
-    ({"n": 0}, ValueError, "--n: expected an integer >= 1, got 0"),
-    ({"n": -1}, ValueError, "--n: expected an integer >= 1, got -1"),
-    ({"n": True}, ValueError, "--n: expected an integer >= 1, got True"),
-    ({"n": "2"}, ValueError, "--n: expected an integer >= 1, got '2'"),
-    ({"n": 2.0}, ValueError, "--n: expected an integer >= 1, got 2.0"),
+    ({"n": 0}, ValueError, "--n: expected an integer in \\[1, 100000\\], got 0"),
+    ({"n": -1}, ValueError, "--n: expected an integer in \\[1, 100000\\], got -1"),
+    ({"n": True}, ValueError, "--n: expected an integer in \\[1, 100000\\], got True"),
+    ({"n": "2"}, ValueError, "--n: expected an integer in \\[1, 100000\\], got '2'"),
+    ({"n": 2.0}, ValueError, "--n: expected an integer in \\[1, 100000\\], got 2.0"),
+    ({"n": 10**15}, ValueError, "--n: expected an integer in \\[1, 100000\\], got 1000000000000000"),
     ({"edit_seed": 2**70}, ValueError, rf"--edit-seed: expected an integer in \[0, {2**63 - 1}\], got {2**70}"),
     ({"edit_seed": -1}, ValueError, "--edit-seed: expected an integer in .* got -1"),
     ({"methods": "diffedit"}, TypeError, "methods: expected a list of method names such as \\[\"diffedit\"\\], got "
@@ -588,12 +589,13 @@ def test_out_none_is_refused_rather_than_a_folder_named_none(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_seeds_past_the_generators_range_for_the_last_edit_are_refused_before_the_edits_are_drawn(tmp_path,
-                                                                                                  monkeypatch):
+def test_an_edit_count_past_the_cap_is_refused_before_the_edits_are_drawn(tmp_path, monkeypatch):
     """A row's generator takes seed + the edit's index up to 2**64 - 1 (the largest seed runs two edits: above);
-    the same rule as evaluate's --seed with --n, checked before the edits are drawn."""
+    with at most MAX_EDITS edits no seed in range reaches past it, and a larger count (2**64 would have) is
+    refused before the edits are drawn."""
     monkeypatch.setattr(experiment, "shapes_cases", lambda *a: pytest.fail("the edits were drawn"))
-    with pytest.raises(ValueError, match=f"--seeds {2**63 - 1} with --n {2**64}: edit i runs at seed \\+ i"):
+    assert 2**63 - 1 + experiment.MAX_EDITS - 1 <= experiment.GENERATOR_SEED_MAX
+    with pytest.raises(ValueError, match=f"--n: expected an integer in \\[1, 100000\\], got {2**64}"):
         experiment.run_experiment(tmp_path / "run", n=2**64, seeds=[0, 2**63 - 1])
     assert list(tmp_path.iterdir()) == []
 

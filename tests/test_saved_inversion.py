@@ -344,7 +344,7 @@ def test_an_inversion_is_never_written_into_the_models_folder(inverted, tmp_path
     inversion, params = inverted
     before = sorted(p.relative_to(model_folder) for p in model_folder.rglob("*"))
     for where in (model_folder / "inv.safetensors", model_folder / "unet" / "diffusion_pytorch_model.safetensors"):
-        with pytest.raises(FileError, match="would overwrite .*the model"):
+        with pytest.raises(FileError, match="would write into the model"):
             save_inversion(where, inversion, model=copy, params=params, image_size=(64, 64))
     assert sorted(p.relative_to(model_folder) for p in model_folder.rglob("*")) == before
     StableDiffusion.from_pretrained(model_folder)  # still loads
