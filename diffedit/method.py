@@ -423,6 +423,16 @@ def otsu_threshold(maps: torch.Tensor) -> torch.Tensor:
 # Step 2: DDIM encoding (inversion), with pix2pix-zero's optional noise regularization
 
 
+def inversion_timesteps(sd: StableDiffusion, params: DiffEditParams) -> torch.Tensor:
+    """The levels an inversion with `params` leaves latents at, noisiest first: DDIM's inverse schedule up to the
+    encoding ratio, or (DPM-Solver++) the decoding's own levels, which `decode` pastes."""
+    N = params.num_inference_steps
+    if params.sampler == "dpmsolver++":
+        return strength_timesteps(schedule(sd, params), N, params.inpaint_strength, "inpaint_strength")
+    n = len(strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength"))
+    return sd.inverse_scheduler.timesteps(N)[:n].flip(0)
+
+
 @dataclass(frozen=True)
 class Inversion:
     """The DDIM encoding of a batch: what `decode` pastes outside the mask, reusable for any number of targets."""
@@ -449,8 +459,7 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     if params.sampler == "dpmsolver++":
         return invert_dpm(sd, image, text, params, generator, callback)
     N = params.num_inference_steps
-    n = len(strength_timesteps(sd.scheduler, N, params.inpaint_strength, "inpaint_strength"))
-    steps = sd.inverse_scheduler.timesteps(N)[:n]  # cleanest first: 1, 21, ..., 781
+    steps = inversion_timesteps(sd, params).flip(0)  # cleanest first: 1, 21, ..., 781
     x = clean = encode_images(sd, image, generator, rows=len(text))
     guided = params.inversion_guidance_scale > 1
     latents, watch, loop_text = [], FirstNonFinite(x.device), LoopText(text)
@@ -593,7 +602,7 @@ def invert_dpm(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, p
     x = alpha x0 + sigma eps); the next is first order, the rest second order on the previous x0."""
     check_params(params)  # a DiffEditParams refuses num_reg_steps > 0 and eta > 0 with this sampler
     dpm, N = schedule(sd, params), params.num_inference_steps
-    steps = strength_timesteps(dpm, N, params.inpaint_strength, "inpaint_strength")  # noisiest first
+    steps = inversion_timesteps(sd, params)  # noisiest first
     s = dpm.levels(N)[N - len(steps) : N].flip(0)  # (n,) the levels, cleanest first
     up = steps.flip(0)  # the timesteps, cleanest first
     x = clean = encode_images(sd, image, generator, rows=len(text))

@@ -310,12 +310,7 @@ def inversion_levels(model, params):
     from . import method
 
     try:
-        n = params.num_inference_steps
-        if params.sampler == "dpmsolver++":
-            return method.strength_timesteps(method.schedule(model, params), n, params.inpaint_strength,
-                                             "inpaint_strength").cpu().long()
-        count = len(method.strength_timesteps(model.scheduler, n, params.inpaint_strength, "inpaint_strength"))
-        return model.inverse_scheduler.timesteps(n)[:count].flip(0).cpu().long()
+        return method.inversion_timesteps(model, params).cpu().long()
     except ValueError as e:
         raise ValueError(f"params: {one_line(e)}") from None
 
