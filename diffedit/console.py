@@ -58,7 +58,7 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
         if debug:
             raise
         hint = ""
-        if "out of memory" in str(e).lower():
+        if any(words in str(e).lower() for words in ("out of memory", "can't allocate memory")):  # GPU, CPU
             hint = " (try --dtype float16, a smaller image, or --device cpu)"
         print(f"{PROG}: error: {type(e).__name__}: {one_line(e)}{hint} (run with --debug for the traceback)",
               file=sys.stderr)
