@@ -57,9 +57,11 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:
             raise
-        hint = ""
-        if any(words in str(e).lower() for words in ("out of memory", "can't allocate memory")):  # GPU, CPU
+        hint, said = "", str(e).lower()
+        if "out of memory" in said:  # an accelerator's
             hint = " (try --dtype float16, a smaller image, or --device cpu)"
+        elif "can't allocate memory" in said:  # the CPU allocator's
+            hint = " (try a smaller image or batch, fewer --num-maps, or a machine with more memory)"
         print(f"{PROG}: error: {type(e).__name__}: {one_line(e)}{hint} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE

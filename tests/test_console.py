@@ -35,7 +35,7 @@ def test_a_failure_inside_is_one_line_and_exit_1_with_the_traceback_only_under_d
     assert "(try --dtype float16, a smaller image, or --device cpu)" in capsys.readouterr().err
     assert guarded(raising(RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't "
                                         "allocate memory: you tried to allocate 8192000000000000 bytes."))) == 1
-    assert "(try --dtype float16, a smaller image" in capsys.readouterr().err  # the CPU's words for it
+    assert "(try a smaller image or batch, fewer --num-maps" in capsys.readouterr().err  # the CPU's words for it
     with pytest.raises(RuntimeError, match="boom"):
         guarded(raising(RuntimeError("boom")), debug=True)
     assert guarded(raising(BadInput("bad")), debug=True) == EXIT_BAD_INPUT
