@@ -9,10 +9,11 @@ behind the same calls.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Callable, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -32,12 +33,34 @@ Prompt = str | list[str] | None
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 
 
+class _IndexedOutput:
+    """diffusers' `BaseOutput` reads: `out[0]` (the i-th field that is not None, in order), `out["images"]`,
+    `out.to_tuple()`. Only diffusers' own fields (`_TUPLE_FIELDS`) count, so indices match diffusers'."""
+
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._TUPLE_FIELDS if getattr(self, name) is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            names = [f.name for f in fields(self)]
+            if key not in names or getattr(self, key) is None:  # diffusers: None fields are not keys
+                raise KeyError(key)
+            return getattr(self, key)
+        if isinstance(key, (int, slice)) and not isinstance(key, bool):
+            return self.to_tuple()[key]
+        raise TypeError(f"{type(self).__name__} indices must be an int, a slice or a field name, "
+                        f"not {type(key).__name__}")
+
+
 @dataclass
-class DiffEditInversionOutput:
+class DiffEditInversionOutput(_IndexedOutput):
     latents: torch.Tensor  # (B, T, C, h, w), noisiest first
     images: list[PIL.Image.Image] | np.ndarray | None  # the decoded latents when decode_latents, else None
     timesteps: torch.Tensor | None = None  # (T,) the level of each latent (not in diffusers)
     image_latents: torch.Tensor | None = None  # (B, C, h, w) the clean latents the inversion started from (ditto)
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("latents", "images")
 
     @property
     def inversion(self) -> method.Inversion:
@@ -45,9 +68,10 @@ class DiffEditInversionOutput:
 
 
 @dataclass
-class DiffEditPipelineOutput:
+class DiffEditPipelineOutput(_IndexedOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None = None  # one flag per image; None without a safety checker
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("images", "nsfw_content_detected")
 
 
 def _batch_size(prompt: Prompt, embeds: torch.Tensor | None) -> int:
@@ -55,6 +79,11 @@ def _batch_size(prompt: Prompt, embeds: torch.Tensor | None) -> int:
 
 
 def _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, names=("prompt", "negative_prompt")):
+    for name, embeds in ((names[0], prompt_embeds), (names[1], negative_prompt_embeds)):
+        if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3):
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"`{name}_embeds` must be a (batch, tokens, width) tensor, the text encoder's output, "
+                             f"got {shape}; add the batch dimension with .unsqueeze(0)")
     if prompt is not None and prompt_embeds is not None:
         raise ValueError(f"Cannot forward both `{names[0]}` and `{names[0]}_embeds`; give one of the two.")
     if prompt is None and prompt_embeds is None:
@@ -71,11 +100,48 @@ def _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
                          f"{tuple(prompt_embeds.shape)} != {tuple(negative_prompt_embeds.shape)}.")
 
 
-def _check_call(strength, callback_steps):
+def _check_call(strength, callback_steps, strength_name: str = "inpaint_strength"):
     if strength is None or not 0 <= strength <= 1:
-        raise ValueError(f"The value of `strength` should be in [0.0, 1.0] but is {strength}")
+        raise ValueError(f"The value of `{strength_name}` should be in [0.0, 1.0] but is {strength}")
     if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps <= 0:
         raise ValueError(f"`callback_steps` has to be a positive integer but is {callback_steps}")
+
+
+def _check_num_images(num_images_per_prompt) -> int:
+    if isinstance(num_images_per_prompt, (bool, np.bool_)) or not isinstance(num_images_per_prompt,
+                                                                             (int, np.integer)) \
+            or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be a positive integer (1, 2, ...), got "
+                         f"{num_images_per_prompt!r}")
+    return int(num_images_per_prompt)
+
+
+def _check_mask_dtype(mask_image) -> None:
+    """Masks are floats in [0, 1], booleans, or generate_mask's int64 0 / 1 (and uint8 0 / 1); other integer
+    types (uint16, ...) are refused by name rather than failing inside torch."""
+    for m in mask_image if isinstance(mask_image, list) else [mask_image]:
+        if not isinstance(m, (np.ndarray, torch.Tensor)):
+            continue
+        name = str(m.dtype).removeprefix("torch.")
+        if name.startswith(("float", "bfloat")) or name in ("bool", "int64", "int32", "uint8"):
+            continue
+        raise TypeError(f"`mask_image` has dtype {name}, which is not supported: pass floats in [0, 1] (e.g. "
+                        "mask.astype(np.float32)), or the int64 0 / 1 mask generate_mask returns")
+
+
+def _check_image_values(image) -> None:
+    """A numpy or torch image of integers (0-255, e.g. np.array(pil_image)) is refused with the fix: diffusers
+    would compute on it as if in [0, 1] and give garbage."""
+    for x in image if isinstance(image, list) else [image]:
+        integer = (isinstance(x, np.ndarray) and x.dtype.kind in "iu") or \
+            (isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool)
+        if integer:
+            raise ValueError(f"`image` is an integer array ({str(x.dtype).removeprefix('torch.')}), which looks like "
+                             "0-255 pixel values: pass the PIL image itself, or floats in [0, 1] "
+                             "(np.asarray(image) / 255.0)")
+
+
+_LORA_SCALE_ARG = "`cross_attention_kwargs['scale']` (the lora_scale)"  # how refusals name the LoRA scale
 
 
 def _lora_scale(cross_attention_kwargs: dict | None) -> float:
@@ -88,6 +154,30 @@ def _lora_scale(cross_attention_kwargs: dict | None) -> float:
     return 1.0 if scale is None else scale
 
 
+def _warn_if_not_ddim(folder) -> None:
+    """Warn once when the folder names a scheduler other than DDIM (the official SD 1.5 layout names PNDM):
+    diffusers' pipeline would sample with that one, while diffedit always runs DDIM on its config, which is what
+    diffusers' DiffEdit recipe does with `DDIMScheduler.from_config(pipe.scheduler.config)`."""
+    if folder is None or not os.path.isdir(folder):
+        return
+    named = []
+    for path, key in ((os.path.join(folder, "model_index.json"), "scheduler"),
+                      (os.path.join(folder, "scheduler", "scheduler_config.json"), "_class_name")):
+        try:
+            with open(path) as f:
+                value = json.load(f).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        name = value[-1] if isinstance(value, list) and value else value
+        if isinstance(name, str):
+            named.append(name)
+    other = next((n for n in named if n != "DDIMScheduler"), None)
+    if other is not None:
+        warnings.warn(f"the model folder names the scheduler {other}; diffedit runs DDIM on its config, as diffusers' "
+                      "DiffEdit recipe does with DDIMScheduler.from_config(pipe.scheduler.config) and "
+                      f"DDIMInverseScheduler.from_config(...), not {other}", UserWarning, stacklevel=3)
+
+
 def _every(callback: Callback, callback_steps: int) -> method.StepCallback | None:
     if callback is None:
         return None
@@ -97,16 +187,45 @@ def _every(callback: Callback, callback_steps: int) -> method.StepCallback | Non
 class StableDiffusionDiffEdit:
     """DiffEdit with diffusers' `StableDiffusionDiffEditPipeline` calls: `generate_mask`, `invert`, `__call__`."""
 
+    _STATE = ("model", "params", "_progress_bar_config")  # the facade's own attributes; nothing else is assigned
+
     def __init__(self, model: StableDiffusion, params: DiffEditParams | None = None):
         self.model = model
         # Only the corrections (and numbers no call argument sets) are read from here; each call sets the rest.
         self.params = params if params is not None else DiffEditParams.reference()
+        self._progress_bar_config: dict = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        """Only the facade's own state and `safety_checker` (None turns it off, as in diffusers) may be assigned:
+        diffusers' component swaps (`pipe.scheduler = ...`, `pipe.unet = ...`) would otherwise be accepted and
+        ignored, so they are refused with what to do instead."""
+        attr = getattr(type(self), name, None)
+        if name in self._STATE or (isinstance(attr, property) and attr.fset is not None):
+            object.__setattr__(self, name, value)
+            return
+        if name in ("scheduler", "inverse_scheduler"):
+            raise AttributeError(
+                f"pipe.{name} cannot be replaced: diffedit runs its own DDIM schedule (and inverse DDIM) built from "
+                "the model folder's scheduler config, which gives diffusers' numbers for DiffEdit's recipe "
+                "`DDIMScheduler.from_config(pipe.scheduler.config)`; for DPM-Solver++ use "
+                "StableDiffusionDiffEdit(pipe.model, DiffEditParams(sampler='dpmsolver++', ...)) or "
+                "diffedit.edit(..., sampler='dpmsolver++')")
+        if name in ("unet", "vae", "text_encoder", "tokenizer", "feature_extractor"):
+            raise AttributeError(
+                f"pipe.{name} cannot be replaced: the facade runs the components of the model it was loaded with; "
+                "load another model folder (StableDiffusionDiffEdit.from_pretrained(folder)) or wrap your own "
+                f"StableDiffusion: StableDiffusionDiffEdit(model)")
+        raise AttributeError(f"StableDiffusionDiffEdit has no setting `{name}`: assigning it would change nothing, "
+                             "so it is refused; call options go to generate_mask / invert / __call__, the "
+                             "corrections to DiffEditParams (StableDiffusionDiffEdit(model, params))")
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
                         params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
-        return cls(StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant), params)
+        model = StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant)
+        _warn_if_not_ddim(model.folder)
+        return cls(model, params)
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
@@ -128,6 +247,44 @@ class StableDiffusionDiffEdit:
         return self.model.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # diffusers' component attributes, read-only: our own objects (assigning them is refused, see __setattr__)
+
+    @property
+    def unet(self):
+        return self.model.unet
+
+    @property
+    def vae(self):
+        return self.model.vae
+
+    @property
+    def text_encoder(self):
+        return self.model.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def scheduler(self):
+        """The DDIM schedule every call runs (built from the folder's scheduler config)."""
+        return self.model.scheduler
+
+    @property
+    def inverse_scheduler(self):
+        return self.model.inverse_scheduler
+
+    @property
+    def components(self) -> dict:
+        """diffusers' `components`: the parts by name (our objects)."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "unet": self.unet,
+                "scheduler": self.scheduler, "safety_checker": self.safety_checker,
+                "feature_extractor": self.feature_extractor, "inverse_scheduler": self.inverse_scheduler}
+
+    @property
     def safety_checker(self) -> StableDiffusionSafetyChecker | None:
         """The model's `StableDiffusionSafetyChecker` or None; `pipe.safety_checker = None` turns it off, as in
         diffusers."""
@@ -141,6 +298,48 @@ class StableDiffusionDiffEdit:
     def feature_extractor(self) -> CLIPImageProcessor | None:
         """The model's CLIP image processor (the checker's input) or None."""
         return self.model.feature_extractor
+
+    # diffusers' pipeline utilities
+
+    def set_progress_bar_config(self, disable: bool | None = None, desc: str | None = None, leave: bool | None = None,
+                                position: int | None = None, ncols: int | None = None,
+                                dynamic_ncols: bool | None = None, mininterval: float | None = None,
+                                file=None) -> None:
+        """Accepted for diffusers' code: the facade shows no progress bars, so the settings (tqdm's) are only
+        recorded."""
+        given = dict(disable=disable, desc=desc, leave=leave, position=position, ncols=ncols,
+                     dynamic_ncols=dynamic_ncols, mininterval=mininterval, file=file)
+        self._progress_bar_config.update({k: v for k, v in given.items() if v is not None})
+
+    def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None,
+           silence_dtype_warnings: bool = False) -> StableDiffusionDiffEdit:
+        """diffusers' `to`, where it changes nothing (the device and dtype the model is on); a move is refused:
+        load the model where it should run, `from_pretrained(folder, device=..., dtype=...)`."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        want_device = None if device is None else torch.device(device)
+        here = self.device
+        same_device = want_device is None or (want_device.type == here.type and
+                                              (want_device.index is None or want_device.index == here.index))
+        if not same_device or (dtype is not None and dtype != self.dtype):
+            raise ValueError(f"pipe.to({device if device is not None else ''}{', ' if device and dtype else ''}"
+                             f"{dtype if dtype is not None else ''}) cannot move the loaded model (it is on {here}, "
+                             f"{self.dtype}): load it there with StableDiffusionDiffEdit.from_pretrained(folder, "
+                             "device=..., dtype=...), or use enable_model_cpu_offload()")
+        return self
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Accepted, does nothing: attention runs as one fused `scaled_dot_product_attention` call, which already
+        keeps memory low (the same numbers, as slicing gives in diffusers)."""
+
+    def disable_attention_slicing(self) -> None:
+        """Accepted, does nothing (see enable_attention_slicing)."""
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Refused: not implemented; enable_model_cpu_offload() moves whole networks to the accelerator in turn."""
+        raise NotImplementedError("enable_sequential_cpu_offload is not supported: use enable_model_cpu_offload() "
+                                  "(whole networks on the accelerator in turn) or enable_vae_slicing / "
+                                  "enable_vae_tiling")
 
     # Memory options (diffedit/memory.py), diffusers' names; they set the model's own options
 
@@ -191,7 +390,24 @@ class StableDiffusionDiffEdit:
 
     def fuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS, lora_scale: float = 1.0,
                   safe_fusing: bool = False, adapter_names: list[str] | None = None) -> None:
+        """diffusers' `fuse_lora`. As there (peft's `scale_layer`), a `lora_scale` other than 1 also stays on every
+        active adapter's weight: after `unfuse_lora` the adapters run at weight * lora_scale until `set_adapters`
+        sets their weights again. An active adapter with layers in a network left out of `components` would then
+        need two weights (diffusers scales only the fused networks' layers), so that case is refused."""
+        lora = self.model.lora
+        if lora_scale != 1:
+            networks = self.get_list_adapters()
+            split = sorted({a for n, names in networks.items() if n not in components for a in names
+                            if a in lora.weights})
+            if split:
+                raise ValueError(f"fuse_lora(lora_scale={lora_scale}, components={list(components)}): active "
+                                 f"adapter(s) {split} also have layers in a network left out, which diffusers would "
+                                 "leave at another scale; fuse all of their networks, or use lora_scale=1 with "
+                                 "set_adapters(names, weights) for the scale")
         self.model.fuse_lora(components, lora_scale, safe_fusing, adapter_names)
+        if lora_scale != 1:
+            for name in lora.weights:
+                lora.weights[name] *= lora_scale
 
     def unfuse_lora(self, components: tuple[str, ...] | list[str] = NETWORKS) -> None:
         self.model.unfuse_lora(components)
@@ -254,13 +470,29 @@ class StableDiffusionDiffEdit:
         generate_mask computes the scale and drops it; invert never reads it); honor_all_call_options applies
         both everywhere (D4)."""
         fixed = self.params.honor_all_call_options
-        if clip_skip is not None and not in_call and not fixed:
-            warnings.warn("clip_skip is ignored by diffusers 0.42.1's generate_mask and invert (set "
-                          "honor_all_call_options=True to use it)", stacklevel=3)
         skip = clip_skip if in_call or fixed else None
         return self.encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
                                   negative_prompt_embeds, skip, skip if fixed else None,
                                   lora_scale if in_call or fixed else None)
+
+    def _call_params(self, names: dict[str, str], **changes) -> DiffEditParams:
+        """`self.params` with this call's values; a refused value is named by the argument the caller typed
+        (`names`: field -> how to name it; others by their own name), not by the DiffEditParams field it fills."""
+        try:
+            return replace(self.params, **changes)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            for field in sorted(changes, key=len, reverse=True):
+                message = message.replace(f"DiffEditParams.{field}", names.get(field, f"`{field}`"))
+            raise type(e)(message) from None
+
+    def _refuse_clip_skip(self, clip_skip, call: str) -> None:
+        """diffusers 0.42.1's generate_mask and invert have no clip_skip (a TypeError there); the corrected mode
+        (honor_all_call_options) applies it."""
+        if clip_skip is not None and not self.params.honor_all_call_options:
+            raise TypeError(f"{call}() got clip_skip={clip_skip!r}: diffusers 0.42.1's {call} has no clip_skip "
+                            "argument; to skip text encoder layers in every call use "
+                            "StableDiffusionDiffEdit(model, DiffEditParams(honor_all_call_options=True, ...))")
 
     @torch.no_grad()
     def generate_mask(self, image: torch.Tensor | PIL.Image.Image = None, target_prompt: Prompt = None,
@@ -276,7 +508,8 @@ class StableDiffusionDiffEdit:
         """The edit mask (B, h, w) at latent resolution, int64 0 / 1, as a numpy array ("np"; "pil": a list of
         "L" images, "pt": a tensor, both with honor_all_call_options). With `return_guidance_map`, also the
         continuous map (B, h, w) in [0, 1] that was thresholded at 0.5."""
-        _check_call(mask_encode_strength, 1)
+        _check_call(mask_encode_strength, 1, "mask_encode_strength")
+        self._refuse_clip_skip(clip_skip, "generate_mask")
         _check_prompt(target_prompt, target_negative_prompt, target_prompt_embeds, target_negative_prompt_embeds,
                       ("target_prompt", "target_negative_prompt"))
         _check_prompt(source_prompt, source_negative_prompt, source_prompt_embeds, source_negative_prompt_embeds,
@@ -285,10 +518,11 @@ class StableDiffusionDiffEdit:
         if output_type == "pil" and not fixed:
             raise TypeError("Cannot handle this data type: (1, 1, 8), |u1 (diffusers 0.42.1's generate_mask fails "
                             "with output_type='pil'; honor_all_call_options=True fixes it)")
-        params = replace(self.params, num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
-                         mask_thresholding_ratio=mask_thresholding_ratio, num_inference_steps=num_inference_steps,
-                         mask_guidance_scale=guidance_scale, clip_skip=clip_skip,
-                         lora_scale=_lora_scale(cross_attention_kwargs))
+        params = self._call_params({"mask_guidance_scale": "`guidance_scale`", "lora_scale": _LORA_SCALE_ARG},
+                                   num_maps_per_mask=num_maps_per_mask, mask_encode_strength=mask_encode_strength,
+                                   mask_thresholding_ratio=mask_thresholding_ratio,
+                                   num_inference_steps=num_inference_steps, mask_guidance_scale=guidance_scale,
+                                   clip_skip=clip_skip, lora_scale=_lora_scale(cross_attention_kwargs))
         guided = guidance_scale > 1
         target = self._text(target_prompt, target_negative_prompt, target_prompt_embeds,
                             target_negative_prompt_embeds, guided, clip_skip, in_call=False,
@@ -296,6 +530,7 @@ class StableDiffusionDiffEdit:
         source = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
                             source_negative_prompt_embeds, guided, clip_skip, in_call=False,
                             lora_scale=params.lora_scale)
+        _check_image_values(image)
         image = image_tensors.to_tensor(image, self.vae_scale_factor)
         est = method.estimate_mask(self.model, image, source, target, params, generator)
         if output_type == "pil":
@@ -321,13 +556,17 @@ class StableDiffusionDiffEdit:
         whole output as `image_latents` to `__call__` to let the corrections use them. As in diffusers, the
         decoded latents are not shown to the safety checker."""
         _check_call(inpaint_strength, callback_steps)
+        self._refuse_clip_skip(clip_skip, "invert")
         _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if image is None:
             raise ValueError("`image` input cannot be undefined.")
-        params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
-                         inversion_guidance_scale=guidance_scale, lambda_auto_corr=lambda_auto_corr,
-                         lambda_kl=lambda_kl, num_reg_steps=num_reg_steps, num_auto_corr_rolls=num_auto_corr_rolls,
-                         clip_skip=clip_skip, lora_scale=_lora_scale(cross_attention_kwargs))
+        params = self._call_params({"inversion_guidance_scale": "`guidance_scale`", "lora_scale": _LORA_SCALE_ARG},
+                                   num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
+                                   inversion_guidance_scale=guidance_scale, lambda_auto_corr=lambda_auto_corr,
+                                   lambda_kl=lambda_kl, num_reg_steps=num_reg_steps,
+                                   num_auto_corr_rolls=num_auto_corr_rolls, clip_skip=clip_skip,
+                                   lora_scale=_lora_scale(cross_attention_kwargs))
+        _check_image_values(image)
         image = image_tensors.to_tensor(image, self.vae_scale_factor)
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
                           clip_skip, in_call=False, lora_scale=params.lora_scale)
@@ -359,10 +598,12 @@ class StableDiffusionDiffEdit:
             raise ValueError("`mask_image` input cannot be undefined. Use `generate_mask()` to compute it.")
         if image_latents is None:
             raise ValueError("`image_latents` input cannot be undefined. Use `invert()` to compute it.")
+        num_images_per_prompt = _check_num_images(num_images_per_prompt)
+        _check_mask_dtype(mask_image)
         batch_size = _batch_size(prompt, prompt_embeds)
-        params = replace(self.params, num_inference_steps=num_inference_steps, inpaint_strength=inpaint_strength,
-                         guidance_scale=guidance_scale, eta=eta, clip_skip=clip_skip,
-                         lora_scale=_lora_scale(cross_attention_kwargs))
+        params = self._call_params({"lora_scale": _LORA_SCALE_ARG}, num_inference_steps=num_inference_steps,
+                                   inpaint_strength=inpaint_strength, guidance_scale=guidance_scale, eta=eta,
+                                   clip_skip=clip_skip, lora_scale=_lora_scale(cross_attention_kwargs))
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
                           clip_skip, in_call=True, num_images_per_prompt=num_images_per_prompt,
                           lora_scale=params.lora_scale)
@@ -397,10 +638,19 @@ class StableDiffusionDiffEdit:
         if isinstance(image_latents, DiffEditInversionOutput):
             image_latents = image_latents.inversion if image_latents.timesteps is not None else image_latents.latents
         latents = image_latents.latents if isinstance(image_latents, method.Inversion) else image_latents
-        if isinstance(latents, list):
-            latents = torch.cat(latents)
+        if isinstance(latents, (list, tuple)):  # diffusers: 5-D (or 4-D) pieces concatenated, (C, h, w) ones stacked
+            if not latents or not all(isinstance(x, torch.Tensor) for x in latents) \
+                    or len({x.ndim for x in latents}) != 1 or latents[0].ndim not in (3, 4, 5):
+                raise TypeError("a list given as `image_latents` must hold tensors of one rank: (C, h, w) latents "
+                                "(stacked), or (N, C, h, w) / (B, T, C, h, w) pieces (concatenated)")
+            latents = torch.stack(list(latents)) if latents[0].ndim == 3 else torch.cat(list(latents))
         if not isinstance(latents, torch.Tensor):
             raise TypeError("image_latents must be the output of invert() or its latents tensor")
+        if latents.ndim not in (3, 4, 5):
+            raise ValueError(f"`image_latents` must be invert()'s latents, (B, T, C, h, w) or (B*T, C, h, w), got "
+                             f"a {latents.ndim}-D tensor of shape {tuple(latents.shape)}")
+        if latents.ndim == 3:  # one latent image (C, h, w), as diffusers' preprocess takes it
+            latents = latents.unsqueeze(0)
         channels = self.model.vae.config.latent_channels
         if latents.shape[-3:] != (channels, *latent_hw):
             raise ValueError(f"Each latent image in `image_latents` must have shape {(channels, *latent_hw)}, "
@@ -408,6 +658,13 @@ class StableDiffusionDiffEdit:
         if latents.ndim == 4:
             steps = len(method.strength_timesteps(self.model.scheduler, params.num_inference_steps,
                                                   params.inpaint_strength, "inpaint_strength"))
+            per_prompt = latents.shape[0] / batch_size
+            if per_prompt != int(per_prompt) or (not params.slice_inverted_latents and per_prompt != steps):
+                expected = f"{batch_size} x {steps}" if not params.slice_inverted_latents else \
+                    f"a multiple of {batch_size}"
+                raise ValueError(f"`image_latents` holds {latents.shape[0]} latent images, but this call needs "
+                                 f"{expected} (batch size x inverted steps): pass invert()'s latents (B, T, C, h, w) "
+                                 "made with the same num_inference_steps and inpaint_strength")
             latents = latents.reshape(batch_size, -1 if params.slice_inverted_latents else steps, *latents.shape[1:])
         if latents.shape[0] != batch_size:
             raise ValueError(f"`image_latents` must have batch size {batch_size}, but has {latents.shape[0]}")

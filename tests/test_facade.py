@@ -238,9 +238,8 @@ def test_d4_pil_masks_and_clip_skip_in_every_call(sd1):
                           generator=gen())
     got = fixed.invert(prompt="a cat", clip_skip=1, **inv_kw, generator=gen())
     assert rel(got.latents, expected.latents) < LATENT_TOL
-    with pytest.warns(UserWarning, match="clip_skip is ignored"):
-        compatible = ours.invert(prompt="a cat", clip_skip=1, **inv_kw, generator=gen())
-    assert rel(compatible.latents, ref.invert(prompt="a cat", **inv_kw, generator=gen()).latents) < LATENT_TOL
+    with pytest.raises(TypeError, match="no clip_skip argument"):  # as diffusers' invert refuses it
+        ours.invert(prompt="a cat", clip_skip=1, **inv_kw, generator=gen())
 
 
 def test_d5_regularization_with_v_prediction_batches_and_any_device(sd2, monkeypatch):
@@ -486,3 +485,250 @@ def test_bad_call_arguments_are_refused_before_the_work_where_diffusers_runs_on_
         with pytest.warns(FutureWarning):
             expected = ref(**kw, mask_image=mask, output_type=output_type).images
         assert isinstance(images, np.ndarray) and isinstance(expected, np.ndarray) and images.shape == expected.shape
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers' pipeline surface: what diffusers accepts works the same or is refused by name
+
+
+@pytest.mark.parametrize("name", ["scheduler", "inverse_scheduler", "unet", "vae", "text_encoder", "tokenizer",
+                                  "progress_bar"])
+def test_assigning_a_scheduler_or_component_is_refused_not_ignored(sd1, name):
+    """diffusers' DiffEdit recipe swaps schedulers (`pipe.scheduler = DPMSolverMultistepScheduler.from_config(...)`);
+    the facade would have kept the attribute and run its own DDIM, so any assignment but its own state is refused."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref, ours, _ = sd1
+    value = DPMSolverMultistepScheduler.from_config(ref.scheduler.config) if name == "scheduler" else None
+    with pytest.raises(AttributeError, match=rf"`?{name}`? cannot be replaced|no setting `{name}`"):
+        setattr(ours, name, value)
+    assert name not in vars(ours)
+
+
+def test_scheduler_message_says_what_to_do_and_safety_checker_none_still_works(sd1):
+    ref, ours, _ = sd1
+    with pytest.raises(AttributeError, match=r"DDIMScheduler\.from_config.*sampler='dpmsolver\+\+'"):
+        ours.scheduler = None
+    with pytest.raises(AttributeError, match="load another model folder"):
+        ours.text_encoder = None
+    checker = ours.safety_checker
+    ours.safety_checker = None  # diffusers' way of turning it off
+    assert ours.model.safety_checker is None
+    ours.safety_checker = checker
+
+
+def test_component_attributes_read_like_diffusers(sd1):
+    ref, ours, _ = sd1
+    assert ours.unet is ours.model.unet and ours.vae is ours.model.vae
+    assert ours.text_encoder is ours.model.text_encoder and ours.tokenizer is ours.model.tokenizer
+    assert ours.scheduler is ours.model.scheduler and ours.inverse_scheduler is ours.model.inverse_scheduler
+    assert ours.dtype == ref.dtype == torch.float32
+    assert set(ours.components) == set(ref.components)
+
+
+def _pndm_copy(folder, tmp_path):
+    """The tiny folder with the official SD 1.5 scheduler files: PNDMScheduler and its config."""
+    import json
+    import shutil
+
+    copy = tmp_path / "pndm"
+    shutil.copytree(folder, copy)
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+        "clip_sample": False}))
+    index = json.loads((copy / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
+
+
+def test_pndm_folder_warns_and_matches_diffusers_recipe_of_ddim_from_config(sd1_folder, tmp_path):
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
+
+    folder = _pndm_copy(sd1_folder, tmp_path)
+    with pytest.warns(UserWarning, match="PNDMScheduler; diffedit runs DDIM on its config") as record:
+        ours = StableDiffusionDiffEdit.from_pretrained(folder)
+    assert sum("PNDMScheduler" in str(w.message) for w in record) == 1
+    ref = StableDiffusionDiffEditPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.scheduler).__name__ == "PNDMScheduler"
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)  # diffusers' DiffEdit recipe
+    ref.inverse_scheduler = DDIMInverseScheduler.from_config(ref.scheduler.config)
+    image = picture(5)
+
+    def run(pipe):
+        g = gen(11)
+        mask = pipe.generate_mask(image=image, source_prompt="a cat", target_prompt="a dog", generator=g)
+        inv = pipe.invert(prompt="a cat", image=image, num_inference_steps=STEPS, generator=g)
+        out = pipe(prompt="a dog", mask_image=mask, image_latents=inv.latents, num_inference_steps=STEPS,
+                   generator=g, output_type="np")
+        return mask, inv.latents, out.images
+
+    (m_ref, l_ref, i_ref), (m, l, i) = run(ref), run(ours)
+    assert (m == m_ref).mean() >= MASK_TOL
+    assert rel(l, l_ref) < LATENT_TOL and max_abs(i, i_ref) < IMAGE_TOL
+
+
+def test_lora_scale_of_fuse_lora_stays_after_unfuse_as_in_diffusers(sd1, tmp_path):
+    """peft's fuse scales the active adapters' layers by lora_scale and unfuse does not undo it: after fuse_lora(
+    lora_scale=0.7) + unfuse_lora() the adapter runs at 0.8 * 0.7 in diffusers, and in ours."""
+    from test_lora import random_pairs, write_lora
+
+    ref, ours, _ = sd1
+    path = write_lora(tmp_path / "both.safetensors", random_pairs(ours.model.unet, 21),
+                      random_pairs(ours.model.text_encoder, 22))
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    try:
+        results = []
+        for pipe in (ref, ours):
+            pipe.load_lora_weights(str(path), adapter_name="x")
+            pipe.set_adapters(["x"], [0.8])
+            pipe.fuse_lora(lora_scale=0.7)
+            pipe.unfuse_lora()
+            results.append(pipe.invert(**kw, generator=gen(2)).latents)
+        ours.set_adapters(["x"], [0.8 * 0.7])
+        assert torch.equal(ours.invert(**kw, generator=gen(2)).latents, results[1])
+        assert rel(results[1], results[0]) < LATENT_TOL
+        ours.set_adapters(["x"], [0.8])
+        assert rel(ours.invert(**kw, generator=gen(2)).latents, results[0]) > 10 * LATENT_TOL
+    finally:
+        for pipe in (ref, ours):
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+
+
+def test_fuse_lora_with_a_scale_on_part_of_an_adapters_networks_is_refused(sd1, tmp_path):
+    from test_lora import random_pairs, write_lora
+
+    _, ours, _ = sd1
+    path = write_lora(tmp_path / "both.safetensors", random_pairs(ours.model.unet, 23),
+                      random_pairs(ours.model.text_encoder, 24))
+    ours.load_lora_weights(str(path), adapter_name="x")
+    try:
+        with pytest.raises(ValueError, match="also have layers in a network left out"):
+            ours.fuse_lora(components=["unet"], lora_scale=0.5)
+        ours.fuse_lora(components=["unet"])  # scale 1: one weight is still right
+    finally:
+        ours.unfuse_lora()
+        ours.unload_lora_weights()
+
+
+def test_outputs_index_by_position_and_name_and_to_tuple_like_diffusers(sd1):
+    ref, ours, _ = sd1
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=2)
+    inv, inv_ref = ours.invert(**kw, generator=gen()), ref.invert(**kw, generator=gen())
+    assert torch.equal(inv[0], inv.latents) and torch.equal(inv["latents"], inv.latents)
+    assert len(inv.to_tuple()) == len(inv_ref.to_tuple()) == 1  # images None: not a field of the tuple
+    with pytest.raises(IndexError):
+        inv[1]
+    with pytest.raises(IndexError):
+        inv_ref[1]
+    call = dict(prompt="a dog", mask_image=np.ones((1, 8, 8), np.float32), num_inference_steps=2, output_type="np")
+    out, out_ref = ours(**call, image_latents=inv.latents), ref(**call, image_latents=inv_ref.latents)
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple()[0] is out.images
+    assert len(out.to_tuple()) == len(out_ref.to_tuple()) and out[0].shape == out_ref[0].shape
+    with pytest.raises(KeyError):
+        out["nsfw_content_detected"]  # None, so not a key, as in diffusers
+    with pytest.raises(KeyError):
+        out_ref["nsfw_content_detected"]
+
+
+def test_common_pipeline_utilities_are_accepted_or_refused_by_name(sd1):
+    _, ours, _ = sd1
+    ours.set_progress_bar_config(disable=True, leave=False, desc="edit")
+    ours.enable_attention_slicing()
+    ours.enable_attention_slicing("max")
+    ours.disable_attention_slicing()
+    assert ours.to("cpu") is ours and ours.to(torch.float32) is ours and ours.to("cpu", torch.float32) is ours
+    with pytest.raises(ValueError, match=r"to\(torch.float16\) cannot move.*from_pretrained"):
+        ours.to(torch.float16)
+    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
+        ours.enable_sequential_cpu_offload()
+
+
+def test_bad_num_images_per_prompt_and_mask_dtype_are_refused_by_name(sd1):
+    _, ours, _ = sd1
+    inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2)
+    kw = dict(prompt="a dog", image_latents=inv.latents, num_inference_steps=2,
+              mask_image=np.ones((1, 8, 8), np.float32))
+    for n in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="`num_images_per_prompt` must be a positive integer"):
+            ours(**kw | dict(num_images_per_prompt=n))
+    with pytest.raises(TypeError, match="`mask_image` has dtype uint16"):
+        ours(**kw | dict(mask_image=np.ones((1, 8, 8), np.uint16)))
+
+
+def test_refused_values_are_named_by_the_argument_typed(sd1):
+    _, ours, _ = sd1
+    image = picture(0)
+    inv = ours.invert(prompt="a cat", image=image, num_inference_steps=2)
+    call = dict(prompt="a dog", image_latents=inv.latents, num_inference_steps=2,
+                mask_image=np.ones((1, 8, 8), np.float32))
+    cases = [
+        (lambda: ours.invert(prompt="a cat", image=image, guidance_scale=float("nan")), "`guidance_scale`"),
+        (lambda: ours.generate_mask(image=image, source_prompt="a", target_prompt="b", guidance_scale=-1),
+         "`guidance_scale`"),
+        (lambda: ours.generate_mask(image=image, source_prompt="a", target_prompt="b", mask_encode_strength=2),
+         "`mask_encode_strength`"),
+        (lambda: ours(**call, eta=-1), "`eta`"),
+        (lambda: ours(**call | dict(inpaint_strength=float("nan"))), "`inpaint_strength`"),
+        (lambda: ours.invert(prompt="a cat", image=image, inpaint_strength=1.5), "`inpaint_strength`"),
+    ]
+    for run, name in cases:
+        with pytest.raises(ValueError, match=name) as e:
+            run()
+        assert "DiffEditParams" not in str(e.value)
+
+
+def test_an_integer_image_is_refused_with_how_to_pass_it(sd1):
+    _, ours, _ = sd1
+    pixels = np.asarray(picture(0))  # uint8 0-255
+    with pytest.raises(ValueError, match=r"0-255 pixel values: pass the PIL image.*floats in \[0, 1\]"):
+        ours.generate_mask(image=pixels, source_prompt="a", target_prompt="b")
+    with pytest.raises(ValueError, match="0-255 pixel values"):
+        ours.invert(prompt="a cat", image=pixels)
+    inv = ours.invert(prompt="a cat", image=pixels / 255.0, num_inference_steps=2, generator=gen())
+    assert rel(inv.latents, ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2,
+                                        generator=gen()).latents) < LATENT_TOL
+
+
+def test_clip_skip_in_generate_mask_and_invert_is_a_type_error_as_in_diffusers(sd1):
+    ref, ours, fixed = sd1
+    image = picture(0)
+    with pytest.raises(TypeError):
+        ref.invert(prompt="a cat", image=image, clip_skip=1)
+    with pytest.raises(TypeError, match="generate_mask has no clip_skip argument.*honor_all_call_options=True"):
+        ours.generate_mask(image=image, source_prompt="a", target_prompt="b", clip_skip=1)
+    with pytest.raises(TypeError, match="invert has no clip_skip argument"):
+        ours.invert(prompt="a cat", image=image, clip_skip=1)
+    fixed.invert(prompt="a cat", image=image, clip_skip=1, num_inference_steps=2)  # the corrected mode uses it
+
+
+def test_wrong_rank_tensors_are_refused_naming_the_argument(sd1):
+    ref, ours, _ = sd1
+    image = picture(0)
+    flat = _embeds(ref, "a dog")[0]  # (77, D), the batch dimension dropped
+    inv = ours.invert(prompt="a cat", image=image, num_inference_steps=2)
+    kw = dict(image_latents=inv.latents, num_inference_steps=2, mask_image=np.ones((1, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"`prompt_embeds` must be a \(batch, tokens, width\) tensor"):
+        ours(prompt_embeds=flat, **kw)
+    with pytest.raises(ValueError, match="`source_prompt_embeds` must be a"):
+        ours.generate_mask(image=image, source_prompt_embeds=flat, target_prompt="a dog")
+    with pytest.raises(ValueError, match="`image_latents` must be invert\\(\\)'s latents.*2-D"):
+        ours(prompt="a dog", **kw | dict(image_latents=inv.latents[0, 0, 0]))
+    with pytest.raises(ValueError, match="`image_latents` holds 4 latent images, but this call needs 1 x 1"):
+        ours(prompt="a dog", **kw | dict(image_latents=inv.latents.repeat(1, 4, 1, 1, 1)[0]))
+
+
+def test_a_list_of_per_step_latents_is_taken_as_diffusers_takes_it(sd1):
+    ref, ours, _ = sd1
+    inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=STEPS, generator=gen())
+    steps = list(inv.latents[0].unbind(0))  # T latents (C, h, w)
+    kw = dict(prompt="a dog", mask_image=np.ones((1, 8, 8), np.float32), num_inference_steps=STEPS,
+              output_type="np")
+    expected = ref(**kw, image_latents=steps, generator=gen(3)).images
+    got = ours(**kw, image_latents=steps, generator=gen(3)).images
+    assert max_abs(got, expected) < IMAGE_TOL
+    assert np.array_equal(got, ours(**kw, image_latents=inv.latents, generator=gen(3)).images)
