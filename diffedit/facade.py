@@ -250,32 +250,11 @@ class StableDiffusionDiffEdit:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    # diffusers' component attributes, read-only: our own objects (assigning them is refused, see __setattr__)
-
-    @property
-    def unet(self):
-        return self.model.unet
-
-    @property
-    def vae(self):
-        return self.model.vae
-
-    @property
-    def text_encoder(self):
-        return self.model.text_encoder
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    @property
-    def scheduler(self):
-        """The DDIM schedule every call runs (built from the folder's scheduler config)."""
-        return self.model.scheduler
-
-    @property
-    def inverse_scheduler(self):
-        return self.model.inverse_scheduler
+    # diffusers' component attributes, read-only: our own objects (assigning them is refused, see __setattr__);
+    # the scheduler is the DDIM schedule every call runs, built from the folder's scheduler config
+    unet, vae, text_encoder, tokenizer, scheduler, inverse_scheduler = (
+        property(lambda self, name=name: getattr(self.model, name), doc=f"the model's {name} (read-only)")
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "inverse_scheduler"))
 
     @property
     def components(self) -> dict:
