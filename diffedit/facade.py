@@ -184,6 +184,9 @@ def _every(callback: Callback, callback_steps: int) -> method.StepCallback | Non
     return lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None
 
 
+KEEP_CHECKER = object()  # from_pretrained's safety_checker when not given: the folder's checker, if any
+
+
 class StableDiffusionDiffEdit:
     """DiffEdit with diffusers' `StableDiffusionDiffEditPipeline` calls: `generate_mask`, `invert`, `__call__`."""
 
@@ -221,11 +224,23 @@ class StableDiffusionDiffEdit:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, revision: str | None = None, variant: str | None = None,
-                        params: DiffEditParams | None = None) -> StableDiffusionDiffEdit:
-        model = StableDiffusion.from_pretrained(path_or_repo_id, device, dtype, revision, variant)
+                        dtype: torch.dtype | str | None = None, revision: str | None = None,
+                        variant: str | None = None, params: DiffEditParams | None = None, *,
+                        torch_dtype: torch.dtype | str | None = None,
+                        safety_checker: object = KEEP_CHECKER) -> StableDiffusionDiffEdit:
+        """A model folder or hub repo id (`StableDiffusion.from_pretrained`; dtype None: float32). diffusers' two
+        keywords users write first are taken too: `torch_dtype` (its name for `dtype`) and `safety_checker=None`
+        (load without the checker); any other `safety_checker` is refused (the checker comes from the folder)."""
+        if torch_dtype is not None and dtype is not None:
+            raise ValueError("dtype and torch_dtype are one setting (torch_dtype is diffusers' name): give one")
+        if safety_checker is not KEEP_CHECKER and safety_checker is not None:
+            raise TypeError("safety_checker: only None (no checker) is taken; a folder's own checker loads with it")
+        model = StableDiffusion.from_pretrained(path_or_repo_id, device, torch_dtype or dtype, revision, variant)
         _warn_if_not_ddim(model.folder)
-        return cls(model, params)
+        pipe = cls(model, params)
+        if safety_checker is None:
+            pipe.safety_checker = None
+        return pipe
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,

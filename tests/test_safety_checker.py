@@ -550,3 +550,19 @@ def test_command_line_refuses_a_broken_checker_with_one_line_and_exit_status_2(c
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert lines[0].startswith("diffedit: error: ") and "unknown field 'use_rope'" in lines[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_diffusers_loading_keywords_torch_dtype_and_safety_checker_none_work_on_the_facade(checked_folder):
+    """`from_pretrained(repo, torch_dtype=torch.float16, safety_checker=None)` is the first line diffusers users
+    write; it was Python's bare "unexpected keyword argument"."""
+    from diffedit import StableDiffusionDiffEdit
+
+    plain = StableDiffusionDiffEdit.from_pretrained(checked_folder)
+    assert plain.safety_checker is not None and plain.dtype == torch.float32
+    pipe = StableDiffusionDiffEdit.from_pretrained(checked_folder, torch_dtype=torch.bfloat16, safety_checker=None)
+    assert pipe.safety_checker is None and pipe.dtype == torch.bfloat16
+    assert StableDiffusionDiffEdit.from_pretrained(checked_folder, torch_dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype and torch_dtype are one setting"):
+        StableDiffusionDiffEdit.from_pretrained(checked_folder, dtype=torch.float32, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="safety_checker: only None"):
+        StableDiffusionDiffEdit.from_pretrained(checked_folder, safety_checker=plain.safety_checker)
