@@ -692,6 +692,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
             finish(out, plan, new_rows, quiet)
     except KeyboardInterrupt:
         raise interrupted(out) from None
+    finally:
+        leave_group(world)
     return out / "records.csv"
 
 
@@ -890,6 +892,16 @@ def keep_example(folder: Path, case: Case, name: str, picture: Image.Image) -> N
     folder.mkdir(parents=True, exist_ok=True)
     case.image.save(folder / "input.png")
     picture.save(folder / f"{name}.png")
+
+
+def leave_group(world: int) -> None:
+    """Under torchrun, leave the process group before the process ends: a gloo group left to the interpreter's
+    exit could abort a rank ("terminate called without an active exception", SIGABRT) once it had finished."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_ranks_sum(count: int) -> int:
