@@ -9,17 +9,15 @@ feature_extractor/ are loaded when model_index.json names them (`safety.load_saf
 from __future__ import annotations
 
 import json
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .locations import ModelNotFoundError, model_location
 from .memory import ModelOffload, model_cpu_offload
-from .params import EDIT_DEFAULTS_FILE, read_edit_defaults
+from .params import EDIT_DEFAULTS_FILE, plain_number, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.lora import (NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, lora_file, lora_from_tensors,
                           read_lora_file, save_lora_file, tensors_digest)
@@ -230,7 +228,7 @@ class StableDiffusion:
         weights = list(adapter_weights) if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter_weights; give one weight each")
-        weights = [1.0 if w is None else plain_number(w) for w in weights]
+        weights = [1.0 if w is None else adapter_weight(w) for w in weights]
         bad = [w for w in weights if not is_number(w)]
         if bad:
             raise ValueError(f"adapter_weights must be finite numbers (or None for 1), not {bad[0]!r}")
@@ -376,11 +374,9 @@ def resolve_model_folder(path_or_repo_id: str | os.PathLike, revision: str | Non
 __all__ = ["StableDiffusion", "ModelNotFoundError", "WeightsError", "ConfigError", "resolve_model_folder"]
 
 
-def plain_number(value):
-    """A numpy number or a one-number tensor (not a bool) as the Python float or int it holds, anything else as it
-    is: diffusers takes `np.float32(0.5)` as an adapter weight, as good as 0.5."""
+def adapter_weight(value):
+    """A one-number tensor (not a bool) as the number it holds, a numpy number as its Python number
+    (`params.plain_number`), anything else as it is: diffusers takes `np.float32(0.5)` as an adapter weight."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
         return value.item()
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-        return int(value) if isinstance(value, numbers.Integral) else float(value)
-    return value
+    return plain_number(value)
