@@ -192,6 +192,7 @@ def run_bench(model=None, *, config: str | None = None, device: str = "cpu", dty
                        "reference loads folders): give the folder, or --config for official shapes")
     folder = resolve_model_folder(location)
     ours = StableDiffusionDiffEdit.from_pretrained(folder, device=torch_device, dtype=torch_dtype)
+    ours.set_progress_bar_config(disable=True)  # as the reference's: bars would be timed and clutter the table
     try:  # before any timed work: the settings run on this model's schedule
         check_params_for_model(ours.model, DiffEditParams.reference(
             num_inference_steps=settings.num_inference_steps, inpaint_strength=settings.inpaint_strength,

@@ -9,6 +9,7 @@ behind the same calls.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -178,10 +179,13 @@ def _warn_if_not_ddim(folder) -> None:
                       f"DDIMInverseScheduler.from_config(...), not {other}", UserWarning, stacklevel=3)
 
 
-def _every(callback: Callback, callback_steps: int) -> method.StepCallback | None:
-    if callback is None:
-        return None
-    return lambda i, t, x: callback(i, t, x) if i % callback_steps == 0 else None
+def _every(callback: Callback, callback_steps: int, bar) -> method.StepCallback:
+    """The loop's step callback: a tick of the progress bar, and the user's callback every `callback_steps`."""
+    def step(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+        bar.update(1)
+        if callback is not None and i % callback_steps == 0:
+            callback(i, t, x)
+    return step
 
 
 KEEP_CHECKER = object()  # from_pretrained's safety_checker when not given: the folder's checker, if any
@@ -299,11 +303,22 @@ class StableDiffusionDiffEdit:
                                 position: int | None = None, ncols: int | None = None,
                                 dynamic_ncols: bool | None = None, mininterval: float | None = None,
                                 file=None) -> None:
-        """Accepted for diffusers' code: the facade shows no progress bars, so the settings (tqdm's) are only
-        recorded."""
+        """diffusers' `set_progress_bar_config`: tqdm's settings for the progress bars of `invert` and `__call__`
+        (one tick per denoising step, on stderr; `disable=True` hides them)."""
         given = dict(disable=disable, desc=desc, leave=leave, position=position, ncols=ncols,
                      dynamic_ncols=dynamic_ncols, mininterval=mininterval, file=file)
-        self._progress_bar_config.update({k: v for k, v in given.items() if v is not None})
+        self._progress_bar_config = {k: v for k, v in given.items() if v is not None}  # replaced, as in diffusers
+
+    @contextlib.contextmanager
+    def _progress_bar(self, total: int):
+        """A tqdm bar over a loop's `total` steps with `set_progress_bar_config`'s settings, as diffusers'
+        `progress_bar`."""
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, **self._progress_bar_config)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
     def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None,
            silence_dtype_warnings: bool = False) -> StableDiffusionDiffEdit:
@@ -564,7 +579,8 @@ class StableDiffusionDiffEdit:
         image = image_tensors.to_tensor(image, self.vae_scale_factor)
         text = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale > 1,
                           clip_skip, in_call=False, lora_scale=params.lora_scale)
-        inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps))
+        with self._progress_bar(len(method.inversion_timesteps(self.model, params))) as bar:
+            inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps, bar))
         images = None
         if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
             pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
@@ -611,7 +627,11 @@ class StableDiffusionDiffEdit:
         inversion = self._inversion(image_latents, batch_size, mask.shape[-2:], params)
         inversion = inversion.repeat_interleave(num_images_per_prompt) if isinstance(inversion, method.Inversion) \
             else inversion.repeat_interleave(num_images_per_prompt, dim=0)
-        x = method.decode(self.model, inversion, mask, text, params, generator, _every(callback, callback_steps))
+        steps = method.strength_timesteps(self.model.scheduler, params.num_inference_steps, params.inpaint_strength,
+                                          "inpaint_strength")
+        with self._progress_bar(len(steps)) as bar:
+            x = method.decode(self.model, inversion, mask, text, params, generator,
+                              _every(callback, callback_steps, bar))
         nsfw = None
         if output_type not in ("latent", "pt", "np", "pil"):  # diffusers' postprocess: a deprecation, then numpy
             warnings.warn(f"output_type={output_type!r} is not one of 'latent', 'pt', 'np', 'pil': returning numpy "

@@ -648,6 +648,33 @@ def test_common_pipeline_utilities_are_accepted_or_refused_by_name(sd1):
         ours.enable_sequential_cpu_offload()
 
 
+def test_progress_bars_tick_as_diffusers_and_hide_when_disabled(sd1):
+    """invert and __call__ show a tqdm bar per loop with diffusers' totals; set_progress_bar_config replaces the
+    settings as diffusers' does (a later call without disable shows bars again)."""
+    import io
+    import re
+
+    ref, ours, _ = sd1
+    image = picture(0)
+
+    def bars(pipe, **config) -> list[str]:
+        out = io.StringIO()
+        pipe.set_progress_bar_config(file=out, **config)
+        inv = pipe.invert(prompt="a cat", image=image, num_inference_steps=6, inpaint_strength=0.5, generator=gen())
+        pipe(prompt="a dog", mask_image=np.ones((1, 8, 8), np.float32), image_latents=inv.latents,
+             num_inference_steps=6, inpaint_strength=0.5, generator=gen(), output_type="latent")
+        return re.findall(r"(\d+/\d+)", out.getvalue())
+
+    try:
+        expected = bars(ref)
+        assert expected and bars(ours) == expected, (bars(ours), expected)
+        assert bars(ours, disable=True) == []
+        assert bars(ours) == expected
+    finally:
+        ref.set_progress_bar_config(disable=True)
+        ours.set_progress_bar_config(disable=True)
+
+
 def test_bad_num_images_per_prompt_and_mask_dtype_are_refused_by_name(sd1):
     _, ours, _ = sd1
     inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2)
