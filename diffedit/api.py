@@ -25,8 +25,10 @@ from . import method
 from .locations import model_location
 from .params import MASK_STEP_FIELDS, DiffEditParams, with_preset
 from .safety import run_safety_checker
-from .stable_diffusion import StableDiffusion, checked_device, checked_dtype
+from .stable_diffusion import StableDiffusion, checked_device, checked_dtype, same_device
 from .validation import one_line, shorten
+
+_same_device = same_device  # TEMP: experiment.py's import, until it names same_device
 
 
 
@@ -72,7 +74,7 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
     if isinstance(model, StableDiffusion):
         wrong = [f"{name} {want} (it has {have})" for name, want, have in
                  (("device", where, model.device), ("dtype", kind, model.dtype))
-                 if want is not None and want != have and not (name == "device" and _same_device(want, have))]
+                 if want is not None and want != have and not (name == "device" and same_device(want, have))]
         if wrong:
             raise ValueError(f"model is already loaded; it cannot be given {' or '.join(wrong)}: load it again "
                              "with those, or drop device= / dtype=")
@@ -84,12 +86,6 @@ def load_model(model: StableDiffusion | str | os.PathLike | None = None, device:
             return StableDiffusion.from_single_file(location, device=where, dtype=kind)
         return StableDiffusion.from_pretrained(location, device=where, dtype=kind)
     raise TypeError(f"model must be None, a folder or hub repo id, or a StableDiffusion; got {type(model).__name__}")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """cuda and cuda:0 name one device (when the current device is 0)."""
-    index = lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
-    return a.type == b.type and index(a) == index(b)
 
 
 def prompt_text(sd: StableDiffusion, prompt: str, p: DiffEditParams) -> method.TextEmbeddings:

@@ -28,7 +28,7 @@ from .models.lora import NETWORKS, WEIGHT_NAME
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
 from .safety import run_safety_checker
-from .stable_diffusion import StableDiffusion
+from .stable_diffusion import StableDiffusion, same_device
 
 Prompt = str | list[str] | None
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
@@ -328,9 +328,7 @@ class StableDiffusionDiffEdit:
             device, dtype = None, device
         want_device = None if device is None else torch.device(device)
         here = self.device
-        same_device = want_device is None or (want_device.type == here.type and
-                                              (want_device.index is None or want_device.index == here.index))
-        if not same_device or (dtype is not None and dtype != self.dtype):
+        if (want_device is not None and not same_device(want_device, here)) or (dtype is not None and dtype != self.dtype):
             raise ValueError(f"pipe.to({device if device is not None else ''}{', ' if device and dtype else ''}"
                              f"{dtype if dtype is not None else ''}) cannot move the loaded model (it is on {here}, "
                              f"{self.dtype}): load it there with StableDiffusionDiffEdit.from_pretrained(folder, "

@@ -291,6 +291,13 @@ class StableDiffusion:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # what the networks run in
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: "cuda" is the current CUDA device ("cuda" and "cuda:0" are one device when
+    the current device is 0)."""
+    index = lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+    return a.type == b.type and index(a) == index(b)
+
+
 def checked_device(device: str | torch.device | None) -> torch.device:
     """The device a model loads onto: None is the CPU; a name ("cpu", "cuda", "cuda:1", "mps") or a torch.device
     that exists on this machine. Anything else is a ValueError naming `device` and the fix (a TypeError for what is

@@ -455,3 +455,18 @@ def test_dtype_none_is_float32_and_a_dtypes_name_is_taken_as_load_model_takes_it
     sd = StableDiffusion.from_pretrained(diffedit.SHIPPED_MODEL, device=None, dtype=dtype)
     assert sd.dtype == loaded and sd.device == torch.device("cpu")
     assert {p.dtype for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()} == {loaded}
+
+
+def test_same_device_reads_a_bare_cuda_as_the_current_device(monkeypatch):
+    """One rule for "is the model already there" (api.load_model and the facade's `to`): "cuda" is the current CUDA
+    device, so it is "cuda:1" only while device 1 is current; the CPU is one device however it is named."""
+    from diffedit.stable_diffusion import same_device
+
+    d = torch.device
+    assert same_device(d("cpu"), d("cpu")) and same_device(d("cpu"), d("cpu", 0))
+    assert not same_device(d("cpu"), d("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert same_device(d("cuda"), d("cuda", 1)) and not same_device(d("cuda"), d("cuda", 0))
+    assert same_device(d("cuda", 1), d("cuda")) and not same_device(d("cuda", 0), d("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert same_device(d("cuda"), d("cuda", 0)) and not same_device(d("cuda"), d("cuda", 1))
