@@ -15,7 +15,8 @@ in a prompt stands for all n. Refused as diffusers refuses them: a token already
 `<tok>_1`), a width other than the text encoder's, duplicate tokens, path and token lists of different lengths.
 Refused where diffusers accepts them: a token the tokenizer already reads as one token, such as a plain word
 ("paintings", whose entry is `paintings</w>`) or a known token in other letter case ("Red"), which would take
-that word's place in every prompt.
+that word's place in every prompt; vectors that overflow the text encoder's dtype (float16), which would be rows of
+inf. The vectors are copied, as diffusers copies them: a tensor that requires grad leaves its graph behind.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def read_embeddings(sources: Source | list[Source], tokens: str | list[str | Non
     """diffusers' argument rules: one source or a list, one token or a list of the same length (None: each
     file's own); one tensor (k, D) with k tokens gives k single-vector words."""
     sources = sources if isinstance(sources, list) else [sources]
+    if not all(t is None or isinstance(t, str) for t in (tokens if isinstance(tokens, list) else [tokens])):
+        raise TypeError(f"token: expected a string, None (the file's own) or a list of them, got {tokens!r}")
+    if isinstance(tokens, str) and len(sources) > 1:
+        raise ValueError(f"{len(sources)} embeddings and one token {tokens!r}: give token=[...] with one token (or "
+                         "None: the file's own) per embedding")
     tokens = tokens if isinstance(tokens, list) else [tokens] * len(sources)
     if len(sources) == 1 and len(tokens) > 1 and isinstance(sources[0], torch.Tensor):
         if len(sources[0]) != len(tokens):
@@ -192,13 +198,19 @@ def load(tokenizer, text_encoder, embeddings: list[Embedding]) -> list[str]:
     if not embeddings:
         return []
     table = text_encoder.embeddings
+    dtype = table.token_embedding.weight.dtype
+    for e in embeddings:  # as the weights' check at load: after the cast to the run's dtype
+        if not bool(torch.isfinite(e.vectors.to(dtype)).all()):
+            raise WeightsError(f"{e.origin}: the embedding overflows {str(dtype).removeprefix('torch.')} (values up "
+                               f"to {e.vectors.abs().max().item():.3g}), the text encoder's dtype; load the model "
+                               "in float32")
     rows = [table.added_rows] if table.added_start is not None else []  # (N, D) each
     start = table.added_start
     for e in embeddings:
         ids = tokenizer.add_word(e.token, len(e.vectors))
         start = ids[0] if start is None else start
         assert ids[0] == start + sum(len(r) for r in rows), "added ids run on from the rows already there"
-        rows.append(e.vectors)
+        rows.append(e.vectors.detach())  # a copy of the values, as diffusers' `.data[id] = vector`: no autograd link
     table.set_added_rows(start, torch.cat([r.to(table.token_embedding.weight) for r in rows]))  # (N, D)
     return [e.token for e in embeddings]
 

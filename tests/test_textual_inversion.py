@@ -8,6 +8,7 @@ test_clip_text); the facade's outputs as test_facade (mask pixels >= 99% equal, 
 images max abs 5e-3).
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -404,6 +405,9 @@ def test_bad_embedding_files_are_refused_in_one_line_naming_the_file(tmp_path, c
     (({"emb_params": torch.zeros(WIDTH)}, None), "names no token; pass token="),
     (({"<a>": torch.zeros(WIDTH)}, "two words"), "without spaces"),
     (({"<a>": torch.zeros(WIDTH)}, ""), "non-empty"),
+    # one token for two files was "duplicate tokens: ['<x>', '<x>']", a list the caller never wrote
+    (([{"<a>": torch.zeros(WIDTH)}, {"<b>": torch.zeros(WIDTH)}], "<x>"),
+     "2 embeddings and one token '<x>': give token=[...] with one token (or None: the file's own) per embedding"),
 ])
 def test_bad_arguments_are_refused_in_one_line(models, args, words):
     sd, _ = models
@@ -411,6 +415,53 @@ def test_bad_arguments_are_refused_in_one_line(models, args, words):
         sd.load_textual_inversion(*args)
     assert words in one_line_error(e)
     assert len(sd.tokenizer) == 49408
+
+
+@pytest.mark.parametrize("token", [5, b"<a>", ("<a>",), ["<a>", 5]])
+def test_a_token_of_the_wrong_type_is_a_type_error_naming_token(models, token):
+    """They were ValueErrors ("the token must be a non-empty text without spaces, got 5"), which said neither that
+    the type was wrong nor which argument held it."""
+    sd, _ = models
+    sources = [{"<a>": torch.zeros(WIDTH)}, {"<b>": torch.zeros(WIDTH)}] if isinstance(token, list) else \
+        {"<a>": torch.zeros(WIDTH)}
+    with pytest.raises(TypeError) as e:
+        sd.load_textual_inversion(sources, token=token)
+    assert one_line_error(e).startswith("token: expected a string, None (the file's own) or a list of them, got ")
+    assert len(sd.tokenizer) == 49408
+
+
+def test_a_trainable_tensor_is_loaded_as_a_copy_of_its_values_as_diffusers_copies_it(models):
+    """A vector that requires grad (an nn.Parameter fresh from training) became a buffer holding its autograd graph:
+    the text states required grad and `copy.deepcopy(text_encoder)` failed ("Only Tensors created explicitly by the
+    user (graph leaves) support the deepcopy protocol"). diffusers assigns `.data`, a plain copy."""
+    sd, pipe = models
+    trained = torch.nn.Parameter(vectors(2, 44))
+    sd.load_textual_inversion({"<trained>": trained})
+    pipe.load_textual_inversion({"<trained>": trained})
+    assert not sd.text_encoder.embeddings.added_rows.requires_grad
+    assert not any(p.requires_grad for p in sd.text_encoder.parameters())  # so the states need no grad at all
+    assert not sd.text_encoder(sd.tokenizer("a <trained>")).requires_grad
+    copy.deepcopy(sd.text_encoder)
+    with torch.no_grad():
+        trained.add_(1.0)  # training goes on: the loaded word keeps the values it was loaded with
+    assert_rows_match(sd, pipe, ["<trained>", "<trained>_1"])
+
+
+def test_an_embedding_that_overflows_a_float16_text_encoder_is_refused_and_changes_nothing(models):
+    """It loaded as rows of inf (the cast to the text encoder's float16), so every prompt with the word gave NaN
+    states: a result that cannot be right, refused as non-finite weights are at load (docs/design.md §5)."""
+    sd, _ = models
+    sd.text_encoder.to(torch.float16)
+    try:
+        with pytest.raises(WeightsError) as e:
+            sd.load_textual_inversion([{"<ok>": vectors(1, 45)}, {"<big>": torch.full((2, WIDTH), 7e4)}])
+        assert one_line_error(e) == ("state dict: the embedding overflows float16 (values up to 7e+04), the text "
+                                     "encoder's dtype; load the model in float32")
+        assert len(sd.tokenizer) == 49408 and sd.text_encoder.embeddings.added_start is None
+        sd.load_textual_inversion({"<ok>": vectors(1, 45)})  # in range: loaded in float16
+        assert sd.text_encoder.embeddings.added_rows.dtype == torch.float16
+    finally:
+        sd.text_encoder.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
