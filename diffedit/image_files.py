@@ -62,8 +62,9 @@ def read_image(path: Path, note: Note | None = None, max_pixels: int | None = No
 
 def read_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None,
               limit_name: str = "max_pixels") -> Image.Image:
-    """A mask file of the image's `size` as a binary "L" image (0 / 255), read by `mask_cells`' rule."""
-    img = open_image(Path(path), "mask", max_pixels, limit_name)
+    """A mask file of the image's `size` as a binary "L" image (0 / 255), read by `mask_cells`' rule; as the image,
+    its first frame, turned as its EXIF orientation says (what a viewer shows, and where the user drew)."""
+    img = displayed(open_image(Path(path), "mask", max_pixels, limit_name))
     if img.size != size:
         raise ImageFileError(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
     return Image.fromarray(mask_cells(mask_samples(img), f"mask {path}", sample_bits(img)).astype(np.uint8) * 255,
@@ -124,6 +125,11 @@ def _silent(message: str) -> None:
 
 def displayed_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: int | None = None) -> Image.Image:
     """The first frame, turned as its EXIF orientation says, converted to 8-bit RGB; each change noted."""
+    return to_rgb(displayed(img, name, note), name, note, png_bits)
+
+
+def displayed(img: Image.Image, name: str = "", note: Note = _silent) -> Image.Image:
+    """The picture a viewer shows: the first frame, turned as its EXIF orientation says; each change noted."""
     frames = getattr(img, "n_frames", 1)
     if frames > 1:
         note(f"{name} has {frames} frames: using the first")
@@ -135,7 +141,7 @@ def displayed_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: i
         img = ImageOps.exif_transpose(img)
         note(f"{name} is turned as its EXIF orientation ({orientation}) says: {size[0]}x{size[1]} -> "
              f"{img.width}x{img.height}")
-    return to_rgb(img, name, note, png_bits)
+    return img
 
 
 def to_rgb(img: Image.Image, name: str, note: Note = _silent, png_bits: int | None = None) -> Image.Image:

@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_files import displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits
+from .image_files import displayed, displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -212,12 +212,14 @@ def latent_mask_from_image(mask: PIL.Image.Image, working: tuple[int, int], fact
 def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
     """The one-call API's mask argument -> a binary "L" picture (0 / 255) of the image's `size` (width, height):
     a path, a PIL image, or a numpy array or torch tensor (H, W), all read by one rule (`image_files.mask_cells`:
-    bools; 0 / 1; 0-255 from 128 up; floats in [0, 1] from 0.5 up; transparent pixels are not edited). Another
+    bools; 0 / 1; 0-255 from 128 up; floats in [0, 1] from 0.5 up; transparent pixels are not edited; pictures
+    turned by their EXIF orientation, as the image is). Another
     size, shape or type is an error naming `mask`."""
     if isinstance(mask, (str, os.PathLike)):
         return read_mask(Path(mask), size)
     bits = None
     if isinstance(mask, PIL.Image.Image):
+        mask = displayed(mask)  # as the image: the first frame, turned as its EXIF orientation says
         samples, bits = mask_samples(mask), sample_bits(mask)
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
         if isinstance(mask, torch.Tensor):

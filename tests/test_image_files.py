@@ -102,3 +102,23 @@ def test_an_image_of_exactly_max_pixels_is_read_and_one_pixel_more_is_refused(tm
     assert open_image(path, max_pixels=2000).size == (50, 40)
     with pytest.raises(ImageFileError, match="over max_pixels 1999: downscale it"):
         open_image(path, max_pixels=1999)
+
+
+def test_a_mask_with_an_exif_orientation_marks_the_region_a_viewer_shows_like_its_turned_image(tmp_path):
+    """The image is turned by its EXIF orientation; a mask saved the same way (a camera's photo and the mask drawn
+    over it in an editor that keeps the tag) was read unturned: a square one edited the wrong region, silently."""
+    from diffedit.image_files import read_mask
+    from diffedit.image_tensors import load_mask
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored = np.zeros((16, 16), np.uint8)
+    stored[:, :8] = 255  # the left half as stored: the top half as displayed
+    Image.fromarray(stored).save(tmp_path / "mask.png", exif=exif.tobytes())
+    shown = np.zeros((16, 16), bool)
+    shown[:8] = True
+    for mask in (read_mask(tmp_path / "mask.png", (16, 16)), load_mask(tmp_path / "mask.png", (16, 16)),
+                 load_mask(Image.open(tmp_path / "mask.png"), (16, 16))):
+        assert np.array_equal(np.asarray(mask) > 0, shown)
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "wide.png", exif=exif.tobytes())
+    assert read_mask(tmp_path / "wide.png", (16, 24)).size == (16, 24)  # 24x16 stored, 16x24 shown: the image's
