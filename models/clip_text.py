@@ -7,6 +7,8 @@ are the transformers `CLIPTextModel` keys without the hub's `text_model.` prefix
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +55,20 @@ class CLIPTextEmbeddings(nn.Module):
             return
         self.added_start = start
         self.register_buffer("added_rows", rows.to(self.token_embedding.weight), persistent=False)
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse ids with no row (an index error on the CPU, a device-side assert on CUDA), naming the first."""
+        if input_ids.is_meta:
+            return
+        n_base = self.token_embedding.num_embeddings
+        valid = (input_ids >= 0) & (input_ids < n_base)  # (B, T)
+        if self.added_start is not None:
+            valid |= (input_ids >= self.added_start) & (input_ids < self.added_start + len(self.added_rows))
+        if not bool(valid.all()):  # one host sync per text encoding
+            rows = f"[0, {n_base})" + ("" if self.added_start is None else
+                                       f" or [{self.added_start}, {self.added_start + len(self.added_rows)})")
+            raise ValueError(f"input_ids: token id {input_ids[~valid][0].item()} has no embedding row (ids in {rows}): "
+                             "ids from another model's tokenizer, or a word unloaded since")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,); not a checkpoint buffer
@@ -145,15 +161,22 @@ class CLIPTextModel(nn.Module):
 
         clip_skip=k follows diffusers' `encode_prompt`: the output of layer `num_hidden_layers - k` (k=1: the
         penultimate layer), still passed through `final_layer_norm`. k=0 equals None; k=num_hidden_layers gives the
-        normalized embeddings.
+        normalized embeddings. input_ids is a long (or int32) tensor (B, T <= max_position_embeddings) of ids that
+        have a row (the checkpoint's or an added word's); anything else is refused naming input_ids.
         """
         n_layers = len(self.encoder.layers)
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral)
                                       or not 0 <= clip_skip <= n_layers):
             raise ValueError(f"clip_skip must be None or an integer in [0, {n_layers}], got {clip_skip!r}")
+        clip_skip = None if clip_skip is None else int(clip_skip)  # a numpy int as the Python int it equals
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):
+            kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids: expected a torch.long tensor of token ids (what the tokenizer returns), "
+                            f"got {kind}")
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids must be (batch, length <= {self.config.max_position_embeddings}), "
                              f"got shape {tuple(input_ids.shape)}")
+        self.embeddings.check_ids(input_ids)
         x = self.embeddings(input_ids)  # (B, T, D)
         for layer in self.encoder.layers[: n_layers - (clip_skip or 0)]:
             x = layer(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -95,6 +96,45 @@ def test_rejects_out_of_range_clip_skip(bad):
     _, ours = _pair(SD1_STYLE)
     with pytest.raises(ValueError, match="clip_skip"):
         ours(_ids(SD1_STYLE), clip_skip=bad)
+
+
+def test_clip_skip_as_a_numpy_integer_is_the_int_it_equals():
+    """np.int64(1) was refused as "must be None or an integer"; diffusers' hidden_states[-(clip_skip + 1)] takes it."""
+    _, ours = _pair(SD1_STYLE)
+    ids = _ids(SD1_STYLE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, clip_skip=np.int64(2)), ours(ids, clip_skip=2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    ([[1, 2, 3]], TypeError, "input_ids: expected a torch.long tensor of token ids (what the tokenizer returns), "
+                             "got list"),
+    (torch.zeros(1, 5), TypeError, "got torch.float32"),
+    (torch.full((1, 5), 1000), ValueError, "input_ids: token id 1000 has no embedding row (ids in [0, 1000)): ids "
+                                           "from another model's tokenizer, or a word unloaded since"),
+    (torch.tensor([[998, -1, 999]]), ValueError, "token id -1 has no embedding row"),
+])
+def test_input_ids_that_are_not_token_ids_of_this_model_are_refused_naming_input_ids(bad, error, words):
+    """They escaped from inside the embedding lookup as AttributeError ('list' object has no attribute 'ndim'),
+    RuntimeError (Expected tensor for argument #1 'indices' ...) or IndexError (index out of range in self; on CUDA
+    a device-side assert that ends the process's use of the GPU)."""
+    _, ours = _pair(SD1_STYLE)
+    with pytest.raises(error) as e:
+        ours(bad)
+    assert type(e.value) is error and words in str(e.value)
+
+
+def test_ids_of_added_rows_are_valid_and_ids_past_them_are_refused():
+    ref, ours = _pair(SD1_STYLE)
+    ours.embeddings.set_added_rows(1000, torch.randn(2, 32))
+    with torch.no_grad():
+        ours(torch.tensor([[998, 1000, 1001, 999]]))
+        with pytest.raises(ValueError, match=r"token id 1002 has no embedding row \(ids in \[0, 1000\) or "
+                                             r"\[1000, 1002\)\)"):
+            ours(torch.tensor([[998, 1002, 999]]))
+        ids = _ids(SD1_STYLE)  # int32 ids, as nn.Embedding takes them, give the same states
+        torch.testing.assert_close(ours(ids.int()), ref(ids).last_hidden_state, rtol=1e-4,
+                                   atol=1e-4 * ref(ids).last_hidden_state.abs().max().item())
 
 
 def test_rejects_sequences_longer_than_the_position_table():
