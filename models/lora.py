@@ -3,10 +3,12 @@ knowledge of LoRA files and the low-rank branches that run them on our UNet and 
 
 A LoRA adds, to a linear or convolution layer W, the branch  scale * B(A(x)):  A ("down", rank r rows) reads the
 layer's input with the layer's own kernel, stride and padding, B ("up", a 1x1 map) writes the layer's output width.
-The scale is alpha / r per layer (the kohya `.alpha` value; alpha = r, scale 1, when a file stores none), times the
-adapter's weight (`set_adapters`), times the call's LoRA scale (`DiffEditParams.lora_scale`, diffusers'
-`cross_attention_kwargs={"scale": s}`): the rule of diffusers 0.42.1 + peft (`peft_utils.get_peft_kwargs`,
-`LoraLayer.set_scale` / `scale_layer`).
+The scale is alpha / r per layer (the kohya `.alpha` value; alpha = r, scale 1, when a file stores none; a layer
+without one, in a file whose other layers of that network have one, takes their most common alpha, as diffusers
+reads it), times the adapter's weight (`set_adapters`), times the call's LoRA scale (`DiffEditParams.lora_scale`,
+diffusers' `cross_attention_kwargs={"scale": s}`): the rule of diffusers 0.42.1 + peft (`peft_utils.get_peft_kwargs`,
+`LoraLayer.set_scale` / `scale_layer`). One difference on purpose: an attention projection's own `.alpha` that is
+not the most common one is kept (as kohya and A1111 run it); diffusers' converter loses it.
 
 Files (safetensors only), each key mapped onto one of our modules (our attribute names are diffusers' keys):
 - diffusers / peft: `unet.<module>.lora_A.weight`, `.lora_B.weight`; `text_encoder.text_model.<module>...`; the older
@@ -55,6 +57,8 @@ _UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": 
                 "lokr_": "LoKr (LyCORIS)", "lora_mid": "LoCon with a CP-decomposed mid layer", "lora_te1_": "SDXL",
                 "lora_te2_": "SDXL", "text_encoder_2.": "SDXL", "lora_B.bias": "LoRA-with-biases",
                 "lora_up.bias": "LoRA-with-biases"}
+_UNSUPPORTED_ENDING = {".diff": "full-weight-difference", ".diff_b": "full-weight-difference",  # LyCORIS "full"
+                       ".w_norm": "LyCORIS norm-layer", ".b_norm": "LyCORIS norm-layer"}
 _PROCESSOR_KEY = re.compile(r"^(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PART_KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
                        r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
@@ -138,6 +142,7 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], 
     layers = {network: _layers(module) for network, module in networks.items()}
     parts = _parts(source, tensors, layers)
     alphas = _metadata_alphas(source, header)
+    usual = _usual_alphas(parts)
     adapter: Adapter = {}
     for (network, name), found in sorted(parts.items()):
         layer = layers[network][name]
@@ -147,7 +152,8 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], header: dict[str, str], 
         down, up = _fitted(source, network, name, layer, found["down"], found["up"])
         if down.shape[0] == 0:
             raise WeightsError(f"{source}: {network}.{name} has rank 0 (an empty pair): the file is damaged")
-        alpha = found["alpha"] if "alpha" in found else alphas(network, name, down.shape[0])
+        alpha = found.get("alpha", usual.get(network))
+        alpha = alphas(network, name, down.shape[0]) if alpha is None else alpha
         if not is_number(alpha):
             raise WeightsError(f"{source}: the alpha of {network}.{name} is {alpha!r}, not a finite number")
         adapter.setdefault(network, {})[name] = LowRank(down, up, float(alpha))
@@ -180,10 +186,11 @@ def _parts(source: str, tensors: dict[str, torch.Tensor],
     parts: dict[tuple[str, str], dict] = {}
     keys: dict[tuple[str, str, str], str] = {}  # (network, name, part) -> the key that gave it
     for key, value in tensors.items():
-        for marker, what in _UNSUPPORTED.items():
-            if marker in key:
-                raise WeightsError(f"{source} is a {what} file (key {key}), which diffedit does not read: "
-                                   "use a plain LoRA for SD 1.x / 2.x")
+        what = ([w for marker, w in _UNSUPPORTED.items() if marker in key]
+                + [w for ending, w in _UNSUPPORTED_ENDING.items() if key.endswith(ending)])
+        if what:
+            raise WeightsError(f"{source} is a {what[0]} file (key {key}), which diffedit does not read: "
+                               "use a plain LoRA for SD 1.x / 2.x")
         network, name, part = _locate(key, layers, flat)
         if network is None:
             raise WeightsError(f"{source}: key {key} maps to no layer of this model: a LoRA for another "
@@ -266,6 +273,17 @@ def _fitted(source: str, network: str, name: str, layer: nn.Module, down: torch.
     # oneDNN's kernels round differently on differently aligned buffers (1e-7 between two copies of one LoRA).
     return (down.to(weight.device, weight.dtype, copy=True, memory_format=torch.contiguous_format),
             up.to(weight.device, weight.dtype, copy=True, memory_format=torch.contiguous_format))
+
+
+def _usual_alphas(parts: dict[tuple[str, str], dict]) -> dict[str, float]:
+    """Per network, the alpha of its layers that have no `.alpha` key of their own: the most common of its `.alpha`
+    values (the first met on a tie), as diffusers' `get_peft_kwargs` makes it peft's lora_alpha; a network without
+    `.alpha` keys is absent (its alphas come from the metadata header, or are the ranks)."""
+    given: dict[str, Counter] = {}
+    for (network, _), found in parts.items():  # in the file's key order
+        if "alpha" in found:
+            given.setdefault(network, Counter())[found["alpha"]] += 1
+    return {network: counts.most_common(1)[0][0] for network, counts in given.items()}
 
 
 def _metadata_alphas(source: str, header: dict[str, str]):

@@ -406,7 +406,8 @@ def one_line_error(error_type, call) -> str:
 
 
 UNET_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-KOHYA_Q = "lora_unet_" + UNET_Q.replace(".", "_")
+KOHYA = lambda name: "lora_unet_" + name.replace(".", "_")  # kohya's flattened name of a UNet layer
+KOHYA_Q = KOHYA(UNET_Q)
 
 
 @pytest.mark.parametrize("tensors,expected", [
@@ -420,6 +421,9 @@ KOHYA_Q = "lora_unet_" + UNET_Q.replace(".", "_")
     ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 32)}, "SDXL"),
     ({f"{KOHYA_Q}.dora_scale": torch.ones(1, 32)}, "DoRA"),
     ({f"{KOHYA_Q}.hada_w1_a": torch.ones(1, 32)}, "LoHa"),
+    ({f"{KOHYA_Q}.diff": torch.ones(32, 32)}, "full-weight-difference"),  # was "maps to no layer", of a layer it
+    ({f"{KOHYA_Q}.diff_b": torch.ones(32)}, "full-weight-difference"),  # names
+    ({"lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.ones(32)}, "LyCORIS norm-layer"),
     ({"something_else": torch.ones(1)}, "maps to no layer"),
     ({}, "holds no LoRA weights"),
     ({f"{KOHYA_Q}.lora_down.weight": torch.full((4, 32), float("nan")), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4)},
@@ -471,6 +475,46 @@ def test_a_kohya_file_with_integer_alphas_matches_diffusers(sd1_pair, tmp_path):
     assert all(p.alpha == 2.0 for p in ours.model.lora.adapters["ints"]["unet"].values())
     save_file({k: v.bool() if k.endswith(".alpha") else v for k, v in tensors.items()}, str(tmp_path / "b.safetensors"))
     assert "holds bool values" in one_line_error(WeightsError, lambda: ours.load_lora_weights(tmp_path / "b.safetensors"))
+
+
+def test_a_kohya_file_with_some_alpha_keys_missing_matches_diffusers(sd1_pair, tmp_path):
+    """A layer without `.alpha` in a file whose other layers have one takes the most common alpha of the file
+    (diffusers makes it peft's lora_alpha), not its rank: 2 here (scale 0.5 at rank 4), where alpha = rank would run
+    it at scale 1. ResNet layers keep their own alpha 1 (attention layers with an alpha off the most common one are
+    left out: diffusers 0.42.1 loses those, see test_lora_file_alphas_on_attention_layers_are_each_layers_own).
+    Tolerance: latents within LATENT_TOL (1e-3 relative, Frobenius)."""
+    ours, ref = sd1_pair
+    pairs = random_pairs(ours.model.unet, 6, alpha_of=lambda n, r: 1.0 if "resnets" in n else 2.0)
+    path = write_lora(tmp_path / "all.safetensors", pairs)
+    tensors = safetensors.torch.load_file(str(path))
+    dropped = sorted(pairs)[::3]
+    kept = {k: v for k, v in tensors.items() if k.removesuffix(".alpha") not in {KOHYA(n) for n in dropped}}
+    assert len(kept) < len(tensors) and any("resnets" in n for n in dropped) and any("attn" in n for n in dropped)
+    assert sum(v.item() == 2.0 for k, v in kept.items() if k.endswith(".alpha")) > len(pairs) / 3  # the usual one
+    save_file(kept, str(tmp_path / "some.safetensors"))
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(tmp_path / "some.safetensors"), adapter_name="some")
+    assert rel(ours.invert(**kw, generator=gen(2)).latents, ref.invert(**kw, generator=gen(2)).latents) < LATENT_TOL
+    loaded = ours.model.lora.adapters["some"]["unet"]
+    assert {loaded[n].alpha for n in dropped} == {2.0}
+    assert all(loaded[n].alpha == pairs[n].alpha for n in pairs if n not in dropped)
+
+
+def test_lora_file_alphas_on_attention_layers_are_each_layers_own(sd1_pair, tmp_path):
+    """Where we differ from diffusers 0.42.1 on purpose: a kohya `.alpha` on an attention projection that is not the
+    file's most common alpha is that layer's (as kohya and A1111 run it); diffusers' converter names it
+    `...processor.to_k_lora.down.weight`, which peft's alpha_pattern never matches (peft warns), so it runs that
+    layer at the most common alpha. The two differ by far more than LATENT_TOL."""
+    ours, ref = sd1_pair
+    pairs = random_pairs(ours.model.unet, 7, alpha_of=lambda n, r: 8.0 if n.endswith("attn2.to_k") else 2.0)
+    path = write_lora(tmp_path / "f.safetensors", pairs)
+    kw = dict(prompt="a cat", image=picture(0), num_inference_steps=STEPS)
+    ours.load_lora_weights(path, adapter_name="f")
+    assert ours.model.lora.adapters["f"]["unet"][UNET_Q.replace("attn1.to_q", "attn2.to_k")].alpha == 8.0
+    with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):
+        ref.load_lora_weights(str(path), adapter_name="f")
+    assert rel(ours.invert(**kw, generator=gen(2)).latents, ref.invert(**kw, generator=gen(2)).latents) > 10 * LATENT_TOL
 
 
 def test_pickles_missing_and_corrupt_files_are_refused(sd1_pair, tmp_path):
