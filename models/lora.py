@@ -192,6 +192,10 @@ def _parts(source: str, tensors: dict[str, torch.Tensor],
             raise WeightsError(f"{source} is a {what[0]} file (key {key}), which diffedit does not read: "
                                "use a plain LoRA for SD 1.x / 2.x")
         network, name, part = _locate(key, layers, flat)
+        if network is None and _locate(f"unet.{key}", layers, flat)[0]:
+            raise WeightsError(f"{source}: key {key} names a UNet layer without the unet. prefix (a file written by "
+                               "UNet2DConditionModel.save_attn_procs, or a bare peft state dict), which diffusers' "
+                               "load_lora_weights skips: add the prefix to its keys to load it")
         if network is None:
             raise WeightsError(f"{source}: key {key} maps to no layer of this model: a LoRA for another "
                                "architecture (SDXL, another UNet) or a format diffedit does not read")

@@ -413,6 +413,9 @@ KOHYA_Q = KOHYA(UNET_Q)
 @pytest.mark.parametrize("tensors,expected", [
     ({"lora_unet_no_such_layer.lora_down.weight": torch.ones(1, 32)}, "maps to no layer"),
     ({"unet.no_such.layer.lora_A.weight": torch.ones(1, 32)}, "maps to no layer"),
+    ({f"{UNET_Q}.lora_A.weight": torch.ones(4, 32), f"{UNET_Q}.lora_B.weight": torch.ones(32, 4)},
+     "without the unet. prefix"),  # diffusers loads nothing from it (a warning); was "maps to no layer"
+    ({UNET_Q.replace("to_q", "processor.to_q_lora.down.weight"): torch.ones(4, 32)}, "without the unet. prefix"),
     ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 1024), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 4)},
      "another base model"),  # an SD 2.x width on this model
     ({f"{KOHYA_Q}.lora_down.weight": torch.ones(4, 32), f"{KOHYA_Q}.lora_up.weight": torch.ones(32, 2)},
