@@ -85,6 +85,9 @@ class ManifestError(FileError):
 
 
 MANIFEST_FIELDS = {"image", "source", "target", "mask", "id"}
+LINE_EXAMPLE = '{"image": "a.png", "source": "...", "target": "..."}'
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
 
 
 def manifest_text(path: Path) -> str:
@@ -111,18 +114,39 @@ def check_case_id(case_id: str, where: str) -> None:
 
 
 def manifest_row(line: str, where: str) -> dict:
-    """One line's object, its fields checked."""
+    """One line's object, its fields checked: each of image, source, target (and the optional mask, id) once, a
+    string; a path not empty."""
+    def fields(pairs: list[tuple[str, object]]) -> dict:
+        names = [name for name, _ in pairs]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # json.loads would keep the last one silently
+            raise ManifestError(f"{where}: {', '.join(twice)} given twice; give each field once")
+        return dict(pairs)
+
     try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=fields)
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(row, dict) or not {"image", "source", "target"} <= set(row):
-        raise ManifestError(f"{where}: expected an object with image, source and target")
+        raise ManifestError(f"{where}: not JSON ({e.msg}, column {e.colno}): each non-blank line is one JSON object "
+                            f"{LINE_EXAMPLE} (no comments, no trailing commas)") from None
+    if not isinstance(row, dict):
+        raise ManifestError(f"{where}: expected an object with image, source and target, got "
+                            f"{_JSON_KINDS.get(type(row), 'a value')}: write {LINE_EXAMPLE}")
+    missing = [k for k in ("image", "source", "target") if k not in row]
+    if missing:
+        raise ManifestError(f"{where}: {', '.join(missing)} missing: expected an object with image, source and "
+                            f"target ({LINE_EXAMPLE})")
     unknown = set(row) - MANIFEST_FIELDS
     if unknown:
-        raise ManifestError(f"{where}: unknown fields {sorted(unknown)}")
-    if not all(isinstance(row[k], str) for k in row):
-        raise ManifestError(f"{where}: values must be strings")
+        raise ManifestError(f"{where}: unknown fields {sorted(unknown)}; the fields are image, source, target and "
+                            "the optional mask and id")
+    for key, value in row.items():
+        if not isinstance(value, str):
+            raise ManifestError(f"{where}: {key} must be a string, got {json.dumps(value)}"
+                                + (f": leave {key} out instead" if value is None and key in ("mask", "id") else ""))
+    for key in ("image", "mask"):
+        if key in row and not row[key].strip():
+            raise ManifestError(f"{where}: {key} is empty: give the picture's path (relative to the manifest's "
+                                "folder)")
     return row
 
 
@@ -145,15 +169,18 @@ def manifest_cases(path: Path) -> list[Case]:
     numbered = [(number, line) for number, line in enumerate(manifest_text(path).split("\n"), 1) if line.strip()]
     if not numbered:
         raise ManifestError(f"manifest {path} holds no edits")
-    cases, seen = [], set()
+    cases, seen = [], {}
     for number, line in numbered:
         where = f"manifest {path} line {number}"
         row = manifest_row(line, where)
         case_id = row.get("id", f"line-{number}")
         check_case_id(case_id, where)
-        if case_id in seen:
-            raise ManifestError(f"{where}: id {case_id!r} is used twice")
-        seen.add(case_id)
+        if case_id.casefold() in seen:  # ids that differ only in case name one folder on macOS and Windows
+            other, at = seen[case_id.casefold()]
+            raise ManifestError(f"{where}: id {case_id!r} is used twice (line {at}"
+                                f"{'' if other == case_id else f' has {other!r}, the same examples/ folder on macOS and Windows'}"
+                                "); give each edit its own id")
+        seen[case_id.casefold()] = (case_id, number)
         image, truth = manifest_pictures(path.parent, row, where)
         cases.append(Case(case_id, image, row["source"], row["target"], truth=truth))
     return cases

@@ -708,3 +708,30 @@ def test_invalid_stored_defaults_are_named_by_their_file(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"diffedit: error: {model / 'diffedit.json'}: the model's stored edit defaults are "
                              "invalid") and "setting" not in err[0]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"image": "a.png", "source": "a", "target": "b", "target": "c"}', "line 1: target given twice; give each"),
+    ('{"image": "a.png", "source": "a", "target": 3}', "line 1: target must be a string, got 3"),
+    ('{"image": "a.png", "source": "a", "target": "b", "mask": null}', "mask must be a string, got null: leave mask"),
+    ('{"image": "a.png", "source": "a"}', "line 1: target missing"),
+    ('{"image": " ", "source": "a", "target": "b"}', "line 1: image is empty: give the picture's path"),
+    ('["a.png", "a", "b"]', 'got an array: write {"image"'),
+    ('# my edits', "line 1: not JSON .*no comments"),
+    ('{"image": "a.png", "source": "a", "target": "b", "colour": "red"}', "the fields are image, source, target"),
+])
+def test_a_manifest_line_with_a_field_twice_or_of_a_wrong_type_is_refused_naming_the_field_and_the_fix(line, message,
+                                                                                                       tmp_path):
+    """A field given twice ran with the last value, silently; a wrong type or a missing field named no field."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(line + "\n")
+    with pytest.raises(experiment.ManifestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        experiment.manifest_cases(tmp_path / "m.jsonl")
+
+
+def test_ids_that_differ_only_in_case_are_refused_as_one_folder_on_macos_and_windows(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "source": "a", "target": "b"}
+    (tmp_path / "m.jsonl").write_text(f"{json.dumps({**good, 'id': 'Cat'})}\n{json.dumps({**good, 'id': 'cat'})}\n")
+    with pytest.raises(experiment.ManifestError, match="line 2: id 'cat' is used twice \\(line 1 has 'Cat'"):
+        experiment.manifest_cases(tmp_path / "m.jsonl")
