@@ -46,7 +46,8 @@ def _is_token(value) -> bool:
 _CONFIG_FIELDS = {
     **{key: _is_token for key in SPECIAL_KEYS},
     "model_max_length": lambda v: type(v) is int and 2 <= v <= MAX_LENGTH_LIMIT,
-    "added_tokens_decoder": lambda v: isinstance(v, dict) and all(map(_is_token, v.values())),
+    "added_tokens_decoder": lambda v: isinstance(v, dict) and all(map(_is_token, v.values()))
+                                      and all(key.isdecimal() for key in v),  # ids
     "add_prefix_space": lambda v: v is False,
     "do_lower_case": lambda v: v is True,
     "tokenizer_class": lambda v: v in ("CLIPTokenizer", "CLIPTokenizerFast"),
@@ -93,7 +94,26 @@ def _added_token(value, named: bool = False) -> AddedToken:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file's content, {} when the file is absent; anything else is a ValueError naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path.name}: not a UTF-8 JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _bpe(build, source: str):
+    """Run `build`, turning the `tokenizers` library's errors (plain Exceptions) into a ValueError naming `source`."""
+    try:
+        return build()
+    except Exception as e:
+        if type(e) is not Exception:
+            raise
+        raise ValueError(f"{source}: {e}") from None
 
 
 class CLIPTokenizer:
@@ -108,8 +128,9 @@ class CLIPTokenizer:
         """`specials` maps bos/eos/unk/pad_token to a string or an AddedToken dict; `added` are
         tokens declared before them (a tokenizer.json's `added_tokens`, in id order)."""
         specials = {**DEFAULT_SPECIALS, **specials}
-        backend = Tokenizer(BPE(vocab, merges, unk_token=_added_token(specials["unk_token"]).content,
-                                end_of_word_suffix=END_OF_WORD, fuse_unk=False))
+        unk = _added_token(specials["unk_token"]).content
+        backend = Tokenizer(_bpe(lambda: BPE(vocab, merges, unk_token=unk, end_of_word_suffix=END_OF_WORD,
+                                             fuse_unk=False), "the vocabulary and the merges do not agree"))
         backend.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -162,7 +183,8 @@ class CLIPTokenizer:
         if (path / "tokenizer.json").is_file():  # transformers prefers it to vocab.json + merges.txt
             vocab, merges, added = _read_tokenizer_json(path / "tokenizer.json")
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            vocab, merges = BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt"))
+            vocab, merges = _bpe(lambda: BPE.read_file(str(path / "vocab.json"), str(path / "merges.txt")),
+                                 "vocab.json / merges.txt")
             added = ()
         else:
             raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.json + merges.txt")
@@ -296,8 +318,10 @@ def _shorten(text: str, limit: int = 60) -> str:
 def _read_tokenizer_json(path: Path) -> tuple[dict, list, tuple[AddedToken, ...]]:
     """Vocabulary, merges and added tokens of a tokenizer.json. Like transformers' CLIPTokenizer, its
     normalizer, pre-tokenizer and post-processor are ignored: CLIP's are rebuilt."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = _read_json(path)
     model = data.get("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"tokenizer.json: model is a {type(model).__name__}, not an object")
     expected = {"type": "BPE", "end_of_word_suffix": END_OF_WORD, "dropout": None}
     for key, value in expected.items():
         if model.get(key) != value:
@@ -305,6 +329,8 @@ def _read_tokenizer_json(path: Path) -> tuple[dict, list, tuple[AddedToken, ...]
     if model.get("continuing_subword_prefix") not in (None, ""):
         raise ValueError(f"tokenizer.json: unsupported model.continuing_subword_prefix "
                          f"{model['continuing_subword_prefix']!r}")
+    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        raise ValueError("tokenizer.json: model.vocab must be an object and model.merges a list")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     added = sorted(data.get("added_tokens", []), key=lambda t: t["id"])
     for token in added:

@@ -304,3 +304,40 @@ def test_tokenizer_json_without_clip_end_of_word_suffix_fails_naming_it(folders,
 def test_folder_without_vocabulary_files_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         CLIPTokenizer.from_folder(tmp_path)
+
+
+def _vocab_without(*tokens):
+    vocab = json.loads((VOCAB_DIR / "vocab.json").read_text(encoding="utf-8"))
+    return json.dumps({k: v for k, v in vocab.items() if k not in tokens})
+
+
+@pytest.mark.parametrize("file, content, words", [
+    ("tokenizer_config.json", "{oops", "tokenizer_config.json: not a UTF-8 JSON file (Expecting property name"),
+    ("tokenizer_config.json", b'{"errors": "\xff"}', "tokenizer_config.json: not a UTF-8 JSON file ('utf-8' codec"),
+    ("tokenizer_config.json", "[]", "tokenizer_config.json: expected a JSON object, got a list"),
+    ("special_tokens_map.json", "[1]", "special_tokens_map.json: expected a JSON object, got a list"),
+    ("tokenizer_config.json", json.dumps({"added_tokens_decoder": {"x": "<|endoftext|>"}}),
+     "tokenizer_config.json: unsupported value for 'added_tokens_decoder'"),
+    ("vocab.json", "{oops", "vocab.json / merges.txt: Error while reading vocab & merges files"),
+    ("vocab.json", "[1, 2]", "vocab.json / merges.txt: Error while reading vocab & merges files: Bad vocabulary"),
+    ("merges.txt", "#version: 0.2\na b c\n", "vocab.json / merges.txt: Error while reading vocab & merges files: "
+                                             "Merges text file invalid at line 1"),
+    ("merges.txt", "#version: 0.2\nzz qq\n", "the vocabulary and the merges do not agree: Error while "
+                                             "initializing BPE: Token `zzqq` out of vocabulary"),
+    ("vocab.json", _vocab_without("in</w>"), "the vocabulary and the merges do not agree"),
+    ("tokenizer.json", "[]", "tokenizer.json: expected a JSON object, got a list"),
+    ("tokenizer.json", json.dumps({"model": []}), "tokenizer.json: model is a list, not an object"),
+    ("tokenizer.json", json.dumps({"model": {"type": "BPE", "end_of_word_suffix": "</w>", "dropout": None,
+                                             "vocab": {"a": 0}, "merges": ["a b"]}}),
+     "the vocabulary and the merges do not agree: Error while initializing BPE: Token `b` out of vocabulary"),
+])
+def test_a_broken_tokenizer_file_is_a_value_error_naming_it(tmp_path, file, content, words):
+    """They escaped as AttributeError ('list' object has no attribute 'items'), the tokenizers library's bare
+    Exception ("Error while reading vocab & merges files ..."), or a JSON error that named no file: from_pretrained
+    passed them on raw (its ConfigError wraps ValueErrors only), and the command line took them for a bug (exit 1)."""
+    folder = _write_hub_folder(tmp_path / "tok", "<|endoftext|>")
+    write = (folder / file).write_bytes if isinstance(content, bytes) else (folder / file).write_text
+    write(content)
+    with pytest.raises(ValueError) as e:
+        CLIPTokenizer.from_folder(folder)
+    assert type(e.value) is ValueError and str(e.value).startswith(words), str(e.value)
