@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from .image_files import displayed, displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits
+from .image_files import displayed, displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits, to_rgb
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -38,7 +38,8 @@ def to_tensor(image: ImageInput, vae_scale_factor: int) -> torch.Tensor:
     """PIL image(s), numpy (H, W, C) / (B, H, W, C) in [0, 1], or torch (C, H, W) / (B, C, H, W) in [0, 1] ->
     (B, C, H', W') float32 in [-1, 1], H' and W' rounded down to a multiple of `vae_scale_factor` (PIL: Lanczos
     resize; arrays: nearest). Arrays already in [-1, 1] (a negative value) are kept, with a warning, as diffusers
-    does; a torch batch with 4 channels is taken as latents and returned as is."""
+    does; a torch batch with 4 channels is taken as latents and returned as is. PIL images of any mode are read as
+    `image_files.to_rgb` reads them; arrays of another shape, dtype or range are a ValueError (`_checked_pixels`)."""
     images = image if isinstance(image, list) else [image]
     if not images:
         raise ValueError("no image given")
@@ -48,19 +49,23 @@ def to_tensor(image: ImageInput, vae_scale_factor: int) -> torch.Tensor:
         h, w = _floor_to_multiple(h, w, vae_scale_factor)
         if h == 0 or w == 0:
             raise ValueError(f"image of size {first.size} is smaller than the VAE factor {vae_scale_factor}")
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        # as everywhere in diffedit (`image_files.to_rgb`): 16-bit, 32-bit and float samples by their format's
+        # range (Pillow's own conversion clips them to 0-255), transparency onto white
+        images = [to_rgb(im, "image") for im in images]
         arrays = [np.array(im.resize((w, h), resample=PIL.Image.LANCZOS)).astype(np.float32) / 255.0 for im in images]
         batch = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))  # (B, 3, H, W)
     elif isinstance(first, np.ndarray):
         arrays = np.concatenate(images) if first.ndim == 4 else np.stack(images)
         if arrays.ndim == 3:
             arrays = arrays[..., None]
-        batch = _resize_nearest(torch.from_numpy(arrays.transpose(0, 3, 1, 2)), vae_scale_factor)
+        if arrays.ndim == 4:
+            arrays = arrays.transpose(0, 3, 1, 2)
+        batch = _resize_nearest(_checked_pixels(torch.from_numpy(arrays), first, vae_scale_factor), vae_scale_factor)
     elif isinstance(first, torch.Tensor):
         batch = torch.cat(images) if first.ndim == 4 else torch.stack(images)
-        if batch.shape[1] == 4:  # latents, not pixels
+        if batch.ndim == 4 and batch.shape[1] == 4:  # latents, not pixels
             return batch
-        batch = _resize_nearest(batch, vae_scale_factor)
+        batch = _resize_nearest(_checked_pixels(batch, first, vae_scale_factor), vae_scale_factor)
     else:
         raise TypeError(f"image must be a PIL image, a numpy array, a torch tensor or a list of them, "
                         f"got {type(first).__name__}")
@@ -68,6 +73,28 @@ def to_tensor(image: ImageInput, vae_scale_factor: int) -> torch.Tensor:
         warnings.warn("image values are below 0: taken as already in [-1, 1] (pass [0, 1] images)", FutureWarning)
         return batch
     return 2.0 * batch - 1.0
+
+
+def _checked_pixels(batch: torch.Tensor, first: np.ndarray | torch.Tensor, factor: int) -> torch.Tensor:
+    """A numpy or torch batch (B, C, H, W) as the VAE can take it, or a ValueError naming `image`, what it holds
+    and the fix: 3 channels, sides of at least `factor`, finite floats in [0, 1] (or [-1, 1]). diffusers takes
+    anything here: other values become garbage pixels, silently (0-255 floats, NaN); other shapes fail deep in the
+    VAE or in a resize."""
+    kind = "an array" if isinstance(first, np.ndarray) else "a tensor"
+    layout = "(H, W, 3) or (B, H, W, 3)" if isinstance(first, np.ndarray) else "(3, H, W) or (B, 3, H, W)"
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"image: {kind} of pixels must be {layout} (RGB), got shape {tuple(first.shape)}")
+    if batch.shape[2] < factor or batch.shape[3] < factor:
+        raise ValueError(f"image of size {batch.shape[3]}x{batch.shape[2]} is smaller than the VAE factor {factor}")
+    if not batch.is_floating_point():
+        raise ValueError(f"image: expected floats in [0, 1], got dtype {str(batch.dtype).removeprefix('torch.')}")
+    if not bool(torch.isfinite(batch).all()):
+        raise ValueError("image holds NaN or infinite values: give floats in [0, 1]")
+    lo, hi = float(batch.min()), float(batch.max())
+    if lo < -1 or hi > 1:
+        raise ValueError(f"image: values in [{lo:g}, {hi:g}]: give floats in [0, 1] (or in [-1, 1]); 0-255 values: "
+                         "divide by 255")
+    return batch
 
 
 def _resize_nearest(batch: torch.Tensor, factor: int) -> torch.Tensor:

@@ -213,3 +213,36 @@ def test_a_mask_means_the_same_region_in_every_form_it_comes_in(tmp_path):
     PIL.Image.fromarray(rgba, "RGBA").save(tmp_path / "stroke.png")
     for given in (PIL.Image.fromarray(rgba, "RGBA"), tmp_path / "stroke.png"):
         assert np.array_equal(np.asarray(imgs.load_mask(given, (6, 4))) > 0, want), given
+
+
+def test_facade_pixels_that_diffusers_turns_into_garbage_are_refused_by_name_before_work():
+    """diffusers' processor computes on anything: 0-255 floats became values up to 509 and NaN stayed NaN, silently
+    (the VAE encoded them); greyscale, RGBA and channel-last arrays, and pictures smaller than the VAE factor, failed
+    deep in the VAE or in a resize. Each is now a ValueError naming `image` and the fix."""
+    proc = processor()
+    rgb255 = np.full((16, 16, 3), 200.0, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert proc.preprocess(rgb255).max() > 1  # what diffusers does with it
+    for image, message in [(rgb255, r"values in \[200, 200\]: give floats in \[0, 1\].*divide by 255"),
+                           (torch.full((3, 16, 16), -2.0), r"values in \[-2, -2\]"),
+                           (np.full((16, 16, 3), np.nan, np.float32), "NaN or infinite"),
+                           (np.ones((16, 16, 3), bool), "expected floats in"),
+                           (np.full((16, 16), 0.5, np.float32), r"an array of pixels must be \(H, W, 3\).*\(16, 16\)"),
+                           (np.full((16, 16, 4), 0.5, np.float32), r"got shape \(16, 16, 4\)"),
+                           (torch.full((16, 16, 3), 0.5), r"a tensor of pixels must be \(3, H, W\).*\(16, 16, 3\)"),
+                           (torch.full((16, 16), 0.5), r"a tensor of pixels"),
+                           (np.full((4, 4, 3), 0.5, np.float32), "4x4 is smaller than the VAE factor 8")]:
+        with pytest.raises(ValueError, match=message):
+            imgs.to_tensor(image, 8)
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(imgs.to_tensor(x, 8), proc.preprocess(x))  # [0, 1] pixels: diffusers' numbers
+
+
+def test_facade_16_bit_and_float_pil_images_are_read_by_their_range_not_clipped():
+    """Pillow's convert("RGB") clips 16-bit samples to 255 (a mid-grey 30000 became white) and truncates float ones
+    (0.5 became black)."""
+    mid16 = PIL.Image.fromarray(np.full((16, 16), 257 * 128, np.uint16))
+    half = PIL.Image.fromarray(np.full((16, 16), 0.5, np.float32))
+    for picture in (mid16, half):
+        assert abs(float(imgs.to_tensor(picture, 8).mean())) < 0.01  # mid-grey is 0 in [-1, 1]
