@@ -66,6 +66,7 @@ from .schedulers.ddim import DDIMConfig, DDIMScheduler
 from .shipped_model import (SCHEDULER_CONFIG, build_text_encoder, build_unet, build_vae, export, folder_size_mb,
                             install_shipped, with_scaling_factor, write_tokenizer)
 from .outputs import OutputPathError
+from .validation import one_line
 from .stable_diffusion import StableDiffusion
 
 STEPS_OR_NONE = number(int, 0)  # a count that may be 0 (no steps, no samples)
@@ -113,6 +114,13 @@ CUDA_DEFAULTS = replace(
 
 _STAGE_SEED = {"vae": 1, "unet": 2}
 
+# The settings that make a run what it is: a checkpoint is resumed only with the same ones. The others may change
+# between an interruption and its resume: where it runs (device, amp, threads), how long (the step counts, the time
+# budget and its VAE share), and the log, checkpoint and preview cadence.
+RUN_FIELDS = ("seed", "vae_batch_size", "vae_lr", "batch_size", "unet_lr", "warmup_steps", "min_lr_ratio", "kl_weight",
+              "edge_weight", "cfg_dropout", "ema_decay", "grad_clip", "scale_samples", "init_from", "edit_t_share",
+              "edit_t_max")
+
 
 def step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
     """The scene generator of one training step: a function of (seed, stage, step) only."""
@@ -148,6 +156,11 @@ class TrainingRun:
         if not resume and any(self.ckpt_dir.glob("*.safetensors")):
             raise OutputPathError(f"{self.ckpt_dir} already holds checkpoints: pass --resume to continue that run, "
                                   "or choose another --out / --checkpoint-dir")
+        if not resume and (out / "log.jsonl").is_file():  # a log of another run: this one's would be appended to it
+            raise OutputPathError(f"{out} already holds a run (its log.jsonl): pass --resume to continue that run, "
+                                  "or choose another --out")
+        if resume:
+            self.check_resumable()
         out.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = (out / "log.jsonl").open("a")
@@ -156,6 +169,31 @@ class TrainingRun:
         vae_share = math.inf if budget is None else settings.vae_budget_fraction * (budget - self.reserve)
         self.vae_deadline = self.t0 + vae_share
         self.unet_deadline = math.inf if budget is None else self.t0 + budget - self.reserve
+
+    def check_resumable(self) -> None:
+        """Refuse to continue a stage whose checkpoint was written with other `RUN_FIELDS` (another seed, batch,
+        learning rate, base model ...): the resumed run would be neither. Read from the checkpoints' headers only,
+        before any work; a stage its time budget ended is finished and is only loaded, so its settings may differ
+        (`--resume --install` exports it on any device)."""
+        for stage in ("vae", "unet"):
+            path = self.ckpt(stage)
+            if not path.is_file():
+                continue
+            try:
+                with safe_open(str(path), "np") as f:
+                    meta = json.loads(f.metadata()["state"])
+            except Exception as e:  # noqa: BLE001 - SafetensorError, a missing or non-JSON "state"
+                raise BadInput(f"checkpoint {path} is not one `diffedit train` wrote, or is damaged ({one_line(e)}): "
+                               "remove it or choose another --out / --checkpoint-dir") from None
+            if meta.get("stopped_by") == "time budget":
+                continue
+            old = meta.get("settings", {})
+            differ = [name for name in RUN_FIELDS if name in old and old[name] != getattr(self.s, name)]
+            if differ:
+                was = ", ".join(f"{name} {old[name]!r}" for name in differ)
+                now = ", ".join(f"{name} {getattr(self.s, name)!r}" for name in differ)
+                raise BadInput(f"--resume: {path} was written by a run with {was}, but this run has {now}: resume "
+                               "with that run's flags (the settings line of its log.jsonl), or choose another --out")
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -295,15 +333,16 @@ def train_vae(run: TrainingRun, device: torch.device) -> tuple[AutoencoderKL, di
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, prior_elapsed = state["step"], state["elapsed_s"]
-        if state["scaling_factor"] is not None and (step >= s.vae_steps or run.ckpt("unet").is_file()):
+        finished = step >= s.vae_steps or state.get("stopped_by") == "time budget" or run.ckpt("unet").is_file()
+        if state["scaling_factor"] is not None and finished:
             run.log({"stage": "vae", "event": "loaded", "step": step, "scaling_factor": state["scaling_factor"]})
             info = {"vae_steps": step, "vae_train_s": round(prior_elapsed, 1)}
             return with_scaling_factor(vae, state["scaling_factor"]).eval().requires_grad_(False), info
 
-    def save(scaling_factor=None):
+    def save(scaling_factor=None, stopped_by=None):
         run.save_checkpoint("vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
                                     "scaling_factor": scaling_factor, "elapsed_s": clock.elapsed_s(),
-                                    "settings": asdict(s)})
+                                    "stopped_by": stopped_by, "settings": asdict(s)})
 
     clock = StageClock(s.vae_steps, run.vae_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "vae", "event": "start", "step": step, "params_M": _millions(vae), "batch": s.vae_batch_size})
@@ -332,7 +371,7 @@ def train_vae(run: TrainingRun, device: torch.device) -> tuple[AutoencoderKL, di
     bar.close()
     vae.eval().requires_grad_(False)
     scale = latent_scale(vae, s.seed, device, s.scale_samples)
-    save(scale)
+    save(scale, clock.stopped_by(step))
     info = {"vae_steps": step, "vae_train_s": round(clock.elapsed_s(), 1)}
     run.log({"stage": "vae", "event": "done", "step": step, "scaling_factor": scale,
              "stopped_by": clock.stopped_by(step)})
@@ -397,12 +436,16 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
             module.load_state_dict(state[key])
         opt.load_state_dict(state["opt"])
         step, prior_elapsed = state["step"], state["elapsed_s"]
+        if state.get("stopped_by") == "time budget":  # finished: resuming would restart its decayed learning rate
+            run.log({"stage": "unet", "event": "loaded", "step": step})
+            info = {"unet_steps": step, "unet_train_s": round(prior_elapsed, 1)}
+            return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), info
 
-    def save():
+    def save(stopped_by=None):
         run.save_checkpoint("unet", {"unet": unet.state_dict(), "text_encoder": text.state_dict(),
                                      "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
                                      "opt": opt.state_dict(), "step": step, "elapsed_s": clock.elapsed_s(),
-                                     "settings": asdict(s)})
+                                     "stopped_by": stopped_by, "settings": asdict(s)})
 
     clock = StageClock(s.unet_steps, run.unet_deadline, s.save_every_s, prior_elapsed)
     run.log({"stage": "unet", "event": "start", "step": step, "unet_params_M": _millions(unet),
@@ -442,7 +485,7 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
             loss_sum, count = 0.0, 0
         clock.save_if_due(save)
     bar.close()
-    save()
+    save(clock.stopped_by(step))
     info = {"unet_steps": step, "unet_train_s": round(clock.elapsed_s(), 1)}
     run.log({"stage": "unet", "event": "done", "step": step, "stopped_by": clock.stopped_by(step)})
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), info

@@ -232,3 +232,42 @@ def test_stage_clock_stops_at_the_step_count_or_the_deadline_and_saves_when_due(
     assert not clock.running(0)  # past the deadline (1100)
     now[0] = 1100.0
     assert not clock.running(0)  # at the deadline: stopped
+
+
+def test_resuming_a_run_its_time_budget_ended_exports_it_again_without_training_more(tmp_path):
+    """`--resume --install` after a budgeted run (README) trained the UNet for a whole new budget, its learning rate
+    back near the peak: a finished stage is now loaded, and the export is the same model."""
+    s = replace(SMOKE, vae_steps=10**6, unet_steps=10**6, time_budget_s=2.0, preview_n=0)
+    first = _weights(train.train(s, tmp_path))
+    again = _weights(train.train(s, tmp_path, resume=True))
+    for name in first:
+        assert all(torch.equal(first[name][k], again[name][k]) for k in first[name]), name
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resumed = records[[r.get("event") for r in records].index("exported") + 1:]
+    assert [(r["stage"], r["event"]) for r in resumed if r.get("stage")] == [("vae", "loaded"), ("unet", "loaded")]
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings_before_any_work(tmp_path, capsys):
+    """A checkpoint of another seed or batch size (or of a CUDA run resumed with the CPU defaults) was continued
+    with the new settings: a run that is neither. Now one line, exit 2, the log untouched."""
+    train.train(replace(SMOKE, unet_steps=1, preview_n=0), tmp_path)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    capsys.readouterr()
+    code = train.main(["--out", str(tmp_path), "--resume", "--vae-steps", "2", "--unet-steps", "3", "--batch-size",
+                       "4", "--vae-batch-size", "2", "--scale-samples", "8", "--time-budget-s", "0", "--seed", "1",
+                       "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"diffedit: error: --resume: {tmp_path / 'checkpoints'}")
+    assert "seed 0, batch_size 2, but this run has seed 1, batch_size 4" in err[0]
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+
+
+def test_a_folder_holding_another_runs_log_needs_resume(tmp_path):
+    """Its log.jsonl was appended to (and its model overwritten) when its checkpoints were elsewhere or not yet
+    written."""
+    (tmp_path / "log.jsonl").write_text('{"event": "settings"}\n')
+    with pytest.raises(OutputPathError, match="already holds a run .*--resume"):
+        train.train(SMOKE, tmp_path)
+    assert (tmp_path / "log.jsonl").read_text() == '{"event": "settings"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
