@@ -8,7 +8,9 @@ its input before it loads torch, and the one-call API uses the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -31,12 +33,15 @@ def open_image(path: Path, what: str = "image", max_pixels: int | None = None,
     checked before decoding (`limit_name` is how the message names it: the command line's flag); without it,
     Pillow's own decompression-bomb limit applies."""
     check_readable(Path(path), what, ImageFileError)
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = None  # our own limit is checked before decoding
     try:
-        img = Image.open(path)
+        with _pillow_limit_off(max_pixels is not None):  # our own limit is checked before decoding
+            img = Image.open(path)
     except UnidentifiedImageError:
         raise ImageFileError(f"{what} {path} is not an image (or not in a format Pillow reads)") from None
+    except Image.DecompressionBombError:  # only without max_pixels: it was "corrupt"
+        raise ImageFileError(f"{what} {path} is over Pillow's decompression-bomb limit of "
+                             f"{2 * Image.MAX_IMAGE_PIXELS} pixels: downscale it (or, trusting the file, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS)") from None
     except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on corrupt headers
         raise ImageFileError(f"{what} {path} is corrupt: {e}") from None
     w, h = img.size
@@ -46,10 +51,29 @@ def open_image(path: Path, what: str = "image", max_pixels: int | None = None,
                              f"{max_pixels}: downscale it (to {max(1, int(w * s))}x{max(1, int(h * s))} or less) "
                              f"or pass {limit_name} {w * h}")
     try:
-        img.load()
+        with _pillow_limit_off(max_pixels is not None):  # some plugins check it again as they decode
+            img.load()
     except Exception as e:  # noqa: BLE001 - truncated data: OSError; some plugins SyntaxError, ValueError, EOFError
         raise ImageFileError(f"{what} {path} is truncated or corrupt ({e})") from None
     return img
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_limit_off(off: bool):
+    """Pillow's decompression-bomb limit (a process-wide setting) off inside, when `off`, and back as it was after:
+    left off, every later Pillow user in the process (the demo's web server, the caller's code) lost it."""
+    if not off:
+        yield
+        return
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def read_image(path: Path, note: Note | None = None, max_pixels: int | None = None,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .image_files import displayed, displayed_rgb, mask_cells, mask_samples, read_image, read_mask, sample_bits, to_rgb
+from .validation import one_line
 
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | list
 
@@ -172,7 +173,7 @@ def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathL
     if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image))
     if isinstance(image, PIL.Image.Image):
-        return displayed_rgb(image, "image")
+        return displayed_rgb(decoded(image, "image"), "image")
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"image: a tensor must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
@@ -200,6 +201,17 @@ def load_rgb(image: PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathL
                          "8 bits, or pass floats in [0, 1])")
     image = image.astype(np.uint8)
     return PIL.Image.fromarray(image.repeat(3, axis=2) if image.shape[2] == 1 else image)
+
+
+def decoded(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """A PIL image the caller opened, decoded now: one that cannot be (a truncated or corrupt file, a closed image)
+    is a ValueError naming the argument, not Pillow's OSError from the middle of the work."""
+    try:
+        image.load()
+    except Exception as e:  # noqa: BLE001 - truncated data: OSError; closed: ValueError; some plugins others
+        raise ValueError(f"{name}: the PIL image cannot be decoded ({one_line(e)}): pass a complete, open picture, or "
+                         "its file's path") from None
+    return image
 
 
 def working_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -246,7 +258,7 @@ def load_mask(mask, size: tuple[int, int]) -> PIL.Image.Image:
         return read_mask(Path(mask), size)
     bits = None
     if isinstance(mask, PIL.Image.Image):
-        mask = displayed(mask)  # as the image: the first frame, turned as its EXIF orientation says
+        mask = displayed(decoded(mask, "mask"))  # as the image: the first frame, turned as its EXIF orientation says
         samples, bits = mask_samples(mask), sample_bits(mask)
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
         if isinstance(mask, torch.Tensor):

@@ -122,3 +122,50 @@ def test_a_mask_with_an_exif_orientation_marks_the_region_a_viewer_shows_like_it
         assert np.array_equal(np.asarray(mask) > 0, shown)
     Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "wide.png", exif=exif.tobytes())
     assert read_mask(tmp_path / "wide.png", (16, 24)).size == (16, 24)  # 24x16 stored, 16x24 shown: the image's
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says `width` x `height` (what Pillow checks before decoding), with no real pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+                     + chunk(b"IEND", b""))
+
+
+def test_our_pixel_limit_leaves_pillows_decompression_bomb_limit_as_it_was_and_that_limit_is_named(tmp_path,
+                                                                                                     monkeypatch):
+    """A read under max_pixels switched Pillow's process-wide bomb limit off for good (every later Pillow user in the
+    process, the demo's server included, lost it); without max_pixels, a bomb was called "corrupt"."""
+    from diffedit.image_files import open_image
+
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89478485)  # Pillow's default (another test may have changed it)
+    with pytest.raises(ImageFileError, match="20000x20000 .* over --max-pixels 1000"):
+        open_image(tmp_path / "bomb.png", max_pixels=1000, limit_name="--max-pixels")
+    shape_image((8, 8)).save(tmp_path / "ok.png")
+    open_image(tmp_path / "ok.png", max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS == 89478485
+    with pytest.raises(ImageFileError, match="bomb.png is over Pillow's decompression-bomb limit of .*: downscale"):
+        read_image(tmp_path / "bomb.png")
+    with pytest.raises(ImageFileError, match="over Pillow's decompression-bomb limit"):
+        load_rgb(tmp_path / "bomb.png")
+
+
+def test_a_pil_image_that_cannot_be_decoded_is_a_value_error_naming_the_argument(tmp_path):
+    """A truncated file the caller opened was Pillow's OSError, from the middle of `edit`."""
+    from diffedit.image_tensors import load_mask
+
+    noise = Image.effect_noise((64, 64), 60).convert("RGB")
+    noise.save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"^image: the PIL image cannot be decoded \(image file is truncated\)"):
+        load_rgb(Image.open(tmp_path / "cut.png"))
+    with pytest.raises(ValueError, match=r"^mask: the PIL image cannot be decoded"):
+        load_mask(Image.open(tmp_path / "cut.png"), (64, 64))
+    closed = Image.open(tmp_path / "full.png")
+    closed.close()
+    with pytest.raises(ValueError, match=r"^image: the PIL image cannot be decoded \(Operation on closed image\)"):
+        load_rgb(closed)
