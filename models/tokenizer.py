@@ -15,7 +15,9 @@ The ids match transformers' `CLIPTokenizer` (5.x, what diffusers pipelines call)
 Words added later (`add_word`, for textual inversion) are matched as transformers' `add_tokens` matches them:
 anywhere in the text, after lower-casing. A word added with n > 1 ids stands for all n in a row (its
 `word_1` ... `word_{n-1}` are tokens too), the ids diffusers' `maybe_convert_prompt` produces by rewriting
-`word` as `word word_1 ...` before tokenizing.
+`word` as `word word_1 ...` before tokenizing. Words a folder was saved with (tokenizer.json's added tokens,
+`added_tokens_decoder`, or transformers < 4.34's added_tokens.json) follow the same rule: an added `word` with
+`word_1` beside it stands for `word word_1 ...`.
 """
 
 import json
@@ -146,7 +148,8 @@ class CLIPTokenizer:
         self._backend = backend
         self._base_backend: str | None = None  # the backend before any `add_word`, serialized on the first one
         self._words: list[tuple[str, int]] = []  # added words and their id counts, in id order
-        self._runs: dict[int, list[int]] = {}  # a multi-id word's first id -> all its ids
+        self._saved_runs = _saved_runs(backend, [t.content for t in added])  # words saved with the folder
+        self._runs: dict[int, list[int]] = dict(self._saved_runs)  # a multi-id word's first id -> all its ids
         self.model_max_length = model_max_length
         self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = (
             self._token_id(key, token.content) for key, token in zip(SPECIAL_KEYS, named))
@@ -190,6 +193,7 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.json + merges.txt")
 
         specials = {key: config[key] for key in SPECIAL_KEYS if key in config}
+        stated = {}  # added tokens' ids as added_tokens.json states them
         if "added_tokens_decoder" in config:
             decoder = {int(i): _added_token(t) for i, t in config["added_tokens_decoder"].items()}
             added = tuple(decoder[i] for i in sorted(decoder))
@@ -201,7 +205,15 @@ class CLIPTokenizer:
             special_map = _read_json(path / "special_tokens_map.json")
             _check_fields(special_map, _SPECIAL_MAP_FIELDS, "special_tokens_map.json")
             specials.update({key: _as_special(special_map[key]) for key in SPECIAL_KEYS if key in special_map})
-        return cls(vocab, merges, specials, added, config.get("model_max_length", 77))
+            if not added:  # transformers < 4.34's file of added tokens, {text: id}
+                stated = _read_json(path / "added_tokens.json")
+                added = _legacy_added_tokens(stated, specials)
+        tokenizer = cls(vocab, merges, specials, added, config.get("model_max_length", 77))
+        for text, i in stated.items():  # the ids the file states are the ids the tokens took
+            if (got := tokenizer._backend.token_to_id(text)) != i:
+                raise ValueError(f"added_tokens.json: {text!r} has id {i}, but the vocabulary and the tokens before "
+                                 f"it give it {got}")
+        return tokenizer
 
     def num_tokens(self, prompt: str) -> int:
         """Number of tokens of `prompt`, without bos and eos (0 for an empty or blank prompt); a multi-id added
@@ -276,7 +288,7 @@ class CLIPTokenizer:
         kept = [(w, n) for w, n in self._words if w not in words]
         if self._base_backend is not None:
             self._backend = Tokenizer.from_str(self._base_backend)
-        self._words, self._runs = [], {}
+        self._words, self._runs = [], dict(self._saved_runs)
         for word, n_ids in kept:
             self.add_word(word, n_ids)
 
@@ -304,6 +316,32 @@ class CLIPTokenizer:
                 tokens = tokens[:room]
             ids[row, : len(tokens) + 2] = torch.tensor([self.bos_token_id, *tokens, self.eos_token_id])
         return ids
+
+
+def _legacy_added_tokens(stated: dict, specials: dict) -> tuple[AddedToken, ...]:
+    """added_tokens.json's {text: id}, where transformers < 4.34 saved added tokens (a pipeline saved after
+    `load_textual_inversion`), as transformers 5 reads them: a named special token's text is special and matched on
+    the raw text, any other is normalized. In id order."""
+    for text, i in stated.items():
+        if type(i) is not int:
+            raise ValueError(f"added_tokens.json: {text!r} has id {i!r}, not an integer")
+    names = {_added_token(value).content for value in specials.values()}
+    return tuple(AddedToken(text, special=text in names, normalized=text not in names)
+                 for text, _ in sorted(stated.items(), key=lambda item: item[1]))
+
+
+def _saved_runs(backend: Tokenizer, added: list[str]) -> dict[int, list[int]]:
+    """Multi-vector words a folder was saved with (a pipeline saved after `load_textual_inversion`): an added token
+    `word` with `word_1` beside it stands for `word word_1 ... word_k` (while `word_i` exists), as diffusers'
+    `maybe_convert_prompt` rewrites a prompt with any added token it finds."""
+    names, runs = set(added), {}
+    for word in added:
+        run = [word]
+        while f"{word}_{len(run)}" in names:
+            run.append(f"{word}_{len(run)}")
+        if len(run) > 1:
+            runs[backend.token_to_id(word)] = [backend.token_to_id(name) for name in run]
+    return runs
 
 
 def _as_special(value):

@@ -175,6 +175,21 @@ def test_kohya_and_a1111_files_without_token_are_named_by_the_file_not_by_their_
     assert sd.load_textual_inversion(a1111) == ["mystyle-v2"]
 
 
+def test_a_pipeline_saved_after_loading_words_reads_them_as_diffusers_does(models, tmp_path):
+    """diffusers' save_pretrained after load_textual_inversion keeps the words as added tokens and the rows in the
+    text encoder; its maybe_convert_prompt then reads `<tok>` as `<tok> <tok>_1 ...`. We read the saved `<tok>` as
+    one vector of three (the runs came from add_word only)."""
+    sd, pipe = models
+    pipe.load_textual_inversion([{"<saved>": vectors(3, 46)}, {"<one>": vectors(None, 47)}])
+    pipe.save_pretrained(tmp_path / "saved")
+    saved, reloaded = StableDiffusion.from_pretrained(tmp_path / "saved"), reference_pipeline(tmp_path / "saved")
+    assert saved.tokenizer("a <saved>")[0, :6].tolist() == [49406, 320, 49408, 49409, 49410, 49407]
+    assert_text_states_match(saved, reloaded, ["a <saved>-style cat", "<one>, <saved> and <saved>", "no word"])
+    saved.load_textual_inversion({"<new>": vectors(2, 48)})  # a word added on top, then unloaded: the saved stay
+    saved.unload_textual_inversion()
+    assert_text_states_match(saved, reloaded, ["a <saved>-style cat with <one>"])
+
+
 def test_multi_vector_word_expands_whatever_its_case_where_diffusers_keeps_one_vector(models, tmp_path):
     """diffusers expands `<tok>` only when the token and the prompt are lower case (maybe_convert_prompt compares
     the tokenizer's lower-cased pieces with the token as loaded, then replaces case-sensitively); otherwise it

@@ -341,3 +341,30 @@ def test_a_broken_tokenizer_file_is_a_value_error_naming_it(tmp_path, file, cont
     with pytest.raises(ValueError) as e:
         CLIPTokenizer.from_folder(folder)
     assert type(e.value) is ValueError and str(e.value).startswith(words), str(e.value)
+
+
+def test_added_tokens_json_of_older_transformers_is_read_as_transformers_reads_it(tmp_path):
+    """transformers < 4.34 saved added tokens (a pipeline saved after load_textual_inversion) in added_tokens.json,
+    which transformers 5 still reads; it was ignored, so '<x>' was read as the pieces '<', 'x', '>'. A word with
+    '<x>_1' beside it stands for both, the ids diffusers' maybe_convert_prompt gives."""
+    from transformers import CLIPTokenizer as Reference
+
+    folder = _write_hub_folder(tmp_path / "tok", "<|endoftext|>")
+    (folder / "added_tokens.json").write_text(json.dumps({"<x>": 49408, "<x>_1": 49409, "<Y>": 49410}))
+    ours, reference = CLIPTokenizer.from_folder(folder), Reference.from_pretrained(folder)
+    assert len(ours) == len(reference) == 49411 and ours.get_vocab()["<Y>"] == 49410
+    for prompt in ["a <Y> b", "a <y>, <|endoftext|>x <Y>!", "<x>-style <y>", "no word"]:
+        expected = _reference_ids(reference, [prompt.replace("<x>", "<x> <x>_1")], 77)
+        assert ours(prompt).tolist() == expected.tolist(), prompt
+    assert ours("<x>")[0, :4].tolist() == [BOS, 49408, 49409, EOS]
+
+
+def test_added_tokens_json_with_ids_the_tokens_do_not_take_is_refused_naming_it(tmp_path):
+    folder = _write_hub_folder(tmp_path / "tok", "<|endoftext|>")
+    for stated, words in [({"<x>": 49409}, "added_tokens.json: '<x>' has id 49409, but the vocabulary and the tokens "
+                                           "before it give it 49408"),
+                          ({"<x>": "49408"}, "added_tokens.json: '<x>' has id '49408', not an integer")]:
+        (folder / "added_tokens.json").write_text(json.dumps(stated))
+        with pytest.raises(ValueError) as e:
+            CLIPTokenizer.from_folder(folder)
+        assert str(e.value) == words
