@@ -7,7 +7,9 @@ ratio, the inversion's guidance scale, the image's size and working size, the pr
 LoRA adapters (`lora`: each active one's file digest and weight; absent in older files: none) and the learned
 words (`embeddings`: each textual-inversion word, its id count and a digest of its vectors; absent: none) and
 the picture (`image_digest`: `picture_digest` of the RGB picture that was inverted; absent in older files, which
-load but cannot be checked against a picture) (`format` "diffedit-latents", `version` "1"). Files written by
+load but cannot be checked against a picture), the tokenizer (`tokenizer`: `tokenizer_record`, which the model
+fingerprint leaves out; absent in older files: unchecked) and the dtype the inversion ran in (`dtype`, a record
+only: a float16 inversion decodes in float32 too) (`format` "diffedit-latents", `version` "1"). Files written by
 `diffedit invert` since version 0.1.0 have this layout and load here.
 
 `read_inversion_metadata` is torch-free and cheap (the command line checks a file before it loads anything);
@@ -106,6 +108,12 @@ def read_inversion_metadata(path: Path) -> dict:
     for key, valid in _METADATA_RANGES.items():
         if not valid(meta[key]):
             raise InversionFileError(f"latents file {path} has damaged metadata ({key}={meta[key]}): invert again")
+    from .params import SAMPLERS
+
+    if meta.get("sampler", "ddim") not in SAMPLERS:  # files from before the sampler was recorded: DDIM
+        raise InversionFileError(f"latents file {path} was inverted with sampler {meta['sampler']!r}, which this "
+                                 f"diffedit does not know (it runs {', '.join(SAMPLERS)}): invert again with one of "
+                                 "them, or use the diffedit that wrote it")
     return meta
 
 
@@ -165,9 +173,25 @@ def inversion_metadata(inversion, *, model, params, image_size: tuple[int, int],
             "working_width": w * f, "working_height": h * f, "prompt": "" if prompt is None else prompt,
             "guidance": params.inversion_guidance_scale, "seed": "" if seed is None else seed, "mode": mode,
             "sampler": params.sampler, "lora": lora_record(model), "lora_scale": params.lora_scale,
-            "embeddings": embeddings_record(model),
+            "embeddings": embeddings_record(model), "tokenizer": tokenizer_record(model),
+            "dtype": str(model.dtype).removeprefix("torch."),
             **({} if picture is None else {"image_digest": picture_digest(picture)}),
             "diffedit_version": __version__}
+
+
+def tokenizer_record(model) -> str:
+    """A digest of the tokenizer a saved inversion's prompt went through: the files of a model folder's tokenizer/
+    (vocabulary, merges, special tokens, padding), which `model_fingerprint` leaves out, and its padding token and
+    length. Another padding token alone moves every text state. A single file's tokenizer comes from its configs,
+    whose padding its fingerprint holds: its digest is of the padding only."""
+    h = hashlib.sha256(f"{model.tokenizer.pad_token_id}:{model.tokenizer.model_max_length}".encode())
+    folder = Path(model.folder) / "tokenizer"
+    if Path(model.folder).is_dir() and folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}:".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def lora_record(model) -> str:
@@ -212,7 +236,7 @@ def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[in
     tensors show is checked (its levels must be the ones params' num_inference_steps, inpaint_strength and sampler
     give on this model, its latent channels the model's); the inversion guidance, LoRA scale and corrections
     cannot be seen in the latents, so params must be the very ones the inversion ran with. image_size: the input
-    picture's (width, height), ints >= 1; prompt: None or the text it was inverted with; seed: None or an int in
+    picture's (width, height), ints >= 1, which the model works on at the latents' size; prompt: None or the text it was inverted with; seed: None or an int in
     [0, 2**63); picture (optional): the PIL image inverted, recorded as its digest (`check_picture` compares it).
     Every argument and the path (a file in an existing, writable folder, not inside the model's folder nor its
     file: `InversionPathError`) is checked before anything is written: a wrong type is a TypeError, a wrong value
@@ -288,6 +312,9 @@ def check_save_arguments(path, inversion, model, params, image_size, prompt, see
     if latents.shape[2] != model.vae.config.latent_channels:
         raise ValueError(f"inversion: {latents.shape[2]} latent channels, but the model's VAE has "
                          f"{model.vae.config.latent_channels}: it was made with another model")
+    mismatch = _size_mismatch(model, tuple(int(v) for v in image_size), latents)
+    if mismatch:
+        raise ValueError(f"image_size: {mismatch}: pass the size of the picture that was inverted")
     if not all(bool(torch.isfinite(t).all()) for t in (latents, clean)):
         raise ValueError("inversion: holds NaN or infinite values; a file of it could never be used (invert again)")
     expected = inversion_levels(model, params)
@@ -303,6 +330,19 @@ def check_save_arguments(path, inversion, model, params, image_size, prompt, see
     return Path(path)
 
 
+def _size_mismatch(model, image_size: tuple[int, int], latents) -> str:
+    """Why latents (..., h, w) cannot be the inversion of a picture of `image_size` (width, height) on `model`: the
+    model works on it at another size (`image_tensors.working_size`); "" when they fit."""
+    from .image_tensors import working_size
+
+    f, (h, w) = model.vae_scale_factor, latents.shape[-2:]
+    working = working_size(image_size, f)
+    if working == (w * f, h * f):
+        return ""
+    return (f"a {image_size[0]}x{image_size[1]} picture is worked on at {working[0]}x{working[1]} pixels, but the "
+            f"latents are {w}x{h} ({w * f}x{h * f} pixels)")
+
+
 def inversion_levels(model, params):
     """The levels (timesteps, noisiest first) `method.invert` leaves latents at for `params` on `model`: DDIM's
     inverse schedule, or DPM-Solver++'s decoding levels. A step count or ratio that runs no step is a ValueError
@@ -313,6 +353,22 @@ def inversion_levels(model, params):
         return method.inversion_timesteps(model, params).cpu().long()
     except ValueError as e:
         raise ValueError(f"params: {one_line(e)}") from None
+
+
+def _recorded_levels(model, meta: dict, path: Path):
+    """The levels an inversion with a file's recorded steps, strength and sampler holds on `model`."""
+    from .params import DiffEditParams
+
+    steps, schedule = meta["steps"], model.scheduler.config.num_train_timesteps
+    if steps > schedule:
+        raise InversionFileError(f"latents file {path} was inverted with {steps} steps, more than the model's "
+                                 f"schedule of {schedule}: it is damaged or from another model; invert again")
+    params = DiffEditParams(num_inference_steps=steps, inpaint_strength=meta["strength"],
+                            sampler=meta.get("sampler", "ddim"))
+    try:
+        return inversion_levels(model, params)
+    except ValueError as e:
+        raise InversionFileError(f"latents file {path} has damaged metadata ({one_line(e)}): invert again") from None
 
 
 def load_inversion(path: Path, model=None):
@@ -340,6 +396,10 @@ def load_inversion(path: Path, model=None):
             raise InversionFileError(f"{path} was inverted with LoRA adapters {recorded} (file digest, weight) but "
                                      f"the model now has {current}: load the same LoRA files with the same weights "
                                      "(--lora FILE:WEIGHT) or invert again")
+        if meta.get("tokenizer", tokenizer_record(model)) != tokenizer_record(model):  # absent: older files
+            raise InversionFileError(f"{path} was inverted with another tokenizer than {model.source}'s (its "
+                                     "vocabulary, merges or padding differ, so do the prompt's text states): load "
+                                     "the model it was inverted with or invert again")
         recorded, current = meta.get("embeddings", "[]"), embeddings_record(model)
         if recorded != current:
             raise InversionFileError(f"{path} was inverted with learned words {recorded} (word, ids, digest) but "
@@ -372,6 +432,16 @@ def load_inversion(path: Path, model=None):
                                      f"metadata says {meta.get('working_width')}x{meta.get('working_height')}")
         if int(timesteps.max()) >= model.scheduler.config.num_train_timesteps or int(timesteps.min()) < 0:
             raise InversionFileError(f"latents file {path} holds levels outside the model's schedule")
+        expected = _recorded_levels(model, meta, path)
+        if not torch.equal(timesteps.long(), expected) or bool((timesteps != timesteps.long()).any()):
+            raise InversionFileError(f"latents file {path} holds the levels {timesteps.tolist()}, but steps "
+                                     f"{meta['steps']}, strength {meta['strength']:g} and sampler "
+                                     f"{meta.get('sampler', 'ddim')} give {expected.tolist()} on this model: it is "
+                                     "damaged or from another model; invert again")
+        mismatch = _size_mismatch(model, (meta["width"], meta["height"]), latents)
+        if mismatch:
+            raise InversionFileError(f"latents file {path} does not fit its own metadata ({mismatch}): it is "
+                                     "damaged; invert again")
     device, dtype = (model.device, model.dtype) if model is not None else (torch.device("cpu"), torch.float32)
     inversion = Inversion(latents[None].to(device, dtype), timesteps.long(), clean[None].to(device, dtype))
     return inversion, meta

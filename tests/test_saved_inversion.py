@@ -38,14 +38,14 @@ def inverted(sd):
 def test_save_then_load_gives_the_same_tensors_and_the_settings(sd, inverted, tmp_path):
     inversion, params = inverted
     path = tmp_path / "inv.safetensors"
-    written = save_inversion(path, inversion, model=sd, params=params, image_size=(70, 64), prompt="a", seed=5)
+    written = save_inversion(path, inversion, model=sd, params=params, image_size=(65, 64), prompt="a", seed=5)
     loaded, meta = load_inversion(path, sd)
     assert torch.equal(loaded.latents, inversion.latents) and torch.equal(loaded.clean, inversion.clean)
     assert torch.equal(loaded.timesteps, inversion.timesteps)
     assert len(inversion.timesteps) == int(STEPS * params.inpaint_strength)  # 4 x 0.6 -> 2 levels
     assert (meta["steps"], meta["strength"], meta["guidance"]) == (STEPS, params.inpaint_strength,
                                                                    params.inversion_guidance_scale)
-    assert (meta["width"], meta["height"], meta["working_width"], meta["working_height"]) == (70, 64, "64", "64")
+    assert (meta["width"], meta["height"], meta["working_width"], meta["working_height"]) == (65, 64, "64", "64")
     assert meta["prompt"] == "a" and meta["seed"] == "5" and meta["mode"] == "corrected"
     assert meta["model"] == str(diffedit.SHIPPED_MODEL.resolve()) and written["model_fingerprint"] == \
         model_fingerprint(diffedit.SHIPPED_MODEL) == meta["model_fingerprint"]
@@ -103,6 +103,7 @@ def test_a_file_from_another_model_is_refused(sd, inverted, tmp_path):
     ({"strength": "1.5"}, r"damaged metadata \(strength=1.5\)"),
     ({"lora_scale": "-inf"}, r"damaged metadata \(lora_scale=-inf\)"),
     ({"steps": "0"}, r"damaged metadata \(steps=0\)"),
+    ({"sampler": "euler"}, r"inverted with sampler 'euler', which this diffedit does not know"),
 ])
 def test_damaged_or_foreign_metadata_is_one_file_error(sd, inverted, tmp_path, damage, message):
     inversion, params = inverted
@@ -290,6 +291,8 @@ def nan_latents(inversion):
     ({"params": lambda inv, p: p.updated({"inpaint_strength": 0.2})}, ValueError,
      r"params: inpaint_strength=0.2 with num_inference_steps=4 runs no step"),
     ({"path": 3}, TypeError, "path: expected a file path"),
+    ({"image_size": (128, 128)}, ValueError, r"image_size: a 128x128 picture is worked on at 128x128 pixels, but the "
+                                             r"latents are 16x16 \(64x64 pixels\): pass the size of the picture"),
 ])
 def test_save_refuses_what_load_would_refuse_or_misread_before_writing(sd, inverted, tmp_path, change, error,
                                                                       message):
@@ -311,11 +314,11 @@ def test_numpy_ints_are_a_size_and_a_seed_and_are_recorded_as_python_ints(sd, in
 
     inversion, params = inverted
     path = tmp_path / "inv.safetensors"
-    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(np.int64(70), np.int32(64)),
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(np.int64(65), np.int32(64)),
                           seed=np.int64(5))
-    assert [(meta[k], type(meta[k])) for k in ("width", "height", "seed")] == [(70, int), (64, int), (5, int)]
+    assert [(meta[k], type(meta[k])) for k in ("width", "height", "seed")] == [(65, int), (64, int), (5, int)]
     read = read_inversion_metadata(path)
-    assert (read["width"], read["height"], read["seed"]) == (70, 64, "5")
+    assert (read["width"], read["height"], read["seed"]) == (65, 64, "5")
 
 
 @pytest.mark.parametrize("where, message", [
@@ -358,3 +361,60 @@ def test_load_takes_a_loaded_model_or_none_and_refuses_a_folders_name(sd, invert
         load_inversion(path, str(diffedit.SHIPPED_MODEL))
     with pytest.raises(TypeError, match="path: expected a file path"):
         load_inversion(None, sd)
+
+
+def test_a_file_from_a_model_with_another_tokenizer_is_refused(sd, inverted, tmp_path):
+    """The model fingerprint leaves tokenizer/ out, and another padding token alone moves every text state (6.8 at
+    most on the shipped model): such a file loaded silently. The tokenizer is recorded now; older files, which do
+    not record it, still load (test_a_file_in_the_layout_invert_has_always_written_loads)."""
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    folder = shutil.copytree(diffedit.SHIPPED_MODEL, tmp_path / "other")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = json.loads((folder / "tokenizer" / name).read_text())
+        (folder / "tokenizer" / name).write_text(json.dumps({**config, "pad_token": "!"}))
+    other = StableDiffusion.from_pretrained(folder)
+    text = lambda model: method.encode_text(model, ["a red circle"]).cond
+    assert model_fingerprint(folder) == model_fingerprint(diffedit.SHIPPED_MODEL)
+    assert not torch.equal(text(other), text(sd))
+    with pytest.raises(InversionFileError, match="inverted with another tokenizer"):
+        load_inversion(path, other)
+    load_inversion(path, StableDiffusion.from_pretrained(shutil.copytree(diffedit.SHIPPED_MODEL, tmp_path / "copy")))
+
+
+def _resaved(path, meta: dict, **tensors):
+    with safe_open(str(path), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**saved, **tensors}, str(path), metadata={k: str(v) for k, v in meta.items()})
+
+
+def test_levels_other_than_the_recorded_settings_give_are_refused(sd, inverted, tmp_path):
+    """Levels one off each ([252, 2] for [251, 1]) passed every check (count, order, range) and decoded against
+    the wrong schedule; fractional levels were truncated."""
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(64, 64))
+    _resaved(path, meta, timesteps=inversion.timesteps + 1)
+    with pytest.raises(InversionFileError, match=r"holds the levels \[252, 2\], but steps 4, strength 0.6 and "
+                                                 r"sampler ddim give \[251, 1\] on this model"):
+        load_inversion(path, sd)
+    _resaved(path, meta, timesteps=inversion.timesteps.double() + 0.5)
+    with pytest.raises(InversionFileError, match="holds the levels"):
+        load_inversion(path, sd)
+    _resaved(path, {**meta, "steps": 2000, "strength": 0.001})  # 2 levels, of steps the schedule does not have
+    with pytest.raises(InversionFileError, match="inverted with 2000 steps, more than the model's schedule of 1000"):
+        load_inversion(path, sd)
+
+
+def test_a_file_whose_picture_size_does_not_fit_its_latents_is_refused(sd, inverted, tmp_path):
+    """A 128x128 picture with 16x16 latents (64x64 pixels): `edit --latents` of a 128x128 picture failed after the
+    mask step with exit 1 (a mask of another shape)."""
+    inversion, params = inverted
+    path = tmp_path / "inv.safetensors"
+    meta = save_inversion(path, inversion, model=sd, params=params, image_size=(66, 62))  # worked on at 64x64
+    assert load_inversion(path, sd)[1]["dtype"] == "float32"
+    _resaved(path, {**meta, "width": 128, "height": 128})
+    with pytest.raises(InversionFileError, match=r"does not fit its own metadata \(a 128x128 picture is worked on at "
+                                                 r"128x128 pixels, but the latents are 16x16 \(64x64 pixels\)\)"):
+        load_inversion(path, sd)
