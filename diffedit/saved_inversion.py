@@ -236,8 +236,9 @@ def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[in
     tensors show is checked (its levels must be the ones params' num_inference_steps, inpaint_strength and sampler
     give on this model, its latent channels the model's); the inversion guidance, LoRA scale and corrections
     cannot be seen in the latents, so params must be the very ones the inversion ran with. image_size: the input
-    picture's (width, height), ints >= 1, which the model works on at the latents' size; prompt: None or the text it was inverted with; seed: None or an int in
-    [0, 2**63); picture (optional): the PIL image inverted, recorded as its digest (`check_picture` compares it).
+    picture's (width, height), ints >= 1, which the model works on at the latents' size; prompt: None or the text
+    it was inverted with; seed: None or an int in [0, 2**63); picture (optional): the PIL image inverted, recorded
+    as its digest (`check_picture` compares it).
     Every argument and the path (a file in an existing, writable folder, not inside the model's folder nor its
     file: `InversionPathError`) is checked before anything is written: a wrong type is a TypeError, a wrong value
     a ValueError, each naming the argument."""
