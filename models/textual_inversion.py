@@ -217,6 +217,9 @@ def load(tokenizer, text_encoder, embeddings: list[Embedding]) -> list[str]:
 
 def unload(tokenizer, text_encoder, tokens: str | list[str] | None = None) -> None:
     """Remove the named words (each with its `<tok>_i` vectors), or every added word when `tokens` is None."""
+    if not (tokens is None or isinstance(tokens, str) or isinstance(tokens, (list, tuple, set, frozenset))
+            and all(isinstance(t, str) for t in tokens)):
+        raise TypeError(f"tokens: expected a word (a string), a list of words, or None for all, got {tokens!r}")
     words = tokenizer.added_words
     names = [w for w, _ in words] if tokens is None else [tokens] if isinstance(tokens, str) else list(tokens)
     table = text_encoder.embeddings

@@ -291,6 +291,18 @@ def test_multi_vector_word_unloads_with_all_its_vectors(models, tmp_path):
         sd.unload_textual_inversion("<m>")
 
 
+@pytest.mark.parametrize("tokens", [5, b"<u>", [5], [None], ["<u>", b"<u>"]])
+def test_unload_with_tokens_of_the_wrong_type_is_a_type_error_naming_tokens_and_changes_nothing(models, tokens):
+    """5 escaped as "'int' object is not iterable"; b"<u>" was taken as the words 60, 117, 62 ("no added word 60")."""
+    sd, _ = models
+    sd.load_textual_inversion({"<u>": vectors(2, 49)})
+    with pytest.raises(TypeError) as e:
+        sd.unload_textual_inversion(tokens)
+    assert one_line_error(e) == f"tokens: expected a word (a string), a list of words, or None for all, got {tokens!r}"
+    assert sd.tokenizer.added_words == [("<u>", 2)]
+    sd.unload_textual_inversion(("<u>",))  # a tuple of words, as a list
+
+
 def test_added_rows_follow_the_text_encoder_dtype_and_leave_the_state_dict_keys_alone(models):
     sd, _ = models
     keys = list(sd.text_encoder.state_dict())
