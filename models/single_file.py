@@ -11,9 +11,12 @@ One .safetensors holds the whole model under three prefixes:
   `positional_embedding`, `token_embedding`, `ln_final`).
 
 The key tables are built from our modules' own state-dict keys (so from the configs), never listed per model. Reading
-is strict like `weights.load_state`: every key of the file is used or is one of the known unused entries below, every
-shape and dtype is checked (a floating-point weight stored as integers is refused), and one WeightsError lists every
-problem. Known unused entries (diffusers' converter skips them too):
+is strict like `weights.load_state`: files of another kind (SDXL, SD 3, an inpainting UNet, a VAE on its own, a LoRA,
+every key under a training wrapper's prefix, no tensors) are named in one line first (`other_kind`); then every key
+of the file is used or is one of the known unused entries below, every shape and dtype is checked (a floating-point
+weight stored as integers is refused; the UNet's proj_in / proj_out exactly as the config has them, a convolution
+in SD 1.x and a matrix in SD 2.x), and one WeightsError lists every problem. Known unused entries (diffusers'
+converter skips them too):
 - `model_ema.*`: EMA copies of the UNet (diffusers loads the non-EMA weights unless asked; so do we);
 - the training schedule's buffers (`betas`, `alphas_cumprod`, ...) and CLIP's `position_ids`;
 - OpenCLIP's `text_projection` and `logit_scale` (used by image-text similarity only), and its last residual block,
@@ -49,6 +52,10 @@ _SCHEDULE_BUFFERS = {
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
 }
 _UNUSED_OPEN_CLIP = ("text_projection", "logit_scale")
+# A UNet transformer's projections: 1x1 convolutions in SD 1.x, matrices in SD 2.x (use_linear_projection), as the
+# original files store them. Their shape must be the config's exactly (diffusers' converter is as strict): in files of
+# equal widths it is what tells an SD 1.x file from an SD 2.x one.
+_UNET_PROJECTION = re.compile(r"\.proj_(in|out)\.weight$")
 
 # Leaf renames (start of the key after the block's prefix), ours -> the file's.
 _UNET_RESNET = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
@@ -170,6 +177,35 @@ def text_layout_of(keys) -> str | None:
     return None
 
 
+def other_kind(state: dict[str, torch.Tensor]) -> str | None:
+    """What a file that is no SD 1.x / 2.x text-to-image checkpoint is, with what to do, by keys or shapes such files
+    always have; None for anything else (whose keys `split_state` then checks one by one)."""
+    keys = list(state)
+    if not keys:
+        return "empty (it holds no tensors)"
+    starts = lambda *prefixes: any(k.startswith(prefixes) for k in keys)
+    if starts("lora_unet_", "lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
+        return "a LoRA file: load it onto a model with load_lora_weights (--lora on the command line)"
+    if starts("conditioner.embedders."):
+        return "an SDXL checkpoint (text encoders under conditioner.embedders.), which diffedit does not read"
+    if starts(UNET_PREFIX + "joint_blocks.", "text_encoders."):
+        return "an SD 3 checkpoint (an MMDiT, not a UNet), which diffedit does not read"
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    latents = state.get(VAE_PREFIX + "post_quant_conv.weight")  # (z, z, 1, 1): the VAE's latent channels
+    n, z = (conv_in.shape[1], latents.shape[1]) if conv_in is not None and latents is not None else (0, 0)
+    if n != z:
+        what = "an inpainting checkpoint" if n == 2 * z + 1 else "not a text-to-image checkpoint"
+        return (f"{what} (its UNet takes {n} input channels, its VAE gives {z}), which diffedit does not read: "
+                "DiffEdit masks and edits with a text-to-image model")
+    if all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")) for k in keys):
+        return "a VAE on its own, which diffedit does not read"
+    for wrapper in ("state_dict.", "module."):
+        if all(k.startswith(wrapper) for k in keys):
+            return (f"a checkpoint with every key under a {wrapper} prefix (a training wrapper's), which diffedit "
+                    "does not strip: save the tensors again without it")
+    return None
+
+
 def is_sd2(state: dict[str, torch.Tensor]) -> bool:
     """diffusers' rule: SD 2.x when the UNet's second input block cross-attends to 1024-wide text states."""
     return SD2_PROBE in state and state[SD2_PROBE].shape[-1] == 1024
@@ -195,7 +231,13 @@ def read_single_file(path: str | Path) -> dict[str, torch.Tensor]:
                            ".safetensors first (e.g. load it with torch and save it with safetensors.torch.save_file)")
     if path.suffix.lower() != ".safetensors":
         raise WeightsError(f"{path}: a single-file checkpoint is a .safetensors file")
-    return read_safetensors([path])
+    state = read_safetensors([path])
+    kind = other_kind(state)
+    if kind:
+        raise WeightsError(f"{path} is {kind}; from_single_file reads one SD 1.x / 2.x text-to-image checkpoint (UNet, "
+                           "VAE and text encoder under model.diffusion_model., first_stage_model. and "
+                           "cond_stage_model.)")
+    return state
 
 
 def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], source: str,
@@ -222,8 +264,10 @@ def split_state(state: dict[str, torch.Tensor], modules: dict[str, nn.Module], s
                 floating.add(slot.key)
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(k for k in set(state) - set(wanted) if not _known_unused(k, text_layers))
+    exact = {slot.key for key, slot in slots["unet"].items() if _UNET_PROJECTION.search(key)}
     misshaped = sorted(f"{k} {tuple(state[k].shape)} != {wanted[k]}" for k in set(wanted) & set(state)
-                       if not shape_fits(state[k], torch.Size(wanted[k])))
+                       if not (tuple(state[k].shape) == wanted[k] if k in exact
+                               else shape_fits(state[k], torch.Size(wanted[k]))))
     wrong_dtype = not_floating(state, floating, 8)
     problems = key_problems(missing, unexpected, misshaped, 8) + ([f"  {wrong_dtype}"] if wrong_dtype else [])
     if problems and not (missing or unexpected or misshaped):  # this model's checkpoint, with damaged values

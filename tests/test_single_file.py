@@ -441,6 +441,76 @@ def test_pickle_truncated_and_missing_files_are_refused(sd1_file, sd1_folder, tm
         StableDiffusion.from_single_file(tmp_path / "none.safetensors", config=sd1_folder)
 
 
+def _sdxl(s):  # the UNet and VAE stay; SDXL's two text encoders and its added-conditioning embedding
+    for k in [k for k in s if k.startswith("cond_stage_model.")]:
+        s["conditioner.embedders.0.transformer." + k.removeprefix("cond_stage_model.transformer.")] = s.pop(k)
+    s["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(32, 8)
+
+
+def _sd3(s):
+    s.clear()
+    s.update({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(96, 32),
+              "first_stage_model.decoder.conv_in.weight": torch.zeros(32, 16, 3, 3),
+              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.zeros(32)})
+
+
+def _inpainting(s):  # 9 input channels: the latents, the mask and the masked image's latents
+    s[CONV_IN] = torch.cat([s[CONV_IN], torch.zeros(s[CONV_IN].shape[0], 5, 3, 3)], dim=1)
+
+
+def _vae_alone(s):  # as the community's standalone VAE files are: the original layout without first_stage_model.
+    for k in list(s):
+        value = s.pop(k)
+        if k.startswith(sf.VAE_PREFIX):
+            s[k.removeprefix(sf.VAE_PREFIX)] = value
+
+
+def _wrapped(prefix):
+    return lambda s: s.update({prefix + k: s.pop(k) for k in list(s)})
+
+
+def _lora(s):
+    s.clear()
+    s.update({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+              "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)})
+
+
+@pytest.mark.parametrize("change, what", [
+    (_sdxl, "is an SDXL checkpoint"), (_sd3, "is an SD 3 checkpoint"),
+    (_inpainting, "is an inpainting checkpoint (its UNet takes 9 input channels, its VAE gives 4)"),
+    (_vae_alone, "is a VAE on its own"), (_wrapped("state_dict."), "every key under a state_dict. prefix"),
+    (_wrapped("module."), "every key under a module. prefix"), (_lora, "is a LoRA file: load it onto a model with"),
+    (lambda s: s.clear(), "is empty"),
+], ids=["sdxl", "sd3", "inpainting", "vae", "state_dict", "module", "lora", "empty"])
+@pytest.mark.parametrize("with_config", [True, False])
+def test_other_kinds_of_file_are_refused_in_one_line_naming_what_they_are(sd1_file, sd1_folder, tmp_path, change, what,
+                                                                         with_config):
+    """They were "not a single-file checkpoint of this model" and lists of hundreds of missing and unexpected keys
+    (the inpainting UNet: one mis-shaped conv_in; a standalone VAE: "the file has no UNet or VAE"). diffusers 0.42.1
+    refuses each of them too."""
+    bad = edited_copy(sd1_file, tmp_path, change)
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_single_file(bad, config=sd1_folder if with_config else None)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(str(bad)) and what in message
+    assert message.endswith("from_single_file reads one SD 1.x / 2.x text-to-image checkpoint (UNet, VAE and text "
+                            "encoder under model.diffusion_model., first_stage_model. and cond_stage_model.)")
+
+
+def test_an_sd1_file_with_an_sd2_config_is_refused_by_its_projections(sd1_file, sd1_folder, sd2_folder, tmp_path):
+    """The tiny SD 1.x and SD 2.x models have equal widths, and a 1x1 convolution was accepted for a linear
+    projection, so the SD 1.x weights loaded into the SD 2.x config's model (gelu text encoder, upcast attention,
+    v-prediction) without a word. diffusers refuses the file by its proj_in shape; so do we now, both ways round."""
+    proj_in = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_single_file(sd1_file, config=sd2_folder)
+    assert f"mis-shaped: {proj_in} (32, 32, 1, 1) != (32, 32)" in str(e.value)
+    sd2_file = save_single_file(StableDiffusion.from_pretrained(sd2_folder), tmp_path / "sd2.safetensors")
+    with pytest.raises(WeightsError) as e:
+        StableDiffusion.from_single_file(sd2_file, config=sd1_folder)
+    assert f"mis-shaped: {proj_in} (32, 32) != (32, 32, 1, 1)" in str(e.value)
+
+
 def test_original_checkpoint_extras_are_read_past(sd1_file, sd1_folder, tmp_path):
     def change(s):
         s.update({"betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9),
