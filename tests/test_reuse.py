@@ -227,3 +227,16 @@ def test_a_lora_or_vae_option_changed_between_calls_is_not_a_repeat(sd, inputs, 
         assert shared.hits["mask"] == 1
     finally:
         sd.disable_vae_tiling()
+
+
+def test_a_dpm_solver_encoding_ratio_sweep_cuts_one_inversion_with_identical_results(sd, inputs):
+    """DPM-Solver++'s inversion climbs the decoding's own levels, cleanest first, so a smaller r is the first
+    steps of the deeper one too: one inversion for the sweep, each row equal to its fresh run."""
+    base = dataclasses.replace(BASE, sampler="dpmsolver++", eta=0.0)
+    shared = reuse.SharedSteps(deepest_strength=0.8)
+    for r in (0.8, 0.5, 0.3):
+        params = dataclasses.replace(base, inpaint_strength=r)
+        fresh = edit(sd, inputs, params, reuse.Steps())
+        again = edit(sd, inputs, params, shared)
+        assert torch.equal(fresh.latents, again.latents) and torch.equal(fresh.latent_mask, again.latent_mask)
+    assert shared.hits == {"mask": 2, "inversion": 2}
