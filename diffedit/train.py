@@ -64,7 +64,7 @@ from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL
 from .schedulers.ddim import DDIMConfig, DDIMScheduler
 from .shipped_model import (SCHEDULER_CONFIG, build_text_encoder, build_unet, build_vae, export, folder_size_mb,
-                            install_shipped, with_scaling_factor, write_tokenizer)
+                            install_shipped, small_clip_vocab, with_scaling_factor, write_tokenizer)
 from .outputs import OutputPathError
 from .validation import one_line
 from .stable_diffusion import StableDiffusion
@@ -614,8 +614,25 @@ def check_command(args: argparse.Namespace) -> None:
             raise BadInput(f"{flag} {path} is a file; give a folder (it is created when missing)")
     if args.init_from is not None:
         model_location(args.init_from)  # a ModelNotFoundError is bad input
+        check_base(args.init_from)
     if args.edit_t_max is not None and args.edit_t_max > 1000:
         raise BadInput(f"--edit-t-max {args.edit_t_max}: the schedule has 1000 timesteps")
+
+
+def check_base(init_from: str) -> None:
+    """--init-from, before the run folder is made: a model that loads, with the shapes model's UNet and text encoder
+    (the fine-tune loads them strictly), else bad input naming the flag."""
+    try:
+        base = StableDiffusion.from_pretrained(init_from, dtype=torch.float32)
+    except ValueError as e:  # FileError, ConfigError: a folder that is no model, or a damaged one
+        raise BadInput(f"--init-from {init_from}: {one_line(e)}") from None
+    built = {"UNet": (build_unet(), base.unet),
+             "text encoder": (build_text_encoder(len(small_clip_vocab()[0])), base.text_encoder)}
+    for name, (shapes_model, loaded) in built.items():
+        want = {k: tuple(v.shape) for k, v in shapes_model.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in loaded.state_dict().items()} != want:
+            raise BadInput(f"--init-from {init_from}: its {name} is not the shapes model's (other layers or sizes); "
+                           "fine-tune a model `diffedit train` made")
 
 
 def train(settings: Settings, out: Path, checkpoint_dir: Path | None = None, resume: bool = False,

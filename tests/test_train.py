@@ -271,3 +271,19 @@ def test_a_folder_holding_another_runs_log_needs_resume(tmp_path):
         train.train(SMOKE, tmp_path)
     assert (tmp_path / "log.jsonl").read_text() == '{"event": "settings"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
+def test_an_init_from_that_is_no_shapes_model_is_refused_before_the_run_folder_is_made(tmp_path, sd1_folder,
+                                                                                      capsys):
+    """A folder that is no model, or a model of another architecture, failed after the run folder, its log and
+    tokenizer were written (the latter with a RuntimeError from load_state_dict, exit 1); a retry with the right
+    model then found a run there."""
+    from diffedit.locations import EXAMPLE_IMAGE
+
+    for base, message in ((sd1_folder, "its UNet is not the shapes model's"), (EXAMPLE_IMAGE.parent,
+                                                                            "model_index.json")):
+        code = train.main(["--out", str(tmp_path / "run"), "--init-from", str(base), "--unet-steps", "1",
+                           "--time-budget-s", "0", "--threads", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "run").exists()
