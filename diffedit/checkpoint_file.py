@@ -23,7 +23,7 @@ import torch
 
 from . import official_configs as official
 from .models.clip_text import CLIPTextModel
-from .models.config import CLIPTextConfig, UNetConfig, VAEConfig
+from .models.config import CLIPTextConfig, UNetConfig, VAEConfig, check_parts_fit
 from .models.single_file import (TEXT_LAYOUTS, is_sd2, join_state, read_single_file, save_single_file_state,
                                  split_state)
 from .models.tokenizer import CLIPTokenizer
@@ -61,6 +61,7 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
         parts = _official_parts(family)
         source += f" (read as {family} with its official configs: for other shapes give its diffusers config folder)"
     networks, tokenizer, scheduler_config, inverse_config, edit_defaults = parts
+    check_parts_fit(networks["unet"], networks["vae"], networks["text_encoder"])
     with torch.device("meta"):
         modules = {name: cls(networks[name]) for name, cls, _ in _NETWORKS}  # shapes only
     states = split_state(state, modules, source)

@@ -21,7 +21,7 @@ from .params import EDIT_DEFAULTS_FILE, plain_number, read_edit_defaults
 from .models.clip_text import CLIPTextModel
 from .models.lora import (NETWORKS, WEIGHT_NAME, LoraAdapters, file_digest, lora_file, lora_from_tensors,
                           read_lora_file, save_lora_file, tensors_digest)
-from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig, check_model_index
+from .models.config import CLIPTextConfig, ConfigError, UNetConfig, VAEConfig, check_model_index, check_parts_fit
 from .models.image_processor import CLIPImageProcessor
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .models import textual_inversion
@@ -147,8 +147,12 @@ class StableDiffusion:
         safety_checker, feature_extractor = load_safety_components(folder, model_index, str(path_or_repo_id),
                                                                    device, dtype, variant)
 
-        def build(name: str, module_cls, config_cls, kind: str):
-            config = config_cls.from_file(folder / name / "config.json")
+        configs = {name: config_cls.from_file(folder / name / "config.json") for name, config_cls in
+                   (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig))}
+        check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])
+
+        def build(name: str, module_cls, kind: str):
+            config = configs[name]
             with torch.device("meta"):
                 module = module_cls(config)
             state = component_weights(folder / name, kind, variant)
@@ -161,9 +165,9 @@ class StableDiffusion:
                           if inverse_file.is_file() else scheduler_config)
         return cls(
             tokenizer=_read(folder / "tokenizer", lambda: CLIPTokenizer.from_folder(folder / "tokenizer")),
-            text_encoder=build("text_encoder", CLIPTextModel, CLIPTextConfig, "transformers"),
-            unet=build("unet", UNet2DConditionModel, UNetConfig, "diffusers"),
-            vae=build("vae", AutoencoderKL, VAEConfig, "diffusers"),
+            text_encoder=build("text_encoder", CLIPTextModel, "transformers"),
+            unet=build("unet", UNet2DConditionModel, "diffusers"),
+            vae=build("vae", AutoencoderKL, "diffusers"),
             scheduler=DDIMScheduler(scheduler_config),
             inverse_scheduler=DDIMInverseScheduler(inverse_config),
             edit_defaults=read_edit_defaults(folder),

@@ -473,6 +473,25 @@ def _named(entry: Any) -> bool:
     return entry is not None and entry != [None, None]
 
 
+def check_parts_fit(unet: UNetConfig, vae: VAEConfig, text: CLIPTextConfig) -> None:
+    """The three networks' configs fit together: the UNet takes and predicts the VAE's latents and attends to the
+    text encoder's states. A ConfigError names the fields otherwise (before any weight is read), where the first
+    edit would fail deep in a convolution or a matmul."""
+    latents = vae.latent_channels
+    if unet.in_channels != latents:
+        kind = " (an inpainting UNet: latents + mask + masked-image latents)" if unet.in_channels == 2 * latents + 1 \
+            else ""
+        raise ConfigError(f"the UNet's in_channels is {unet.in_channels} but the VAE's latent_channels is "
+                          f"{latents}{kind}; DiffEdit runs on a text-to-image model whose UNet takes the latents alone")
+    if unet.out_channels != latents:
+        raise ConfigError(f"the UNet's out_channels is {unet.out_channels} but the VAE's latent_channels is "
+                          f"{latents}; the UNet must predict one value per latent channel")
+    if unet.cross_attention_dim != text.hidden_size:
+        raise ConfigError(f"the UNet's cross_attention_dim is {unet.cross_attention_dim} but the text "
+                          f"encoder's hidden_size is {text.hidden_size}; the UNet and text encoder come from different "
+                          "models")
+
+
 def check_model_index(raw: dict[str, Any], path: str | Path) -> None:
     """A model folder's model_index.json names, for each component we build, the class we build it as (diffusers'
     [library, class] pairs, `MODEL_INDEX_CLASSES`), and no component we would leave out (an SDXL `text_encoder_2`,

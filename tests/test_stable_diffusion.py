@@ -470,3 +470,37 @@ def test_same_device_reads_a_bare_cuda_as_the_current_device(monkeypatch):
     assert same_device(d("cuda", 1), d("cuda")) and not same_device(d("cuda", 0), d("cuda", 1))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert same_device(d("cuda"), d("cuda", 0)) and not same_device(d("cuda"), d("cuda", 1))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"in_channels": 9}, r"UNet's in_channels is 9 but the VAE's latent_channels is 4 \(an inpainting UNet"),
+    ({"out_channels": 8}, "UNet's out_channels is 8 but the VAE's latent_channels is 4"),
+    ({"cross_attention_dim": 48}, "UNet's cross_attention_dim is 48 but the text encoder's hidden_size is 32")],
+    ids=["inpainting", "out-channels", "cross-attention"])
+def test_parts_that_do_not_fit_together_are_refused_before_any_weight_is_read(sd1_folder, tmp_path, monkeypatch,
+                                                                              change, message):
+    """A UNet whose weights match its own config but not the VAE or the text encoder (an inpainting UNet, 9 inputs)
+    loaded, then failed in the first edit with torch's raw channel / matmul error; from_pretrained and
+    from_single_file (with that folder as config) now refuse it by its config fields."""
+    from diffusers import UNet2DConditionModel
+
+    import diffedit.stable_diffusion
+    import diffedit.checkpoint_file
+    from diffedit import save_single_file
+
+    single = save_single_file(StableDiffusion.from_pretrained(sd1_folder), tmp_path / "model.safetensors")
+    folder = tmp_path / "other"
+    shutil.copytree(sd1_folder, folder)
+    config = {k: v for k, v in json.loads((folder / "unet" / "config.json").read_text()).items()
+              if not k.startswith("_")}
+    UNet2DConditionModel(**{**config, **change}).save_pretrained(folder / "unet", safe_serialization=True)
+
+    def no_weights(*args):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(diffedit.stable_diffusion, "component_weights", no_weights)
+    with pytest.raises(ConfigError, match=message):
+        StableDiffusion.from_pretrained(folder)
+    monkeypatch.setattr(diffedit.checkpoint_file, "split_state", no_weights)
+    with pytest.raises(ConfigError, match=message):
+        StableDiffusion.from_single_file(single, config=folder)
