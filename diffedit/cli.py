@@ -451,6 +451,8 @@ def apply_latents_metadata(meta: dict, path: Path, args, picture: Image.Image, r
     if not check_picture(meta, picture, path):
         report.note(f"{path} does not record which picture it inverted (written by an older diffedit): it is not "
                     f"checked against {args.image}; invert again to have it checked")
+    from .params import NOT_IN_REFERENCE
+
     preset = PRESETS[args.preset] if args.preset else {}
     fields = (("steps", "steps"), ("strength", "strength"), ("inversion_guidance", "guidance"), ("sampler", "sampler"),
               ("lora_scale", "lora_scale"))
@@ -461,6 +463,10 @@ def apply_latents_metadata(meta: dict, path: Path, args, picture: Image.Image, r
             raise BadInput(f"{path} was inverted with {name} {_shown(recorded)} but --preset {args.preset} asks "
                            f"{name} {_shown(preset[field])}: drop --preset or invert again with it")
         if given is None:
+            if args.reference_behaviour and NOT_IN_REFERENCE.get(field, recorded) != recorded:
+                raise BadInput(f"{path} was inverted with {name} {_shown(recorded)}, which has no counterpart in "
+                               "diffusers, whose numbers --reference-behaviour gives: invert again without it, or "
+                               "drop --reference-behaviour")
             setattr(args, flag, recorded)
         elif given != recorded:
             raise BadInput(f"{path} was inverted with {name} {_shown(recorded)} but this run asks {name} "

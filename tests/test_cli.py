@@ -462,6 +462,19 @@ def test_reference_behaviour_sets_aside_the_models_guidance_interval_and_refuses
     assert not (tmp_path / "x.png").exists()
 
 
+def test_reference_behaviour_with_a_dpm_inversion_file_names_the_file_not_a_flag_never_given(tmp_path, model_folder):
+    """The sampler came from the --latents file, so the refusal says the file was made with it (it said
+    "--sampler dpmsolver++ has no counterpart ... drop one of the two", a flag the user never gave)."""
+    shape_image().save(tmp_path / "in.png")
+    assert_ok(diffedit("invert", "in.png", "--prompt", SOURCE, "-o", "inv.safetensors", "--sampler", "dpmsolver++",
+                       "--model", model_folder, "--steps", "4", cwd=tmp_path))
+    assert_bad_input(diffedit("edit", "in.png", "--source", SOURCE, "--target", TARGETS[0], "-o", "x.png",
+                              "--latents", "inv.safetensors", "--reference-behaviour", "--model", model_folder,
+                              cwd=tmp_path),
+                     "inv.safetensors was inverted with --sampler dpmsolver++, which has no counterpart in diffusers")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_progress_bars_show_on_a_terminal_and_force_overwrites_the_input(tmp_path, model_folder):
     shape_image().save(tmp_path / "in.png")
     before = (tmp_path / "in.png").read_bytes()
