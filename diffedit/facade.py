@@ -436,15 +436,31 @@ class StableDiffusionDiffEdit:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
-                      negative_prompt: Prompt = None, prompt_embeds: torch.Tensor | None = None,
-                      negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
-                      negative_clip_skip: int | None = None, lora_scale: float | None = None
-                      ) -> method.TextEmbeddings:
-        """diffusers' `encode_prompt`: prompts (or given embeddings), negative prompts ("" by default) when
-        guided, each repeated `num_images_per_prompt` times in a row. diffusers applies clip_skip to the prompt
-        only; `negative_clip_skip` is that of the negative prompt. `lora_scale` scales the text encoder's LoRA
-        adapters (1 when None)."""
+    def encode_prompt(self, prompt: Prompt, device: str | torch.device | None, num_images_per_prompt: int,
+                      do_classifier_free_guidance: bool, negative_prompt: Prompt = None,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      lora_scale: float | None = None, clip_skip: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' `encode_prompt`, with its arguments and its result: (prompt_embeds, negative_prompt_embeds),
+        each (B * num_images_per_prompt, 77, D) on `device` (None: the model's) in the model's dtype; the negative
+        ones ("" by default) only when `do_classifier_free_guidance`, else None. `clip_skip` applies to the prompt
+        only and `lora_scale` scales the text encoder's LoRA adapters (1 when None), as in diffusers."""
+        _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        num_images_per_prompt = _check_num_images(num_images_per_prompt)
+        text = self._encode_prompt(prompt, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                                   prompt_embeds, negative_prompt_embeds, clip_skip, None, lora_scale)
+        where = self.device if device is None else torch.device(device)
+        return text.cond.to(where), None if text.uncond is None else text.uncond.to(where)
+
+    def _encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                       negative_prompt: Prompt = None, prompt_embeds: torch.Tensor | None = None,
+                       negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
+                       negative_clip_skip: int | None = None, lora_scale: float | None = None
+                       ) -> method.TextEmbeddings:
+        """`encode_prompt`'s work as one `TextEmbeddings`: prompts (or given embeddings), negative prompts ("" by
+        default) when guided, each repeated `num_images_per_prompt` times in a row. diffusers applies clip_skip to
+        the prompt only; `negative_clip_skip` is that of the negative prompt. `lora_scale` scales the text encoder's
+        LoRA adapters (1 when None)."""
         lora_scale = 1.0 if lora_scale is None else lora_scale
         batch_size = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
@@ -478,7 +494,7 @@ class StableDiffusionDiffEdit:
         both everywhere (D4)."""
         fixed = self.params.honor_all_call_options
         skip = clip_skip if in_call or fixed else None
-        return self.encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
+        return self._encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
                                   negative_prompt_embeds, skip, skip if fixed else None,
                                   lora_scale if in_call or fixed else None)
 

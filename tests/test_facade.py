@@ -675,6 +675,43 @@ def test_progress_bars_tick_as_diffusers_and_hide_when_disabled(sd1):
         ours.set_progress_bar_config(disable=True)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(prompt="a cat", do_classifier_free_guidance=True),
+    dict(prompt=["a cat", "a bowl"], do_classifier_free_guidance=True, num_images_per_prompt=2,
+         negative_prompt=["blurry", "dark"]),
+    dict(prompt="a cat", do_classifier_free_guidance=False, clip_skip=1),
+    dict(prompt="a cat", do_classifier_free_guidance=True, negative_prompt="dark", clip_skip=1),
+    dict(prompt_embeds="a cat", do_classifier_free_guidance=True)],
+    ids=["defaults", "batch-repeats-negatives", "no-guidance-clip-skip", "clip-skip-prompt-only", "embeds"])
+def test_encode_prompt_takes_diffusers_arguments_and_returns_its_pair(sd1, kw, monkeypatch):
+    """diffusers' encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, ...) returns
+    (prompt_embeds, negative_prompt_embeds); ours had no `device` (a diffusers-style call shifted every argument)
+    and returned one object. Both sides' tensors here must be equal within 1e-5 (the same text encoder weights).
+    diffusers' clip_skip path reads `text_encoder.text_model.final_layer_norm`, which transformers 5 keeps at
+    `text_encoder.final_layer_norm`: it is pointed there."""
+    from types import SimpleNamespace
+
+    ref, ours, _ = sd1
+    monkeypatch.setattr(ref.text_encoder, "text_model",
+                        SimpleNamespace(final_layer_norm=ref.text_encoder.final_layer_norm), raising=False)
+    kw = dict(kw)
+    if "prompt_embeds" in kw:  # embeddings given: passed through, repeated, negatives computed
+        kw["prompt"], kw["prompt_embeds"] = None, ref.encode_prompt(kw["prompt_embeds"], "cpu", 1, False)[0].detach()
+    n = kw.pop("num_images_per_prompt", 1)
+    expected = ref.encode_prompt(device="cpu", num_images_per_prompt=n, **kw)
+    got = ours.encode_prompt(device=None, num_images_per_prompt=n, **kw)
+    assert isinstance(got, tuple) and len(got) == 2
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert a.shape == b.shape and max_abs(a, b.detach()) < 1e-5
+    positional = ours.encode_prompt("a cat", "cpu", 1, True)
+    assert torch.equal(positional[0], ours.encode_prompt(prompt="a cat", device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True)[0])
+    with pytest.raises(ValueError, match="Provide either `prompt` or `prompt_embeds`"):
+        ours.encode_prompt(None, "cpu", 1, True)
+
+
 def test_bad_num_images_per_prompt_and_mask_dtype_are_refused_by_name(sd1):
     _, ours, _ = sd1
     inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2)

@@ -389,7 +389,7 @@ def test_text_encoder_pairs_survive_save_and_reload(sd1_pair, tmp_path):
     path = write_lora(tmp_path / "te.safetensors", te_pairs=random_pairs(ours.model.text_encoder, 11,
                                                                          rank_of=mixed_rank, alpha_of=mixed_alpha))
     ours.load_lora_weights(path, adapter_name="first")
-    text = lambda: ours.encode_prompt("a cat", 1, False, lora_scale=0.9).cond
+    text = lambda: ours.encode_prompt("a cat", None, 1, False, lora_scale=0.9)[0]
     original = text()
     ours.load_lora_weights(ours.save_lora_weights(tmp_path / "out", adapter_name="first"), adapter_name="again")
     assert torch.equal(text(), original)

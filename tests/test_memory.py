@@ -163,7 +163,7 @@ def test_offload_on_cpu_gives_the_same_edit_and_onloads_each_network_in_the_orde
                     + call("text_encoder", "vae", "unet", "vae")  # invert: ..., decode_latents
                     + call("text_encoder", "unet", "vae"))  # __call__: prompt, decoding, pixels
     seen.clear()
-    ours.model.unet(torch.zeros(1, 4, 8, 8), torch.tensor(1), ours.encode_prompt("a", 1, False).cond)
+    ours.model.unet(torch.zeros(1, 4, 8, 8), torch.tensor(1), ours.encode_prompt("a", None, 1, False)[0])
     assert seen == []  # remove_all_hooks took the hooks off
 
 

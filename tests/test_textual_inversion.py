@@ -250,7 +250,7 @@ def test_facade_mask_inversion_and_edit_match_diffusers_on_prompts_with_the_word
     assert np.abs(i1 - i2).max() < IMAGE_TOL
     # the words matter: without them the text differs, so the test would catch prompts read without them
     ours.unload_textual_inversion()
-    assert not torch.equal(ours.encode_prompt(target, 1, False).cond, pipe.encode_prompt(
+    assert not torch.equal(ours.encode_prompt(target, "cpu", 1, False)[0], pipe.encode_prompt(
         target, "cpu", 1, False)[0])
 
 
