@@ -200,8 +200,8 @@ class UNetConfig:
             layers_per_block=_int_only("unet", "layers_per_block", field("layers_per_block", 2, INT_OR_LIST)),
             num_heads=heads,
             transformer_layers_per_block=layers,
-            cross_attention_dim=_int_only("unet", "cross_attention_dim",
-                                          field("cross_attention_dim", 768, INT_OR_LIST)),
+            cross_attention_dim=_int_only("unet", "cross_attention_dim",  # absent: diffusers' default, 1280
+                                          field("cross_attention_dim", 1280, INT_OR_LIST)),
             norm_num_groups=groups,
             norm_eps=field("norm_eps", 1e-5, POSITIVE),
             use_linear_projection=bool(field("use_linear_projection", False, optional(BOOL))),  # null: off
@@ -262,10 +262,13 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
+        """An absent key takes diffusers' AutoencoderKL default (one level of 64 channels, one ResNet per block,
+        sample_size 32), not SD's values: the network and the tile size are the ones diffusers builds. (Absent block
+        types are one per level, where diffusers' single one would not run with several levels.)"""
         read = {f.name for f in fields(cls)} | {"down_block_types", "up_block_types"}
         check_keys("vae", raw, read, _VAE_IGNORED | _BOOKKEEPING, _VAE_PINNED)
         field = lambda name, default, rule: _read("vae", raw, name, default, rule)
-        blocks = tuple(field("block_out_channels", cls.block_out_channels, INT_LIST))
+        blocks = tuple(field("block_out_channels", (64,), INT_LIST))
         for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(field(name, (allowed,) * len(blocks), TEXT_LIST))
             if len(types) != len(blocks) or any(t != allowed for t in types):
@@ -276,11 +279,11 @@ class VAEConfig:
             in_channels=field("in_channels", 3, POSITIVE_INT),
             out_channels=field("out_channels", 3, POSITIVE_INT),
             block_out_channels=blocks,
-            layers_per_block=_int_only("vae", "layers_per_block", field("layers_per_block", 2, INT_OR_LIST)),
+            layers_per_block=_int_only("vae", "layers_per_block", field("layers_per_block", 1, INT_OR_LIST)),
             latent_channels=field("latent_channels", 4, POSITIVE_INT),
             norm_num_groups=groups,
             scaling_factor=float(field("scaling_factor", 0.18215, POSITIVE)),
-            sample_size=_sample_size(field("sample_size", 512, SAMPLE_SIZE)),
+            sample_size=_sample_size(field("sample_size", 32, SAMPLE_SIZE)),  # the tile size of vae_tiling
         )
 
     @classmethod

@@ -219,3 +219,20 @@ def test_group_count_diffusers_refuses_is_refused_too():
         RefUNet(**{**CONFIGS["sd1"], "norm_num_groups": 7})
     with pytest.raises(ValueError, match="norm_num_groups=7 must divide"):
         UNetConfig.from_dict({**CONFIGS["sd1"], "norm_num_groups": 7})
+
+
+@torch.no_grad()
+def test_absent_cross_attention_dim_is_diffusers_default_1280_so_its_weights_load_and_match():
+    """It read as 768: a config.json without the key failed on loading with a shape error blamed on the weights
+    (or, beside a 768-wide text encoder, was not refused for its 1280-wide attention). Tolerance: _assert_matches."""
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    raw = {k: v for k, v in CONFIGS["sd1"].items() if k != "cross_attention_dim"}
+    ref = RefUNet(**raw).eval()
+    _randomize(ref, seed=3)
+    ours = UNet2DConditionModel(UNetConfig.from_dict(raw)).eval()
+    assert ours.config.cross_attention_dim == ref.config.cross_attention_dim == 1280
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    context = torch.randn(1, 7, 1280, generator=torch.Generator().manual_seed(3))
+    _assert_matches(ours(sample, 10, context), ref(sample, 10, context).sample)

@@ -133,3 +133,24 @@ def test_config_values_that_cannot_run_are_refused_at_parse_time_naming_the_fiel
         VAEConfig.from_dict({**TINY, **change})
     assert str(e.value).startswith(f"vae config: {words}")
 
+
+
+@torch.no_grad()
+def test_absent_keys_take_diffusers_defaults_so_its_weights_load_and_its_tile_size_applies():
+    """block_out_channels, layers_per_block and sample_size read as SD's values (4 levels, 2 ResNets, 512): a
+    config.json without them failed on loading (blamed on the weights), and a missing sample_size silently gave
+    512-pixel tiles where diffusers tiles at 32. Tolerance: assert_close (RTOL relative to the largest value)."""
+    from diffedit.models import vae_tiling
+
+    raw = {"norm_num_groups": 8}
+    torch.manual_seed(0)
+    ref = RefAutoencoderKL(**raw).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    ours = AutoencoderKL(VAEConfig.from_dict(raw)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert vae_tiling.tile_sizes(ours) == (ref.tile_sample_min_size, ref.tile_latent_min_size) == (32, 32)
+    ref.enable_tiling()
+    x = _images(1, 40, 36)  # over the 32-pixel tile: tiled
+    assert_close(vae_tiling.encode(ours, x, tiling=True).moments, ref.encode(x).latent_dist.parameters)
