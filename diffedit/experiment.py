@@ -38,6 +38,7 @@ from . import __version__
 from .console import COUNT, EDIT_COUNT, MAX_EDITS, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import (SEED_MAX, background_psnr, background_ssim, check_seed_stream, heldout_edits, iou, judge,
                        mask_agreement, parse_param, psnr)
+from .image_files import DEFAULT_MAX_PIXELS
 from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
@@ -85,6 +86,7 @@ class ManifestError(FileError):
 
 
 MANIFEST_FIELDS = {"image", "source", "target", "mask", "id"}
+MAX_PIXELS_FLAG = "--max-pixels"
 LINE_EXAMPLE = '{"image": "a.png", "source": "...", "target": "..."}'
 _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
                type(None): "null"}
@@ -150,21 +152,24 @@ def manifest_row(line: str, where: str) -> dict:
     return row
 
 
-def manifest_pictures(folder: Path, row: dict, where: str) -> tuple[Image.Image, np.ndarray | None]:
-    """A line's picture and ground-truth region (None without a `mask`), any problem with either named by line."""
+def manifest_pictures(folder: Path, row: dict, where: str, max_pixels: int | None = None
+                      ) -> tuple[Image.Image, np.ndarray | None]:
+    """A line's picture and ground-truth region (None without a `mask`), any problem with either named by line;
+    pictures over `max_pixels` (--max-pixels) are refused before they are decoded."""
     from .image_files import read_image, read_mask
 
     try:
-        image = read_image(folder / row["image"])
-        truth = None if "mask" not in row else np.asarray(read_mask(folder / row["mask"], image.size)) > 0
+        image = read_image(folder / row["image"], max_pixels=max_pixels, limit_name=MAX_PIXELS_FLAG)
+        truth = None if "mask" not in row else np.asarray(read_mask(folder / row["mask"], image.size, max_pixels,
+                                                                    MAX_PIXELS_FLAG)) > 0
     except (FileError, ValueError) as e:  # a file that cannot be read, or a mask's values that cannot be read as one
         raise ManifestError(f"{where}: {one_line(e)}") from None
     return image, truth
 
 
-def manifest_cases(path: Path) -> list[Case]:
-    """A JSON-lines manifest: every line checked (fields, id, files, mask size) before any work. Lines are numbered
-    as in the file (blank lines count), in messages and in the default ids (`line-N`)."""
+def manifest_cases(path: Path, max_pixels: int | None = None) -> list[Case]:
+    """A JSON-lines manifest: every line checked (fields, id, files, pixel count, mask size) before any work. Lines
+    are numbered as in the file (blank lines count), in messages and in the default ids (`line-N`)."""
     path = Path(path)
     numbered = [(number, line) for number, line in enumerate(manifest_text(path).split("\n"), 1) if line.strip()]
     if not numbered:
@@ -181,7 +186,7 @@ def manifest_cases(path: Path) -> list[Case]:
                                 f"{'' if other == case_id else f' has {other!r}, the same examples/ folder on macOS and Windows'}"
                                 "); give each edit its own id")
         seen[case_id.casefold()] = (case_id, number)
-        image, truth = manifest_pictures(path.parent, row, where)
+        image, truth = manifest_pictures(path.parent, row, where, max_pixels)
         cases.append(Case(case_id, image, row["source"], row["target"], truth=truth))
     return cases
 
@@ -604,7 +609,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
                    sweep: list[tuple[str, list]] | dict[str, list] = (), param: dict | None = None,
                    preset: str | None = None, seeds: list[int] | tuple[int, ...] = (0,), model=None,
                    device: str | None = None, batch_size: int = 1, resume: bool = False, quiet: bool = True,
-                   compile_mode: str | None = None) -> Path:
+                   compile_mode: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Run (or, with `resume`, continue) an experiment into the folder `out`; return the path of records.csv.
 
     out: the run's folder (str or os.PathLike; not the model's folder nor inside it); edits: "shapes" (`n` edits
@@ -618,7 +623,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     model's own), "auto", "cpu", "cuda" or "mps"; batch_size: an int >= 1, edits run together through the three
     steps (the same numbers as one at a time within ~1e-5; settings that keep the reference's batch-wide mask clamp
     or regularizer run one at a time); compile_mode: None, or one of `console.COMPILE_MODES` (torch.compile's mode
-    for the UNet, `StableDiffusion.compile_unet`). `lora_scale` can be swept or fixed only with a loaded model
+    for the UNet, `StableDiffusion.compile_unet`); max_pixels: an int >= 1, a manifest picture (or mask) with more
+    pixels is refused before it is decoded (the command line's --max-pixels, as `diffedit edit`'s). `lora_scale` can be swept or fixed only with a loaded model
     that has active LoRA adapters (the command line loads none). Every check comes before any work: a wrong value
     (a wrong type of a number or name included) is a ValueError naming it, in the command line's words; a wrong
     type of a list, dict, path or model a TypeError. Numpy ints are taken as ints. Interrupted once it has begun
@@ -629,6 +635,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     # Before any work: every argument, the output folder, the grid, edits, the model, a run already there
     a = checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, model, device, batch_size, resume,
                           quiet, compile_mode)
+    if not _integer(max_pixels) or max_pixels < 1:
+        raise BadInput(f"{MAX_PIXELS_FLAG} {max_pixels!r}: expected an int >= 1")
     out, methods, fixed, sweep, seeds, batch_size = a.out, a.methods, a.fixed, a.sweep, a.seeds, a.batch_size
     given = model if isinstance(model, StableDiffusion) else None
     check_sweep(sweep, fixed)
@@ -641,7 +649,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         check_seed_stream(max(seeds), a.n, "--seeds", "--n", GENERATOR_SEED_MAX)
         cases = shapes_cases(a.n, a.edit_seed)
     elif Path(edits).is_file():
-        cases = manifest_cases(Path(edits))
+        cases = manifest_cases(Path(edits), int(max_pixels))
         check_seed_stream(max(seeds), len(cases), "--seeds", "the manifest's edit count", GENERATOR_SEED_MAX)
     else:
         raise BadInput(f"--edits {edits}: give `shapes` or a .jsonl manifest that exists")
@@ -1070,6 +1078,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse larger manifest pictures (default {DEFAULT_MAX_PIXELS}, 2048x2048)")
     p.add_argument("--batch-size", type=COUNT, default=1,
                    help="edits run together through the three steps, each with its own generator (default 1; 16 "
                         "took 0.75x the time per edit on one CPU thread)")
@@ -1099,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
                        methods=[m.strip() for m in args.methods.split(",") if m.strip()], sweep=args.sweep,
                        param=dict(args.param), preset=args.preset, seeds=[int(s) for s in args.seeds.split(",")],
                        model=args.model, device=args.device, batch_size=args.batch_size, resume=args.resume,
-                       quiet=args.quiet, compile_mode=args.compile)
+                       quiet=args.quiet, compile_mode=args.compile, max_pixels=args.max_pixels)
 
     return guarded(run, debug="--debug" in argv)
 

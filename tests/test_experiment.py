@@ -735,3 +735,26 @@ def test_ids_that_differ_only_in_case_are_refused_as_one_folder_on_macos_and_win
     (tmp_path / "m.jsonl").write_text(f"{json.dumps({**good, 'id': 'Cat'})}\n{json.dumps({**good, 'id': 'cat'})}\n")
     with pytest.raises(experiment.ManifestError, match="line 2: id 'cat' is used twice \\(line 1 has 'Cat'"):
         experiment.manifest_cases(tmp_path / "m.jsonl")
+
+
+def test_a_manifest_picture_over_max_pixels_is_refused_by_its_line_before_it_is_decoded(tmp_path, capsys):
+    """Manifest pictures had no size limit (`diffedit edit` has --max-pixels): a 40-megapixel photo was decoded
+    and run through the VAE at full size, after the run had begun writing."""
+    Image.new("L", (2049, 2048)).save(tmp_path / "big.png")  # one column past the default 2048x2048
+    Image.new("RGB", (40, 40)).save(tmp_path / "small.png")
+    good = {"source": "a", "target": "b"}
+    (tmp_path / "m.jsonl").write_text(f"{json.dumps({**good, 'image': 'small.png'})}\n"
+                                      f"{json.dumps({**good, 'image': 'big.png'})}\n")
+    argv = ["experiment", "--out", str(tmp_path / "run"), "--edits", str(tmp_path / "m.jsonl"), *SMALL]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2: input image" in err[0] and "2049x2048" in err[0], err
+    assert "over --max-pixels 4194304: downscale it (to 2048x2047 or less) or pass --max-pixels 4196352" in err[0]
+    (tmp_path / "m.jsonl").write_text(json.dumps({**good, "image": "small.png", "mask": "small.png"}) + "\n")
+    assert cli.main([*argv, "--max-pixels", "1000"]) == 2
+    assert "line 1: input image" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="line 1: input image .* over --max-pixels 1599"):
+        experiment.run_experiment(tmp_path / "run", edits=tmp_path / "m.jsonl", max_pixels=1599)
+    with pytest.raises(ValueError, match="--max-pixels 0: expected an int >= 1"):
+        experiment.run_experiment(tmp_path / "run", edits=tmp_path / "m.jsonl", max_pixels=0)
+    assert [c.image.size for c in experiment.manifest_cases(tmp_path / "m.jsonl", max_pixels=1600)] == [(40, 40)]
