@@ -431,6 +431,19 @@ def test_a_strength_under_one_step_is_refused_at_the_cut_off(sd):
     assert len(method.strength_timesteps(sd.scheduler, 10, 0.1, "inpaint_strength")) == 1
 
 
+@pytest.mark.parametrize("steps", [3, 7, 49, 98, 4, 25])
+def test_the_strength_a_refusal_suggests_runs_a_step(sd, steps):
+    """The hint's value must itself be accepted: 1 / N printed with 6 digits is not for N = 3 (int(3 * 0.333333)
+    = 0), nor 1 / N exactly for N = 49 (int(49 * (1 / 49)) = 0)."""
+    import re
+
+    with pytest.raises(ValueError, match="runs no step") as refused:
+        method.strength_timesteps(sd.scheduler, steps, 0.5 / steps, "inpaint_strength")
+    suggested = float(re.search(r"use inpaint_strength >= ([0-9.e-]+) or more steps", str(refused.value))[1])
+    assert len(method.strength_timesteps(sd.scheduler, steps, suggested, "inpaint_strength")) == 1
+    assert 1 / steps <= suggested <= 1.001 / steps
+
+
 def _otsu_by_definition(values: np.ndarray) -> float:
     """Otsu's cut straight from the definition: try every distinct value t, split into {<= t} and {> t}, keep the
     largest w0 w1 (mu0 - mu1)^2 (the first on a tie); one value: that value."""
