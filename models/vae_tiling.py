@@ -41,8 +41,12 @@ def blend_rows(above: torch.Tensor, tile: torch.Tensor, extent: int) -> torch.Te
     if extent == 0:
         return tile
     ramp = torch.arange(extent, dtype=torch.float64) / extent  # y / extent, as diffusers' Python floats
-    keep, fade = ramp.to(tile.dtype).to(tile.device)[:, None], (1 - ramp).to(tile.dtype).to(tile.device)[:, None]
-    seam = above[:, :, -extent:] * fade + tile[:, :, :extent] * keep  # (B, C, extent, w)
+    # diffusers multiplies by Python floats, which torch applies in float32 to half-precision tensors: each product
+    # is rounded once to the tile's dtype (rounding the factors to it first gave other bits in float16 / bfloat16)
+    math = torch.promote_types(tile.dtype, torch.float32)
+    keep, fade = ramp.to(tile.device, math)[:, None], (1 - ramp).to(tile.device, math)[:, None]
+    product = lambda t, factor: (t.to(math) * factor).to(tile.dtype)
+    seam = product(above[:, :, -extent:], fade) + product(tile[:, :, :extent], keep)  # (B, C, extent, w)
     return torch.cat([seam, tile[:, :, extent:]], dim=2)
 
 

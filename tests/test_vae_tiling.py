@@ -132,3 +132,20 @@ def test_blend_fades_linearly_over_the_overlap_as_diffusers_blend_v_and_blend_h(
         assert torch.equal(vae_tiling.blend_columns(at, bt.clone(), extent), ref.blend_h(at, bt.clone(), extent))
     seam = vae_tiling.blend_rows(torch.zeros(1, 1, 4, 1), torch.ones(1, 1, 4, 1), 4)
     assert seam.flatten().tolist() == [0.0, 0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision_blend_and_tiled_decode_equal_diffusers_bit_for_bit(dtype):
+    """The fade factors were rounded to the tile's dtype before multiplying; diffusers multiplies by Python floats
+    (applied in float32, one rounding per product). With a blend extent that is not a power of two (9 pixels:
+    sample_size 36) tiled decodes differed by about one half-precision step. Tolerance: none (torch.equal)."""
+    ours, ref = _pair({**TILED, "sample_size": 36}, seed=11)
+    ours, ref = ours.to(dtype), ref.to(dtype)
+    ref.enable_tiling()
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(1, 2, 9, 5, generator=gen).to(dtype), torch.randn(1, 2, 9, 5, generator=gen).to(dtype)
+    for extent in (3, 7, 9):
+        assert torch.equal(vae_tiling.blend_rows(a, b.clone(), extent), ref.blend_v(a, b.clone(), extent))
+    z = torch.randn(1, 4, 21, 19, generator=gen).to(dtype)  # latent tile 18: 2 x 2 tiles, cut by the edges
+    assert torch.equal(vae_tiling.decode(ours, z, tiling=True), ref.decode(z).sample)
