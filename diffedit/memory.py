@@ -39,7 +39,10 @@ def move(module: torch.nn.Module, device: torch.device) -> None:
 
 def offload_device(gpu_id: int | None = None, device: str | torch.device | None = None) -> torch.device | None:
     """The device components run on under offload, by diffusers' rule: `device` (default: the available
-    accelerator; None when there is none), with index `gpu_id`, else the device's own index, else 0."""
+    accelerator; None when there is none), with index `gpu_id`, else the device's own index, else 0. A bad gpu_id is
+    refused on any machine, with an accelerator or not."""
+    if gpu_id is not None and (isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < 0):
+        raise ValueError(f"enable_model_cpu_offload: gpu_id must be an accelerator index >= 0, got {gpu_id!r}")
     if device is None:
         if not torch.accelerator.is_available():
             return None
@@ -54,8 +57,6 @@ def offload_device(gpu_id: int | None = None, device: str | torch.device | None 
     if gpu_id is not None and device.index is not None:
         raise ValueError(f"enable_model_cpu_offload: gpu_id={gpu_id} and device={device} both give an index; pass "
                          f"one of the two (device={device.type!r} with gpu_id, or device={str(device)!r} alone)")
-    if gpu_id is not None and (isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < 0):
-        raise ValueError(f"enable_model_cpu_offload: gpu_id must be an accelerator index >= 0, got {gpu_id!r}")
     if device.type == "cpu":
         return CPU  # accepted: the moves are no-ops
     device = torch.device(device.type, gpu_id or device.index or 0)

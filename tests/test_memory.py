@@ -288,3 +288,12 @@ def test_offload_to_the_meta_device_is_refused_and_the_weights_stay(sd1_folder):
         sd.enable_model_cpu_offload(device="meta")
     assert sd.offload is None and all(next(getattr(sd, n).parameters()).device.type == "cpu"
                                       for n in memory.OFFLOAD_ORDER)
+
+
+@pytest.mark.parametrize("gpu_id", [-1, 1.5, True, "0"])
+def test_a_bad_gpu_id_is_refused_on_a_machine_without_an_accelerator_too(gpu_id, monkeypatch):
+    """Without an accelerator it was accepted with the "nothing is offloaded" warning (the check came after that
+    return), so the same call failed only on a GPU machine."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"gpu_id must be an accelerator index >= 0, got "):
+        memory.offload_device(gpu_id=gpu_id)
