@@ -122,6 +122,15 @@ def empty_target(label: str) -> str:
     return f"{label} is empty: the edit has no text to steer towards"
 
 
+def empty_mask(given: PIL.Image.Image, rule: str, factor: int) -> str:
+    """The warning for a given mask that edits no latent cell (the command line's for an empty --mask): the decoding
+    then pastes the inverted latents everywhere, so the output is the input through the VAE."""
+    if given.getextrema()[1] == 0:
+        return "mask is empty: the output is the input, re-encoded"
+    return (f"mask covers no latent cell by mask_rule={rule!r} (at least half of a cell's {factor}x{factor} pixels): "
+            "the output is the input, re-encoded; mask_rule='any' edits every cell the mask touches")
+
+
 def same_prompt(sd: StableDiffusion, source: str, target: str) -> bool:
     """Whether two prompts give the same token ids (so the same text embeddings: nothing to edit)."""
     with warnings.catch_warnings():
@@ -176,7 +185,8 @@ def edit(image, source: str, target: str, model: StableDiffusion | str | os.Path
     `StableDiffusion`; seed: None (a random one, returned in the result) or an int in [0, 2**63); mask: None (DiffEdit
     estimates it) or the region to edit at the image's size (a path, a PIL image, or an (H, W) array of bools /
     0-1 / 0-255: `image_tensors.load_mask`), put on the latent grid by `mask_rule` ("half" of a cell's pixels or
-    "any": `image_tensors.latent_mask_from_image`); preset: None or a name in `params.PRESETS` ("fast"), whose
+    "any": `image_tensors.latent_mask_from_image`; "any" without a mask is refused; a mask that covers no cell is
+    warned about, as the command line warns); preset: None or a name in `params.PRESETS` ("fast"), whose
     fields go between the model's stored defaults and `params`; `params`: `DiffEditParams` fields. Every argument
     is checked before any work: a wrong type is a TypeError, a wrong value a ValueError, each naming the argument.
     An empty or blank target is warned about (a UserWarning), as the command line warns about --target."""
@@ -252,6 +262,9 @@ def _edit(image, source: str, targets: list[str], model, seed: int | None, mask,
     check_arguments(source, targets, seed, params)
     if mask_rule not in image_tensors.MASK_CELL_RULES:
         raise ValueError(f"mask_rule: expected one of {image_tensors.MASK_CELL_RULES}, got {mask_rule!r}")
+    if mask is None and mask_rule != "half":
+        raise ValueError(f"mask_rule={mask_rule!r} puts a given mask on the latent grid, but no mask= is given (the "
+                         "estimated mask is on that grid already): drop mask_rule, or give mask=")
     picture = image_tensors.load_rgb(image)
     size = picture.size
     given = None if mask is None else image_tensors.load_mask(mask, size)
@@ -264,6 +277,8 @@ def _edit(image, source: str, targets: list[str], model, seed: int | None, mask,
     pixels = model_pixels(sd, picture)
     latent_mask = None if given is None else image_tensors.latent_mask_from_image(
         given, (pixels.shape[-1], pixels.shape[-2]), sd.vae_scale_factor, mask_rule)  # (h, w) bool
+    if latent_mask is not None and not latent_mask.any():
+        warnings.warn(empty_mask(given, mask_rule, sd.vae_scale_factor), UserWarning, stacklevel=3)
     seed = random.randrange(2**63) if seed is None else int(seed)
     generator = torch.Generator().manual_seed(seed)
     target_texts = [prompt_text(sd, target, p) for target in targets]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffedit import DiffEditParams, EditResult, StableDiffusion, StableDiffusionDiffEdit, edit, edit_targets
-from diffedit import api
+from diffedit import api, method
 from diffedit.stable_diffusion import ModelNotFoundError
 
 torch.set_num_threads(1)
@@ -327,3 +327,34 @@ def test_numpy_parameters_run_as_the_python_numbers_they_equal(sd):
                   num_maps_per_mask=np.int32(2), mask_thresholding_ratio=np.float32(2.0))
     assert result.params == DiffEditParams.for_model(sd, **FAST)
     assert type(result.params.num_inference_steps) is int and type(result.params.mask_thresholding_ratio) is float
+
+
+def test_a_given_mask_that_edits_no_latent_cell_is_warned_about_before_work(sd, monkeypatch):
+    """The command line warns that an empty --mask gives the input back re-encoded; the API said nothing, for an
+    empty mask and for a stroke that fills under half of every cell under mask_rule="half"."""
+    monkeypatch.setattr(method, "invert", lambda *a, **k: pytest.fail("work started"))
+    stroke = np.zeros((64, 64), bool)
+    stroke[10:13, 10:40] = True  # 3 of each cell's 8 rows
+    for region, rule, message in [
+        (np.zeros((64, 64), np.float32), "half", "mask is empty: the output is the input, re-encoded"),
+        (np.zeros((64, 64), bool), "any", "mask is empty"),
+        (stroke, "half", r"mask covers no latent cell by mask_rule='half' .*mask_rule='any' edits every cell"),
+    ]:
+        with pytest.warns(UserWarning, match=message) as record, pytest.raises(pytest.fail.Exception):
+            edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=region, mask_rule=rule, num_inference_steps=5)
+        assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(pytest.fail.Exception, match="work started"):
+            edit(photo(), "a cat", "a dog", model=sd, seed=0, mask=stroke, mask_rule="any", num_inference_steps=5)
+
+
+def test_mask_rule_without_a_given_mask_is_refused_not_ignored(monkeypatch):
+    """mask_rule puts a given mask on the latent grid; without mask= it did nothing, silently."""
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="mask_rule='any' puts a given mask on the latent grid, but no mask= is given"):
+        edit(photo(), "a cat", "a dog", mask_rule="any")
+    with pytest.raises(ValueError, match="mask_rule='any'"):
+        edit_targets(photo(), "a cat", ["a dog"], mask_rule="any")
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+        edit(photo(), "a cat", "a dog", mask_rule="half")  # the default, named
