@@ -318,9 +318,9 @@ class Demo:
             w, h = image.size
             if w * h > self.max_pixels:
                 raise BadInput(f"the image is {w}x{h}, over {MAX_PIXELS_FLAG} {self.max_pixels}: downscale it")
-            from .image_files import to_rgb
+            from .image_files import displayed_rgb
 
-            return to_rgb(image, "the image", notes.append), notes
+            return displayed_rgb(image, "the image", notes.append), notes
         if image is None or image == "":
             raise BadInput("no image: upload one or pick an example")
         return read_image(Path(image), notes.append, self.max_pixels, MAX_PIXELS_FLAG), notes
@@ -329,9 +329,10 @@ class Demo:
         """An uploaded picture as RGB; too large, not an image, corrupt: one line naming it as the user knows it
         (never the server's copy) and what to do."""
         path, shown = Path(upload.path), upload.shown()
-        Image.MAX_IMAGE_PIXELS = None  # the server's own limit is checked here, before decoding (as `open_image`)
-        try:
-            with Image.open(path) as probe:  # reads the header only
+        from .image_files import pillow_limit_off
+
+        try:  # the server's own limit is checked here, before decoding (as `open_image`)
+            with pillow_limit_off(True), Image.open(path) as probe:  # reads the header only
                 width, height = probe.size
         except Exception:  # noqa: BLE001 - not an image, corrupt: `read_image` below names what is wrong
             pass

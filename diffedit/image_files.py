@@ -34,7 +34,7 @@ def open_image(path: Path, what: str = "image", max_pixels: int | None = None,
     Pillow's own decompression-bomb limit applies."""
     check_readable(Path(path), what, ImageFileError)
     try:
-        with _pillow_limit_off(max_pixels is not None):  # our own limit is checked before decoding
+        with pillow_limit_off(max_pixels is not None):  # our own limit is checked before decoding
             img = Image.open(path)
     except UnidentifiedImageError:
         raise ImageFileError(f"{what} {path} is not an image (or not in a format Pillow reads)") from None
@@ -51,7 +51,7 @@ def open_image(path: Path, what: str = "image", max_pixels: int | None = None,
                              f"{max_pixels}: downscale it (to {max(1, int(w * s))}x{max(1, int(h * s))} or less) "
                              f"or pass {limit_name} {w * h}")
     try:
-        with _pillow_limit_off(max_pixels is not None):  # some plugins check it again as they decode
+        with pillow_limit_off(max_pixels is not None):  # some plugins check it again as they decode
             img.load()
     except Exception as e:  # noqa: BLE001 - truncated data: OSError; some plugins SyntaxError, ValueError, EOFError
         raise ImageFileError(f"{what} {path} is truncated or corrupt ({e})") from None
@@ -62,7 +62,7 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 @contextlib.contextmanager
-def _pillow_limit_off(off: bool):
+def pillow_limit_off(off: bool):
     """Pillow's decompression-bomb limit (a process-wide setting) off inside, when `off`, and back as it was after:
     left off, every later Pillow user in the process (the demo's web server, the caller's code) lost it."""
     if not off:

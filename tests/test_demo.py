@@ -192,6 +192,31 @@ def test_an_upload_too_large_is_named_as_the_user_knows_it_with_a_size_to_resize
         assert tw * th <= limit and tw <= w and th <= h
 
 
+def test_reading_an_upload_leaves_pillows_process_wide_bomb_limit_as_it_was(app):
+    """The upload probe turned Pillow's decompression-bomb limit off for the whole server process, for good."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    assert before is not None
+    picture, _ = app.read_picture(demo.Upload(str(IMAGE), "circle.png"))
+    assert picture.size == (64, 64) and Image.MAX_IMAGE_PIXELS == before
+
+
+def test_a_pil_picture_is_turned_by_its_exif_orientation_as_a_file_is(app, tmp_path):
+    """A PIL picture given to the demo's Python side was only converted to RGB: its EXIF orientation (and first
+    frame) were not applied, unlike the same picture as a file, the command line and the API."""
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 32), (200, 30, 30))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # turned 90 degrees: shown 32x64
+    wide.save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    from_file, _ = app.read_picture(str(tmp_path / "turned.jpg"))
+    from_pil, notes = app.read_picture(Image.open(tmp_path / "turned.jpg"))
+    assert from_file.size == from_pil.size == (32, 64)
+    assert any("EXIF orientation" in n for n in notes)
+
+
 def test_an_upload_that_is_not_a_picture_or_corrupt_is_named_as_the_user_knows_it(app, tmp_path):
     text = tmp_path / "x1"
     text.write_text("not a picture")
