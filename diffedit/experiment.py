@@ -695,9 +695,9 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     except ValueError as e:
         raise BadInput(f"--{e}") from None
     if given is not None:
-        from .api import _same_device
+        from .stable_diffusion import same_device
 
-        if not _same_device(torch_device, given.device):
+        if not same_device(torch_device, given.device):
             raise BadInput(f"--device {a.device}: the model given is already loaded on {given.device}; pass "
                            f"device=None (its own) or load it on {a.device}")
         sd = given
