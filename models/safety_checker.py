@@ -90,13 +90,23 @@ class StableDiffusionSafetyChecker(nn.Module):
                            self.concept_embeds_weights.tolist())
 
     @torch.no_grad()
-    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
-        """diffusers' forward: `images` (B, ...) with flagged ones replaced by zeros (a new tensor; the input is
-        left alone), the flags, and diffusers' warning when any picture is flagged."""
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor | np.ndarray
+                ) -> tuple[torch.Tensor | np.ndarray, list[bool]]:
+        """diffusers' forward: `images` (B, ...), a tensor or a numpy array as diffusers takes, with flagged ones
+        replaced by zeros (a new one; the input is left alone), the flags, and diffusers' warning when any picture is
+        flagged. The arguments are checked before the checker runs."""
+        if not isinstance(images, (torch.Tensor, np.ndarray)) or images.ndim == 0:
+            raise TypeError(f"images must be a tensor or a numpy array of pictures (B, ...), got "
+                            f"{type(images).__name__}{'' if getattr(images, 'ndim', 1) else ' with no batch axis'}")
+        if not isinstance(clip_input, torch.Tensor) or clip_input.ndim != 4:
+            raise TypeError(f"clip_input must be a tensor (B, 3, S, S) of processed pictures, got "
+                            f"{type(clip_input).__name__}{tuple(getattr(clip_input, 'shape', ()))}")
+        if clip_input.shape[0] != images.shape[0]:
+            raise ValueError(f"clip_input has {clip_input.shape[0]} pictures but images has {images.shape[0]}")
         flags = self.has_nsfw_concepts(clip_input)
-        if len(flags) != images.shape[0]:
-            raise ValueError(f"clip_input has {len(flags)} pictures but images has {images.shape[0]}")
-        keep = torch.tensor([not f for f in flags], device=images.device).reshape(-1, *[1] * (images.ndim - 1))
+        keep = np.array([not f for f in flags]).reshape(-1, *[1] * (images.ndim - 1))
         if any(flags):
             warnings.warn(FLAGGED_WARNING, stacklevel=2)
-        return torch.where(keep, images, torch.zeros_like(images)), flags
+        if isinstance(images, np.ndarray):
+            return np.where(keep, images, np.zeros_like(images)), flags
+        return torch.where(torch.from_numpy(keep).to(images.device), images, torch.zeros_like(images)), flags

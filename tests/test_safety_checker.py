@@ -566,3 +566,24 @@ def test_diffusers_loading_keywords_torch_dtype_and_safety_checker_none_work_on_
         StableDiffusionDiffEdit.from_pretrained(checked_folder, dtype=torch.float32, torch_dtype=torch.float16)
     with pytest.raises(TypeError, match="safety_checker: only None"):
         StableDiffusionDiffEdit.from_pretrained(checked_folder, safety_checker=plain.safety_checker)
+
+
+def test_numpy_images_are_blacked_out_as_diffusers_does_and_bad_arguments_are_refused_before_the_checker_runs(
+        crafted, monkeypatch):
+    """diffusers' forward takes images as a numpy array too (ours failed on `images.device`), and a batch that does
+    not match clip_input was found only after the vision tower had run. Tolerance: none (exact arrays)."""
+    ref, ours, x = crafted
+    images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, expected_flags = ref(clip_input=x, images=images.copy())
+        got, flags = ours(x, images)
+    assert flags == expected_flags and got.dtype == images.dtype and np.array_equal(got, expected)
+    monkeypatch.setattr(ours, "has_nsfw_concepts", lambda clip_input: pytest.fail("the checker ran"))
+    with pytest.raises(ValueError, match="clip_input has 4 pictures but images has 3"):
+        ours(x, torch.zeros(3, 3, 8, 8))
+    with pytest.raises(TypeError, match="images must be a tensor or a numpy array of pictures \\(B, ...\\), got list"):
+        ours(x, [torch.zeros(3, 8, 8)] * 4)
+    with pytest.raises(TypeError, match=r"clip_input must be a tensor \(B, 3, S, S\) of processed pictures, got "
+                                        r"Tensor\(3, 32, 32\)"):
+        ours(x[0], torch.zeros(4, 3, 8, 8))
