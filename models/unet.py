@@ -9,6 +9,7 @@ cross-attention levels. Attribute names follow diffusers' `UNet2DConditionModel`
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -295,10 +296,30 @@ class UNet2DConditionModel(nn.Module):
         emb = timestep_embedding(t, self.config.block_out_channels[0]).to(sample.dtype)
         return self.time_embedding(emb)
 
+    def check_inputs(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                     encoder_hidden_states: torch.Tensor | TextKV) -> None:
+        """A TypeError / ValueError naming the argument and the shape it must have, before any work (torch's own
+        errors came from a convolution or an attention reshape deep inside, as diffusers' do)."""
+        cfg, shape = self.config, lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        states = encoder_hidden_states.states if isinstance(encoder_hidden_states, TextKV) else encoder_hidden_states
+        if not isinstance(sample, torch.Tensor) or not isinstance(states, torch.Tensor):
+            raise TypeError(f"sample and encoder_hidden_states must be tensors, got {shape(sample)} and {shape(states)}")
+        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, {cfg.in_channels}, H, W) latents, got shape {shape(sample)}")
+        batch = sample.shape[0]
+        if states.ndim != 3 or states.shape[0] != batch or states.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(f"encoder_hidden_states must be (B, T, {cfg.cross_attention_dim}) text states with the "
+                             f"sample's B={batch}, got shape {shape(states)}")
+        if isinstance(timestep, bool) or not isinstance(timestep, (torch.Tensor, numbers.Real)):
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
+        if isinstance(timestep, torch.Tensor) and timestep.numel() not in (1, batch):
+            raise ValueError(f"timestep must be one value or one per sample (B={batch}), got shape {shape(timestep)}")
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 encoder_hidden_states: torch.Tensor | TextKV) -> torch.Tensor:
         """sample (B, in_channels, H, W), timestep scalar or (B,), encoder_hidden_states (B, T, cross_attention_dim)
         or a `TextKV` of them (a loop's projections made once) -> (B, out_channels, H, W)."""
+        self.check_inputs(sample, timestep, encoder_hidden_states)
         temb = self.time_embed(sample, timestep)
         # Encoder, keeping every intermediate state for the skip connections
         x = self.conv_in(sample)

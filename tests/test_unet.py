@@ -236,3 +236,30 @@ def test_absent_cross_attention_dim_is_diffusers_default_1280_so_its_weights_loa
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     context = torch.randn(1, 7, 1280, generator=torch.Generator().manual_seed(3))
     _assert_matches(ours(sample, 10, context), ref(sample, 10, context).sample)
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (lambda x, c: (x[:, :3], 5, c), ValueError, "sample must be (B, 4, H, W) latents, got shape (2, 3, 16, 16)"),
+    (lambda x, c: (x[0], 5, c), ValueError, "sample must be (B, 4, H, W) latents, got shape (4, 16, 16)"),
+    (lambda x, c: (x, 5, c[..., :16]), ValueError, "encoder_hidden_states must be (B, T, 32) text states with the "
+                                                   "sample's B=2, got shape (2, 7, 16)"),
+    (lambda x, c: (x, 5, c[:1]), ValueError, "encoder_hidden_states must be (B, T, 32) text states with the sample's "
+                                             "B=2, got shape (1, 7, 32)"),
+    (lambda x, c: (x, torch.tensor([1, 2, 3]), c), ValueError, "timestep must be one value or one per sample (B=2), "
+                                                               "got shape (3,)"),
+    (lambda x, c: (x, "5", c), TypeError, "timestep must be a number or a tensor, got str"),
+    (lambda x, c: (x.numpy(), 5, c), TypeError, "sample and encoder_hidden_states must be tensors, got ndarray and "
+                                                "(2, 7, 32)"),
+])
+def test_bad_forward_arguments_are_refused_naming_the_argument_before_any_work(args, error, words):
+    """They failed deep inside (a convolution, an attention reshape, torch.full) with torch's own message, as
+    diffusers' do; the timestep embedding was already made."""
+    _, ours = _pair("sd1")
+    sample, context = _inputs("sd1")
+    hook = ours.time_embedding.register_forward_pre_hook(lambda *a: pytest.fail("the forward pass started"))
+    try:
+        with pytest.raises(error) as e:
+            ours(*args(sample, context))
+        assert str(e.value) == words
+    finally:
+        hook.remove()
