@@ -334,9 +334,10 @@ def titled_to_fit(picture: Image.Image, title: str, font_size: int = 14, gap: in
     return sheet
 
 
-def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]:
-    """examples_METHOD.png: a row per kept edit, the input then the method's result under each setting (Pillow
-    only, so there whether or not matplotlib is)."""
+def example_grids(out: Path, methods: list[str], grid: list[dict],
+                  texts: dict[str, tuple[str, str]] | None = None) -> list[Path]:
+    """examples_METHOD.png: a row per kept edit under its id and texts (`texts`: id -> (source, target)), the input
+    then the method's result under each setting (Pillow only, so there whether or not matplotlib is)."""
     from .figures import display_scale, strip
 
     written = []
@@ -352,8 +353,10 @@ def example_grids(out: Path, methods: list[str], grid: list[dict]) -> list[Path]
             pictures = [(label, Image.open(path).convert("RGB")) for label, path in files]
             scale = display_scale(pictures[0][1].height, 128, 256)
             size = (round(pictures[0][1].width * scale), round(pictures[0][1].height * scale))
-            rows.append(strip([(f"{folder.name}: {label}" if label == "input" else label,
-                                picture.resize(size, Image.NEAREST)) for label, picture in pictures], font_size=12))
+            row = strip([(label, picture.resize(size, Image.NEAREST)) for label, picture in pictures], font_size=12)
+            source, target = (texts or {}).get(folder.name, (None, None))
+            said = f'"{source}" -> "{target}"' if target is not None else ""
+            rows.append(titled_to_fit(row, f"{folder.name}: {said}".rstrip(": "), font_size=12, gap=6))
         if rows:
             sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
             y = 0
@@ -957,7 +960,7 @@ def finish(out: Path, plan: Plan, new_rows: int, quiet: bool) -> None:
                  plan.order())
     rows = read_records(records_file)
     write_summary(rows, plan.swept, out)
-    example_grids(out, plan.methods, plan.grid)
+    example_grids(out, plan.methods, plan.grid, {case.id: (case.source, case.target) for case in plan.cases})
     from . import plots
 
     if plots.available():

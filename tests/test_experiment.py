@@ -758,3 +758,19 @@ def test_a_manifest_picture_over_max_pixels_is_refused_by_its_line_before_it_is_
     with pytest.raises(ValueError, match="--max-pixels 0: expected an int >= 1"):
         experiment.run_experiment(tmp_path / "run", edits=tmp_path / "m.jsonl", max_pixels=0)
     assert [c.image.size for c in experiment.manifest_cases(tmp_path / "m.jsonl", max_pixels=1600)] == [(40, 40)]
+
+
+def test_the_examples_sheet_heads_each_edit_with_its_source_and_target_texts(tmp_path):
+    """A row of pictures said only its id; it now carries the edit's two texts, wrapped to the sheet's width."""
+    grid = [{"inpaint_strength": 0.5}]
+    for name in ("with", "without"):
+        folder = tmp_path / name / "examples" / "e1"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (64, 64), "pink").save(folder / "input.png")
+        Image.new("RGB", (64, 64), "blue").save(folder / f"{experiment.example_name('diffedit', grid[0])}.png")
+    long_target = "a blue circle on a pink background with many more words than one line can hold"
+    [with_texts] = experiment.example_grids(tmp_path / "with", ["diffedit"], grid, {"e1": ("a red circle",
+                                                                                        long_target)})
+    [bare] = experiment.example_grids(tmp_path / "without", ["diffedit"], grid)
+    a, b = Image.open(with_texts), Image.open(bare)
+    assert a.width == b.width and a.height >= b.height + 2 * 16  # the texts took at least two more lines
