@@ -77,11 +77,15 @@ def overflow_hint(dtype: torch.dtype) -> str:
 # What every step checks before it starts
 
 
-def check_images(sd: StableDiffusion, image: torch.Tensor) -> None:
-    """The steps' image argument: (B, 3, H, W) pixels in [-1, 1] or (B, C, h, w) latents, finite."""
+def check_images(sd: StableDiffusion, image: torch.Tensor, prompts: int) -> None:
+    """The steps' image argument: (B, 3, H, W) pixels in [-1, 1] or (B, C, h, w) latents, finite; one picture per
+    prompt, or a batch that the `prompts` tile (one picture for all: diffusers' deprecated broadcast)."""
     if not isinstance(image, torch.Tensor) or image.ndim != 4:
         raise ValueError(f"image: expected a (B, 3, H, W) tensor in [-1, 1] (or latents), got "
                          f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if prompts % image.shape[0]:
+        raise ValueError(f"image: {image.shape[0]} picture(s) for {prompts} prompt(s): give one prompt per picture "
+                         "(or one picture for all the prompts)")
     channels = sd.vae.config.latent_channels
     if image.shape[1] not in (3, channels):
         raise ValueError(f"image: expected 3 channels (pixels) or {channels} (latents), got {image.shape[1]}")
@@ -313,7 +317,7 @@ def estimate_mask(sd: StableDiffusion, image: torch.Tensor, source: TextEmbeddin
     """DiffEdit §3.2 step 1: the region where the reference text R (`source`) and the query Q (`target`) predict
     different noise. image (B, 3, H, W) in [-1, 1]; one prompt pair per image."""
     B, n, N = len(target), params.num_maps_per_mask, params.num_inference_steps
-    check_images(sd, image)
+    check_images(sd, image, B)
     check_texts(source, target, guided=params.mask_guidance_scale > 1)
     check_generator(generator, B, n)
     t = strength_timesteps(schedule(sd, params), N, params.mask_encode_strength, "mask_encode_strength")[0]
@@ -464,7 +468,7 @@ def invert(sd: StableDiffusion, image: torch.Tensor, text: TextEmbeddings, param
     """DiffEdit §3.2 step 2: deterministic DDIM encoding (Song et al. 2021, eq. 13 run backwards) of the image up
     to the encoding ratio r = `inpaint_strength`, keeping every intermediate latent. The network is conditioned
     on `text` (the reference R) with `inversion_guidance_scale`; image (B, 3, H, W) in [-1, 1] or latents."""
-    check_images(sd, image)
+    check_images(sd, image, len(text))
     check_texts(text, guided=params.inversion_guidance_scale > 1)
     check_generator(generator, len(text))
     if params.sampler == "dpmsolver++":

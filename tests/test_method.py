@@ -734,6 +734,21 @@ def test_each_step_refuses_arguments_that_would_fail_deep_inside_or_run_wrong(sd
             method.estimate_mask(sd, x, one, one, p, gens)
 
 
+def test_a_picture_batch_the_prompts_do_not_tile_is_refused_before_the_vae_runs(sd, monkeypatch):
+    """2 pictures for 3 prompts (or 3 for 1) failed after the VAE had encoded them, with "cannot repeat 2 image(s)
+    over 3 prompts", naming no argument; one picture for several prompts (diffusers' broadcast) still runs."""
+    monkeypatch.setattr(method, "vae_encode", lambda *a, **k: pytest.fail("the VAE ran"))
+    three, one = texts(sd, ["a cat", "a dog", "a cow"]), texts(sd, ["a cat"])
+    for pictures, text, message in [(images(2), three, r"image: 2 picture\(s\) for 3 prompt\(s\): give one prompt per"),
+                                    (images(3), one, r"image: 3 picture\(s\) for 1 prompt\(s\)")]:
+        for call in (lambda: method.estimate_mask(sd, pictures, text, text, FAST),
+                     lambda: method.invert(sd, pictures, text, FAST)):
+            with pytest.raises(ValueError, match=message):
+                call()
+    with pytest.raises(pytest.fail.Exception, match="the VAE ran"):
+        method.invert(sd, images(1), three, FAST)
+
+
 def test_encode_text_refuses_a_bare_string_mismatched_negatives_and_non_strings(sd, monkeypatch):
     """A string was read as one prompt per character ("a red circle": 12 prompts), negative_prompts="" as an empty
     batch, and mismatched batch sizes failed later inside the UNet: each refused naming the argument and the fix."""
