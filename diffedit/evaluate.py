@@ -232,15 +232,26 @@ def report_lines(summary: dict, timing_applies: bool) -> list[tuple[str, str, st
 
 
 def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2, fmt: str | None = None) -> None:
-    """One row per edit: source | ground-truth region | predicted mask | result (in Pillow format `fmt`, or as
-    the path's extension says)."""
+    """One row per edit under its texts: input | ground-truth region | predicted mask (with its IoU) | result (with
+    the judge's verdict), each panel labelled (in Pillow format `fmt`, or as the path's extension says)."""
+    from .figures import strip, titled_to_fit
+
     rows = []
     for r in records[:count]:
         source, region, pred, result = r["_images"]
+        panel = lambda a: Image.fromarray(a).resize((a.shape[1] * zoom, a.shape[0] * zoom), Image.NEAREST)
         as_rgb = lambda m: np.repeat((m * 255).astype(np.uint8)[:, :, None], 3, axis=2)
-        rows.append(np.concatenate([source, as_rgb(region), as_rgb(pred), result], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(path, format=fmt)
+        row = strip([("input", panel(source)), ("true region", panel(as_rgb(region))),
+                     (f"mask, IoU {r['iou']:.2f}", panel(as_rgb(pred))),
+                     (f"result: {'pass' if r['success'] else 'FAIL'}", panel(result))], font_size=12)
+        rows.append(titled_to_fit(row, f"{r['index']} ({r['kind']}): \"{r['source']}\" -> \"{r['target']}\"",
+                                  font_size=12, gap=6))
+    sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    sheet.save(path, format=fmt)
 
 
 def parse_param(text: str) -> tuple[str, object]:

@@ -144,4 +144,35 @@ def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, gu
                   (f"result: {target}" if target is not None else "result", edited)])
 
 
-__all__ = ["colorize", "heat_map", "mask_overlay", "display_scale", "strip", "compare_strip"]
+def wrapped(text: str, fits) -> list[str]:
+    """`text` in lines that each pass `fits` (a line's width test): words kept whole where one fits a line, else
+    cut."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if fits(joined):
+            lines[-1] = joined
+            continue
+        lines.append("")
+        for char in word:  # a word longer than a line is cut where it must be
+            if lines[-1] and not fits(lines[-1] + char):
+                lines.append("")
+            lines[-1] += char
+    return [line for line in lines if line]
+
+
+def titled_to_fit(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) -> Image.Image:
+    """The picture under its title, wrapped over as many lines as the picture's width needs (nothing cut)."""
+    font, line_height = _font(font_size), font_size + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = wrapped(title, lambda line: measure.textlength(line, font=font) <= picture.width - 2 * gap)
+    top = len(lines) * line_height + 2 * gap
+    sheet = Image.new("RGB", (picture.width, picture.height + top), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for k, line in enumerate(lines):
+        draw.text((gap, gap + k * line_height), line, fill=TEXT_COLOUR, font=font)
+    sheet.paste(picture, (0, top))
+    return sheet
+
+
+__all__ = ["colorize", "heat_map", "mask_overlay", "display_scale", "strip", "compare_strip", "titled_to_fit"]

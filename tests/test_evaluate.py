@@ -447,3 +447,21 @@ def test_counts_past_what_a_run_can_do_are_refused_in_one_line(argv, message, ca
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_the_grid_labels_every_panel_and_heads_each_row_with_the_edits_texts(tmp_path):
+    """The grid was four unlabelled columns; each row now has its texts above it and a label over each panel
+    (input, true region, mask with its IoU, result with the judge's verdict)."""
+    source = np.zeros((64, 64, 3), np.uint8)
+    region = np.zeros((64, 64), bool)
+    region[8:24, 8:24] = True
+    record = dict(index=3, kind="shape", source="a red circle", target="a blue square", iou=0.5, success=False,
+                  _images=(source, region, region, source))
+    from PIL import Image
+
+    path = tmp_path / "g.png"
+    evaluate.save_grid([record, {**record, "index": 4}], path)
+    sheet = Image.open(path).convert("RGB")
+    assert sheet.width >= 4 * 128 and sheet.height > 2 * (128 + 2 * 16)  # two rows, each with text over it
+    top = np.asarray(sheet)[:40]
+    assert (top < 128).any()  # dark text on the white head of the first row

@@ -380,22 +380,6 @@ def test_plots_a_manifest_cannot_give_are_named_on_stderr_with_the_reason(tmp_pa
     assert not (tmp_path / "run" / "plots").exists()
 
 
-def test_the_examples_title_is_wrapped_to_the_sheets_width_with_nothing_cut():
-    from PIL import ImageDraw
-
-    from diffedit.figures import _font
-
-    title = "diffedit: the input, then one column per setting (inpaint_strength, mask_thresholding_ratio)"
-    sheet = experiment.titled_to_fit(Image.new("RGB", (272, 100), "white"), title)
-    font, measure = _font(14), ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = experiment.wrapped(title, lambda line: measure.textlength(line, font=font) <= 272 - 16)
-    assert len(lines) == 3 and " ".join(lines) == title  # every word, whole, over three lines
-    assert sheet.size == (272, 100 + 3 * 18 + 16)
-    assert experiment.wrapped("abcdefgh", lambda line: len(line) <= 3) == ["abc", "def", "gh"]  # a word too long
-    wide = experiment.titled_to_fit(Image.new("RGB", (2000, 100), "white"), title)
-    assert wide.size == (2000, 100 + 18 + 16)  # one line
-
-
 def test_the_same_run_from_python(grid_run, tmp_path):
     import diffedit
 

@@ -74,3 +74,19 @@ def test_compare_strip_enlarges_small_images_and_keeps_pixels_sharp():
     # A given mask (no guidance map) is shown as the mask itself
     given = compare_strip(image, result, mask, guidance=None)
     assert given.size == sheet.size
+
+
+def test_the_examples_title_is_wrapped_to_the_sheets_width_with_nothing_cut():
+    from PIL import ImageDraw
+
+    from diffedit.figures import _font, titled_to_fit, wrapped
+
+    title = "diffedit: the input, then one column per setting (inpaint_strength, mask_thresholding_ratio)"
+    sheet = titled_to_fit(Image.new("RGB", (272, 100), "white"), title)
+    font, measure = _font(14), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = wrapped(title, lambda line: measure.textlength(line, font=font) <= 272 - 16)
+    assert len(lines) == 3 and " ".join(lines) == title  # every word, whole, over three lines
+    assert sheet.size == (272, 100 + 3 * 18 + 16)
+    assert wrapped("abcdefgh", lambda line: len(line) <= 3) == ["abc", "def", "gh"]  # a word too long
+    wide = titled_to_fit(Image.new("RGB", (2000, 100), "white"), title)
+    assert wide.size == (2000, 100 + 18 + 16)  # one line
