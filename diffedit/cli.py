@@ -398,7 +398,7 @@ def command_params(args, edit_defaults: dict, uses: tuple[str, ...], max_steps: 
     "invert", "decode") whose step counts are checked: a strength with int(steps x strength) = 0 would run no step.
     Called before the model is loaded (with a local folder's diffedit.json) and again after, with `max_steps`, the
     model's schedule length (before: 1000, Stable Diffusion's and the shipped model's), the most steps that fit."""
-    from .params import CORRECTIONS, NOT_IN_REFERENCE, layered, with_preset
+    from .params import CORRECTIONS, NOT_IN_REFERENCE, layered, least_strength, with_preset
 
     try:
         given = with_preset(args.preset, explicit_params(args))
@@ -423,10 +423,11 @@ def command_params(args, edit_defaults: dict, uses: tuple[str, ...], max_steps: 
                 shown = math.ceil(needed) if needed < 1e6 else f"{needed:.3g}"  # not a 300-digit number
                 needs = f"it runs a step only from --steps {shown}, and " if math.isfinite(needed) else ""
                 raise BadInput(f"{flag} {value:g} is too small for any allowed step count: {needs}the model's "
-                               f"schedule has {max_steps}; with --steps {n} use {flag} >= {1 / n:g}")
+                               f"schedule has {max_steps}; with --steps {n} use {flag} >= {least_strength(n):g}")
             needed = math.ceil(needed)
+            needed += int(needed * value) == 0  # 1 / value can round a step short (int(49 x (1 / 49)) = 0)
             raise BadInput(f"{flag} {value:g} with --steps {n} runs no step (int({n} x {value:g}) = 0): use "
-                           f"{flag} >= {1 / n:g} or --steps >= {needed}")
+                           f"{flag} >= {least_strength(n):g} or --steps >= {needed}")
     return p
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .memory import vae_decode, vae_encode
-from .params import DiffEditParams
+from .params import DiffEditParams, least_strength
 from .stable_diffusion import StableDiffusion
 from .models.unet import TextKV
 from .schedulers.dpm_solver import DPMSolverScheduler, dpm_update
@@ -255,17 +255,6 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float, nam
                          f"(int({num_inference_steps} * {strength}) = 0); use {name} >= "
                          f"{least_strength(num_inference_steps):g} or more steps")
     return scheduler.timesteps(num_inference_steps)[num_inference_steps - n:]
-
-
-def least_strength(num_inference_steps: int) -> float:
-    """A short decimal, within 0.1% above 1 / N, that runs one step: int(N * s) >= 1. 1 / N itself can miss in
-    floating point (int(49 * (1 / 49)) = 0), and so can its 6-digit form (int(3 * 0.333333) = 0)."""
-    N = num_inference_steps
-    for digits in range(1, 18):
-        s = -(-10**digits // N) / 10**digits  # 1 / N rounded up at `digits` decimals
-        if int(N * s) >= 1 and s <= 1.001 / N:
-            return s
-    return 1.0  # not reached for N >= 1
 
 
 def schedule(sd: StableDiffusion, params: DiffEditParams):

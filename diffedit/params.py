@@ -226,3 +226,14 @@ def layered(edit_defaults: dict, overrides: dict) -> DiffEditParams:
     except (TypeError, ValueError) as e:
         raise ValueError(f"the model's stored edit defaults (diffedit.json) are invalid: {e}") from None
     return base.updated(overrides)
+
+
+def least_strength(num_inference_steps: int) -> float:
+    """A short decimal, within 0.1% above 1 / N, that runs one step: int(N * s) >= 1. 1 / N itself can miss in
+    floating point (int(49 * (1 / 49)) = 0), and so can its 6-digit form (int(3 * 0.333333) = 0)."""
+    N = num_inference_steps
+    for digits in range(1, 18):
+        s = -(-10**digits // N) / 10**digits  # 1 / N rounded up at `digits` decimals
+        if int(N * s) >= 1 and s <= 1.001 / N:
+            return s
+    return 1.0  # not reached for N >= 1

@@ -600,6 +600,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, fragments, bad_fo
     assert snapshot(bad_folder) == before
 
 
+@pytest.mark.parametrize("steps, strength", [(3, 0.2), (7, 0.1), (10, 1 / 49), (4, 0.1)])
+def test_the_strength_and_steps_a_refusal_suggests_each_run_a_step(tmp_path, capsys, steps, strength):
+    """The hints must themselves work: 1 / 3 shown as 0.333333 does not (int(3 x 0.333333) = 0), nor 49 steps at
+    strength 1 / 49 (int(49 x (1 / 49)) = 0, so ceil(1 / strength) is a step short)."""
+    import re
+
+    assert cli.main(["edit", str(cli.EXAMPLE_IMAGE), "--source", "a", "--target", "b", "-o", str(tmp_path / "o.png"),
+                     "--steps", str(steps), "--strength", repr(strength)]) == 2
+    said = capsys.readouterr().err
+    found = re.search(r"use --strength >= ([0-9.e-]+) or --steps >= (\d+)", said)
+    assert found, said
+    least, more = float(found[1]), int(found[2])
+    assert int(steps * least) >= 1 and least <= 1.001 / steps
+    assert int(more * strength) >= 1 and int((more - 1) * strength) == 0
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_other_commands_and_missing_arguments_are_bad_input(bad_folder, model_folder):
     before = snapshot(bad_folder)
     assert_bad_input(diffedit("invert", "in.png", "--prompt", "a", "-o", "lat.pt", "--model", model_folder,
