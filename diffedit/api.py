@@ -28,8 +28,6 @@ from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion, checked_device, checked_dtype, same_device
 from .validation import one_line, shorten
 
-_same_device = same_device  # TEMP: experiment.py's import, until it names same_device
-
 
 
 @dataclass(frozen=True)
