@@ -29,7 +29,6 @@ from .stable_diffusion import StableDiffusion, checked_device, checked_dtype, sa
 from .validation import one_line, shorten
 
 
-
 @dataclass(frozen=True)
 class EditResult:
     image: PIL.Image.Image  # the edited image, RGB, at the input's size
