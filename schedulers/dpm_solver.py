@@ -25,19 +25,40 @@ class DPMStep(NamedTuple):
     x0: torch.Tensor  # this step's data prediction: pass it as `previous` to the next step
 
 
-def dpm_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor:
-    """(N,) int64, noisiest first, as diffusers' DPM-Solver spaces them (not DDIM's spacing):
+def dpm_spacing(config: DDIMConfig, num_inference_steps: int) -> np.ndarray:
+    """The timesteps diffusers' DPM-Solver spaces N steps at, unchecked (`dpm_timesteps` checks them):
     1. "leading": multiples of T // (N + 1), the zero dropped, plus steps_offset (SD, N=10: 901, 811, ..., 91);
-    2. "trailing": T, T - T/N, ... rounded, minus 1;
+    2. "trailing": T, T - T/N, ... rounded, minus 1; the first N only (see `dpm_timesteps`);
     3. "linspace": N + 1 points over [0, T - 1], rounded, the zero dropped."""
-    check_num_steps(config, num_inference_steps)
-    T, N = config.num_train_timesteps, num_inference_steps
+    T, N = config.num_train_timesteps, int(num_inference_steps)
     if config.timestep_spacing == "leading":
-        steps = (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1].astype(np.int64) + config.steps_offset
-    elif config.timestep_spacing == "trailing":
-        steps = np.arange(T, 0, -T / N).round().astype(np.int64) - 1
-    else:
-        steps = np.linspace(0, T - 1, N + 1).round()[::-1][:-1].astype(np.int64)
+        return (np.arange(0, N + 1) * (T // (N + 1))).round()[::-1][:-1].astype(np.int64) + config.steps_offset
+    if config.timestep_spacing == "trailing":
+        return np.arange(T, 0, -T / N).round().astype(np.int64)[:N] - 1
+    return np.linspace(0, T - 1, N + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def _usable(steps: np.ndarray, T: int) -> bool:
+    """Timesteps inside the schedule, each below the one before (a repeated level is a step of length 0)."""
+    return bool(steps[0] < T and (np.diff(steps) < 0).all())
+
+
+def dpm_timesteps(config: DDIMConfig, num_inference_steps: int) -> torch.Tensor:
+    """(N,) int64, noisiest first, as diffusers' DPM-Solver spaces them (not DDIM's spacing; `dpm_spacing`).
+
+    Where we differ on purpose (docs/design.md): "trailing" sometimes gives diffusers N + 1 timesteps ending in -1
+    (T=1000: N=61, 103, 121, ...), as for DDIM; we keep the N intended ones, so the last step lands on the clean
+    end from the N-th timestep. Step counts whose timesteps repeat or pass T - 1 ("leading" and "linspace" near
+    N = T; diffusers returns NaN or fails indexing) are refused, saying how many steps fit."""
+    check_num_steps(config, num_inference_steps)
+    T, N = config.num_train_timesteps, int(num_inference_steps)
+    steps = dpm_spacing(config, N)
+    if not _usable(steps, T):
+        fits = max((n for n in range(1, N) if _usable(dpm_spacing(config, n), T)), default=0)
+        problem = (f"timestep {steps[0]} >= num_train_timesteps={T}" if steps[0] >= T
+                   else "a timestep twice (a step of length 0)")
+        raise ValueError(f"num_inference_steps={N} with '{config.timestep_spacing}' spacing gives DPM-Solver++ "
+                         f"{problem} (at most {fits} steps fit this schedule)")
     return torch.from_numpy(steps.copy())
 
 
@@ -79,6 +100,13 @@ def dpm_update(sample: torch.Tensor, x0: torch.Tensor, previous: torch.Tensor | 
 class DPMSolverScheduler(NoiseSchedule):
     """Denoising DPM-Solver++ (2M), number for number diffusers' `DPMSolverMultistepScheduler` on the same config,
     without `set_timesteps` state."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.config.rescale_betas_zero_snr:  # as diffusers: the last level 2**-24, not 0, so its s_t is finite
+            a = self.alphas_cumprod.clone()
+            a[-1] = 2.0**-24
+            object.__setattr__(self, "alphas_cumprod", a)
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return dpm_timesteps(self.config, num_inference_steps)

@@ -50,3 +50,55 @@ def test_a_dpm_decoding_of_a_bare_latent_tensor_is_refused_naming_what_it_needs(
     text = method.encode_text(model, ["a cat"], [""])
     with pytest.raises(TypeError, match=r"decodes an Inversion .* not Tensor"):
         method.decode(model, torch.zeros(1, 3, 4, 8, 8), None, text, p)
+
+
+def test_trailing_step_counts_of_diffusers_float_quirk_give_the_n_intended_timesteps():
+    """T = 1000, N = 61: diffusers' float arange adds a 62nd timestep, -1; ours stops at the 61 intended ones (as
+    DDIM does), every step but the last equal to diffusers' (tolerance TOL), the last landing on the clean end."""
+    config = dict(SD, timestep_spacing="trailing")
+    ref = DPMSolverMultistepScheduler(**config)
+    ref.set_timesteps(61)
+    assert len(ref.timesteps) == 62 and ref.timesteps[-1] == -1
+    ours = DPMSolverScheduler(DDIMConfig(**config, clip_sample=False))
+    assert ours.timesteps(61).tolist() == ref.timesteps[:61].tolist()
+    assert ours.levels(61).shape == (62,) and ours.levels(61)[-1] == 0
+    g = torch.Generator().manual_seed(0)
+    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
+    previous = None
+    for i, t in enumerate(ours.timesteps(61)[:60]):
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        x_ref = ref.step(output, t, x_ref).prev_sample
+        x, previous = ours.step(output, i, x, 61, previous)
+        torch.testing.assert_close(x, x_ref, **TOL)
+
+
+@pytest.mark.parametrize("spacing, steps, message", [
+    ("leading", 999, r"timestep 1000 >= num_train_timesteps=1000 \(at most 998 steps fit"),
+    ("leading", 1000, r"a timestep twice .*at most 998 steps fit"),
+    ("linspace", 1000, r"a timestep twice .*at most 999 steps fit"),
+])
+def test_step_counts_whose_timesteps_repeat_or_pass_the_schedule_are_refused(spacing, steps, message):
+    """diffusers gives timestep 1000 (leading, steps_offset 1, N = 999) or repeated timesteps (N = 1000), and then
+    NaN or an IndexError; ours refuses the count, saying how many steps fit."""
+    with pytest.raises(ValueError, match=message):
+        dpm_timesteps(DDIMConfig(**SD, timestep_spacing=spacing), steps)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_zero_terminal_snr_steps_equal_diffusers_from_timestep_999(spacing):
+    """rescale_betas_zero_snr makes alphas_cumprod[999] = 0 (s_t infinite: NaN from the first step); diffusers'
+    DPM-Solver keeps it at 2**-24, and so do we: every step equal within TOL."""
+    config = dict(SD, timestep_spacing=spacing, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ref = DPMSolverMultistepScheduler(**config)
+    ref.set_timesteps(10)
+    ours = DPMSolverScheduler(DDIMConfig(**config, clip_sample=False))
+    assert ours.timesteps(10)[0] == 999 and ours.alphas_cumprod[-1] == 2.0**-24
+    g = torch.Generator().manual_seed(1)
+    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
+    previous = None
+    for i, t in enumerate(ours.timesteps(10)):
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        x_ref = ref.step(output, t, x_ref).prev_sample
+        x, previous = ours.step(output, i, x, 10, previous)
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, x_ref, **TOL)
