@@ -18,7 +18,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..validation import BOOL, NUMBER, ConfigError, check_fields, check_keys, int_at_least, one_of, optional
+from ..validation import (BOOL, NUMBER, ConfigError, check_fields, check_keys, int_at_least, is_number, one_of,
+                          optional)
 from .noise import randn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -69,8 +70,16 @@ class DDIMConfig:
             "rescale_betas_zero_snr": BOOL, "beta_schedule": one_of(BETA_SCHEDULES),
             "prediction_type": one_of(PREDICTION_TYPES), "timestep_spacing": one_of(TIMESTEP_SPACINGS),
             "thresholding": ((lambda v: v is False), "false (dynamic thresholding is not supported)"),
-            "trained_betas": optional(((lambda v: len(v) == T), f"{T} values (num_train_timesteps)")),
+            "trained_betas": optional(((lambda v: isinstance(v, tuple) and len(v) == T),
+                                       f"{T} values (num_train_timesteps)")),
         }, "DDIMConfig", ConfigError)
+        if self.trained_betas is None and self.beta_schedule != "squaredcos_cap_v2":  # the betas span these two
+            check_fields(self, {name: ((lambda v: 0 <= v < 1), "a number in [0, 1) (a beta)")
+                                for name in ("beta_start", "beta_end")}, "DDIMConfig", ConfigError)
+        bad = next((i for i, b in enumerate(self.trained_betas or ()) if not (is_number(b) and 0 <= b < 1)), None)
+        if bad is not None:  # a beta of 1 or more, or below 0, makes alphas_cumprod 0 or > 1: NaN downstream
+            raise ConfigError(f"DDIMConfig.trained_betas: expected numbers in [0, 1), got "
+                              f"{self.trained_betas[bad]!r} at index {bad}")
 
     @classmethod
     def from_dict(cls, d: dict, *, inverse: bool = False) -> DDIMConfig:
@@ -83,8 +92,8 @@ class DDIMConfig:
         names = {f.name for f in fields(cls)}
         check_keys("scheduler", d, names, IGNORED_KEYS | {"set_alpha_to_zero"})
         kwargs = {k: v for k, v in d.items() if k in names}
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+        if isinstance(kwargs.get("trained_betas"), list):  # kept as a tuple (hashable); DDIMConfig checks each
+            kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
         if inverse and d.get("set_alpha_to_zero") is not None:
             kwargs["set_alpha_to_one"] = d["set_alpha_to_zero"]
         return cls(**kwargs)

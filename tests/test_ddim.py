@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import diffusers
 from diffedit.schedulers import DDIMConfig, DDIMInverseScheduler, DDIMScheduler
+from diffedit.validation import ConfigError
 
 torch.set_num_threads(1)
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "config attributes ... will be ignored" chatter
@@ -330,6 +331,32 @@ def test_inverse_built_from_a_forward_config_equals_diffusers_from_config():
 def test_bad_config_fails_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         DDIMConfig.from_dict({**SD15_SCHEDULER, **changes})
+
+
+@pytest.mark.parametrize("betas, got", [
+    (["0.1"] * 1000, r"got '0.1' at index 0"),  # was float()'s bare "could not convert string to float"
+    ([0.01] * 999 + [True], r"got True at index 999"),  # was read as 1.0, alphas_cumprod 0 from there
+    ([0.01] * 500 + [float("nan")] * 500, r"got nan at index 500"),
+    ([0.01] * 999 + [1.5], r"got 1.5 at index 999"),
+    ([[0.01]] * 1000, r"got \[0.01\] at index 0"),  # was float()'s TypeError
+    (5, r"got 5"),  # was 'int' object is not iterable
+])
+def test_trained_betas_that_are_not_betas_are_refused_naming_the_entry(tmp_path, betas, got):
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({**SD15_SCHEDULER, "trained_betas": betas}))
+    with pytest.raises(ConfigError, match=rf"scheduler_config.json: DDIMConfig.trained_betas: expected .*{got}"):
+        DDIMScheduler.from_config_file(tmp_path)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(beta_end=2.0), "beta_end"),  # linear betas past 1: alphas_cumprod changes sign, NaN steps in diffusers too
+    (dict(beta_start=-0.001), "beta_start"),  # scaled_linear: sqrt of a negative, torch's complex-dtype error
+    (dict(beta_schedule="linear", beta_end=1.0), "beta_end"),
+])
+def test_beta_range_outside_0_1_is_refused_naming_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"DDIMConfig.{field}: expected a number in \[0, 1\)"):
+        DDIMConfig.from_dict({**SD15_SCHEDULER, **changes})
+    # the cosine schedule does not read them, as in diffusers
+    assert DDIMConfig.from_dict({**SD15_SCHEDULER, **changes, "beta_schedule": "squaredcos_cap_v2"})
 
 
 def test_other_scheduler_class_keys_are_ignored():
