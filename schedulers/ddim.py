@@ -258,10 +258,32 @@ class NoiseSchedule:
         return self.alphas_cumprod[t] if t >= 0 else self.edge_alpha
 
     def _check_timestep(self, timestep) -> int:
+        """One timestep as an int: an int, a numpy integer or a one-element integer tensor (a pipeline's `t`).
+        A float is refused, not truncated (diffusers fails indexing alphas_cumprod with it)."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep: expected one timestep, got a tensor of shape {tuple(timestep.shape)} "
+                                 "(step one timestep of timesteps(num_inference_steps) at a time)")
+            if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
+                raise TypeError(f"timestep: expected an integer tensor, got {timestep.dtype} "
+                                "(pass a timestep of timesteps(num_inference_steps))")
+        elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
+            raise TypeError(f"timestep: expected an int or a one-element integer tensor, got "
+                            f"{type(timestep).__name__} {timestep!r} (pass a timestep of timesteps(num_inference_steps))")
         t = int(timestep)
         if not 0 <= t < self.config.num_train_timesteps:
             raise ValueError(f"timestep {t} outside [0, {self.config.num_train_timesteps})")
         return t
+
+    @staticmethod
+    def _check_step_tensors(model_output, sample) -> None:
+        """A network output of the sample's shape (diffusers broadcasts other shapes without a word)."""
+        for name, value in (("model_output", model_output), ("sample", sample)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}: "
+                             "pass the network's output for this sample")
 
     def _sqrt_levels(self, timesteps: torch.Tensor | int, like: torch.Tensor):
         """sqrt(a_t) and sqrt(1 - a_t) in like's dtype, shaped (B, 1, ..., 1) to broadcast over like."""
@@ -298,6 +320,14 @@ class DDIMScheduler(NoiseSchedule):
         `generator` in model_output's shape, dtype and device; eta = 0 draws nothing."""
         check_num_steps(self.config, num_inference_steps)
         t = self._check_timestep(timestep)
+        self._check_step_tensors(model_output, sample)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+            raise TypeError(f"eta: expected a number >= 0 (0: DDIM, 1: DDPM's variance), got {type(eta).__name__}")
+        if not eta >= 0 or not math.isfinite(eta):  # diffusers adds no noise for eta < 0 but keeps its sigma
+            raise ValueError(f"eta: expected a number >= 0 (0: DDIM, 1: DDPM's variance), got {eta!r}")
+        if variance_noise is not None and tuple(variance_noise.shape) != tuple(model_output.shape):
+            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, expected model_output's "
+                             f"{tuple(model_output.shape)}")
         alpha, alpha_prev = self.alpha(t), self.alpha(t - self.config.num_train_timesteps // num_inference_steps)
         sigma = ddim_sigma(alpha, alpha_prev, eta)
         noise = None
@@ -335,5 +365,6 @@ class DDIMInverseScheduler(NoiseSchedule):
         (diffusers also clamps the source to T - 1, which no valid timestep reaches.)"""
         check_num_steps(self.config, num_inference_steps)
         t = self._check_timestep(timestep)
+        self._check_step_tensors(model_output, sample)
         source = self.alpha(t - self.config.num_train_timesteps // num_inference_steps)
         return ddim_step(self.config, model_output, sample, source, self.alphas_cumprod[t])

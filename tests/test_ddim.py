@@ -470,3 +470,61 @@ def test_config_files_read_the_alias_only_for_the_inverse_scheduler(tmp_path):
     assert DDIMScheduler.from_config_file(tmp_path / "scheduler_config.json").config.set_alpha_to_one is False
     assert DDIMConfig.from_file(tmp_path).set_alpha_to_one is False
     assert DDIMConfig.from_dict(d).set_alpha_to_one is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_timestep_as_int_0d_and_1_element_tensor_give_the_same_step(inverse):
+    scheduler = (DDIMInverseScheduler if inverse else DDIMScheduler)(sd_config())
+    model_output, sample = torch.randn(2, *SHAPE)
+    steps = [scheduler.step(model_output, t, sample, 50).prev_sample
+             for t in (981, np.int64(981), torch.tensor(981), torch.tensor([981]), torch.tensor(981, dtype=torch.int32))]
+    for got in steps[1:]:
+        assert torch.equal(got, steps[0])
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("timestep, error, message", [
+    (981.7, TypeError, "got float 981.7"),  # was truncated to 981 (diffusers fails indexing with a float)
+    (981.0, TypeError, "got float 981.0"),
+    (torch.tensor(981.5), TypeError, "expected an integer tensor, got torch.float32"),
+    (True, TypeError, "got bool True"),  # was timestep 1
+    ("981", TypeError, "got str '981'"),  # was int("981")
+    (torch.tensor([981, 961]), ValueError, r"expected one timestep, got a tensor of shape \(2,\)"),
+])
+def test_a_timestep_that_is_not_one_integer_is_refused_naming_it(inverse, timestep, error, message):
+    scheduler = (DDIMInverseScheduler if inverse else DDIMScheduler)(sd_config())
+    with pytest.raises(error, match=rf"timestep: .*{message}"):
+        scheduler.step(torch.zeros(SHAPE), timestep, torch.zeros(SHAPE), 50)
+
+
+@pytest.mark.parametrize("eta, error, message", [
+    (-0.5, ValueError, "got -0.5"),  # diffusers draws no noise for eta < 0 yet shrinks the direction term by sigma^2
+    (float("nan"), ValueError, "got nan"),
+    (float("inf"), ValueError, "got inf"),
+    ("0.5", TypeError, "got str"),
+    (None, TypeError, "got NoneType"),
+])
+def test_eta_that_is_not_a_number_at_least_0_is_refused_before_any_draw(eta, error, message):
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(error, match=rf"eta: expected a number >= 0 .*{message}"):
+        DDIMScheduler(sd_config()).step(torch.zeros(SHAPE), 981, torch.zeros(SHAPE), 50, eta=eta, generator=g)
+    assert torch.equal(g.get_state(), state)
+
+
+def test_shapes_that_do_not_match_the_sample_are_refused_not_broadcast():
+    """diffusers broadcasts a (4, 8, 8) output over a (2, 4, 8, 8) sample, or a (4, 1, 1) variance_noise, silently."""
+    scheduler = DDIMScheduler(sd_config())
+    x = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=r"model_output has shape \(4, 8, 8\) but sample \(2, 4, 8, 8\)"):
+        scheduler.step(x[0], 981, x, 50)
+    with pytest.raises(ValueError, match=r"model_output has shape \(4, 8, 8\) but sample \(2, 4, 8, 8\)"):
+        scheduler.inverse().step(x[0], 21, x, 50)
+    with pytest.raises(ValueError, match=r"variance_noise has shape \(4, 1, 1\), expected model_output's"):
+        scheduler.step(x, 981, x, 50, eta=0.5, variance_noise=torch.zeros(4, 1, 1))
+    with pytest.raises(TypeError, match="sample: expected a torch.Tensor, got ndarray"):
+        scheduler.step(x, 981, x.numpy(), 50)
