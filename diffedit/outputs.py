@@ -96,7 +96,8 @@ def check_outputs(planned: list[Planned], inputs: dict[str, Path], overwrite_inp
             raise OutputPathError(f"{p.what} {p.path}: {folder} is not a folder")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputPathError(f"output folder {folder} is not writable")
-        key = os.path.normcase(os.path.abspath(p.path))
+        # the entry the rename replaces: in the folder as it really is (a symlinked folder is the same folder)
+        key = os.path.normcase(os.path.join(os.path.realpath(folder), p.path.name))
         if key in seen:
             raise OutputPathError(f"{seen[key].what} and {p.what} would both be written to {p.path}")
         seen[key] = p

@@ -39,6 +39,14 @@ def test_locations_are_checked_before_any_work(tmp_path):
                   overwrite_inputs=True)
 
 
+def test_two_outputs_through_a_symlinked_folder_are_one_path(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")  # link/m.png is real/m.png: one rename would replace the other's file
+    with pytest.raises(OutputPathError, match="output and --heatmap-out would both be written to"):
+        check_outputs([Planned(tmp_path / "real" / "m.png", "output"),
+                       Planned(tmp_path / "link" / "m.png", "--heatmap-out")], {})
+
+
 def test_an_extension_pillow_cannot_write_is_refused():
     assert image_format(Path("a.PNG"), "output") == "PNG" and image_format(Path("a.jpg"), "output") == "JPEG"
     with pytest.raises(OutputPathError, match=r"unknown image extension '\.txt'"):
