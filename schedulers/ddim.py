@@ -41,6 +41,14 @@ IGNORED_KEYS = frozenset({
     "use_dynamic_shifting", "time_shift_type", "flow_shift", "shift_terminal",
 })
 
+# The keys among those that change diffusers' DPMSolverMultistepScheduler: DDIM drops them (as
+# `DDIMScheduler.from_config` does), but `DDIMConfig.from_dict` keeps them aside (`dpm_settings`) for DPM-Solver++,
+# which refuses the values it does not implement (`dpm_solver.DPM_SUPPORTED`).
+DPM_KEYS = frozenset({
+    "solver_order", "algorithm_type", "solver_type", "final_sigmas_type", "lambda_min_clipped", "variance_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+})
+
 
 @dataclass(frozen=True)
 class DDIMConfig:
@@ -61,6 +69,9 @@ class DDIMConfig:
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
     thresholding: bool = False  # Imagen's dynamic thresholding is not implemented: only false is accepted
+    # The file's DPM_KEYS as (key, value) pairs, set by `from_dict` only: not a field (DDIM does not read them; not in
+    # repr, ==, asdict, so a config is the same DDIM schedule with or without them).
+    dpm_settings: ClassVar[tuple[tuple[str, object], ...]] = ()
 
     def __post_init__(self):
         T = self.num_train_timesteps
@@ -96,7 +107,9 @@ class DDIMConfig:
             kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
         if inverse and d.get("set_alpha_to_zero") is not None:
             kwargs["set_alpha_to_one"] = d["set_alpha_to_zero"]
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        object.__setattr__(config, "dpm_settings", tuple((k, d[k]) for k in sorted(DPM_KEYS & d.keys())))
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path, *, inverse: bool = False) -> DDIMConfig:

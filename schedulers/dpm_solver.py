@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..validation import ConfigError
 from .ddim import DDIMConfig, NoiseSchedule, check_num_steps
 
 
@@ -97,6 +98,40 @@ def dpm_update(sample: torch.Tensor, x0: torch.Tensor, previous: torch.Tensor | 
     return out - 0.5 * (alpha_next * (torch.exp(-h) - 1.0)) * d1
 
 
+# What DPMSolverMultistepScheduler's config may say for its numbers to be ours (2M, dpmsolver++, midpoint, onto 0):
+# 1. solver_order 2; 2. algorithm_type dpmsolver++ (diffusers refuses DEIS' "deis" with final_sigmas_type zero);
+# 3. solver_type midpoint (and DEIS' / UniPC's names, which diffusers reads as it); 4. the uniform spacing: no Karras, exponential, beta, Lu or
+# flow sigmas (diffusers fails on None); 5. final_sigmas_type zero; 6. a variance_type whose output is not split.
+# lambda_min_clipped is checked on the schedule: allowed where it clips no timestep.
+DPM_SUPPORTED = {
+    "solver_order": (2,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint", "logrho", "bh1", "bh2"),
+    **{key: (False,) for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                      "use_lu_lambdas", "use_flow_sigmas")},
+    "final_sigmas_type": ("zero",),
+    "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
+}
+
+
+def check_dpm_settings(config: DDIMConfig, alphas_cumprod: torch.Tensor) -> None:
+    """A ConfigError for the first DPM-Solver setting of the config file (`DDIMConfig.dpm_settings`) that would
+    give other numbers in diffusers' DPMSolverMultistepScheduler than ours (`DPM_SUPPORTED`)."""
+    for key, value in config.dpm_settings:
+        if key == "lambda_min_clipped":
+            lam = 0.5 * (torch.log(alphas_cumprod) - torch.log(1 - alphas_cumprod))
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and not (lam < value).any()):
+                raise ConfigError(f"scheduler config: lambda_min_clipped={value!r} clips this schedule's timesteps, "
+                                  "which sampler 'dpmsolver++' does not do (supported: -Infinity or a value at or "
+                                  f"below {lam.min().item():.4g}); the DDIM sampler ignores it")
+            continue
+        allowed = DPM_SUPPORTED[key]
+        if not any(type(value) is type(a) and value == a for a in allowed):  # True is not 1, nor 0 False
+            raise ConfigError(f"scheduler config: {key}={value!r} is not supported by sampler 'dpmsolver++' "
+                              f"(supported: {', '.join(map(repr, allowed))}); the DDIM sampler ignores it, as "
+                              "diffusers' DDIMScheduler.from_config does")
+
+
 class DPMSolverScheduler(NoiseSchedule):
     """Denoising DPM-Solver++ (2M), number for number diffusers' `DPMSolverMultistepScheduler` on the same config,
     without `set_timesteps` state."""
@@ -107,6 +142,7 @@ class DPMSolverScheduler(NoiseSchedule):
             a = self.alphas_cumprod.clone()
             a[-1] = 2.0**-24
             object.__setattr__(self, "alphas_cumprod", a)
+        check_dpm_settings(self.config, self.alphas_cumprod)
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return dpm_timesteps(self.config, num_inference_steps)

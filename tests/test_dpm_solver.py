@@ -1,11 +1,14 @@
 """DPM-Solver++ (2M) against diffusers' DPMSolverMultistepScheduler on the same config, step for step."""
 
+import json
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from diffedit.schedulers.ddim import DDIMConfig
 from diffedit.schedulers.dpm_solver import DPMSolverScheduler, dpm_timesteps
+from diffedit.validation import ConfigError
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           steps_offset=1)  # SD's scheduler config, as far as DPM-Solver reads it
@@ -101,4 +104,70 @@ def test_zero_terminal_snr_steps_equal_diffusers_from_timestep_999(spacing):
         x_ref = ref.step(output, t, x_ref).prev_sample
         x, previous = ours.step(output, i, x, 10, previous)
         assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, x_ref, **TOL)
+
+
+def saved_dpm_config(tmp_path, **changes) -> dict:
+    """The scheduler_config.json diffusers writes for DPMSolverMultistepScheduler on the SD schedule."""
+    DPMSolverMultistepScheduler(**SD, timestep_spacing="leading", **changes).save_config(tmp_path)
+    return json.loads((tmp_path / "scheduler_config.json").read_text())
+
+
+def test_a_dpm_solver_config_saved_by_diffusers_steps_like_diffusers_from_config(tmp_path):
+    """Every key of the file (solver_order 2, dpmsolver++, midpoint, lower_order_final, -Infinity lambda clip...)
+    is read or ignored, and the steps equal DPMSolverMultistepScheduler.from_config's within TOL."""
+    d = saved_dpm_config(tmp_path)
+    ours = DPMSolverScheduler.from_config_file(tmp_path)
+    ref = DPMSolverMultistepScheduler.from_config(d)
+    ref.set_timesteps(12)
+    g = torch.Generator().manual_seed(2)
+    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
+    previous = None
+    for i, t in enumerate(ours.timesteps(12)):
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        x_ref = ref.step(output, t, x_ref).prev_sample
+        x, previous = ours.step(output, i, x, 12, previous)
+        torch.testing.assert_close(x, x_ref, **TOL)
+
+
+@pytest.mark.parametrize("changes, line", [
+    (dict(solver_order=3), r"solver_order=3 is not supported by sampler 'dpmsolver\+\+' \(supported: 2\)"),
+    (dict(solver_order=1), r"solver_order=1 is not supported"),
+    (dict(use_karras_sigmas=True), r"use_karras_sigmas=True is not supported .*\(supported: False\)"),
+    (dict(use_lu_lambdas=True), r"use_lu_lambdas=True is not supported"),
+    (dict(algorithm_type="sde-dpmsolver++"), r"algorithm_type='sde-dpmsolver\+\+' is not supported"),
+    (dict(solver_type="heun"), r"solver_type='heun' is not supported"),
+    (dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), r"algorithm_type='dpmsolver' is not supported"),
+    (dict(final_sigmas_type="sigma_min"), r"final_sigmas_type='sigma_min' is not supported .*\(supported: 'zero'\)"),
+    (dict(lambda_min_clipped=-1.0), r"lambda_min_clipped=-1.0 clips this schedule's timesteps"),
+    (dict(variance_type="learned_range"), r"variance_type='learned_range' is not supported"),
+])
+def test_dpm_solver_settings_we_do_not_implement_are_refused_by_dpm_and_ignored_by_ddim(tmp_path, changes, line):
+    """diffusers' DPMSolverMultistepScheduler.from_config runs these (third order, Karras sigmas, SDE noise, ...);
+    ours ran 2M on uniform levels without a word. DPM-Solver++ now refuses the file's value in one line naming it;
+    DDIM ignores the key, as diffusers' DDIMScheduler.from_config does."""
+    d = saved_dpm_config(tmp_path, **changes)
+    plain = saved_dpm_config(tmp_path / "plain")
+    assert DDIMConfig.from_dict(d) == DDIMConfig.from_dict(plain)  # the same DDIM schedule
+    with pytest.raises(ConfigError, match=line):
+        DPMSolverScheduler.from_dict(d)
+
+
+@pytest.mark.parametrize("changes", [dict(solver_type="bh2"), dict(solver_type="logrho"),
+                                     dict(lambda_min_clipped=-5.1),
+                                     dict(lower_order_final=False), dict(euler_at_final=True)])
+def test_dpm_solver_settings_diffusers_reads_as_ours_are_accepted_and_step_alike(changes):
+    """DEIS' and UniPC's solver_type names, a clip below every level, lower_order_final / euler_at_final (the last step is
+    first order onto 0 anyway): diffusers' DPMSolverMultistepScheduler.from_config gives our numbers (TOL)."""
+    d = {**SD, "timestep_spacing": "leading", **changes}
+    ours = DPMSolverScheduler.from_dict(d)
+    ref = DPMSolverMultistepScheduler.from_config(d)
+    ref.set_timesteps(6)
+    g = torch.Generator().manual_seed(4)
+    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
+    previous = None
+    for i, t in enumerate(ours.timesteps(6)):
+        output = torch.randn(1, 4, 8, 8, generator=g)
+        x_ref = ref.step(output, t, x_ref).prev_sample
+        x, previous = ours.step(output, i, x, 6, previous)
         torch.testing.assert_close(x, x_ref, **TOL)
