@@ -15,6 +15,9 @@ def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dt
     as diffusers does, or, for a batch of k rows per generator (a batch of images with k noise draws each),
     generator i draws rows i k .. i k + k - 1 in one draw: what it draws for its image alone."""
     gens = generator if isinstance(generator, list) else [generator]
+    if not gens or any(g is not None and not isinstance(g, torch.Generator) for g in gens) or (
+            len(gens) > 1 and None in gens):
+        raise TypeError(f"generator: expected None, a torch.Generator or a non-empty list of them, got {generator!r}")
     rand_device = device
     if gens[0] is not None and gens[0].device.type == "cpu" and device.type != "cpu":
         rand_device = torch.device("cpu")

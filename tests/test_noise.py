@@ -32,3 +32,10 @@ def test_a_block_of_rows_per_generator_is_what_each_draws_alone():
 def test_generators_that_do_not_divide_the_batch_are_refused():
     with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
         randn((3, 4), [torch.Generator(), torch.Generator()], CPU, torch.float32)
+
+
+@pytest.mark.parametrize("generator", [0, "seed", [], [torch.Generator(), 3], [torch.Generator(), None]])
+def test_a_generator_that_is_not_one_is_a_type_error_naming_it(generator):
+    """A seed passed as the generator was AttributeError: 'int' object has no attribute 'device'; [] an IndexError."""
+    with pytest.raises(TypeError, match="generator: expected None, a torch.Generator or a non-empty list"):
+        randn((2, 4), generator, CPU, torch.float32)
