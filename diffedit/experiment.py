@@ -981,13 +981,50 @@ def _cell(value) -> str:
 # Summary
 
 
+Z_975 = 1.959963984540054  # the normal distribution's 0.975 quantile
+
+
+def t_975(df: int) -> float:
+    """Student's t distribution's 0.975 quantile with `df` degrees of freedom (12.706 at 1, 2.228 at 10, 1.972 at
+    199): below 200 by bisection on the closed form of P(|T| <= t) (Abramowitz & Stegun 26.7.3-4), from 200 on by
+    its expansion around the normal quantile (26.7.5, within 1e-9 there). Torch- and scipy-free."""
+    if df >= 200:
+        z = Z_975
+        g = [(z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160]
+        return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
+
+    def within(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:  # 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2.4/(3.5) cos^4 + ...)), (df - 1) / 2 terms
+            term, total = math.cos(theta), 0.0
+            for j in range(1, (df - 1) // 2 + 1):
+                total += term
+                term *= c2 * 2 * j / (2 * j + 1)
+            return 2 / math.pi * (theta + math.sin(theta) * total)
+        term, total = 1.0, 0.0  # sin (1 + 1/2 cos^2 + 1.3/(2.4) cos^4 + ...), df / 2 terms
+        for j in range(1, df // 2 + 1):
+            total += term
+            term *= c2 * (2 * j - 1) / (2 * j)
+        return math.sin(theta) * total
+
+    lo, hi = Z_975, 20.0  # t_975(1) = 12.706
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if within(mid) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
 def mean_ci(values: list[float]) -> tuple[float, float, int]:
-    """(mean, half-width of the normal 95% confidence interval 1.96 s / sqrt(n), n)."""
+    """(mean, half-width of the 95% confidence interval t s / sqrt(n), n): s the sample standard deviation, t
+    Student's 0.975 quantile with n - 1 degrees of freedom (`t_975`; the normal 1.96 would be too narrow for few
+    rows: 6.5 times at n = 2, 3% at n = 40); NaN for n < 2."""
     n = len(values)
     if n == 0:
         return float("nan"), float("nan"), 0
     mean = float(np.mean(values))
-    half = 1.96 * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    half = t_975(n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     return mean, half, n
 
 

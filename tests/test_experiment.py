@@ -345,7 +345,19 @@ def test_metrics_on_hand_built_maps():
     # thresholds 0.1, 0.2, 0.5, 0.9 give IoU 2/4, 1/4, 1/3, 1/2: the best is 0.5, a tie of the lowest and highest
     assert experiment.best_threshold_iou(np.array([[0.9, 0.1, 0.5, 0.2]]), truth) == 0.5
     mean, half, n = experiment.mean_ci([1.0, 2.0, 3.0])
-    assert (mean, n) == (2.0, 3) and half == pytest.approx(1.96 * 1.0 / 3**0.5)
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.302652730 * 1.0 / 3**0.5)  # Student's t, 2 df
+
+
+def test_the_95_percent_interval_takes_students_t_so_few_rows_are_not_overconfident():
+    """The interval of a mean over n rows is t(n - 1) s / sqrt(n): the normal 1.96 covers far less than 95% of
+    small samples (6.5 times too narrow at n = 2). Quantiles from published tables (scipy.stats.t.ppf(0.975, df))."""
+    table = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105, 10: 2.228138852, 30: 2.042272456, 39: 2.022690920,
+             199: 1.971956544, 200: 1.971896224, 1000: 1.962339081, 100000: 1.959987708}
+    for df, t in table.items():
+        assert experiment.t_975(df) == pytest.approx(t, abs=1e-8), df
+    mean, half, n = experiment.mean_ci([0.0, 1.0])
+    assert (mean, n) == (0.5, 2) and half == pytest.approx(12.706204736 * 0.5**0.5 / 2**0.5)
+    assert np.isnan(experiment.mean_ci([4.0])[1])  # one row: no interval
 
 
 def test_plots_show_the_tradeoff_and_the_mask_ablation_and_are_optional(grid_run, tmp_path, capsys, monkeypatch):
