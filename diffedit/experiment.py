@@ -252,8 +252,9 @@ def check_grid(fixed: dict, grid: list[dict], edit_defaults: dict) -> None:
 
 
 def best_threshold_iou(scores: np.ndarray, truth: np.ndarray) -> float:
-    """The best IoU any threshold on the continuous map reaches (the map nearest-upsampled to the image)."""
-    return max(iou(scores >= t, truth) for t in np.unique(scores))
+    """The best IoU any threshold on the continuous map reaches (the map nearest-upsampled to the image), one above
+    its maximum (an empty mask: 1 against an empty region, as `iou` scores it) included."""
+    return max(iou(np.zeros_like(truth), truth), *(iou(scores >= t, truth) for t in np.unique(scores)))
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -360,6 +360,14 @@ def test_the_95_percent_interval_takes_students_t_so_few_rows_are_not_overconfid
     assert np.isnan(experiment.mean_ci([4.0])[1])  # one row: no interval
 
 
+def test_the_best_threshold_may_select_nothing_so_it_is_never_below_an_empty_masks_iou():
+    """A threshold above the map's maximum selects no pixel: against an empty ground-truth region (a manifest's
+    blank mask) that is IoU 1, as `iou` scores an empty mask there, so the best threshold's IoU is 1, not 0."""
+    empty = np.zeros((1, 4), bool)
+    assert experiment.best_threshold_iou(np.array([[0.9, 0.1, 0.5, 0.2]]), empty) == 1.0
+    assert experiment.best_threshold_iou(np.full((1, 4), 0.3), empty) == 1.0  # a flat map too
+
+
 def test_plots_show_the_tradeoff_and_the_mask_ablation_and_are_optional(grid_run, tmp_path, capsys, monkeypatch):
     assert (grid_run / "plots" / "tradeoff.png").is_file()  # inpaint_strength was swept
     for method in experiment.METHOD_NAMES:  # a row per edit (2), the input and one column per setting (2)
