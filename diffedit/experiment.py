@@ -1030,18 +1030,20 @@ def mean_ci(values: list[float]) -> tuple[float, float, int]:
 
 
 def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
-    """summary.csv and summary.md: per method x setting, each metric's mean and 95% CI over edits and seeds;
+    """summary.csv and summary.md: per method x setting, each metric's mean and 95% CI over edits and seeds, and
+    how many rows hold it (`n` counts the group's rows; a metric's empty cells, say an AUROC of a region that is
+    empty, are left out of its mean and count: summary.csv's `METRIC_n`, summary.md's "(n=K)" where K < n);
     written together (all or none: a run that fails while writing them keeps the previous pair)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], *(r[k] for k in swept)), []).append(r)
-    header = ["method", *swept, "n"] + [f"{m}{s}" for m in METRICS for s in ("", "_ci95")]
+    header = ["method", *swept, "n"] + [f"{m}{s}" for m in METRICS for s in ("", "_ci95", "_n")]
     lines = []
     for key, members in groups.items():
         cells = list(key) + [str(len(members))]
         for m in METRICS:
-            mean, half, _ = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
-            cells += [_cell(mean), _cell(half)]
+            mean, half, n = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
+            cells += [_cell(mean), _cell(half), str(n)]
         lines.append(cells)
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -1054,7 +1056,8 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
         stats = []
         for m in shown:
             mean, half, n = mean_ci([float(r[m]) for r in members if r.get(m) not in ("", None)])
-            stats.append("" if n == 0 else f"{mean:.3g}" + (f" ± {half:.2g}" if not math.isnan(half) else ""))
+            stats.append("" if n == 0 else f"{mean:.3g}" + (f" ± {half:.2g}" if not math.isnan(half) else "")
+                         + (f" (n={n})" if n < len(members) else ""))
         md.append("| " + " | ".join([*key, str(len(members)), *stats]) + " |")
     text = "Mean ± 95% confidence interval over edits and seeds.\n\n" + "\n".join(md) + "\n"
     commit([Planned(out / "summary.csv", "summary", write_csv),  # both or neither

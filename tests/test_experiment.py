@@ -505,6 +505,22 @@ def test_the_summary_pair_is_written_whole_or_not_at_all(grid_run, tmp_path, mon
     assert "0.123" in (out / "summary.csv").read_text()
 
 
+def test_the_summary_counts_the_rows_behind_each_metric_when_some_cells_are_empty(tmp_path):
+    """A metric's empty cells (an AUROC or background PSNR a region cannot give) are left out of its mean; the
+    summary says how many rows it is over, so a mean of 1 row is not read as one of the group's 3."""
+    base = {m: "0.5" for m in experiment.METRICS}
+    rows = [{"edit": f"e{i}", "kind": "", "method": "diffedit", "seed": "0", **base} for i in range(3)]
+    rows[0].update(map_auroc="", background_psnr_db="")
+    rows[1].update(map_auroc="")
+    experiment.write_summary(rows, [], tmp_path)
+    with open(tmp_path / "summary.csv", newline="") as f:
+        (summary,) = list(csv.DictReader(f))
+    assert summary["n"] == "3" and summary["map_auroc_n"] == "1" and summary["background_psnr_db_n"] == "2"
+    assert summary["mask_iou_n"] == "3" and summary["map_auroc_ci95"] == ""  # one row: no interval
+    line = (tmp_path / "summary.md").read_text().splitlines()[-1]
+    assert line == "| diffedit | 3 | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 (n=2) | 0.5 ± 0 | 0.5 ± 0 | 0.5 ± 0 |", line
+
+
 def test_the_sampler_is_a_sweepable_setting(tmp_path):
     path = experiment.run_experiment(tmp_path / "s", n=1, methods=["diffedit"], sweep=[("sampler", ["ddim",
                                      "dpmsolver++"])], param={"num_inference_steps": 10, "num_maps_per_mask": 2})
