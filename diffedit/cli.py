@@ -931,6 +931,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             raise BadInput("give a command: edit, mask or invert (see `diffedit --help`)")
         summary = COMMANDS[args.command](args, Reporter(args.quiet))
         if args.json:
+            if sys.stdout is None:  # fd 1 closed (`>&-`): print would drop the summary without a word
+                raise BrokenPipeError("stdout is closed")
             print(strict_json(summary))
 
     return guarded(run, debug="--debug" in argv)

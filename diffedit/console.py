@@ -41,7 +41,8 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
     one line on stderr (a traceback too with `debug`)."""
     try:
         status = run()
-        sys.stdout.flush()  # a closed pipe shows here, inside the contract, not at the interpreter's exit
+        if sys.stdout is not None:  # None when fd 1 was closed (`>&-`): nothing to flush
+            sys.stdout.flush()  # a closed pipe shows here, inside the contract, not at the interpreter's exit
         return status or 0
     except BAD_INPUT as e:
         if debug:
@@ -52,7 +53,8 @@ def guarded(run: Callable[[], int | None], debug: bool = False) -> int:
         print(f"{PROG}: {e}" if str(e) else f"{PROG}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `diffedit ... --json | true`: the reader left first; end quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return EXIT_BROKEN_PIPE
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:

@@ -93,3 +93,11 @@ def test_an_argument_no_subcommand_takes_points_to_that_subcommands_help():
     with pytest.raises(BadInput, match=r"unrecognized arguments: --nope \(see `diffedit --help`\)"):
         parser.parse_args(["--nope"])
     assert parser.parse_args(["mask", "--source", "a"]).source == "a"
+
+
+def test_a_closed_stdout_is_no_failure_and_a_broken_pipe_without_one_is_141(monkeypatch):
+    from diffedit.console import EXIT_BROKEN_PIPE
+
+    monkeypatch.setattr("sys.stdout", None)  # Python's stdout when fd 1 was closed (`diffedit ... >&-`)
+    assert guarded(lambda: None) == 0  # the run's files were written: nothing to flush is no AttributeError
+    assert guarded(raising(BrokenPipeError())) == EXIT_BROKEN_PIPE

@@ -154,6 +154,20 @@ def test_writing_to_a_closed_pipe_ends_quietly(tmp_path):
     assert (tmp_path / "m.png").is_file()  # the outputs were written before the summary
 
 
+@pytest.mark.parametrize("json_flag, status", [([], 0), (["--json"], 141)])
+def test_a_closed_stdout_file_descriptor_is_no_failure(tmp_path, json_flag, status):
+    import os
+    import subprocess
+    import sys
+
+    # `diffedit ... >&-`: Python starts with sys.stdout None; the flush at the end raised AttributeError (exit 1)
+    p = subprocess.run([sys.executable, "-m", "diffedit", "mask", EXAMPLE, "--source", RED, "--target", BLUE,
+                        "-o", str(tmp_path / "m.png"), *json_flag, *FAST], stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: os.close(1))
+    assert (p.returncode, p.stderr) == (status, "")  # --json: as a reader gone before the summary, quietly
+    assert (tmp_path / "m.png").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Image files
 
