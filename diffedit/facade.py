@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -191,6 +191,108 @@ def _every(callback: Callback, callback_steps: int, bar) -> method.StepCallback:
 KEEP_CHECKER = object()  # from_pretrained's safety_checker when not given: the folder's checker, if any
 
 
+class SchedulerView:
+    """A DDIM scheduler of ours as diffusers' code reads a pipeline's scheduler: `config` is a plain dict under
+    diffusers' key names, so DiffEdit's recipe `DDIMScheduler.from_config(pipe.scheduler.config)` runs; every other
+    attribute is the scheduler's own."""
+
+    def __init__(self, scheduler):
+        object.__setattr__(self, "scheduler", scheduler)
+
+    @property
+    def config(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.scheduler.config).items()}
+
+    def __getattr__(self, name: str):
+        return getattr(self.scheduler, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"the scheduler's {name} is read-only: it is built from the model folder's scheduler "
+                             "config")
+
+    def __repr__(self) -> str:
+        return f"SchedulerView({self.scheduler!r})"
+
+
+class TokenizerView:
+    """Our CLIP tokenizer as diffusers' code calls a pipeline's: `tokenizer(text, padding="max_length",
+    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids` (the one form SD
+    pipelines use; our tokenizer always pads and cuts so); every other attribute is the tokenizer's own."""
+
+    def __init__(self, tokenizer):
+        object.__setattr__(self, "tokenizer", tokenizer)
+
+    def __call__(self, text: str | list[str], padding: str | bool = "max_length", max_length: int | None = None,
+                 truncation: bool = True, return_tensors: str | None = "pt") -> TokenizerOutput:
+        t = self.tokenizer
+        if padding != "max_length" or truncation is not True or return_tensors != "pt" \
+                or max_length not in (None, t.model_max_length):
+            raise ValueError(f"tokenizer(...): only padding=\"max_length\", max_length={t.model_max_length} (or "
+                             "None), truncation=True, return_tensors=\"pt\" are supported (Stable Diffusion's own form), "
+                             f"got padding={padding!r}, max_length={max_length!r}, truncation={truncation!r}, "
+                             f"return_tensors={return_tensors!r}")
+        ids = t(text)  # (B, model_max_length)
+        length = (ids == t.eos_token_id).int().argmax(dim=1) + 1  # bos .. eos; the rest is padding
+        mask = (torch.arange(ids.shape[1]) < length[:, None]).long()
+        return TokenizerOutput(ids, mask)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+@dataclass(frozen=True)
+class TokenizerOutput:
+    """transformers' BatchEncoding as far as SD code reads it: `.input_ids`, `.attention_mask`, or by key."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64: 1 for bos .. eos, 0 for padding
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+
+class TextEncoderView:
+    """Our CLIP text encoder as diffusers' code calls a pipeline's: `text_encoder(input_ids, attention_mask=None)`
+    gives a tuple-like output whose `[0]` / `.last_hidden_state` are the states (B, T, D); every other attribute
+    (parameters, dtype, ...) is the encoder's own."""
+
+    def __init__(self, encoder):
+        object.__setattr__(self, "encoder", encoder)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
+        if attention_mask is not None:
+            raise ValueError("text_encoder(..., attention_mask=...): Stable Diffusion's text encoder runs without an "
+                             "attention mask (diffusers' pipelines pass None for it); pass attention_mask=None")
+        return TextEncoderOutput(self.encoder(input_ids))
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+
+class TextEncoderOutput(tuple):
+    """transformers' CLIPTextModel output as far as SD code reads it: `[0]` or `.last_hidden_state`."""
+
+    def __new__(cls, last_hidden_state: torch.Tensor):
+        return super().__new__(cls, (last_hidden_state,))
+
+    @property
+    def last_hidden_state(self) -> torch.Tensor:
+        return self[0]
+
+
+def _same_schedule(value, ours, class_name: str) -> bool:
+    """Whether `value`, assigned to the facade's scheduler or inverse_scheduler, is the schedule the facade runs
+    anyway: its own view, or diffusers' `class_name` (by name: diffusers is not imported) whose config holds our
+    config's values (diffusers' recipe `DDIMScheduler.from_config(pipe.scheduler.config)`)."""
+    if isinstance(value, SchedulerView):
+        return value.scheduler is ours
+    config = getattr(value, "config", None)
+    if type(value).__name__ != class_name or not hasattr(config, "get"):
+        return False
+    mine = SchedulerView(ours).config
+    return all(config.get(key, object()) == want for key, want in mine.items())
+
+
 class StableDiffusionDiffEdit:
     """DiffEdit with diffusers' `StableDiffusionDiffEditPipeline` calls: `generate_mask`, `invert`, `__call__`."""
 
@@ -211,6 +313,9 @@ class StableDiffusionDiffEdit:
             object.__setattr__(self, name, value)
             return
         if name in ("scheduler", "inverse_scheduler"):
+            if _same_schedule(value, getattr(self.model, name),
+                              "DDIMScheduler" if name == "scheduler" else "DDIMInverseScheduler"):
+                return  # diffusers' DiffEdit recipe: the DDIM schedule the facade runs anyway
             raise AttributeError(
                 f"pipe.{name} cannot be replaced: diffedit runs its own DDIM schedule (and inverse DDIM) built from "
                 "the model folder's scheduler config, which gives diffusers' numbers for DiffEdit's recipe "
@@ -231,12 +336,17 @@ class StableDiffusionDiffEdit:
                         dtype: torch.dtype | str | None = None, revision: str | None = None,
                         variant: str | None = None, params: DiffEditParams | None = None, *,
                         torch_dtype: torch.dtype | str | None = None,
-                        safety_checker: object = KEEP_CHECKER) -> StableDiffusionDiffEdit:
+                        safety_checker: object = KEEP_CHECKER,
+                        use_safetensors: bool | None = None) -> StableDiffusionDiffEdit:
         """A model folder or hub repo id (`StableDiffusion.from_pretrained`; dtype None: float32). diffusers' two
-        keywords users write first are taken too: `torch_dtype` (its name for `dtype`) and `safety_checker=None`
-        (load without the checker); any other `safety_checker` is refused (the checker comes from the folder)."""
+        keywords users write first are taken too: `torch_dtype` (its name for `dtype`), `safety_checker=None`
+        (load without the checker; any other `safety_checker` is refused: the checker comes from the folder) and
+        `use_safetensors=True` (what we do anyway; False is refused)."""
         if torch_dtype is not None and dtype is not None:
             raise ValueError("dtype and torch_dtype are one setting (torch_dtype is diffusers' name): give one")
+        if use_safetensors is False:
+            raise ValueError("use_safetensors=False: diffedit loads safetensors weights only (it never unpickles); "
+                             "drop the argument or give True")
         if safety_checker is not KEEP_CHECKER and safety_checker is not None:
             raise TypeError("safety_checker: only None (no checker) is taken; a folder's own checker loads with it")
         model = StableDiffusion.from_pretrained(path_or_repo_id, device, torch_dtype or dtype, revision, variant)
@@ -271,9 +381,16 @@ class StableDiffusionDiffEdit:
 
     # diffusers' component attributes, read-only: our own objects (assigning them is refused, see __setattr__);
     # the scheduler is the DDIM schedule every call runs, built from the folder's scheduler config
-    unet, vae, text_encoder, tokenizer, scheduler, inverse_scheduler = (
-        property(lambda self, name=name: getattr(self.model, name), doc=f"the model's {name} (read-only)")
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "inverse_scheduler"))
+    unet, vae = (property(lambda self, name=name: getattr(self.model, name), doc=f"the model's {name} (read-only)")
+                 for name in ("unet", "vae"))
+    text_encoder = property(lambda self: TextEncoderView(self.model.text_encoder),
+                            doc="the model's text encoder, called as transformers' (read-only)")
+    tokenizer = property(lambda self: TokenizerView(self.model.tokenizer),
+                         doc="the model's tokenizer, called as transformers' (read-only)")
+    scheduler, inverse_scheduler = (
+        property(lambda self, name=name: SchedulerView(getattr(self.model, name)),
+                 doc=f"the model's {name}, its config a dict as diffusers' (read-only)")
+        for name in ("scheduler", "inverse_scheduler"))
 
     @property
     def components(self) -> dict:

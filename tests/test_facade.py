@@ -520,8 +520,12 @@ def test_scheduler_message_says_what_to_do_and_safety_checker_none_still_works(s
 def test_component_attributes_read_like_diffusers(sd1):
     ref, ours, _ = sd1
     assert ours.unet is ours.model.unet and ours.vae is ours.model.vae
-    assert ours.text_encoder is ours.model.text_encoder and ours.tokenizer is ours.model.tokenizer
-    assert ours.scheduler is ours.model.scheduler and ours.inverse_scheduler is ours.model.inverse_scheduler
+    # diffusers' code calls these as transformers' / reads a dict config: views over our objects
+    assert ours.text_encoder.encoder is ours.model.text_encoder and ours.tokenizer.tokenizer is ours.model.tokenizer
+    assert ours.scheduler.scheduler is ours.model.scheduler
+    assert ours.inverse_scheduler.scheduler is ours.model.inverse_scheduler
+    assert ours.scheduler.config == {k: v for k, v in ref.scheduler.config.items() if k in ours.scheduler.config}
+    assert ours.tokenizer.model_max_length == 77 and ours.text_encoder.config is ours.model.text_encoder.config
     assert ours.dtype == ref.dtype == torch.float32
     assert set(ours.components) == set(ref.components)
 
@@ -613,6 +617,105 @@ def test_fuse_lora_with_a_scale_on_part_of_an_adapters_networks_is_refused(sd1, 
     finally:
         ours.unfuse_lora()
         ours.unload_lora_weights()
+
+
+def _diffusers_docs_recipe(pipeline_class, folder) -> dict:
+    """diffusers' DiffEdit guide (docs/source/en/using-diffusers/diffedit.md, 0.42), line for line on `folder`: the
+    loading and scheduler lines, the three calls with prompts, then its "generate source and target embeddings"
+    section (the tokenizer and text encoder called as transformers' are)."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    pipeline = pipeline_class.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                              use_safetensors=True)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.inverse_scheduler = DDIMInverseScheduler.from_config(pipeline.scheduler.config)
+    try:
+        pipeline.enable_model_cpu_offload()
+    except RuntimeError:  # diffusers' without an accelerator (ours warns and changes nothing)
+        assert pipeline_class.__module__.startswith("diffusers")
+    if hasattr(pipeline, "enable_vae_slicing"):  # diffusers 0.42 removed the pipeline's switch: its VAE's
+        pipeline.enable_vae_slicing()
+    else:
+        pipeline.vae.enable_slicing()
+    pipeline.set_progress_bar_config(disable=True)
+    raw_image = picture(3)
+    source_prompt, target_prompt = "a bowl of fruits", "a basket of pears"
+    out = {"mask": pipeline.generate_mask(image=raw_image, source_prompt=source_prompt, target_prompt=target_prompt,
+                                          num_maps_per_mask=3, generator=gen(1))}
+    out["latents"] = pipeline.invert(prompt=source_prompt, image=raw_image, num_inference_steps=STEPS,
+                                     generator=gen(2)).latents
+    out["image"] = pipeline(prompt=target_prompt, mask_image=out["mask"], image_latents=out["latents"],
+                            negative_prompt=source_prompt, num_inference_steps=STEPS, generator=gen(3),
+                            output_type="np").images
+
+    @torch.no_grad()
+    def embed_prompts(sentences, tokenizer, text_encoder, device="cpu"):
+        embeddings = []
+        for sent in sentences:
+            text_inputs = tokenizer(sent, padding="max_length", max_length=tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt")
+            text_input_ids = text_inputs.input_ids
+            prompt_embeds = text_encoder(text_input_ids.to(device), attention_mask=None)[0]
+            embeddings.append(prompt_embeds)
+        return torch.concatenate(embeddings, dim=0).mean(dim=0).unsqueeze(0)
+
+    source_embeds = embed_prompts(["a bowl of fruits", "a bowl of apples"], pipeline.tokenizer, pipeline.text_encoder)
+    target_embeds = embed_prompts(["a basket of pears", "a basket of fruit"], pipeline.tokenizer,
+                                  pipeline.text_encoder)
+    out["embeds"] = source_embeds
+    out["embeds_mask"] = pipeline.generate_mask(image=raw_image, source_prompt_embeds=source_embeds,
+                                                target_prompt_embeds=target_embeds, num_maps_per_mask=3,
+                                                generator=gen(4))
+    out["embeds_latents"] = pipeline.invert(prompt_embeds=source_embeds, image=raw_image,
+                                            num_inference_steps=STEPS, generator=gen(5)).latents
+    out["embeds_image"] = pipeline(mask_image=out["embeds_mask"], image_latents=out["embeds_latents"],
+                                   prompt_embeds=target_embeds, negative_prompt_embeds=source_embeds,
+                                   num_inference_steps=STEPS, generator=gen(6), output_type="np").images
+    return out
+
+
+def test_diffusers_own_diffedit_guide_runs_line_for_line_with_diffusers_numbers(sd1_folder, tmp_path):
+    """The guide's code with only the class swapped: `use_safetensors=True`, the DDIM scheduler lines (a dict
+    `scheduler.config`; assigning the schedule the facade runs anyway is accepted), CPU offload, VAE slicing, and
+    the embeddings recipe (`tokenizer(..., padding="max_length", ...).input_ids`, `text_encoder(ids,
+    attention_mask=None)[0]`). Each raised before; now masks equal, latents within LATENT_TOL, images within
+    IMAGE_TOL of diffusers' on the same folder (the official SD 1.5 PNDM scheduler files, as the guide's repos)."""
+    import warnings
+
+    from diffusers import StableDiffusionDiffEditPipeline
+
+    folder = _pndm_copy(sd1_folder, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PNDM folder, offload without an accelerator: both sides warn
+        expected = _diffusers_docs_recipe(StableDiffusionDiffEditPipeline, folder)
+        got = _diffusers_docs_recipe(StableDiffusionDiffEdit, folder)
+    assert max_abs(got["embeds"], expected["embeds"]) < 1e-5
+    for mask, latents, image in (("mask", "latents", "image"), ("embeds_mask", "embeds_latents", "embeds_image")):
+        assert (got[mask] == expected[mask]).mean() >= MASK_TOL
+        assert rel(got[latents], expected[latents]) < LATENT_TOL
+        assert max_abs(got[image], expected[image]) < IMAGE_TOL
+
+
+def test_assigning_a_ddim_schedule_other_than_the_one_run_is_refused(sd1):
+    """Only the schedule the facade runs is accepted (as a no-op); another config would be ignored, so it is
+    refused, and tokenizer / text encoder calls outside Stable Diffusion's form are refused by name."""
+    from diffusers import DDIMScheduler
+
+    _, ours, _ = sd1
+    ours.scheduler = ours.scheduler  # its own view: nothing changes
+    with pytest.raises(AttributeError, match="cannot be replaced"):
+        ours.scheduler = DDIMScheduler.from_config(ours.scheduler.config, timestep_spacing="trailing")
+    with pytest.raises(AttributeError, match="cannot be replaced"):
+        ours.inverse_scheduler = DDIMScheduler.from_config(ours.scheduler.config)  # not the inverse class
+    with pytest.raises(ValueError, match="use_safetensors=False"):
+        StableDiffusionDiffEdit.from_pretrained(ours.model.folder, use_safetensors=False)
+    with pytest.raises(ValueError, match='only padding="max_length"'):
+        ours.tokenizer("a cat", padding="longest", return_tensors="pt")
+    ids = ours.tokenizer("a cat", padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert ids["input_ids"].shape == (1, 77) and ids.attention_mask[0].tolist() == [1] * 4 + [0] * 73
+    with pytest.raises(ValueError, match="runs without an attention mask"):
+        ours.text_encoder(ids.input_ids, attention_mask=ids.attention_mask)
+    assert ours.text_encoder(ids.input_ids).last_hidden_state.shape == (1, 77, 32)
 
 
 def test_outputs_index_by_position_and_name_and_to_tuple_like_diffusers(sd1):

@@ -291,7 +291,7 @@ def test_offload_to_the_meta_device_is_refused_and_the_weights_stay(sd1_folder):
 
 
 @pytest.mark.parametrize("gpu_id", [-1, 1.5, True, "0"])
-def test_a_bad_gpu_id_is_refused_on_a_machine_without_an_accelerator_too(gpu_id, monkeypatch):
+def test_a_bad_accelerator_index_is_refused_on_a_machine_without_an_accelerator_too(gpu_id, monkeypatch):
     """Without an accelerator it was accepted with the "nothing is offloaded" warning (the check came after that
     return), so the same call failed only on a GPU machine."""
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
