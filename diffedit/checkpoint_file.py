@@ -15,7 +15,6 @@ given; we do not copy that: the schedule stays the config's (or the official one
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -68,8 +67,8 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     loaded = {name: load_state(modules[name], states[name], f"{path} ({name})", device, dtype).eval()
               .requires_grad_(False) for name in modules}
     if prediction_type is not None:
-        scheduler_config = dataclasses.replace(scheduler_config, prediction_type=prediction_type)
-        inverse_config = dataclasses.replace(inverse_config, prediction_type=prediction_type)
+        scheduler_config = scheduler_config.replaced(prediction_type=prediction_type)
+        inverse_config = inverse_config.replaced(prediction_type=prediction_type)
     return StableDiffusion(tokenizer=tokenizer, text_encoder=loaded["text_encoder"], unet=loaded["unet"],
                            vae=loaded["vae"], scheduler=DDIMScheduler(scheduler_config),
                            inverse_scheduler=DDIMInverseScheduler(inverse_config), edit_defaults=edit_defaults,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -109,6 +109,13 @@ class DDIMConfig:
             kwargs["set_alpha_to_one"] = d["set_alpha_to_zero"]
         config = cls(**kwargs)
         object.__setattr__(config, "dpm_settings", tuple((k, d[k]) for k in sorted(DPM_KEYS & d.keys())))
+        return config
+
+    def replaced(self, **changes) -> DDIMConfig:
+        """`dataclasses.replace` keeping the file's `dpm_settings` (not a field, so `replace` would drop them and
+        DPM-Solver++ would run settings it refuses)."""
+        config = replace(self, **changes)
+        object.__setattr__(config, "dpm_settings", self.dpm_settings)
         return config
 
     @classmethod

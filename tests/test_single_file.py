@@ -132,6 +132,27 @@ def test_dtype_and_prediction_type_arguments(converted):
         StableDiffusion.from_single_file(path, config=folder, prediction_type="v")
 
 
+def test_prediction_type_keeps_the_config_folders_dpm_settings(converted, tmp_path):
+    """prediction_type= rebuilt the scheduler configs with dataclasses.replace, which dropped the file's DPM-Solver++
+    settings (not fields): sampler dpmsolver++ then ran 2nd order where the file says 3, a setting it refuses."""
+    import json
+    import shutil
+
+    from diffedit.schedulers.dpm_solver import DPMSolverScheduler
+    from diffedit.models.config import ConfigError
+
+    _, folder, _, path, _ = converted
+    third = tmp_path / "third-order"
+    shutil.copytree(folder, third)
+    config_file = third / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "solver_order": 3}))
+    for prediction_type in (None, "epsilon"):
+        sd = StableDiffusion.from_single_file(path, config=third, prediction_type=prediction_type)
+        assert sd.scheduler.config.dpm_settings == (("solver_order", 3),)
+        with pytest.raises((ValueError, ConfigError), match="solver_order=3 is not supported"):
+            DPMSolverScheduler(sd.scheduler.config)
+
+
 def test_save_single_file_in_float16_and_with_an_explicit_text_layout(converted, tmp_path):
     style, folder, ours, _, _ = converted
     path = save_single_file(ours, tmp_path / "half.safetensors", dtype=torch.float16)
