@@ -933,6 +933,6 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if args.json:
             if sys.stdout is None:  # fd 1 closed (`>&-`): print would drop the summary without a word
                 raise BrokenPipeError("stdout is closed")
-            print(strict_json(summary))
+            sys.stdout.write(strict_json(summary) + "\n")  # one write, newline included, even unbuffered (-u)
 
     return guarded(run, debug="--debug" in argv)

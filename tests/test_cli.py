@@ -933,3 +933,22 @@ def test_json_summary_is_strict_json_with_non_finite_numbers_as_null():
 
     text = cli.strict_json({"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": "nan"})
     assert json.loads(text, parse_constant=refuse) == {"a": None, "b": [1.5, None, {"c": None}], "d": "nan"}
+
+
+def test_json_summary_is_one_write_so_a_reader_that_leaves_after_it_sees_no_broken_pipe(tmp_path, monkeypatch):
+    """Unbuffered (PYTHONUNBUFFERED, python -u), print wrote the JSON and its newline apart: `| head -1` could leave
+    between the two and turn a finished run into exit 141."""
+    writes = []
+
+    class Stdout:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stdout", Stdout())
+    assert cli.main(["mask", str(cli.EXAMPLE_IMAGE), "--source", SOURCE, "--target", TARGETS[0], "-o",
+                     str(tmp_path / "m.png"), "--json", "--quiet", *FAST]) == 0
+    assert len(writes) == 1 and writes[0].endswith("}\n") and json.loads(writes[0])["command"] == "mask"
