@@ -350,11 +350,13 @@ def model_config(args, model: str) -> str | None:
     if not Path(model).is_file():
         raise BadInput(f"--config goes with a single-file .safetensors --model; {model} is a model folder or repo "
                        "id, which has its own configs")
-    location = model_location(config)
-    if isinstance(location, Path) and location.is_file():
+    if Path(config).expanduser().is_file():  # before model_location, which calls it a model path
         raise BadInput(f"--config {config} is a file; give the diffusers model folder (or repo id) whose configs go "
                        "with the checkpoint")
-    return str(location)
+    try:
+        return str(model_location(config))
+    except ModelNotFoundError as e:
+        raise BadInput(f"--config {config}: {one_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

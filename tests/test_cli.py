@@ -952,3 +952,15 @@ def test_json_summary_is_one_write_so_a_reader_that_leaves_after_it_sees_no_brok
     assert cli.main(["mask", str(cli.EXAMPLE_IMAGE), "--source", SOURCE, "--target", TARGETS[0], "-o",
                      str(tmp_path / "m.png"), "--json", "--quiet", *FAST]) == 0
     assert len(writes) == 1 and writes[0].endswith("}\n") and json.loads(writes[0])["command"] == "mask"
+
+
+def test_a_config_that_is_a_file_or_missing_is_refused_naming_the_config_flag(tmp_path):
+    import argparse
+
+    checkpoint, picture = tmp_path / "model.safetensors", tmp_path / "in.png"
+    checkpoint.write_bytes(b"x")
+    picture.write_bytes(b"x")
+    for config, message in [(picture, r"--config .*in\.png is a file; give the diffusers model folder"),
+                            (tmp_path / "no" / "folder", r"--config .*folder: model folder .* does not exist")]:
+        with pytest.raises(cli.BadInput, match=message):
+            cli.model_config(argparse.Namespace(config=str(config)), str(checkpoint))
