@@ -227,16 +227,17 @@ def check_params_for_model(sd: StableDiffusion, p: DiffEditParams,
         raise ValueError(f"guidance_min_timestep={p.guidance_min_timestep} is past the model's schedule: give 0 .. "
                          f"{train_steps} (its num_train_timesteps; {train_steps} already guides no step, 0 guides "
                          "every step)")
+    schedule = method.schedule(sd, p)  # DPM-Solver++ refuses the config's settings it does not run, here
     try:
-        sd.scheduler.timesteps(p.num_inference_steps)
-        sd.inverse_scheduler.timesteps(p.num_inference_steps)
+        for scheduler in (sd.scheduler, sd.inverse_scheduler, schedule):
+            scheduler.timesteps(p.num_inference_steps)
     except ValueError as e:
         raise ValueError(f"num_inference_steps={p.num_inference_steps} does not fit the model's schedule: "
                          f"{one_line(e)}") from None
     names = (["mask_encode_strength"] if "mask" in uses else []) + \
         (["inpaint_strength"] if {"invert", "decode"} & set(uses) else [])
     for name in names:
-        method.strength_timesteps(sd.scheduler, p.num_inference_steps, getattr(p, name), name)
+        method.strength_timesteps(schedule, p.num_inference_steps, getattr(p, name), name)
 
 
 def edit_targets(image, source: str, targets: list[str], model: StableDiffusion | str | os.PathLike | None = None,

@@ -794,3 +794,20 @@ def test_the_examples_sheet_heads_each_edit_with_its_source_and_target_texts(tmp
     [bare] = experiment.example_grids(tmp_path / "without", ["diffedit"], grid)
     a, b = Image.open(with_texts), Image.open(bare)
     assert a.width == b.width and a.height >= b.height + 2 * 16  # the texts took at least two more lines
+
+
+def test_a_sampler_sweep_on_a_config_dpm_cannot_run_is_refused_before_any_row(sd1_folder, tmp_path, capsys):
+    """check_params_for_model builds each setting's schedule: a scheduler config with solver_order 3 (DDIM ignores
+    it, DPM-Solver++ refuses it) used to run the ddim rows and then fail on the first dpmsolver++ row."""
+    import shutil
+
+    folder = tmp_path / "third-order"
+    shutil.copytree(sd1_folder, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "solver_order": 3}))
+    out = tmp_path / "run"
+    code = cli.main(["experiment", "--model", str(folder), "--out", str(out), "--methods", "encode-decode",
+                     "--sweep", "sampler=ddim,dpmsolver++", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "solver_order=3 is not supported" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
