@@ -145,6 +145,8 @@ def lora_scale(text: str) -> float:
 def lora_spec(text: str) -> tuple[Path, float]:
     """--lora FILE[:WEIGHT] -> (file, weight); the file must exist and be a readable .safetensors (torch-free: the
     header only), so a bad one is refused before any model work."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a LoRA .safetensors file name")
     path, weight = _lora_path_and_weight(text)
     if path.suffix != ".safetensors":
         raise argparse.ArgumentTypeError(f"{path} is not a .safetensors file: diffedit never unpickles "
@@ -492,9 +494,12 @@ MASK_STEP_FLAGS = ("mask_strength", "num_maps", "threshold_ratio", "threshold_ru
 def check_flag_combinations(args) -> None:
     """Refuse flags that could not do what they say: an empty path, --lora-scale without --lora, one LoRA file
     given twice (its effect would double), and with `edit --mask` the mask step's flags (no mask is estimated)."""
-    for flag, value in _path_flags(args):
-        if not value.strip():
-            raise BadInput(f"{flag} is empty: give a file name")
+    named = _path_flags(args) + [("--embedding", path) for path, _ in getattr(args, "embedding", [])]
+    for flag, value in named + [(flag, getattr(args, name, None)) for flag, name in (("--model", "model"),
+                                                                                     ("--config", "config"))]:
+        if value is not None and not value.strip():  # "" is the current folder: a model, or a protected input
+            what = "a model folder, file or repo id" if flag in ("--model", "--config") else "a file name"
+            raise BadInput(f"{flag} is empty: give {what}")
     if args.lora_scale is not None and not args.lora:
         raise BadInput("--lora-scale needs --lora (it scales the LoRA adapters; without one it changes nothing)")
     seen: dict[Path, Path] = {}

@@ -565,6 +565,10 @@ BAD_ARGS = [
     (["in.png", "--lora", "foreign.safetensors:"], ["bad LoRA weight ''", "finite number"]),
     (["in.png", "-o", ""], ["-o is empty: give a file name"]),
     (["in.png", "--mask-out", ""], ["--mask-out is empty: give a file name"]),
+    (["in.png", "--embedding", ""], ["--embedding is empty: give a file name"]),  # blamed -o: "write into ."
+    (["in.png", "--embedding", ":tok"], ["--embedding is empty: give a file name"]),
+    (["in.png", "--lora", ""], ["argument --lora: empty: give a LoRA .safetensors file name"]),
+    (["in.png", "--model", ""], ["--model is empty: give a model folder, file or repo id"]),  # was the cwd
     (["in.png", "--target", "b", "-o", "{target}.png"], ["--target 1 ('b') and --target 2 ('b') would both be "
                                                           "written to b.png (-o {target}.png)"]),
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
