@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -77,6 +78,9 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`diffedit: error: ...`), so they read like every other bad input."""
 
     def error(self, message):
+        given = re.fullmatch(r"argument (?:\S+/)?(-\S+): expected one argument", message)
+        if given:  # also what argparse says of a value that starts with '-' (--source "-x"): say how to give one
+            message += f" (a value that starts with '-' is written {given.group(1)}=VALUE)"
         raise BadInput(f"{message} (see `{self.prog} --help`)")
 
     def parse_args(self, args=None, namespace=None):

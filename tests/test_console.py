@@ -101,3 +101,16 @@ def test_a_closed_stdout_is_no_failure_and_a_broken_pipe_without_one_is_141(monk
     monkeypatch.setattr("sys.stdout", None)  # Python's stdout when fd 1 was closed (`diffedit ... >&-`)
     assert guarded(lambda: None) == 0  # the run's files were written: nothing to flush is no AttributeError
     assert guarded(raising(BrokenPipeError())) == EXIT_BROKEN_PIPE
+
+
+def test_a_value_that_starts_with_a_dash_is_refused_saying_how_to_give_it():
+    from diffedit.console import Parser
+
+    parser = Parser(prog="diffedit")
+    parser.add_argument("--source")
+    parser.add_argument("-o", "--output")
+    for args, flag in [(["--source", "-red"], "--source"), (["-o", "-out.png"], "--output")]:
+        with pytest.raises(BadInput, match=rf"argument .*{flag}: expected one argument \(a value that starts with "
+                                           rf"'-' is written {flag}=VALUE\)"):
+            parser.parse_args(args)
+    assert parser.parse_args(["--source=-red", "--output=-out.png"]).output == "-out.png"
