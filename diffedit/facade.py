@@ -28,7 +28,7 @@ from .models.lora import NETWORKS, WEIGHT_NAME
 from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
 from .safety import run_safety_checker
-from .stable_diffusion import StableDiffusion, same_device
+from .stable_diffusion import StableDiffusion
 
 Prompt = str | list[str] | None
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
@@ -439,17 +439,11 @@ class StableDiffusionDiffEdit:
 
     def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None,
            silence_dtype_warnings: bool = False) -> StableDiffusionDiffEdit:
-        """diffusers' `to`, where it changes nothing (the device and dtype the model is on); a move is refused:
-        load the model where it should run, `from_pretrained(folder, device=..., dtype=...)`."""
+        """diffusers' `to`: `pipe.to("cuda")`, `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)` move and
+        cast every network (`StableDiffusion.to`); the pipeline itself is returned, as in diffusers."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device
-        want_device = None if device is None else torch.device(device)
-        here = self.device
-        if (want_device is not None and not same_device(want_device, here)) or (dtype is not None and dtype != self.dtype):
-            raise ValueError(f"pipe.to({device if device is not None else ''}{', ' if device and dtype else ''}"
-                             f"{dtype if dtype is not None else ''}) cannot move the loaded model (it is on {here}, "
-                             f"{self.dtype}): load it there with StableDiffusionDiffEdit.from_pretrained(folder, "
-                             "device=..., dtype=...), or use enable_model_cpu_offload()")
+        self.model.to(device, dtype)
         return self
 
     def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:

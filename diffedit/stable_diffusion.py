@@ -93,6 +93,21 @@ class StableDiffusion:
         numbers stay the same up to float rounding. "reduce-overhead" adds CUDA graphs on a GPU (README, Speed)."""
         self.unet.compile(mode=mode)
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> StableDiffusion:
+        """Move the networks (UNet, VAE, text encoder, safety checker; learned words and LoRA branches with them)
+        to `device` and/or cast them to `dtype`, both checked as `from_pretrained` checks them, before anything
+        moves. Refused under model CPU offload, which places each network itself (`remove_all_hooks()` first).
+        Casting is the same as loading in that dtype: the same weights, bit for bit."""
+        where = None if device is None else checked_device(device)
+        kind = None if dtype is None else checked_dtype(dtype)
+        if self.offload is not None and where is not None:
+            raise ValueError(f"to({where}): model CPU offload is on and places each network itself; call "
+                             "remove_all_hooks() first")
+        for network in (self.unet, self.vae, self.text_encoder, self.safety_checker):
+            if network is not None:
+                network.to(device=where, dtype=kind)
+        return self
+
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None) -> None:
         """Keep the networks on the CPU and move each to the accelerator (`device`, default the available one,
         index `gpu_id`) only while it runs. Without an accelerator: a warning, and nothing changes."""

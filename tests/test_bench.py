@@ -214,5 +214,5 @@ def test_the_device_scripts_bench_commands_parse_and_its_test_selection_is_the_c
                                 *files, "-k", selection], capture_output=True, text=True, timeout=300,
                                cwd=Path(__file__).parents[1])
     ids = [line for line in collected.stdout.splitlines() if "::" in line]
-    assert len(ids) == 6, collected.stdout  # the six CUDA-only tests (README: 6 skipped here)
+    assert len(ids) == 7, collected.stdout  # the seven CUDA-only tests (README: 7 skipped here)
     assert all("cuda" in i or "gpu" in i or "another_device" in i for i in ids)

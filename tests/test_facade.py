@@ -745,10 +745,52 @@ def test_common_pipeline_utilities_are_accepted_or_refused_by_name(sd1):
     ours.enable_attention_slicing("max")
     ours.disable_attention_slicing()
     assert ours.to("cpu") is ours and ours.to(torch.float32) is ours and ours.to("cpu", torch.float32) is ours
-    with pytest.raises(ValueError, match=r"to\(torch.float16\) cannot move.*from_pretrained"):
-        ours.to(torch.float16)
+    assert ours.dtype == torch.float32 and ours.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        ours.to("tpu")
     with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
         ours.enable_sequential_cpu_offload()
+
+
+@pytest.mark.parametrize("args", [(torch.bfloat16,), ("cpu", torch.float16), ()],
+                         ids=["dtype", "place-and-dtype", "nothing"])
+def test_pipe_to_casts_every_network_and_edits_as_a_pipe_loaded_that_way(sd1_folder, args):
+    """diffusers' most common line, `pipe = pipe.to(...)`, was refused unless it changed nothing; now it moves and
+    casts the networks, and the edit equals (bit for bit) that of a pipe loaded with that dtype."""
+    pipe = StableDiffusionDiffEdit.from_pretrained(sd1_folder)
+    assert pipe.to(*args) is pipe
+    dtype = args[-1] if args else torch.float32
+    loaded = StableDiffusionDiffEdit.from_pretrained(sd1_folder, dtype=dtype)
+    for name in ("unet", "vae"):
+        for (key, a), b in zip(getattr(pipe, name).state_dict().items(), getattr(loaded, name).state_dict().values()):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b), (name, key)
+    assert pipe.text_encoder.dtype == dtype
+
+    def edit(p):
+        p.set_progress_bar_config(disable=True)
+        inv = p.invert(prompt="a cat", image=picture(0), num_inference_steps=2, generator=gen())
+        return p(prompt="a dog", mask_image=np.ones((1, 8, 8), np.float32), image_latents=inv.latents,
+                 num_inference_steps=2, generator=gen(), output_type="latent").images
+
+    assert torch.equal(edit(pipe), edit(loaded))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pipe_to_another_device_edits_as_a_pipe_loaded_there(sd1_folder):
+    """`pipe.to("cuda")` after loading on the CPU: every network, learned word and LoRA branch runs there, and the
+    edit equals that of a pipe loaded on the device (within the facade's tolerances: the same kernels)."""
+    moved = StableDiffusionDiffEdit.from_pretrained(sd1_folder).to("cuda")
+    there = StableDiffusionDiffEdit.from_pretrained(sd1_folder, device="cuda")
+    token_rows = moved.text_encoder.embeddings.token_embedding.weight
+    assert moved.device == there.device and token_rows.device.type == "cuda"
+    outputs = []
+    for p in (moved, there):
+        p.set_progress_bar_config(disable=True)
+        mask = p.generate_mask(image=picture(0), source_prompt="a cat", target_prompt="a dog", generator=gen())
+        inv = p.invert(prompt="a cat", image=picture(0), num_inference_steps=2, generator=gen())
+        outputs.append((mask, p(prompt="a dog", mask_image=mask, image_latents=inv.latents, num_inference_steps=2,
+                                generator=gen(), output_type="np").images))
+    assert (outputs[0][0] == outputs[1][0]).all() and max_abs(outputs[0][1], outputs[1][1]) < IMAGE_TOL
 
 
 def test_progress_bars_tick_as_diffusers_and_hide_when_disabled(sd1):

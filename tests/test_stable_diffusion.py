@@ -437,6 +437,7 @@ def test_accepted_schedulers_are_diffusers_sd_schedulers_but_edm():
 ])
 def test_a_device_or_dtype_it_cannot_load_in_is_one_error_naming_it_before_any_file_is_read(sd1_folder, kwargs, error,
                                                                                             message, monkeypatch):
+    import diffedit.checkpoint_file  # noqa: F401 - imported before the patch, so its own binding stays the real one
     from diffedit import stable_diffusion
 
     monkeypatch.setattr(stable_diffusion, "resolve_model_folder", lambda *a: pytest.fail("a file was read"))
@@ -504,3 +505,34 @@ def test_parts_that_do_not_fit_together_are_refused_before_any_weight_is_read(sd
     monkeypatch.setattr(diffedit.checkpoint_file, "split_state", no_weights)
     with pytest.raises(ConfigError, match=message):
         StableDiffusion.from_single_file(single, config=folder)
+
+
+def test_to_casts_networks_with_their_learned_words_and_lora_as_loading_in_that_dtype(sd1_folder, tmp_path):
+    """`StableDiffusion.to(dtype=...)` after a learned word and a LoRA were added gives the same text states and
+    UNet output, bit for bit, as a model loaded in that dtype with the same word and LoRA; bad arguments move
+    nothing."""
+    from test_lora import random_pairs, write_lora
+
+    from diffedit import method
+
+    word = {"<w>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))}
+    lora = None
+    models = []
+    for dtype, cast in ((torch.float32, torch.bfloat16), (torch.bfloat16, None)):
+        sd = StableDiffusion.from_pretrained(sd1_folder, dtype=dtype)
+        if lora is None:
+            lora = write_lora(tmp_path / "l.safetensors", random_pairs(sd.unet, 3), random_pairs(sd.text_encoder, 4))
+        sd.load_textual_inversion(word)
+        sd.load_lora_weights(str(lora))
+        models.append(sd.to(dtype=cast) if cast else sd)
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        models[0].to("cpu", torch.int8)
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        models[0].to("tpu", torch.float32)
+    assert models[0].dtype == torch.bfloat16  # nothing moved
+    texts = [method.encode_text(sd, ["a <w> on grass"]).cond for sd in models]
+    assert texts[0].dtype == torch.bfloat16 and torch.equal(texts[0], texts[1])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        outs = [sd.unet(x, torch.tensor(500), texts[0]) for sd in models]
+    assert torch.equal(outs[0], outs[1])
