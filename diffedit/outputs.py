@@ -12,6 +12,7 @@ import io
 import os
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,8 @@ class Planned:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "empty"
+    """The text as a file-name part: letters and digits of any script (NFC), runs of anything else one "-"."""
+    return re.sub(r"[\W_]+", "-", unicodedata.normalize("NFC", text).lower()).strip("-")[:48] or "empty"
 
 
 def expand_names(pattern: str, targets: list[str]) -> list[Path]:

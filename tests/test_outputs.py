@@ -91,3 +91,13 @@ def test_plan_images_names_and_checks_every_output_per_target(tmp_path):
                     "--compare-out": [(tmp_path / "1-a-b.jpg", "JPEG"), (tmp_path / "2-c.jpg", "JPEG")]}
     with pytest.raises(OutputPathError, match="would both be written"):  # two targets whose names slug alike
         plan_images([("output", str(tmp_path / "x{target}.png"))], ["a!", "a?"], {})
+
+
+def test_target_names_keep_letters_of_any_script():
+    """{target} kept ASCII letters only: "日本" was "empty" (so two such targets collided) and "café" "caf"."""
+    from diffedit.outputs import expand_names
+
+    names = expand_names("{target}.png", ["日本の猫", "a café", "Ünïcode_and/slash: x?", "!!!"])
+    assert [p.name for p in names] == ["日本の猫.png", "a-café.png", "ünïcode-and-slash-x.png", "empty.png"]
+    assert expand_names("{target}.png", ["cafe\u0301"])[0].name == "café.png"  # NFD written as NFC
+
