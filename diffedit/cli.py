@@ -70,7 +70,8 @@ EDIT_EPILOG = """\
 several targets: --target may be given several times; the image is inverted once and each target gets its own
 mask and output. Output names (-o, --mask-out, --compare-out): with one target, as given; with several, "-1", "-2"
 ... is added before the extension (out.png -> out-1.png, out-2.png), unless the name holds a placeholder: {i} (the
-target's number, from 1) or {target} (the target text made file-name safe: its letters and digits, any script), e.g. -o "edits/{i}-{target}.png".
+target's number, from 1) or {target} (the target text made file-name safe: its letters and digits, any script),
+e.g. -o "edits/{i}-{target}.png".
 
 reuse: `diffedit invert` saves the inversion, `diffedit mask` the mask; pass them with --latents / --mask. The
 picture, model, steps, strength, sampler, inversion guidance, LoRA files, weights and --lora-scale must match the
