@@ -787,7 +787,8 @@ def cmd_edit(args, report: Reporter) -> dict:
     run.read_image(image_path)
     if meta is not None:
         apply_latents_metadata(meta, Path(args.latents), args, run.image, report)
-    given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG) if args.mask else None
+    given_mask = read_mask(Path(args.mask), run.image.size, args.max_pixels, MAX_PIXELS_FLAG,
+                           report.note) if args.mask else None
     uses = ("decode",) + (() if given_mask is not None else ("mask",)) + (() if meta else ("invert",))
     command_params(args, local_edit_defaults(model, model_config(args, model)), uses)
     # Model, and the checks that need it

@@ -85,14 +85,26 @@ def read_image(path: Path, note: Note | None = None, max_pixels: int | None = No
 
 
 def read_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None,
-              limit_name: str = "max_pixels") -> Image.Image:
+              limit_name: str = "max_pixels", note: Note | None = None) -> Image.Image:
     """A mask file of the image's `size` as a binary "L" image (0 / 255), read by `mask_cells`' rule; as the image,
-    its first frame, turned as its EXIF orientation says (what a viewer shows, and where the user drew)."""
+    its first frame, turned as its EXIF orientation says (what a viewer shows, and where the user drew). A colour
+    picture is read by its brightness, with a note (a photo given as the mask reads as one)."""
     img = displayed(open_image(Path(path), "mask", max_pixels, limit_name))
     if img.size != size:
         raise ImageFileError(f"mask {path} is {img.width}x{img.height} but the image is {size[0]}x{size[1]}")
+    if note is not None and is_colour(img):
+        note(f"mask {path} is a colour picture: read by its brightness (edited where >= 128 of 255); a mask is white "
+             "where to edit on black")
     return Image.fromarray(mask_cells(mask_samples(img), f"mask {path}", sample_bits(img)).astype(np.uint8) * 255,
                            "L")
+
+
+def is_colour(img: Image.Image) -> bool:
+    """Whether a picture holds colours, not only greys (a channel apart from the others by more than 16 of 255)."""
+    if img.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        return False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool((rgb.max(axis=2) - rgb.min(axis=2) > 16).any())
 
 
 def mask_samples(img: Image.Image) -> np.ndarray:

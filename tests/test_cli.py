@@ -968,3 +968,12 @@ def test_a_config_that_is_a_file_or_missing_is_refused_naming_the_config_flag(tm
                             (tmp_path / "no" / "folder", r"--config .*folder: model folder .* does not exist")]:
         with pytest.raises(cli.BadInput, match=message):
             cli.model_config(argparse.Namespace(config=str(config)), str(checkpoint))
+
+
+def test_a_colour_picture_given_as_the_mask_gets_a_note(tmp_path, capsys):
+    """`--mask photo.png` (the image and mask swapped, or a mask painted red) reads the picture by brightness; the
+    command now says so, where it edited a region nobody drew without a word."""
+    picture = cli.EXAMPLE_IMAGE
+    assert cli.main(["edit", str(picture), "--source", "a", "--target", "b", "--mask", str(picture), "-o",
+                     str(tmp_path / "o.png"), "--steps", "4"]) == 0
+    assert "is a colour picture: read by its brightness" in capsys.readouterr().err

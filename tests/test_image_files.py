@@ -169,3 +169,22 @@ def test_a_pil_image_that_cannot_be_decoded_is_a_value_error_naming_the_argument
     closed.close()
     with pytest.raises(ValueError, match=r"^image: the PIL image cannot be decoded \(Operation on closed image\)"):
         load_rgb(closed)
+
+
+def test_a_colour_mask_file_is_read_by_brightness_with_a_note(tmp_path):
+    """A colour picture given as the mask (arguments swapped, or a red stroke) was thresholded without a word; now
+    the reader says so. A grey picture, even stored as RGB, gets no note."""
+    from diffedit.image_files import read_mask
+
+    red = Image.new("RGB", (8, 8), (0, 0, 0))
+    red.paste((255, 0, 0), (0, 0, 4, 8))  # pure red: brightness 76, under 128
+    red.save(tmp_path / "red.png")
+    grey = Image.new("RGB", (8, 8), (0, 0, 0))
+    grey.paste((200, 200, 200), (0, 0, 4, 8))
+    grey.save(tmp_path / "grey.png")
+    notes = []
+    cells = np.asarray(read_mask(tmp_path / "red.png", (8, 8), note=notes.append))
+    assert not cells.any() and len(notes) == 1 and "colour picture: read by its brightness" in notes[0]
+    notes.clear()
+    cells = np.asarray(read_mask(tmp_path / "grey.png", (8, 8), note=notes.append))
+    assert cells[:, :4].all() and not cells[:, 4:].any() and notes == []
