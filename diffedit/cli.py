@@ -937,7 +937,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     def run() -> None:
         args = build_parser(prog).parse_args(argv)
         if args.command is None:
-            raise BadInput("give a command: edit, mask or invert (see `diffedit --help`)")
+            names = [*COMMANDS, *DELEGATED]
+            raise BadInput(f"give a command: {', '.join(names[:-1])} or {names[-1]} (see `diffedit --help`)")
         summary = COMMANDS[args.command](args, Reporter(args.quiet))
         if args.json:
             if sys.stdout is None:  # fd 1 closed (`>&-`): print would drop the summary without a word

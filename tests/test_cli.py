@@ -631,7 +631,7 @@ def test_other_commands_and_missing_arguments_are_bad_input(bad_folder, model_fo
                               "0", cwd=bad_folder), "--num-maps")
     assert_bad_input(diffedit("mask", "in.png", "--source", "a", "--target", "b", "-o", "m.png", "--latents", "x",
                               cwd=bad_folder), "unrecognized arguments: --latents x", "see `diffedit mask --help`")
-    assert_bad_input(diffedit(cwd=bad_folder), "give a command")
+    assert_bad_input(diffedit(cwd=bad_folder), "give a command: edit, mask, invert,", "experiment", "demo")
     assert_bad_input(diffedit("frobnicate", cwd=bad_folder), "invalid choice")
     assert snapshot(bad_folder) == before
 
