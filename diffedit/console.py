@@ -134,9 +134,21 @@ THREADS = number(int, 1, MAX_THREADS)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile MODE)
 
 
+def compile_mode(text: str) -> str:
+    """--compile's optional MODE. Anything else is named with the likely cause: the flag took the next argument
+    (`--compile in.png`), since its MODE is optional."""
+    if text not in COMPILE_MODES:
+        looks_like_a_path = "." in text or "/" in text or os.path.exists(text)
+        cause = (f"; --compile took the next argument as its MODE: put --compile after {text!r}, or write "
+                 "--compile=MODE") if looks_like_a_path else ""
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(map(repr, COMPILE_MODES))}){cause}")
+    return text
+
+
 def add_compile_flag(p, what: str = "the UNet") -> None:
     """--compile [MODE]: absent None, bare "default"."""
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+    p.add_argument("--compile", nargs="?", const="default", type=compile_mode, metavar="MODE",
                    help=f"torch.compile {what} in MODE: default, reduce-overhead (CUDA graphs on a GPU) or "
                         "max-autotune; the first edit at each shape compiles (minutes on a CPU), so it pays over many "
                         "edits")

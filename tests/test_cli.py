@@ -574,6 +574,8 @@ BAD_ARGS = [
     (["in.png", "--device", "tpu"], ["--device", "invalid choice"]),
     (["in.png", "--preset", "slow"], ["--preset", "invalid choice: 'slow'", "fast"]),
     (["in.png", "--compile", "fastest"], ["--compile", "invalid choice: 'fastest'", "reduce-overhead"]),
+    (["--compile", "in.png"], ["--compile: invalid choice: 'in.png'", "--compile took the next argument as its MODE",
+                               "put --compile after 'in.png'"]),
     (["missing.png"], ["input image missing.png does not exist"]),
     (["a-folder"], ["a-folder is a folder"]),
     (["notes.txt"], ["notes.txt is not an image"]),
