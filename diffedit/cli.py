@@ -794,6 +794,10 @@ def cmd_edit(args, report: Reporter) -> dict:
     # Model, and the checks that need it
     p = run.load_model_and_params(model, uses)
     if meta is not None:
+        ran = str(run.sd.dtype).removeprefix("torch.")
+        if meta.get("dtype", ran) != ran:  # files from before the dtype was recorded: unknown, no note
+            report.note(f"the inversion in {args.latents} was made in {meta['dtype']}; this run decodes it in {ran}, "
+                        f"so the picture differs a little from a one-step edit in {ran}")
         if args.source is not None and args.source != meta.get("prompt"):
             report.note(f"the inversion in {args.latents} was conditioned on {shorten(meta.get('prompt', ''))}; "
                         f"--source {shorten(args.source)} is used for the mask only")

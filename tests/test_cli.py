@@ -979,3 +979,15 @@ def test_a_colour_picture_given_as_the_mask_gets_a_note(tmp_path, capsys):
     assert cli.main(["edit", str(picture), "--source", "a", "--target", "b", "--mask", str(picture), "-o",
                      str(tmp_path / "o.png"), "--steps", "4"]) == 0
     assert "is a colour picture: read by its brightness" in capsys.readouterr().err
+
+
+def test_an_inversion_decoded_in_another_dtype_gets_a_note(tmp_path, capsys):
+    """A float32 inversion decoded under --dtype bfloat16 ran without a word; the file records its dtype."""
+    image, lat = str(cli.EXAMPLE_IMAGE), str(tmp_path / "inv.safetensors")
+    assert cli.main(["invert", image, "--prompt", "a", "-o", lat, "--steps", "4"]) == 0
+    capsys.readouterr()
+    flags = ["edit", image, "--source", "a", "--target", "b", "--latents", lat, "--num-maps", "2"]
+    assert cli.main([*flags, "-o", str(tmp_path / "x.png"), "--dtype", "bfloat16"]) == 0
+    assert "was made in float32; this run decodes it in bfloat16" in capsys.readouterr().err
+    assert cli.main([*flags, "-o", str(tmp_path / "y.png")]) == 0
+    assert "was made in" not in capsys.readouterr().err
