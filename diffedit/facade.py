@@ -558,20 +558,34 @@ class StableDiffusionDiffEdit:
         only and `lora_scale` scales the text encoder's LoRA adapters (1 when None), as in diffusers."""
         _check_prompt(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         num_images_per_prompt = _check_num_images(num_images_per_prompt)
-        text = self._encode_prompt(prompt, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+        text = self._embed_prompts(prompt, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                                    prompt_embeds, negative_prompt_embeds, clip_skip, None, lora_scale)
         where = self.device if device is None else torch.device(device)
         return text.cond.to(where), None if text.uncond is None else text.uncond.to(where)
 
-    def _encode_prompt(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+    def _encode_prompt(self, prompt: Prompt, device: str | torch.device | None, num_images_per_prompt: int,
+                       do_classifier_free_guidance: bool, negative_prompt: Prompt = None,
+                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                       lora_scale: float | None = None, clip_skip: int | None = None) -> torch.Tensor:
+        """diffusers' deprecated `_encode_prompt` (older tutorials call it): `encode_prompt`'s pair concatenated,
+        negative embeddings first, (2 * B * num_images_per_prompt, 77, D); without guidance the prompt embeddings
+        alone (diffusers fails there)."""
+        warnings.warn("`_encode_prompt()` is deprecated in diffusers: use encode_prompt(), which returns the pair "
+                      "(prompt_embeds, negative_prompt_embeds)", FutureWarning, stacklevel=2)
+        cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                                          negative_prompt, prompt_embeds, negative_prompt_embeds, lora_scale,
+                                          clip_skip)
+        return cond if uncond is None else torch.cat([uncond, cond])
+
+    def _embed_prompts(self, prompt: Prompt, num_images_per_prompt: int, do_classifier_free_guidance: bool,
                        negative_prompt: Prompt = None, prompt_embeds: torch.Tensor | None = None,
                        negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
                        negative_clip_skip: int | None = None, lora_scale: float | None = None
                        ) -> method.TextEmbeddings:
-        """`encode_prompt`'s work as one `TextEmbeddings`: prompts (or given embeddings), negative prompts ("" by
-        default) when guided, each repeated `num_images_per_prompt` times in a row. diffusers applies clip_skip to
-        the prompt only; `negative_clip_skip` is that of the negative prompt. `lora_scale` scales the text encoder's
-        LoRA adapters (1 when None)."""
+        """`encode_prompt`'s work as one `TextEmbeddings` (diffusers' `_encode_prompt` is the one above): prompts (or
+        given embeddings), negative prompts ("" by default) when guided, each repeated `num_images_per_prompt` times
+        in a row. diffusers applies clip_skip to the prompt only; `negative_clip_skip` is that of the negative
+        prompt. `lora_scale` scales the text encoder's LoRA adapters (1 when None)."""
         lora_scale = 1.0 if lora_scale is None else lora_scale
         batch_size = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
@@ -605,7 +619,7 @@ class StableDiffusionDiffEdit:
         both everywhere (D4)."""
         fixed = self.params.honor_all_call_options
         skip = clip_skip if in_call or fixed else None
-        return self._encode_prompt(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
+        return self._embed_prompts(prompt, num_images_per_prompt, guided, negative_prompt, prompt_embeds,
                                   negative_prompt_embeds, skip, skip if fixed else None,
                                   lora_scale if in_call or fixed else None)
 

@@ -857,6 +857,23 @@ def test_encode_prompt_takes_diffusers_arguments_and_returns_its_pair(sd1, kw, m
         ours.encode_prompt(None, "cpu", 1, True)
 
 
+def test_deprecated_underscore_encode_prompt_returns_diffusers_concatenation(sd1):
+    """Older tutorials call diffusers' `_encode_prompt(prompt, device, num_images_per_prompt,
+    do_classifier_free_guidance, negative_prompt)`, which returns cat([negative, prompt]). Ours was a private helper
+    of another signature: the same positional call failed with a TypeError about `negative_prompt`. Equal to
+    diffusers' within 1e-5 (the same text encoder weights)."""
+    ref, ours, _ = sd1
+    args = (["a cat", "a bowl"], "cpu", 2, True, ["blurry", "dark"])
+    with pytest.warns(FutureWarning):
+        expected = ref._encode_prompt(*args)
+    with pytest.warns(FutureWarning, match="encode_prompt"):
+        got = ours._encode_prompt(*args)
+    assert got.shape == expected.shape == (8, 77, 32) and max_abs(got, expected.detach()) < 1e-5
+    with pytest.warns(FutureWarning):
+        alone = ours._encode_prompt("a cat", "cpu", 1, False)  # diffusers fails on cat([None, ...]) here
+    assert torch.equal(alone, ours.encode_prompt("a cat", "cpu", 1, False)[0])
+
+
 def test_bad_num_images_per_prompt_and_mask_dtype_are_refused_by_name(sd1):
     _, ours, _ = sd1
     inv = ours.invert(prompt="a cat", image=picture(0), num_inference_steps=2)
