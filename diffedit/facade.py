@@ -293,12 +293,39 @@ def _same_schedule(value, ours, class_name: str) -> bool:
     return all(config.get(key, object()) == want for key, want in mine.items())
 
 
+_INSIDE_THE_CALLS = ("an internal step of diffusers' generate_mask / invert / __call__, which the facade runs "
+                     "inside those calls (diffedit.method): call them instead")
+_NOT_PROVIDED = {  # diffusers' pipeline attributes the facade lacks -> what to do instead
+    "config": "the pipeline's diffusers config (model_index.json) is not kept: pipe.name_or_path is what it was "
+              "loaded from, pipe.unet.config / pipe.vae.config / pipe.scheduler.config its parts'",
+    "image_processor": "pictures are converted by diffedit.image_tensors (to_tensor: PIL / numpy / torch -> "
+                       "(B, 3, H, W) in [-1, 1]; to_output: back to 'pil' / 'np' / 'pt'), as diffusers' "
+                       "VaeImageProcessor defaults do",
+    "save_pretrained": "saving is not supported: the facade runs the model folder it was loaded from "
+                       "(pipe.name_or_path), so copy that folder; LoRA adapters save with save_lora_weights",
+    "register_modules": "the facade runs the components of the model it was loaded with; load another folder "
+                        "with StableDiffusionDiffEdit.from_pretrained",
+    "enable_freeu": "FreeU is not implemented (it changes the numbers); run without it",
+    "disable_freeu": "FreeU is not implemented, so it is always off: drop the line",
+    "fuse_qkv_projections": "not needed: attention already runs as one fused scaled_dot_product_attention call; "
+                            "drop the line",
+    **dict.fromkeys(("check_inputs", "prepare_extra_step_kwargs", "get_timesteps", "get_inverse_timesteps",
+                     "prepare_image_latents", "prepare_latents", "run_safety_checker"), _INSIDE_THE_CALLS),
+}
+
+
 class StableDiffusionDiffEdit:
     """DiffEdit with diffusers' `StableDiffusionDiffEditPipeline` calls: `generate_mask`, `invert`, `__call__`."""
 
     _STATE = ("model", "params", "_progress_bar_config")  # the facade's own attributes; nothing else is assigned
 
-    def __init__(self, model: StableDiffusion, params: DiffEditParams | None = None):
+    def __init__(self, model: StableDiffusion | None = None, params: DiffEditParams | None = None, **components):
+        if components or model is None:
+            given = f"the components {sorted(components)}" if components else "no model"
+            raise TypeError(f"StableDiffusionDiffEdit(model, params) takes a diffedit StableDiffusion, got {given} "
+                            "(diffusers' StableDiffusionDiffEditPipeline(**pipe.components) form): use "
+                            "StableDiffusionDiffEdit.from_pipe(pipe), StableDiffusionDiffEdit(pipe.model) or "
+                            "StableDiffusionDiffEdit.from_pretrained(folder)")
         self.model = model
         # Only the corrections (and numbers no call argument sets) are read from here; each call sets the rest.
         self.params = params if params is not None else DiffEditParams.reference()
@@ -330,6 +357,31 @@ class StableDiffusionDiffEdit:
         raise AttributeError(f"StableDiffusionDiffEdit has no setting `{name}`: assigning it would change nothing, "
                              "so it is refused; call options go to generate_mask / invert / __call__, the "
                              "corrections to DiffEditParams (StableDiffusionDiffEdit(model, params))")
+
+    def __getattr__(self, name: str):
+        """Called only for names the facade lacks: diffusers' pipeline attributes it does not provide say what to
+        do instead (`_NOT_PROVIDED`); any other name is Python's usual AttributeError."""
+        if name in _NOT_PROVIDED:
+            raise AttributeError(f"StableDiffusionDiffEdit has no `{name}` (diffusers' pipeline has): "
+                                 f"{_NOT_PROVIDED[name]}")
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> StableDiffusionDiffEdit:
+        """diffusers' `from_pipe`: a new facade on the same model (networks shared, nothing copied) and with the
+        same DiffEditParams; a `StableDiffusion` is taken too. Components given as keywords are refused (the
+        facade runs one model's parts), as are diffusers' own pipelines (load their folder with from_pretrained)."""
+        if kwargs:
+            raise TypeError(f"from_pipe(pipeline, {', '.join(sorted(kwargs))}=...): the facade runs the components "
+                            "of one model; load another folder with from_pretrained, or give the corrections as "
+                            "StableDiffusionDiffEdit(pipe.model, DiffEditParams(...))")
+        if isinstance(pipeline, StableDiffusion):
+            return cls(pipeline)
+        if not isinstance(pipeline, StableDiffusionDiffEdit):
+            raise TypeError(f"from_pipe takes a StableDiffusionDiffEdit or a diffedit StableDiffusion, got "
+                            f"{type(pipeline).__name__}: load a diffusers pipeline's folder with "
+                            "StableDiffusionDiffEdit.from_pretrained(folder)")
+        return cls(pipeline.model, pipeline.params)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, device: str | torch.device = "cpu",
@@ -379,6 +431,16 @@ class StableDiffusionDiffEdit:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def _execution_device(self) -> torch.device:
+        """diffusers' `_execution_device`: where inputs go (the accelerator under model CPU offload)."""
+        return self.model.device
+
+    @property
+    def name_or_path(self) -> str:
+        """What the model was loaded from, as given (a folder, a hub repo id or a single file), as diffusers'."""
+        return self.model.source
+
     # diffusers' component attributes, read-only: our own objects (assigning them is refused, see __setattr__);
     # the scheduler is the DDIM schedule every call runs, built from the folder's scheduler config
     unet, vae = (property(lambda self, name=name: getattr(self.model, name), doc=f"the model's {name} (read-only)")
@@ -426,12 +488,20 @@ class StableDiffusionDiffEdit:
                      dynamic_ncols=dynamic_ncols, mininterval=mininterval, file=file)
         self._progress_bar_config = {k: v for k, v in given.items() if v is not None}  # replaced, as in diffusers
 
+    def progress_bar(self, iterable=None, total: int | None = None):
+        """diffusers' `progress_bar`: a tqdm bar over `iterable`, or of `total` steps, with
+        `set_progress_bar_config`'s settings."""
+        from tqdm.auto import tqdm
+        if iterable is not None:
+            return tqdm(iterable, **self._progress_bar_config)
+        if total is not None:
+            return tqdm(total=total, **self._progress_bar_config)
+        raise ValueError("Either `total` or `iterable` has to be defined.")
+
     @contextlib.contextmanager
     def _progress_bar(self, total: int):
-        """A tqdm bar over a loop's `total` steps with `set_progress_bar_config`'s settings, as diffusers'
-        `progress_bar`."""
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, **self._progress_bar_config)
+        """A tqdm bar over a loop's `total` steps (`progress_bar`), closed at the end."""
+        bar = self.progress_bar(total=total)
         try:
             yield bar
         finally:
@@ -452,6 +522,33 @@ class StableDiffusionDiffEdit:
 
     def disable_attention_slicing(self) -> None:
         """Accepted, does nothing (see enable_attention_slicing)."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """Accepted, does nothing: attention is already one memory-efficient `scaled_dot_product_attention` call
+        (see enable_attention_slicing)."""
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """Accepted, does nothing (see enable_xformers_memory_efficient_attention)."""
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+        """diffusers' `numpy_to_pil`: (B, H, W, C) or (H, W, C) floats in [0, 1] -> PIL images."""
+        return image_tensors.numpy_to_pil(images)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        """diffusers' deprecated `decode_latents`: (B, 4, h, w) latents -> (B, H, W, 3) float32 pictures in
+        [0, 1] (the VAE's memory options apply)."""
+        warnings.warn("decode_latents is deprecated in diffusers: __call__(..., output_type='np') decodes too",
+                      FutureWarning, stacklevel=2)
+        pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * latents.to(self.device, self.dtype))
+        return image_tensors.to_output(pixels, "np")
+
+    def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
+        """diffusers' `maybe_convert_prompt`, for multi-vector learned words: the prompt unchanged, since our
+        tokenizer reads a word `<tok>` as all of its vectors' tokens itself (diffusers spells them out as
+        `<tok> <tok>_1 ...` for its tokenizer); the token ids are the same."""
+        return prompt
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """Refused: not implemented; enable_model_cpu_offload() moves whole networks to the accelerator in turn."""

@@ -752,6 +752,56 @@ def test_common_pipeline_utilities_are_accepted_or_refused_by_name(sd1):
         ours.enable_sequential_cpu_offload()
 
 
+def test_diffusers_pipeline_helpers_work_as_there_or_are_refused_saying_what_to_do(sd1_folder):
+    """The pipeline helpers user code calls: progress_bar, numpy_to_pil, decode_latents (pictures within IMAGE_TOL
+    of diffusers'), name_or_path, _execution_device, maybe_convert_prompt (a multi-vector learned word gives
+    diffusers' token ids), from_pipe, enable_xformers_memory_efficient_attention (a no-op, as attention slicing)
+    work; StableDiffusionDiffEdit(**pipe.components), from_pipe of a diffusers pipeline and diffusers' attributes
+    the facade lacks (config, image_processor, save_pretrained, its internal steps, ...) are refused with what to
+    do. Each was Python's bare AttributeError / TypeError."""
+    from test_textual_inversion import vectors
+
+    ref, ours = reference_pipeline(sd1_folder), StableDiffusionDiffEdit.from_pretrained(sd1_folder)
+    ours.set_progress_bar_config(disable=True)
+    assert list(ours.progress_bar(range(3))) == list(ref.progress_bar(range(3))) == [0, 1, 2]
+    assert ours.progress_bar(total=4).total == 4
+    with pytest.raises(ValueError, match="Either `total` or `iterable`"):
+        ours.progress_bar()
+    pixels = np.random.RandomState(0).rand(2, 8, 8, 3)
+    for a, b in zip(StableDiffusionDiffEdit.numpy_to_pil(pixels), ref.numpy_to_pil(pixels)):
+        assert a.mode == b.mode and np.array_equal(np.asarray(a), np.asarray(b))
+    latents = torch.randn(2, 4, 8, 8, generator=gen())
+    with torch.no_grad(), pytest.warns(FutureWarning):
+        expected = ref.decode_latents(latents)
+    with pytest.warns(FutureWarning, match="decode_latents"):
+        got = ours.decode_latents(latents)
+    assert got.shape == expected.shape == (2, 64, 64, 3) and max_abs(got, expected) < IMAGE_TOL
+    assert ours.name_or_path == str(ref.name_or_path) == str(sd1_folder)  # diffusers: as given (a Path here)
+    assert ours._execution_device == ref._execution_device == torch.device("cpu")
+    for pipe in (ref, ours):
+        pipe.load_textual_inversion({"<three>": vectors(3, 5)})
+    prompts = ["a <three> cat", "a dog"]
+    ids = [pipe.tokenizer(pipe.maybe_convert_prompt(prompts, pipe.tokenizer), padding="max_length", max_length=77,
+                          truncation=True, return_tensors="pt").input_ids for pipe in (ref, ours)]
+    assert torch.equal(ids[0], ids[1])
+    ours.enable_xformers_memory_efficient_attention()
+    ours.disable_xformers_memory_efficient_attention()
+    other = StableDiffusionDiffEdit.from_pipe(ours)
+    assert other.model is ours.model and other.params == ours.params and other is not ours
+    with pytest.raises(TypeError, match="from_pretrained"):
+        StableDiffusionDiffEdit.from_pipe(ref)
+    with pytest.raises(TypeError, match=r"components \[.*from_pipe\(pipe\)"):
+        StableDiffusionDiffEdit(**ours.components)
+    for name in ("config", "image_processor", "save_pretrained", "register_modules", "enable_freeu", "disable_freeu",
+                 "fuse_qkv_projections", "check_inputs", "prepare_extra_step_kwargs", "get_timesteps",
+                 "get_inverse_timesteps", "prepare_image_latents", "prepare_latents", "run_safety_checker"):
+        assert hasattr(ref, name), name  # only diffusers' own names
+        with pytest.raises(AttributeError, match=f"no `{name}` \\(diffusers' pipeline has\\): .+"):
+            getattr(ours, name)
+    with pytest.raises(AttributeError, match="has no attribute 'bogus'"):
+        ours.bogus
+
+
 @pytest.mark.parametrize("args", [(torch.bfloat16,), ("cpu", torch.float16), ()],
                          ids=["dtype", "place-and-dtype", "nothing"])
 def test_pipe_to_casts_every_network_and_edits_as_a_pipe_loaded_that_way(sd1_folder, args):
