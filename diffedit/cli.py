@@ -826,7 +826,8 @@ def cmd_edit(args, report: Reporter) -> dict:
         if "--mask-out" in plan:
             _add_output(planned, entry, "mask", plan, "--mask-out", i, full_mask)
         if "--compare-out" in plan:
-            sheet = compare_strip(run.image, edited, full_mask, guidance, target=target, guidance_vmax=1.0)
+            sheet = compare_strip(run.image, edited, full_mask, guidance, target=target, guidance_vmax=1.0,
+                                  source=args.source)
             _add_output(planned, entry, "compare", plan, "--compare-out", i, sheet)
         outputs.append(entry)
     return run.write_masked(planned, "edit", p, outputs, {"source": args.source, "latents": args.latents,

@@ -123,8 +123,9 @@ def titled(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) 
 
 def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, guidance=None,
                   target: str | None = None, guidance_vmax: float | None = None,
-                  min_height: int = 256, max_height: int = 768) -> Image.Image:
-    """Input | mask overlay | guidance heat map | result, at display size (see `display_scale`).
+                  min_height: int = 256, max_height: int = 768, source: str | None = None) -> Image.Image:
+    """Input | mask overlay | guidance heat map | result, at display size (see `display_scale`), under the edit's
+    texts when given (`source` -> `target`, wrapped to the strip's width: nothing cut).
 
     `mask` is the binary edit mask (any size; white = edited), `guidance` the 2-D map the mask was thresholded from
     (any resolution) or None when the mask was given rather than estimated (the panel then shows the mask alone).
@@ -140,8 +141,12 @@ def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, gu
     else:
         heat_label, heat = "mask (given)", binary.convert("RGB")
     coverage = float(_binary(mask, mask.size).mean())
-    return strip([("input", shown), (f"mask {coverage:.0%}", mask_overlay(shown, binary)), (heat_label, heat),
-                  (f"result: {target}" if target is not None else "result", edited)])
+    panels = strip([("input", shown), (f"mask {coverage:.0%}", mask_overlay(shown, binary)), (heat_label, heat),
+                    ("result", edited)])
+    if target is None:
+        return panels
+    said = f'"{source}" -> "{target}"' if source is not None else f'target: "{target}"'
+    return titled_to_fit(panels, said)
 
 
 def wrapped(text: str, fits) -> list[str]:

@@ -64,7 +64,7 @@ def test_compare_strip_enlarges_small_images_and_keeps_pixels_sharp():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 48, 3), dtype=np.uint8))
     result = Image.new("RGB", (48, 64), (0, 200, 0))
     mask = box_mask((48, 64), (0, 0, 24, 64))
-    sheet = compare_strip(image, result, mask, guidance=np.random.default_rng(1).random((8, 6)), target="x" * 300)
+    sheet = compare_strip(image, result, mask, guidance=np.random.default_rng(1).random((8, 6)))
     assert sheet.height >= 256 and sheet.width == 4 * 48 * 4 + 5 * 8  # factor 4 for a 64-pixel-high image
     arr = np.asarray(sheet)
     top = 8 + 22  # gap + label height of the default font size
@@ -74,6 +74,19 @@ def test_compare_strip_enlarges_small_images_and_keeps_pixels_sharp():
     # A given mask (no guidance map) is shown as the mask itself
     given = compare_strip(image, result, mask, guidance=None)
     assert given.size == sheet.size
+
+
+def test_compare_strip_heads_the_panels_with_the_whole_edit_texts():
+    """The result panel's label cut a long target with an ellipsis ("a blue circle on a gray backgrou..."); the
+    texts now go above the panels, wrapped over as many lines as they need."""
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    mask = box_mask((64, 64), (0, 0, 32, 64))
+    bare = compare_strip(image, image, mask)
+    short = compare_strip(image, image, mask, target="a blue circle", source="a red circle")
+    long = compare_strip(image, image, mask, target="a blue circle " * 30, source="a red circle")
+    assert bare.width == short.width == long.width
+    assert bare.height < short.height < long.height  # one line of text, then several
+    assert (np.asarray(short)[: short.height - bare.height] < 100).any()  # text drawn above the panels
 
 
 def test_the_examples_title_is_wrapped_to_the_sheets_width_with_nothing_cut():
