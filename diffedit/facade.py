@@ -326,6 +326,11 @@ class StableDiffusionDiffEdit:
                             "(diffusers' StableDiffusionDiffEditPipeline(**pipe.components) form): use "
                             "StableDiffusionDiffEdit.from_pipe(pipe), StableDiffusionDiffEdit(pipe.model) or "
                             "StableDiffusionDiffEdit.from_pretrained(folder)")
+        if not isinstance(model, StableDiffusion):
+            raise TypeError(f"model: expected a diffedit StableDiffusion, got {type(model).__name__}; for a folder or "
+                            "hub repo id use StableDiffusionDiffEdit.from_pretrained(...)")
+        if params is not None and not isinstance(params, DiffEditParams):
+            raise TypeError(f"params: expected a DiffEditParams, got {type(params).__name__}")
         self.model = model
         # Only the corrections (and numbers no call argument sets) are read from here; each call sets the rest.
         self.params = params if params is not None else DiffEditParams.reference()

@@ -1008,3 +1008,12 @@ def test_a_list_of_per_step_latents_is_taken_as_diffusers_takes_it(sd1):
     got = ours(**kw, image_latents=steps, generator=gen(3)).images
     assert max_abs(got, expected) < IMAGE_TOL
     assert np.array_equal(got, ours(**kw, image_latents=inv.latents, generator=gen(3)).images)
+
+
+def test_the_constructor_refuses_what_is_not_a_model_or_params():
+    """StableDiffusionDiffEdit("folder") built a facade whose first call failed deep inside; a path belongs to
+    from_pretrained."""
+    with pytest.raises(TypeError, match="model: expected a diffedit StableDiffusion, got str.*from_pretrained"):
+        StableDiffusionDiffEdit("some/folder")
+    with pytest.raises(TypeError, match="got no model"):
+        StableDiffusionDiffEdit()
