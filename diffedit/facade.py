@@ -228,8 +228,8 @@ class TokenizerView:
         if padding != "max_length" or truncation is not True or return_tensors != "pt" \
                 or max_length not in (None, t.model_max_length):
             raise ValueError(f"tokenizer(...): only padding=\"max_length\", max_length={t.model_max_length} (or "
-                             "None), truncation=True, return_tensors=\"pt\" are supported (Stable Diffusion's own form), "
-                             f"got padding={padding!r}, max_length={max_length!r}, truncation={truncation!r}, "
+                             "None), truncation=True, return_tensors=\"pt\" are supported (Stable Diffusion's own "
+                             f"form), got padding={padding!r}, max_length={max_length!r}, truncation={truncation!r}, "
                              f"return_tensors={return_tensors!r}")
         ids = t(text)  # (B, model_max_length)
         length = (ids == t.eos_token_id).int().argmax(dim=1) + 1  # bos .. eos; the rest is padding
