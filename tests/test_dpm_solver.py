@@ -24,23 +24,27 @@ def test_timesteps_equal_diffusers(spacing, steps):
     assert ours.tolist() == ref.timesteps.tolist()
 
 
+def assert_steps_like(ours: DPMSolverScheduler, ref, steps: int, seed: int, batch: int = 1) -> None:
+    """Both solvers step the same random latents and network outputs; each step's latents equal within TOL."""
+    ref.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x_ref = x = torch.randn(batch, 4, 8, 8, generator=g)
+    previous = None
+    for i, t in enumerate(ours.timesteps(steps)):
+        output = torch.randn(batch, 4, 8, 8, generator=g)
+        x_ref = ref.step(output, t, x_ref).prev_sample
+        x, previous = ours.step(output, i, x, steps, previous)
+        torch.testing.assert_close(x, x_ref, **TOL)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 5, 15, 20])
 def test_every_step_equals_diffusers(prediction_type, steps):
     """The first step first-order, the middle ones second-order from the previous x0, the last first-order onto
     the clean end (s = 0): each latent equal to diffusers' with the same network outputs."""
     config = dict(SD, prediction_type=prediction_type, timestep_spacing="leading")
-    ref = DPMSolverMultistepScheduler(**config)
-    ref.set_timesteps(steps)
     ours = DPMSolverScheduler(DDIMConfig(**config, clip_sample=False))
-    g = torch.Generator().manual_seed(steps)
-    x_ref = x = torch.randn(2, 4, 8, 8, generator=g)
-    previous = None
-    for i, t in enumerate(ours.timesteps(steps)):
-        output = torch.randn(2, 4, 8, 8, generator=g)
-        x_ref = ref.step(output, t, x_ref).prev_sample
-        x, previous = ours.step(output, i, x, steps, previous)
-        torch.testing.assert_close(x, x_ref, **TOL)
+    assert_steps_like(ours, DPMSolverMultistepScheduler(**config), steps, seed=steps, batch=2)
     assert ours.levels(steps)[-1] == 0
 
 
@@ -117,17 +121,8 @@ def test_a_dpm_solver_config_saved_by_diffusers_steps_like_diffusers_from_config
     """Every key of the file (solver_order 2, dpmsolver++, midpoint, lower_order_final, -Infinity lambda clip...)
     is read or ignored, and the steps equal DPMSolverMultistepScheduler.from_config's within TOL."""
     d = saved_dpm_config(tmp_path)
-    ours = DPMSolverScheduler.from_config_file(tmp_path)
-    ref = DPMSolverMultistepScheduler.from_config(d)
-    ref.set_timesteps(12)
-    g = torch.Generator().manual_seed(2)
-    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
-    previous = None
-    for i, t in enumerate(ours.timesteps(12)):
-        output = torch.randn(1, 4, 8, 8, generator=g)
-        x_ref = ref.step(output, t, x_ref).prev_sample
-        x, previous = ours.step(output, i, x, 12, previous)
-        torch.testing.assert_close(x, x_ref, **TOL)
+    assert_steps_like(DPMSolverScheduler.from_config_file(tmp_path), DPMSolverMultistepScheduler.from_config(d), 12,
+                      seed=2)
 
 
 @pytest.mark.parametrize("changes, line", [
@@ -160,14 +155,4 @@ def test_dpm_solver_settings_diffusers_reads_as_ours_are_accepted_and_step_alike
     """DEIS' and UniPC's solver_type names, a clip below every level, lower_order_final / euler_at_final (the last step is
     first order onto 0 anyway): diffusers' DPMSolverMultistepScheduler.from_config gives our numbers (TOL)."""
     d = {**SD, "timestep_spacing": "leading", **changes}
-    ours = DPMSolverScheduler.from_dict(d)
-    ref = DPMSolverMultistepScheduler.from_config(d)
-    ref.set_timesteps(6)
-    g = torch.Generator().manual_seed(4)
-    x_ref = x = torch.randn(1, 4, 8, 8, generator=g)
-    previous = None
-    for i, t in enumerate(ours.timesteps(6)):
-        output = torch.randn(1, 4, 8, 8, generator=g)
-        x_ref = ref.step(output, t, x_ref).prev_sample
-        x, previous = ours.step(output, i, x, 6, previous)
-        torch.testing.assert_close(x, x_ref, **TOL)
+    assert_steps_like(DPMSolverScheduler.from_dict(d), DPMSolverMultistepScheduler.from_config(d), 6, seed=4)
