@@ -727,8 +727,9 @@ def serve(page, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, share: bool 
     hears the page once it listens (its `local_url`, and `share_url` with `share`). With `block` False, return once
     it is serving (close it with `page.close()`); else serve until interrupted."""
     page.queue(max_size=32)
+    name = f"[{host}]" if ":" in host and not host.startswith("[") else host  # Gradio puts it in URLs as is
     try:
-        launched = page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+        launched = page.launch(server_name=name, server_port=port, share=share, prevent_thread_lock=True,
                                quiet=True, css=CSS, footer_links=["api"], max_file_size=MAX_UPLOAD)
     except OSError as e:  # taken since `check_address`, or a failure it cannot foresee: its line if it sees one
         check_address(host, port)

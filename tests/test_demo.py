@@ -420,6 +420,30 @@ def test_serving_is_said_once_the_page_listens_and_never_when_it_failed_to_start
     assert seen["said"] == f"diffedit demo: shapes-sd on cpu, serving http://127.0.0.1:{port}/ (Ctrl-C stops it)\n"
 
 
+def test_an_ipv6_host_without_brackets_is_served_not_refused_after_the_model_loaded(app, capsys, monkeypatch):
+    """--host ::1 passed the address check, then Gradio put it in a URL unbracketed: "InvalidURL: Invalid port"
+    once the model had loaded."""
+    need(("gradio",))
+    import gradio
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    monkeypatch.setattr(demo.Demo, "load", classmethod(lambda cls, *args: cls(app.sd)))
+    port, seen = free_port(), {}
+
+    def block_thread(page):
+        seen["said"] = capsys.readouterr().err
+        socket.create_connection(("::1", port), timeout=5).close()  # it listens
+        page.close()
+
+    monkeypatch.setattr(gradio.Blocks, "block_thread", block_thread)
+    assert demo.main(["--host", "::1", "--port", str(port), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert seen["said"] == f"diffedit demo: shapes-sd on cpu, serving http://[::1]:{port}/ (Ctrl-C stops it)\n"
+
+
 def test_without_gradio_the_demo_says_how_to_install_it_and_exits_2(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
     assert cli.main(["demo"]) == 2
