@@ -309,21 +309,25 @@ class Demo:
 
     def read_picture(self, image) -> tuple[Image.Image, list[str]]:
         """An image file (checked as the command line checks it, --max-pixels included), an `Upload` (checked the
-        same way, named as the user knows it, with fixes a web user can act on) or a PIL picture, as RGB; with its
-        notes."""
+        same way, named as the user knows it, with fixes a web user can act on), a PIL picture, or a numpy array or
+        torch tensor as `diffedit.edit` takes them (`image_tensors.load_rgb`), as RGB; with its notes."""
         notes: list[str] = []
         if isinstance(image, Upload):
             return self._read_upload(image, notes.append), notes
-        if isinstance(image, Image.Image):
-            w, h = image.size
-            if w * h > self.max_pixels:
-                raise BadInput(f"the image is {w}x{h}, over {MAX_PIXELS_FLAG} {self.max_pixels}: downscale it")
-            from .image_files import displayed_rgb
-
-            return displayed_rgb(image, "the image", notes.append), notes
-        if image is None or image == "":
+        if image is None or isinstance(image, str) and image == "":
             raise BadInput("no image: upload one or pick an example")
-        return read_image(Path(image), notes.append, self.max_pixels, MAX_PIXELS_FLAG), notes
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(Path(image), notes.append, self.max_pixels, MAX_PIXELS_FLAG), notes
+        from .image_files import displayed_rgb
+        from .image_tensors import decoded, load_rgb
+
+        picture = image if isinstance(image, Image.Image) else load_rgb(image)  # anything else: its one line
+        w, h = picture.size
+        if w * h > self.max_pixels:
+            raise BadInput(f"the image is {w}x{h}, over {MAX_PIXELS_FLAG} {self.max_pixels}: downscale it")
+        if picture is image:
+            return displayed_rgb(decoded(image, "image"), "the image", notes.append), notes
+        return picture, notes
 
     def _read_upload(self, upload: Upload, note) -> Image.Image:
         """An uploaded picture as RGB; too large, not an image, corrupt: one line naming it as the user knows it

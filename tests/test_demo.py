@@ -217,6 +217,21 @@ def test_a_pil_picture_is_turned_by_its_exif_orientation_as_a_file_is(app, tmp_p
     assert any("EXIF orientation" in n for n in notes)
 
 
+def test_a_numpy_array_or_torch_tensor_is_edited_as_the_one_call_api_edits_it(app):
+    """`Demo.edit` promises `diffedit.edit`'s picture, which takes arrays and tensors; the demo failed on them with
+    "The truth value of an array ... is ambiguous" (and a tensor with a path error)."""
+    pixels = np.asarray(Image.open(IMAGE).convert("RGB")).copy()
+    for image in (pixels, torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), pixels / 255):
+        view = app.edit(image, SOURCE, TARGET, **FAST)
+        assert_fresh(app, view, **FAST_FIELDS)
+        assert app.map_changes(view.state, IMAGE, SOURCE, TARGET, **FAST) == ()
+    with pytest.raises(TypeError, match="^image: expected a path, a PIL image, a numpy array or a torch tensor, got "
+                                        "bytes$"):
+        app.edit(IMAGE.read_bytes(), SOURCE, TARGET)
+    with pytest.raises(BadInput, match=r"^the image is 64x64, over --max-pixels 4095: downscale it$"):
+        demo.Demo(app.sd, max_pixels=64 * 64 - 1).edit(pixels, SOURCE, TARGET)
+
+
 def test_an_upload_that_is_not_a_picture_or_corrupt_is_named_as_the_user_knows_it(app, tmp_path):
     text = tmp_path / "x1"
     text.write_text("not a picture")
