@@ -639,9 +639,9 @@ def build_page(demo: Demo):
                       api_name="edit", concurrency_id="model", concurrency_limit=1)
             image.change(forget, None, [edited, overlay, heat, report, state], api_visibility="private",
                          show_progress="hidden")
-            for control in (threshold_ratio, threshold_rule):  # as the user moves it, dragging included
-                control.input(rethreshold, [state, image, source, target, *settings], [overlay, heat, report],
-                              api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+            for control in (threshold_ratio, threshold_rule):  # as the user moves it (dragging included) or resets
+                control.change(rethreshold, [state, image, source, target, *settings], [overlay, heat, report],
+                               api_visibility="private", show_progress="hidden", trigger_mode="always_last")
 
         with gr.Tab("Shapes world: held-out edits"):
             gr.Markdown("A random edit from the held-out stream the shipped model is scored on (never seen in "

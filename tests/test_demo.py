@@ -595,14 +595,28 @@ def test_rethresholding_after_a_new_upload_never_cuts_the_old_pictures_map(app, 
     assert tab.picture("overlay") is not None
     other, source, target = demo.EXAMPLES[1]
     tab.set("image", tab.upload(other, other.name), "upload", "change")
-    assert tab.set("threshold_ratio", 2.0, "input") is None
+    assert tab.set("threshold_ratio", 2.0, "input", "change") is None
     assert tab.picture("overlay") is None and tab.picture("heat") is None and tab.picture("edited") is None
     assert tab.text("report").startswith("edit first")
     edit_on(tab, other, source, target, threshold_ratio=2.0)
-    assert tab.set("threshold_ratio", 1.5, "input") is None
+    assert tab.set("threshold_ratio", 1.5, "input", "change") is None
     assert "re-thresholded the remembered map" in tab.text("report")
     expected = app.edit(other, source, target, **FAST, threshold_ratio=1.5)
     assert same_picture(tab.picture("overlay"), expected.overlay) and same_picture(tab.picture("heat"), expected.heat)
+
+
+def test_resetting_the_thresholding_to_its_default_recuts_the_mask_shown(app, server):
+    """The slider's reset button (↺) fires change, not input: the page kept showing the mask of the ratio moved to,
+    beside a slider back at the default, with a report naming the old ratio."""
+    tab = Tab(server)
+    edit_on(tab, IMAGE, SOURCE, TARGET)
+    edited_overlay = tab.picture("overlay")
+    assert tab.set("threshold_ratio", 1.5, "input", "change") is None
+    assert "(ratio 1.5, rule ratio" in tab.text("report") and not same_picture(tab.picture("overlay"), edited_overlay)
+    default = app.defaults()["threshold_ratio"]
+    assert tab.set("threshold_ratio", default, "change") is None  # the reset button
+    assert f"(ratio {default:g}, rule ratio" in tab.text("report")
+    assert same_picture(tab.picture("overlay"), edited_overlay)
 
 
 def test_rethresholding_names_what_changed_since_the_edit_even_when_no_upload_event_said_so(app, server):
@@ -614,7 +628,7 @@ def test_rethresholding_names_what_changed_since_the_edit_even_when_no_upload_ev
     edited_overlay = tab.picture("overlay")
     tab.set("source", "a red disc on a gray background")
     tab.set("mask_strength", 0.4)
-    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert tab.set("threshold_rule", "otsu", "input", "change") is None
     assert tab.text("report").startswith("**not re-thresholded**: the source, mask_strength changed since the last "
                                          "edit, whose map this would cut; press Edit")
     assert same_picture(tab.picture("overlay"), edited_overlay)  # the edit's own mask, as it was
@@ -622,12 +636,12 @@ def test_rethresholding_names_what_changed_since_the_edit_even_when_no_upload_ev
     tab.set("mask_strength", demo.Demo(app.sd).defaults()["mask_strength"])
     uploaded, other = tab.values[tab.ids["image"]], demo.EXAMPLES[1][0]
     tab.set("image", tab.upload(other, other.name))  # no event: as if it came before the edit finished
-    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert tab.set("threshold_rule", "otsu", "input", "change") is None
     assert tab.text("report").startswith("**not re-thresholded**: the picture changed since the last edit")
     assert tab.picture("overlay") is None and tab.picture("heat") is None
     tab.set("image", uploaded)
     tab.set("guidance", 3.0)
-    assert tab.set("threshold_rule", "otsu", "input") is None
+    assert tab.set("threshold_rule", "otsu", "input", "change") is None
     assert "re-thresholded the remembered map" in tab.text("report")
     expected = app.edit(IMAGE, SOURCE, TARGET, **FAST, threshold_rule="otsu")
     assert same_picture(tab.picture("overlay"), expected.overlay)
