@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import errno
 import hashlib
 import math
@@ -172,6 +173,26 @@ def store_inline(url: str, name: str | None, cache: str) -> Path:
     if not path.exists():
         path.write_bytes(data)
     return path
+
+
+@contextlib.contextmanager
+def own_warnings():
+    """The warnings this thread raises inside, each one (as `warnings.catch_warnings(record=True)` with "always"),
+    in the list yielded; another thread's go on to be shown as before. The warnings machinery is the process's: an
+    edit recorded the deprecation warnings of Gradio's workers (an upload meanwhile) as its own notes."""
+    me, caught = threading.get_ident(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown = warnings.showwarning  # restored on leaving
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.get_ident() == me:
+                caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield caught
 
 
 def picture_digest(picture: Image.Image) -> str:
@@ -388,8 +409,7 @@ class Demo:
                 raise BadInput(f"{name}: expected a prompt (a string; may be \"\"), got {type(text).__name__}")
         p, seed = self.params(settings)
         picture, notes = self.read_picture(image)
-        with self.lock, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with self.lock, own_warnings() as caught:
             view = self._edit(picture, source, target, p, seed, notes)
         identical = any("say the same thing" in n for n in view.notes)
         own = ("tokens but the text encoder",) + (("identical noise predictions",) if identical else ())  # noted

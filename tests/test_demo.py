@@ -272,6 +272,31 @@ def test_edits_from_several_threads_run_one_at_a_time(app, monkeypatch):
     assert most[0] == 1 and len(views) == 3  # one at a time, and every edit returned its view
 
 
+def test_an_edits_notes_are_its_own_warnings_never_another_threads(app, monkeypatch):
+    """The warnings machinery is the process's: a Gradio worker's pandas deprecation, raised while an edit ran,
+    showed on the page as one of the edit's notes."""
+    import threading
+    import warnings
+
+    from diffedit.demo import EditView
+
+    blank = Image.new("RGB", (4, 4))
+
+    def edit_beside_another_thread(*args):
+        other = threading.Thread(target=lambda: warnings.warn("another thread's deprecation", FutureWarning))
+        other.start()
+        other.join()
+        warnings.warn("the edit's own warning", UserWarning)
+        return EditView(blank, blank, blank, blank, {}, (), 0.0, (), None)
+
+    monkeypatch.setattr(app, "_edit", edit_beside_another_thread)
+    with warnings.catch_warnings(record=True) as elsewhere:
+        warnings.simplefilter("always")
+        view = app.edit(IMAGE, SOURCE, TARGET)
+    assert view.notes == ("the edit's own warning",)
+    assert [str(w.message) for w in elsewhere] == ["another thread's deprecation"]  # shown as before, not lost
+
+
 def cli_message(tmp_path, capsys, *flags: str) -> str:
     """What `diffedit edit` says about these flags (before any model work)."""
     assert cli.main(["edit", str(IMAGE), "--source", SOURCE, "--target", TARGET, "-o", str(tmp_path / "o.png"),
