@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 _HEAT_ANCHORS = np.array([
     [0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
     [252, 255, 164]], dtype=np.float64)
-OVERLAY_COLOUR = (255, 32, 96)
+OVERLAY_COLOUR = (20, 20, 20)  # the mask's outline: dark on the faded surroundings
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (20, 20, 20)
 
@@ -55,12 +55,14 @@ def _binary(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def mask_overlay(image: Image.Image, mask: Image.Image, colour: tuple[int, int, int] = OVERLAY_COLOUR,
-                 opacity: float = 0.45) -> Image.Image:
-    """The image with the edited region (mask white) tinted in `colour` and outlined with a 1-px border."""
+                 fade: float = 0.6) -> Image.Image:
+    """The image with the edited region (mask white) as it is, outlined in `colour` (1 px), and the rest faded
+    towards white by `fade`: the region reads at a glance whatever its own colours (a tint in a colour like the
+    object's hid it)."""
     base = np.asarray(image.convert("RGB"), dtype=np.float64)
     inside = _binary(mask, image.size)
     out = base.copy()
-    out[inside] = (1 - opacity) * base[inside] + opacity * np.array(colour, dtype=np.float64)
+    out[~inside] = (1 - fade) * base[~inside] + fade * 255.0
     # Outline: mask pixels with a non-mask 4- or 8-neighbour (mask minus its 3x3 erosion)
     eroded = np.asarray(Image.fromarray(inside.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3))) >= 128
     if min(image.size) >= 8:  # on tiny images the border would cover the whole region
@@ -137,7 +139,7 @@ def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, gu
     edited = result.convert("RGB").resize(size, smooth)
     binary = Image.fromarray(_binary(mask, size).astype(np.uint8) * 255, "L")
     if guidance is not None:
-        heat_label, heat = "guidance map", heat_map(guidance, size, guidance_vmax)
+        heat_label, heat = "guidance map (dark 0, yellow max)", heat_map(guidance, size, guidance_vmax)
     else:
         heat_label, heat = "mask (given)", binary.convert("RGB")
     coverage = float(_binary(mask, mask.size).mean())

@@ -36,12 +36,14 @@ def test_heat_map_blocks_each_latent_cell_and_scales_by_vmax():
         heat_map(np.zeros((1, 2, 2)), (2, 2))
 
 
-def test_mask_overlay_tints_only_the_masked_region_and_outlines_it():
+def test_mask_overlay_fades_what_is_outside_the_region_and_outlines_it():
+    """The region keeps its pixels (a tint in a colour like the object's hid it) and the rest fades towards white."""
     image = Image.new("RGB", (32, 32), (40, 120, 200))
     out = np.asarray(mask_overlay(image, box_mask((32, 32), (8, 8, 24, 24))))
-    assert (out[:8] == (40, 120, 200)).all() and (out[:, 24:] == (40, 120, 200)).all()  # outside unchanged
-    assert (out[12:20, 12:20] != (40, 120, 200)).any(axis=-1).all()  # inside tinted
-    assert tuple(out[8, 16]) == (255, 32, 96) and tuple(out[12, 12]) != (255, 32, 96)  # border, not interior
+    faded = np.round(0.4 * np.array([40, 120, 200]) + 0.6 * 255)
+    assert (out[:8] == faded).all() and (out[:, 24:] == faded).all()  # outside faded
+    assert (out[12:20, 12:20] == (40, 120, 200)).all()  # inside as it was
+    assert tuple(out[8, 16]) == (20, 20, 20) and tuple(out[12, 12]) != (20, 20, 20)  # border, not interior
 
 
 def test_display_scale_enlarges_by_whole_factors_and_shrinks_large_images():
