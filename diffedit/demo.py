@@ -655,10 +655,10 @@ def build_page(demo: Demo):
                 """A new picture: the last edit's results and map are another picture's."""
                 return None, None, None, "", None
 
-            run.click(edit, [image, source, target, *settings], [edited, overlay, heat, report, state],
-                      api_name="edit", concurrency_id="model", concurrency_limit=1)
+            editing = run.click(edit, [image, source, target, *settings], [edited, overlay, heat, report, state],
+                                api_name="edit", concurrency_id="model", concurrency_limit=1)
             image.change(forget, None, [edited, overlay, heat, report, state], api_visibility="private",
-                         show_progress="hidden")
+                         show_progress="hidden", cancels=[editing])  # an edit of the old picture never shows
             for control in (threshold_ratio, threshold_rule):  # as the user moves it (dragging included) or resets
                 control.change(rethreshold, [state, image, source, target, *settings], [overlay, heat, report],
                                api_visibility="private", show_progress="hidden", trigger_mode="always_last")

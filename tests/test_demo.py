@@ -853,3 +853,43 @@ def test_the_page_edits_an_example_in_headless_chromium(tmp_path):
     blue = (pixels[:, 2] > pixels[:, 0] + 80).mean()
     red = (pixels[:, 0] > pixels[:, 2] + 80).mean()
     assert blue > 0.05 and red < 0.01, (blue, red)  # the circle turned blue
+
+
+def test_an_edit_still_running_when_another_picture_is_uploaded_never_shows_in_chromium(app, tmp_path):
+    """Edit, then upload another picture while the edit runs: its result (the old picture's edit, mask and report)
+    arrived after the upload had cleared the page and showed beside the new picture."""
+    need(("gradio", "playwright"), (CHROMIUM,))
+    from playwright.sync_api import sync_playwright
+
+    served = demo.Demo(app.sd)
+    page, port = demo.build_page(served), free_port()
+    demo.serve(page, "127.0.0.1", port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                tab = browser.new_page(viewport={"width": 1280, "height": 1100})
+                tab.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=30_000)
+                tab.locator("#run").wait_for(timeout=30_000)
+                tab.locator("#image input[type=file]").set_input_files(str(IMAGE))
+                tab.locator("#source textarea").fill(SOURCE)
+                tab.locator("#target textarea").fill(TARGET)
+                for name, value in (("steps", "100"), ("num_maps", "20")):  # seconds of work
+                    tab.locator(f"#{name} input[type=number]").fill(value)
+                    tab.locator(f"#{name} input[type=number]").press("Enter")
+                tab.locator("#run").click()
+                deadline = time.monotonic() + 30
+                while not served.lock.locked():  # the edit runs
+                    assert time.monotonic() < deadline, "the edit never started"
+                    time.sleep(0.02)
+                tab.locator("#image input[type=file]").set_input_files(str(demo.EXAMPLES[2][0]))
+                assert served.lock.acquire(timeout=60)  # the edit finished on the server
+                served.lock.release()
+                time.sleep(2)  # time for its result to reach the page
+                tab.screenshot(path=str(tmp_path / "uploaded_while_editing.png"), full_page=True)
+                assert tab.locator("#edited img").count() == tab.locator("#overlay img").count() == 0
+                assert tab.locator("#report").inner_text().strip() == ""
+            finally:
+                browser.close()
+    finally:
+        page.close()
