@@ -785,6 +785,14 @@ def test_a_bad_setting_through_the_api_is_the_command_lines_one_line_message(cli
     assert str(e.value) == expected and "Traceback" not in str(e.value)
 
 
+def open_page(browser, port: int):
+    """A new tab on the page served at `port`, once its Edit button is there."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=30_000)
+    page.locator("#run").wait_for(timeout=30_000)
+    return page
+
+
 def test_the_page_edits_an_example_in_headless_chromium(tmp_path):
     """The command serves the page; Chromium opens it, picks the first example, presses Edit, and the edited picture
     appears (a blue circle where the red one was); the screenshot is saved and is not blank. Then a thresholding
@@ -808,9 +816,7 @@ def test_the_page_edits_an_example_in_headless_chromium(tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1100})
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=30_000)
-                page.locator("#run").wait_for(timeout=30_000)
+                page = open_page(browser, port)
                 page.get_by_text(TARGET).first.click()  # the first example's row
                 page.wait_for_function("document.querySelector('#target textarea').value.length > 0",
                                        timeout=10_000)
@@ -868,9 +874,7 @@ def test_an_edit_still_running_when_another_picture_is_uploaded_never_shows_in_c
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
             try:
-                tab = browser.new_page(viewport={"width": 1280, "height": 1100})
-                tab.goto(f"http://127.0.0.1:{port}/", wait_until="load", timeout=30_000)
-                tab.locator("#run").wait_for(timeout=30_000)
+                tab = open_page(browser, port)
                 tab.locator("#image input[type=file]").set_input_files(str(IMAGE))
                 tab.locator("#source textarea").fill(SOURCE)
                 tab.locator("#target textarea").fill(TARGET)
