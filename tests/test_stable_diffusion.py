@@ -437,7 +437,9 @@ def test_accepted_schedulers_are_diffusers_sd_schedulers_but_edm():
 ])
 def test_a_device_or_dtype_it_cannot_load_in_is_one_error_naming_it_before_any_file_is_read(sd1_folder, kwargs, error,
                                                                                             message, monkeypatch):
-    import diffedit.checkpoint_file  # noqa: F401 - imported before the patch, so its own binding stays the real one
+    import importlib
+
+    importlib.import_module("diffedit.checkpoint_file")  # before the patch, so its own binding stays the real one
     from diffedit import stable_diffusion
 
     monkeypatch.setattr(stable_diffusion, "resolve_model_folder", lambda *a: pytest.fail("a file was read"))
