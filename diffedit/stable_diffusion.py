@@ -159,12 +159,11 @@ class StableDiffusion:
                 raise ModelNotFoundError(f"{folder} has no {name}/ folder")
         model_index = _read(index, lambda: json.loads(index.read_text()))
         check_model_index(model_index, index)
-        safety_checker, feature_extractor = load_safety_components(folder, model_index, str(path_or_repo_id),
-                                                                   device, dtype, variant)
-
         configs = {name: config_cls.from_file(folder / name / "config.json") for name, config_cls in
                    (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig))}
-        check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])
+        check_parts_fit(configs["unet"], configs["vae"], configs["text_encoder"])  # before any weight is read
+        safety_checker, feature_extractor = load_safety_components(folder, model_index, str(path_or_repo_id),
+                                                                   device, dtype, variant)
 
         def build(name: str, module_cls, kind: str):
             config = configs[name]

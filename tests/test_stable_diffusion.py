@@ -502,6 +502,7 @@ def test_parts_that_do_not_fit_together_are_refused_before_any_weight_is_read(sd
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(diffedit.stable_diffusion, "component_weights", no_weights)
+    monkeypatch.setattr(diffedit.stable_diffusion, "load_safety_components", no_weights)  # its weights too
     with pytest.raises(ConfigError, match=message):
         StableDiffusion.from_pretrained(folder)
     monkeypatch.setattr(diffedit.checkpoint_file, "split_state", no_weights)
