@@ -546,8 +546,13 @@ class StableDiffusionDiffEdit:
         [0, 1] (the VAE's memory options apply)."""
         warnings.warn("decode_latents is deprecated in diffusers: __call__(..., output_type='np') decodes too",
                       FutureWarning, stacklevel=2)
+        return self._decoded(latents, "np")
+
+    def _decoded(self, latents: torch.Tensor, output_type: str):
+        """diffusers' `decode_latents` rule, shared by it and `invert(decode_latents=True)`: the latents times
+        1 / scaling_factor through the VAE (its memory options apply), as `output_type` pictures."""
         pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * latents.to(self.device, self.dtype))
-        return image_tensors.to_output(pixels, "np")
+        return image_tensors.to_output(pixels, output_type)
 
     def maybe_convert_prompt(self, prompt: str | list[str], tokenizer=None) -> str | list[str]:
         """diffusers' `maybe_convert_prompt`, for multi-vector learned words: the prompt unchanged, since our
@@ -823,9 +828,8 @@ class StableDiffusionDiffEdit:
         with self._progress_bar(len(method.inversion_timesteps(self.model, params))) as bar:
             inv = method.invert(self.model, image, text, params, generator, _every(callback, callback_steps, bar))
         images = None
-        if decode_latents:  # diffusers' decode_latents: multiply by 1 / scaling_factor
-            pixels = vae_decode(self.model, 1 / self.model.vae.scaling_factor * inv.latents.flatten(0, 1))
-            images = image_tensors.to_output(pixels, "pil" if output_type == "pil" else "np")
+        if decode_latents:
+            images = self._decoded(inv.latents.flatten(0, 1), "pil" if output_type == "pil" else "np")
         self.maybe_free_model_hooks()
         if not return_dict:
             return inv.latents, images
