@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import math
-import numbers
 import os
 import sys
 import time
@@ -43,7 +42,7 @@ from .image_tensors import latent_mask_to_image
 from .locations import model_location
 from .outputs import Planned, commit
 from .params import PRESETS, DiffEditParams, with_preset
-from .validation import FileError, one_line
+from .validation import FileError, is_integral, one_line
 
 METHOD_NAMES = ("diffedit", "diffedit-gt-mask", "encode-decode", "sdedit")  # = baselines.METHODS, torch-free
 NEEDS_TRUTH = {"diffedit-gt-mask"}
@@ -304,7 +303,7 @@ def example_grids(out: Path, methods: list[str], grid: list[dict],
                   texts: dict[str, tuple[str, str]] | None = None) -> list[Path]:
     """examples_METHOD.png: a row per kept edit under its id and texts (`texts`: id -> (source, target)), the input
     then the method's result under each setting (Pillow only, so there whether or not matplotlib is)."""
-    from .figures import display_scale, strip, titled_to_fit
+    from .figures import display_scale, stacked, strip, titled_to_fit
 
     written = []
     folders = sorted((out / "examples").glob("*"), key=lambda p: (len(p.name), p.name))  # edit 2 before edit 10
@@ -324,11 +323,7 @@ def example_grids(out: Path, methods: list[str], grid: list[dict],
             said = f'"{source}" -> "{target}"' if target is not None else ""
             rows.append(titled_to_fit(row, f"{folder.name}: {said}".rstrip(": "), font_size=12, gap=6))
         if rows:
-            sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-            y = 0
-            for row in rows:
-                sheet.paste(row, (0, y))
-                y += row.height
+            sheet = stacked(rows)
             fields = ", ".join(grid[0]) if grid and grid[0] else "the model's defaults"
             titled_to_fit(sheet, f"{method_name}: the input, then one column per setting ({fields})").save(
                 out / f"examples_{method_name}.png")
@@ -604,7 +599,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     # Before any work: every argument, the output folder, the grid, edits, the model, a run already there
     a = checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, model, device, batch_size, resume,
                           quiet, compile_mode)
-    if not _integer(max_pixels) or max_pixels < 1:
+    if not is_integral(max_pixels) or max_pixels < 1:
         raise BadInput(f"{MAX_PIXELS_FLAG} {max_pixels!r}: expected an int >= 1")
     out, methods, fixed, sweep, seeds, batch_size = a.out, a.methods, a.fixed, a.sweep, a.seeds, a.batch_size
     given = model if isinstance(model, StableDiffusion) else None
@@ -720,11 +715,6 @@ class Arguments:
     batch_size: int
 
 
-def _integer(value) -> bool:
-    """A Python or numpy int, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, model, device, batch_size, resume,
                       quiet, compile_mode) -> Arguments:
     """`run_experiment`'s arguments checked on their own, before anything is read: what the command line's flags
@@ -739,9 +729,9 @@ def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, mo
     if not isinstance(edits, (str, os.PathLike)):
         raise TypeError(f"edits: expected \"shapes\" or a manifest's path (str or os.PathLike), got "
                         f"{type(edits).__name__}")
-    if not _integer(n) or not 1 <= n <= MAX_EDITS:
+    if not is_integral(n) or not 1 <= n <= MAX_EDITS:
         raise BadInput(f"--n: expected an integer in [1, {MAX_EDITS}], got {n!r}")
-    if not _integer(edit_seed) or not 0 <= edit_seed <= SEED_MAX:
+    if not is_integral(edit_seed) or not 0 <= edit_seed <= SEED_MAX:
         raise BadInput(f"--edit-seed: expected an integer in [0, {SEED_MAX}], got {edit_seed!r}")
     if isinstance(methods, (str, bytes)) or not isinstance(methods, (list, tuple)):
         raise TypeError(f"methods: expected a list of method names such as [\"diffedit\"], got "
@@ -764,7 +754,7 @@ def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, mo
         raise TypeError(f"param: expected None or a dict of DiffEditParams fields, got {type(param).__name__}")
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range, np.ndarray)):
         raise TypeError(f"seeds: expected a list of seeds (ints) such as [0, 1], got {type(seeds).__name__}")
-    seeds = [int(s) if _integer(s) else s for s in seeds]  # numpy ints as ints; anything else is named below
+    seeds = [int(s) if is_integral(s) else s for s in seeds]  # numpy ints as ints; anything else is named below
     check_seeds(seeds)
     if not (model is None or isinstance(model, (str, os.PathLike, StableDiffusion))):
         raise TypeError(f"model: expected None (the shipped model), a folder or hub repo id, or a loaded "
@@ -775,7 +765,7 @@ def checked_arguments(out, edits, n, edit_seed, methods, sweep, param, seeds, mo
         raise TypeError(f"device: expected None or a name: {', '.join(DEVICES)}; got {type(device).__name__}")
     if device not in DEVICES:
         raise BadInput(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
-    if not _integer(batch_size) or batch_size < 1:
+    if not is_integral(batch_size) or batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: expected an int >= 1")
     for name, flag in (("resume", resume), ("quiet", quiet)):
         if not isinstance(flag, (bool, np.bool_)):

@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 from pathlib import Path
 
 from .outputs import OutputPathError, Planned, check_outputs, commit
-from .validation import FileError, check_readable, one_line
+from .validation import FileError, check_readable, is_integral, one_line
 
 FORMAT = "diffedit-latents"
 VERSION = "1"
@@ -251,13 +250,6 @@ def save_inversion(path: Path, inversion, *, model, params, image_size: tuple[in
     return meta
 
 
-def _is_int(value) -> bool:
-    """A Python or numpy int, not a bool."""
-    import numpy as np
-
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
 def check_model_argument(model, what: str, optional: bool = False) -> None:
     """`model` is a loaded StableDiffusion (or None when `optional`): else a TypeError saying how to get one."""
     from .stable_diffusion import StableDiffusion
@@ -289,12 +281,12 @@ def check_save_arguments(path, inversion, model, params, image_size, prompt, see
     if not isinstance(params, DiffEditParams):
         raise TypeError(f"params: expected the DiffEditParams the inversion ran with, got {type(params).__name__}")
     if (isinstance(image_size, (str, bytes)) or not hasattr(image_size, "__len__") or len(image_size) != 2
-            or not all(_is_int(v) and v >= 1 for v in image_size)):
+            or not all(is_integral(v) and v >= 1 for v in image_size)):
         raise ValueError(f"image_size: expected the picture's (width, height), two ints >= 1, got {image_size!r}")
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt: expected None or the text the picture was inverted with, got "
                         f"{type(prompt).__name__}")
-    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+    if seed is not None and not (is_integral(seed) and 0 <= seed < 2**63):
         raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
     if picture is not None:
         import PIL.Image

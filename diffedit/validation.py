@@ -13,6 +13,7 @@ the rest of `diffedit`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,13 @@ def shorten(text: str, limit: int = 40) -> str:
 
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_integral(value: Any) -> bool:
+    """A Python or numpy int, not a bool (`is_int` takes Python ints only, as config files hold)."""
+    import numpy as np
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def is_number(value: Any) -> bool:
