@@ -234,7 +234,7 @@ def report_lines(summary: dict, timing_applies: bool) -> list[tuple[str, str, st
 def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2, fmt: str | None = None) -> None:
     """One row per edit under its texts: input | ground-truth region | predicted mask (with its IoU) | result (with
     the judge's verdict), each panel labelled (in Pillow format `fmt`, or as the path's extension says)."""
-    from .figures import strip, titled_to_fit
+    from .figures import stacked, strip, titled_to_fit
 
     rows = []
     for r in records[:count]:
@@ -246,12 +246,7 @@ def save_grid(records: list[dict], path: Path, count: int = 16, zoom: int = 2, f
                      (f"result: {'pass' if r['success'] else 'FAIL'}", panel(result))], font_size=12)
         rows.append(titled_to_fit(row, f"{r['index']} ({r['kind']}): \"{r['source']}\" -> \"{r['target']}\"",
                                   font_size=12, gap=6))
-    sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
-    y = 0
-    for row in rows:
-        sheet.paste(row, (0, y))
-        y += row.height
-    sheet.save(path, format=fmt)
+    stacked(rows).save(path, format=fmt)
 
 
 def parse_param(text: str) -> tuple[str, object]:

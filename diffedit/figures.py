@@ -113,16 +113,6 @@ def strip(panels: Sequence[tuple[str, Image.Image]], gap: int = 8, font_size: in
     return sheet
 
 
-def titled(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) -> Image.Image:
-    """The picture under a line of text (cut to the picture's width)."""
-    font = _font(font_size)
-    sheet = Image.new("RGB", (picture.width, picture.height + font_size + 2 * gap), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    draw.text((gap, gap), _fit_text(draw, title, font, picture.width - 2 * gap), fill=TEXT_COLOUR, font=font)
-    sheet.paste(picture, (0, font_size + 2 * gap))
-    return sheet
-
-
 def compare_strip(image: Image.Image, result: Image.Image, mask: Image.Image, guidance=None,
                   target: str | None = None, guidance_vmax: float | None = None,
                   min_height: int = 256, max_height: int = 768, source: str | None = None) -> Image.Image:
@@ -168,6 +158,16 @@ def wrapped(text: str, fits) -> list[str]:
     return [line for line in lines if line]
 
 
+def stacked(rows: Sequence[Image.Image]) -> Image.Image:
+    """Pictures one under another on white, left-aligned (the sheet as wide as the widest)."""
+    sheet = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    return sheet
+
+
 def titled_to_fit(picture: Image.Image, title: str, font_size: int = 14, gap: int = 8) -> Image.Image:
     """The picture under its title, wrapped over as many lines as the picture's width needs (nothing cut)."""
     font, line_height = _font(font_size), font_size + 4
@@ -182,4 +182,5 @@ def titled_to_fit(picture: Image.Image, title: str, font_size: int = 14, gap: in
     return sheet
 
 
-__all__ = ["colorize", "heat_map", "mask_overlay", "display_scale", "strip", "compare_strip", "titled_to_fit"]
+__all__ = ["colorize", "heat_map", "mask_overlay", "display_scale", "strip", "compare_strip", "stacked",
+           "titled_to_fit"]
