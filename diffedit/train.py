@@ -428,6 +428,7 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
     scheduler = DDIMScheduler(DDIMConfig.from_dict(SCHEDULER_CONFIG))
     ids = caption_ids(tokenizer).to(device)
+    text.embeddings.check_ids(ids)  # once: the loop below takes rows of these ids (text.encode, no per-step wait)
     empty = ids.shape[0] - 1
     step, prior_elapsed = 0, 0.0
     state = run.load_checkpoint("unet")
@@ -466,7 +467,7 @@ def train_unet(run: TrainingRun, device: torch.device, vae: AutoencoderKL, token
         noisy = scheduler.add_noise(latents, noise, t)
         # Epsilon loss
         with _autocast(device, s.amp):
-            context = text(ids[torch.as_tensor(caps, device=device)])  # (B, 77, 128)
+            context = text.encode(ids[torch.as_tensor(caps, device=device)])  # (B, 77, 128)
             pred = unet(noisy, t, context)
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)

@@ -177,7 +177,12 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"input_ids must be (batch, length <= {self.config.max_position_embeddings}), "
                              f"got shape {tuple(input_ids.shape)}")
         self.embeddings.check_ids(input_ids)
+        return self.encode(input_ids, clip_skip)
+
+    def encode(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        """`forward` without its argument checks, for a loop whose ids were checked once (training: the check of the
+        ids waits for the device, which a per-step call would do every step)."""
         x = self.embeddings(input_ids)  # (B, T, D)
-        for layer in self.encoder.layers[: n_layers - (clip_skip or 0)]:
+        for layer in self.encoder.layers[: len(self.encoder.layers) - (clip_skip or 0)]:
             x = layer(x)
         return self.final_layer_norm(x)

@@ -287,3 +287,21 @@ def test_an_init_from_that_is_no_shapes_model_is_refused_before_the_run_folder_i
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not (tmp_path / "run").exists()
+
+
+def test_the_unet_stage_checks_its_caption_ids_once_not_every_step(tmp_path, monkeypatch):
+    """The text encoder's id check waits for the device (`bool(valid.all())`): called through `text(...)` in the
+    training loop it stalled every step. The stage checks its caption ids once; 1 and 4 steps check alike."""
+    from diffedit.models.clip_text import CLIPTextEmbeddings
+
+    calls = []
+    check = CLIPTextEmbeddings.check_ids
+    monkeypatch.setattr(CLIPTextEmbeddings, "check_ids", lambda self, ids: calls.append(1) or check(self, ids))
+    counts = []
+    for steps in (1, 4):
+        calls.clear()
+        assert train.main(["--out", str(tmp_path / f"run{steps}"), "--vae-steps", "1", "--unet-steps", str(steps),
+                           "--batch-size", "2", "--vae-batch-size", "2", "--preview-n", "2", "--scale-samples", "8",
+                           "--time-budget-s", "0", "--threads", "1"]) == 0
+        counts.append(len(calls))
+    assert counts[0] == counts[1] > 0, counts
