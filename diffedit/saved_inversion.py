@@ -389,7 +389,8 @@ def load_inversion(path: Path, model=None):
             raise InversionFileError(f"{path} was inverted with LoRA adapters {recorded} (file digest, weight) but "
                                      f"the model now has {current}: load the same LoRA files with the same weights "
                                      "(--lora FILE:WEIGHT) or invert again")
-        if meta.get("tokenizer", tokenizer_record(model)) != tokenizer_record(model):  # absent: older files
+        recorded = meta.get("tokenizer")
+        if recorded is not None and recorded != tokenizer_record(model):  # absent: older files
             raise InversionFileError(f"{path} was inverted with another tokenizer than {model.source}'s (its "
                                      "vocabulary, merges or padding differ, so do the prompt's text states): load "
                                      "the model it was inverted with or invert again")
