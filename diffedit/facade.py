@@ -29,6 +29,7 @@ from .models.safety_checker import StableDiffusionSafetyChecker
 from .params import DiffEditParams
 from .safety import run_safety_checker
 from .stable_diffusion import StableDiffusion
+from .validation import is_integral
 
 Prompt = str | list[str] | None
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
@@ -109,9 +110,7 @@ def _check_call(strength, callback_steps, strength_name: str = "inpaint_strength
 
 
 def _check_num_images(num_images_per_prompt) -> int:
-    if isinstance(num_images_per_prompt, (bool, np.bool_)) or not isinstance(num_images_per_prompt,
-                                                                             (int, np.integer)) \
-            or num_images_per_prompt < 1:
+    if not is_integral(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be a positive integer (1, 2, ...), got "
                          f"{num_images_per_prompt!r}")
     return int(num_images_per_prompt)

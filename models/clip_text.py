@@ -7,12 +7,11 @@ are the transformers `CLIPTextModel` keys without the hub's `text_model.` prefix
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import is_integral
 from .config import CLIPTextConfig
 
 
@@ -165,8 +164,7 @@ class CLIPTextModel(nn.Module):
         have a row (the checkpoint's or an added word's); anything else is refused naming input_ids.
         """
         n_layers = len(self.encoder.layers)
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral)
-                                      or not 0 <= clip_skip <= n_layers):
+        if clip_skip is not None and (not is_integral(clip_skip) or not 0 <= clip_skip <= n_layers):
             raise ValueError(f"clip_skip must be None or an integer in [0, {n_layers}], got {clip_skip!r}")
         clip_skip = None if clip_skip is None else int(clip_skip)  # a numpy int as the Python int it equals
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int32):

@@ -18,8 +18,8 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from ..validation import (BOOL, NUMBER, ConfigError, check_fields, check_keys, int_at_least, is_number, one_of,
-                          optional)
+from ..validation import (BOOL, NUMBER, ConfigError, check_fields, check_keys, int_at_least, is_integral, is_number,
+                          one_of, optional)
 from .noise import randn
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -287,7 +287,7 @@ class NoiseSchedule:
             if timestep.dtype.is_floating_point or timestep.dtype.is_complex or timestep.dtype == torch.bool:
                 raise TypeError(f"timestep: expected an integer tensor, got {timestep.dtype} "
                                 "(pass a timestep of timesteps(num_inference_steps))")
-        elif isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
+        elif not is_integral(timestep):
             raise TypeError(f"timestep: expected an int or a one-element integer tensor, got "
                             f"{type(timestep).__name__} {timestep!r} (pass a timestep of timesteps(num_inference_steps))")
         t = int(timestep)
