@@ -627,8 +627,9 @@ def check_base(init_from: str) -> None:
         base = StableDiffusion.from_pretrained(init_from, dtype=torch.float32)
     except ValueError as e:  # FileError, ConfigError: a folder that is no model, or a damaged one
         raise BadInput(f"--init-from {init_from}: {one_line(e)}") from None
-    built = {"UNet": (build_unet(), base.unet),
-             "text encoder": (build_text_encoder(len(small_clip_vocab()[0])), base.text_encoder)}
+    with torch.device("meta"):  # shapes only: no memory, no random initialisation
+        built = {"UNet": (build_unet(), base.unet),
+                 "text encoder": (build_text_encoder(len(small_clip_vocab()[0])), base.text_encoder)}
     for name, (shapes_model, loaded) in built.items():
         want = {k: tuple(v.shape) for k, v in shapes_model.state_dict().items()}
         if {k: tuple(v.shape) for k, v in loaded.state_dict().items()} != want:
