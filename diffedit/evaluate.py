@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from . import shapes
-from .console import EDIT_COUNT, SEED, THREADS, BadInput, Parser, add_compile_flag, guarded
+from .console import DEVICES, EDIT_COUNT, SEED, THREADS, BadInput, Parser, add_compile_flag, guarded
 from .locations import model_location
 from .outputs import Planned, check_outputs, commit, image_format
 from .params import PRESETS, DiffEditParams, with_preset
@@ -285,7 +285,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="named settings over the model's defaults, under --param (fast: README, The fast preset)")
     p.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="override a DiffEditParams field (repeatable)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu",
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the edits run (default cpu, the timing goal's device; auto: cuda, then mps, then cpu)")
     p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1: the timing goal's setting)")
     add_compile_flag(p)
@@ -368,9 +368,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise BadInput(f"--{e}") from None
     torch.set_num_threads(args.threads)
     model = StableDiffusion.from_pretrained(folder, device=device)
-    if model.folder is not None:  # a hub model's cache folder, known once it is fetched
+    if not local and model.folder is not None:  # a hub model's cache folder, known once it is fetched
         check_outputs(planned, {}, protected=model_files(model.folder))
-    stored_defaults(model.folder, model.edit_defaults)
+        stored_defaults(model.folder, model.edit_defaults)
     if args.compile:
         model.compile_unet(args.compile)
     try:

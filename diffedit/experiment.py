@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import COUNT, EDIT_COUNT, MAX_EDITS, SEED, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, DEVICES, EDIT_COUNT, MAX_EDITS, SEED, BadInput, Parser, add_compile_flag, guarded
 from .evaluate import (SEED_MAX, background_psnr, background_ssim, heldout_edits, iou, judge,
                        mask_agreement, parse_param, psnr)
 from .image_files import DEFAULT_MAX_PIXELS
@@ -624,7 +624,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     except ValueError as e:
         raise BadInput(f"--{one_line(e)}") from None
     grid = settings_grid(sweep)
-    from .evaluate import stored_defaults
+    from .evaluate import model_files, stored_defaults
     from .params import read_edit_defaults
     from .saved_inversion import model_fingerprint
 
@@ -636,8 +636,7 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         source = str(location)
         local = isinstance(location, Path) and location.is_dir()
         local_defaults = stored_defaults(location, read_edit_defaults(location)) if local else {}
-    check_run_folder(out, [("model", location)] if isinstance(location, Path) else [],
-                     [("--edits manifest", Path(edits))] if edits != "shapes" else [])
+    check_run_folder(out, model_files(location), [("--edits manifest", Path(edits))] if edits != "shapes" else [])
     check_grid(fixed, grid, local_defaults)
     config = {"edits": str(edits), "n": a.n, "edit_seed": a.edit_seed, "methods": methods, "preset": preset,
               "param": fixed, "sweep": [[k, v] for k, v in sweep], "seeds": seeds, "model": source,
@@ -648,8 +647,8 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
     if given is not None:
         early = {"model_fingerprint": model_identity(given), "model_edit_defaults": local_defaults}
     else:
-        early = ({"model_fingerprint": model_fingerprint(location), "model_edit_defaults": local_defaults}
-                 if isinstance(location, Path) and location.is_dir() else {})
+        early = {"model_fingerprint": model_fingerprint(location), "model_edit_defaults": local_defaults} if local \
+            else {}
     check_same_run(before, {**config, **early},
                    [k for k in {**(before or {}), **config} if k not in MODEL_KEYS or k in early], out)
     try:
@@ -665,9 +664,9 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
         sd = given
     else:
         sd = StableDiffusion.from_pretrained(location, device=torch_device)
-        if sd.folder is not None:  # a hub model's cache folder, known once it is fetched
+        if not local and sd.folder is not None:  # a hub model's cache folder, known once it is fetched
             check_run_folder(out, [("model", sd.folder)], [])
-        stored_defaults(sd.folder, sd.edit_defaults)
+            stored_defaults(sd.folder, sd.edit_defaults)
     if compile_mode is not None:
         sd.compile_unet(compile_mode)
     for setting in grid:
@@ -697,7 +696,6 @@ def run_experiment(out: str | Path, *, edits: str | Path = "shapes", n: int = 40
 # A row's generator takes seed + the edit's index up to this (torch's manual_seed): seeds <= 2**63 - 1 and at most
 # MAX_EDITS edits (a manifest of 2**63 lines aside) never reach it, so no run needs a check (tests/test_experiment.py)
 GENERATOR_SEED_MAX = 2**64 - 1
-DEVICES = ("auto", "cpu", "cuda", "mps")  # --device's choices
 
 
 @dataclass(frozen=True)
@@ -1076,7 +1074,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="named settings over the model's defaults, under --param and --sweep (fast: README)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse larger manifest pictures (default {DEFAULT_MAX_PIXELS}, 2048x2048)")
     p.add_argument("--batch-size", type=COUNT, default=1,
