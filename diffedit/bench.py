@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .console import COUNT, THREADS, BadInput, Parser, add_compile_flag, guarded
+from .console import COUNT, DEVICES, THREADS, BadInput, Parser, add_compile_flag, guarded
 from .locations import model_location
 from .outputs import Planned, check_outputs, commit
 
@@ -308,7 +308,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="model folder or hub repo id (default: the shipped model)")
     p.add_argument("--config", choices=("sd15", "sd21", "shapes", "tiny"),
                    help="measure random weights in these official shapes instead of a model folder")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--runs", type=COUNT, default=3, help="timed runs of each side after the warm-up (default 3)")
     p.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (default 1)")

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .console import (COUNT, GUIDANCE, MAX_NUM_MAPS, NUM_MAPS, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP, BadInput, Parser,
-                      Reporter, add_compile_flag, guarded)
+from .console import (COUNT, DEVICES, GUIDANCE, MAX_NUM_MAPS, NUM_MAPS, POSITIVE, PROG, RATIO, SEED, STEPS, TIMESTEP,
+                      BadInput, Parser, Reporter, add_compile_flag, guarded)
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image, read_mask
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, ModelNotFoundError, model_location
 from .outputs import LOSSY_FORMATS, Planned, check_outputs, commit, expand_names, plan_images, planned_image
@@ -98,7 +98,7 @@ def _add_common(p: argparse.ArgumentParser, defaults_note: str) -> None:
                         "the time of the shipped model's defaults, every goal kept; README, The fast preset)")
     g.add_argument("--seed", type=SEED, default=0, metavar="N",
                    help="random seed (default 0: the same command gives the same result)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+    g.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to run (default auto: cuda, then mps, then cpu)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="weights and activations (default auto: float16 on a GPU, float32 on the CPU)")

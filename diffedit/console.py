@@ -132,6 +132,7 @@ EDIT_COUNT = number(int, 1, MAX_EDITS)
 MAX_THREADS = 1024
 THREADS = number(int, 1, MAX_THREADS)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (--compile MODE)
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device's choices (auto: cuda, then mps, then cpu)
 
 
 def compile_mode(text: str) -> str:

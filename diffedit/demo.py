@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .console import COUNT, BadInput, Parser, guarded
+from .console import COUNT, DEVICES, BadInput, Parser, guarded
 from .image_files import DEFAULT_MAX_PIXELS, ImageFileError, read_image
 from .locations import EXAMPLE_IMAGE, SHIPPED_MODEL, model_location
 from .validation import one_line, shorten
@@ -785,7 +785,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", metavar="PATH_OR_REPO_ID",
                    help=f"diffusers-layout model folder or hub repo id (default: the shipped model, "
                         f"{SHIPPED_MODEL.name})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to run (default auto: cuda, then mps, then cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="weights and activations (default auto: float16 on a GPU, float32 on the CPU)")
